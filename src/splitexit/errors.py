@@ -1,0 +1,71 @@
+"""One exception tree for everything splitexit raises on purpose.
+
+Every message says what went wrong, where (file, flag, model, node) and what to do next. The CLI turns
+any :class:`SplitExitError` into a readable message and exit code 1; anything else is a bug.
+
+    SplitExitError
+    ├── ConfigError              a flag, spec string or YAML value is invalid
+    ├── DataError                a dataset cannot be found, loaded or split
+    ├── ModelError               a model cannot be built or used
+    │   ├── UnknownModelError    no model of that name (the message lists the choices)
+    │   ├── TraceError           torch.fx and torch.export both failed (names the op and what to try)
+    │   └── CutError             a cut point or exit does not exist or cannot carry an exit
+    ├── PackageError             a model package is missing, incomplete or does not match its model
+    │   └── IntegrityError       a package file was changed after it was written (checksum mismatch)
+    └── CalibrationError         no thresholds meet the requested accuracy drop or compute budget
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CalibrationError",
+    "ConfigError",
+    "CutError",
+    "DataError",
+    "IntegrityError",
+    "ModelError",
+    "PackageError",
+    "SplitExitError",
+    "TraceError",
+    "UnknownModelError",
+]
+
+
+class SplitExitError(Exception):
+    """Root of every error splitexit raises on purpose; its message is meant for the user."""
+
+
+class ConfigError(SplitExitError):
+    """A flag, spec string or configuration value is invalid."""
+
+
+class DataError(SplitExitError):
+    """A dataset cannot be found, loaded or split."""
+
+
+class ModelError(SplitExitError):
+    """A model cannot be built, traced or cut."""
+
+
+class UnknownModelError(ModelError):
+    """No model is registered, importable or loadable under the given name."""
+
+
+class TraceError(ModelError):
+    """Neither torch.fx nor torch.export could turn the model into a graph."""
+
+
+class CutError(ModelError):
+    """A cut point or exit location does not exist, or cannot carry an exit head."""
+
+
+class PackageError(SplitExitError):
+    """A model package is missing, incomplete, or does not match the model it names."""
+
+
+class IntegrityError(PackageError):
+    """A package file's checksum does not match the one recorded when it was written."""
+
+
+class CalibrationError(SplitExitError):
+    """No thresholds satisfy the requested accuracy drop or compute budget."""

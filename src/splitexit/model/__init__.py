@@ -1,0 +1,1 @@
+"""Everything about models that is independent of networks: graphs, exits, training, packages."""

@@ -1,0 +1,173 @@
+"""Calibrate exits on held-out data: a temperature per exit, then one threshold per early exit.
+
+Temperatures minimise the negative log-likelihood of each exit's logits (temperature scaling, Guo et
+al. 2017). Thresholds are then searched on the calibrated confidences by coordinate descent, starting
+from the best single shared threshold:
+
+* ``max_drop``: the cheapest thresholds whose cascade accuracy stays within ``max_drop`` of the final
+  exit's accuracy;
+* ``budget``: the most accurate thresholds whose mean compute (heads included) stays within ``budget``
+  times the full model's FLOPs.
+
+The search runs on the calibration split only, never on test data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from splitexit.config import NEVER, ExitPolicy
+from splitexit.errors import CalibrationError, ConfigError
+from splitexit.model.exits import EarlyExitNet
+from splitexit.model.heads import confidence_function
+
+__all__ = ["CalibrationReport", "ExitOutputs", "calibrate", "collect_outputs", "fit_temperature"]
+
+#: Temperatures are searched on this log-spaced grid (wide enough for badly over-confident heads).
+TEMPERATURE_GRID = np.geomspace(0.05, 20.0, 400)
+#: Candidate thresholds per exit: these quantiles of that exit's confidences (plus "never").
+THRESHOLD_QUANTILES = np.linspace(0.0, 1.0, 201)
+MAX_ROUNDS = 20
+EVAL_BATCH = 256
+
+
+@dataclass
+class ExitOutputs:
+    """Every exit's logits on a dataset, with the labels."""
+
+    logits: list[torch.Tensor]
+    labels: torch.Tensor
+
+
+@dataclass
+class CalibrationReport:
+    policy: ExitPolicy
+    mode: str  # "max_drop" or "budget"
+    target: float
+    final_exit_accuracy: float
+    accuracy: float
+    compute_fraction: float
+    samples: int
+
+    def as_metadata(self) -> dict[str, float | int | str]:
+        return {"mode": self.mode, "target": self.target, "samples": self.samples,
+                "calib_accuracy": round(self.accuracy, 6),
+                "calib_final_exit_accuracy": round(self.final_exit_accuracy, 6),
+                "calib_compute_fraction": round(self.compute_fraction, 6)}
+
+
+def collect_outputs(net: EarlyExitNet, dataset: Dataset, batch_size: int = EVAL_BATCH) -> ExitOutputs:
+    """Run every exit on every sample (eval mode, no gradients)."""
+    net.eval()
+    per_exit: list[list[torch.Tensor]] = [[] for _ in range(net.num_exits)]
+    labels = []
+    with torch.inference_mode():
+        for inputs, targets in DataLoader(dataset, batch_size=batch_size):
+            for store, logits in zip(per_exit, net(inputs)):
+                store.append(logits.float())
+            labels.append(torch.as_tensor(targets))
+    if not labels:
+        raise CalibrationError("the calibration split is empty; use a larger dataset")
+    return ExitOutputs([torch.cat(chunks) for chunks in per_exit], torch.cat(labels))
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature on TEMPERATURE_GRID that minimises cross-entropy of ``logits / T``."""
+    losses = [float(F.cross_entropy(logits / t, labels)) for t in TEMPERATURE_GRID]
+    return float(TEMPERATURE_GRID[int(np.argmin(losses))])
+
+
+def calibrate(net: EarlyExitNet, dataset: Dataset, *, max_drop: float | None = None,
+              budget: float | None = None, confidence: str | None = None) -> CalibrationReport:
+    """Fit temperatures and thresholds on ``dataset`` and install the resulting policy in ``net``."""
+    if (max_drop is None) == (budget is None):
+        raise ConfigError("give exactly one of --max-drop (accuracy you may lose, e.g. 0.01) or --budget "
+                          "(fraction of the full model's compute, e.g. 0.5)")
+    if max_drop is not None and not 0 <= max_drop < 1:
+        raise ConfigError(f"--max-drop is a fraction of accuracy in [0, 1), got {max_drop}")
+    if budget is not None and not 0 < budget:
+        raise ConfigError(f"--budget is a positive fraction of the full model's FLOPs, got {budget}")
+    outputs = collect_outputs(net, dataset)
+    name = confidence or net.policy.confidence
+    score = confidence_function(name)
+    temperatures = [fit_temperature(logits, outputs.labels) for logits in outputs.logits]
+    with torch.no_grad():
+        scores = np.stack([score(l / t).numpy() for l, t in zip(outputs.logits[:-1], temperatures)]) \
+            if net.exit_cuts else np.zeros((0, len(outputs.labels)))
+    correct = np.stack([(l.argmax(1) == outputs.labels).numpy() for l in outputs.logits])
+    costs = np.array(net.exit_costs(), dtype=np.float64) / net.total_flops
+    search = _ThresholdSearch(scores, correct, costs)
+    final_accuracy = float(correct[-1].mean())
+    if max_drop is not None:
+        thresholds = search.cheapest(min_accuracy=final_accuracy - max_drop)
+        mode, target = "max_drop", max_drop
+    else:
+        thresholds = search.most_accurate(max_compute=budget)  # type: ignore[arg-type]
+        mode, target = "budget", budget
+    accuracy, compute = search.evaluate(thresholds)
+    policy = ExitPolicy(confidence=name, temperatures=tuple(temperatures), thresholds=tuple(thresholds))
+    net.set_policy(policy)
+    return CalibrationReport(policy, mode, float(target), final_accuracy, accuracy, compute, len(outputs.labels))
+
+
+class _ThresholdSearch:
+    """Simulates the cascade on stored confidences for any thresholds, and searches thresholds."""
+
+    def __init__(self, scores: np.ndarray, correct: np.ndarray, costs: np.ndarray):
+        self.scores, self.correct, self.costs = scores, correct, costs
+        self.early = scores.shape[0]
+        self.candidates = [np.unique(np.append(np.quantile(s, THRESHOLD_QUANTILES), NEVER)) for s in scores]
+
+    def evaluate(self, thresholds: list[float]) -> tuple[float, float]:
+        """(accuracy, mean compute fraction) of the cascade with these thresholds."""
+        n = self.correct.shape[1]
+        exit_at = np.full(n, self.early)
+        for i in reversed(range(self.early)):
+            exit_at = np.where(self.scores[i] >= thresholds[i], i, exit_at)
+        rows = np.arange(n)
+        return float(self.correct[exit_at, rows].mean()), float(self.costs[exit_at].mean())
+
+    def cheapest(self, *, min_accuracy: float) -> list[float]:
+        def better(a: tuple[float, float], b: tuple[float, float]) -> bool:
+            return a[0] >= min_accuracy - 1e-12 and (a[1], -a[0]) < (b[1], -b[0])
+        return self._descend(better, feasible=lambda r: r[0] >= min_accuracy - 1e-12, goal="accuracy")
+
+    def most_accurate(self, *, max_compute: float) -> list[float]:
+        def better(a: tuple[float, float], b: tuple[float, float]) -> bool:
+            return a[1] <= max_compute + 1e-12 and (-a[0], a[1]) < (-b[0], b[1])
+        thresholds = self._descend(better, feasible=lambda r: r[1] <= max_compute + 1e-12, goal="budget")
+        return thresholds
+
+    def _descend(self, better, *, feasible, goal: str) -> list[float]:  # noqa: ANN001 - local predicates
+        shared = sorted({float(c) for cands in self.candidates for c in cands})
+        best_thresholds: list[float] | None = None
+        best_result = (-math.inf, math.inf)
+        for t in shared:
+            result = self.evaluate([t] * self.early)
+            if feasible(result) and (best_thresholds is None or better(result, best_result)):
+                best_thresholds, best_result = [t] * self.early, result
+        if best_thresholds is None:
+            floor = self.evaluate([0.0] * self.early)[1]
+            raise CalibrationError(
+                f"no thresholds meet the {goal} target: the cheapest cascade (every sample leaving at the first "
+                f"exit) costs {floor:.3f} of the full model. Raise --budget above {floor:.3f}, or place the "
+                "first exit earlier." if goal == "budget" else
+                f"no thresholds meet the {goal} target on the calibration split.")
+        for _ in range(MAX_ROUNDS):
+            improved = False
+            for i in range(self.early):
+                for candidate in self.candidates[i]:
+                    trial = list(best_thresholds)
+                    trial[i] = float(candidate)
+                    result = self.evaluate(trial)
+                    if better(result, best_result):
+                        best_thresholds, best_result, improved = trial, result, True
+            if not improved:
+                break
+        return best_thresholds

@@ -54,17 +54,24 @@ class EarlyExitNet(nn.Module):
     """
 
     def __init__(self, graph: ModelGraph, exit_cuts: Sequence[CutPoint], *, num_classes: int,
-                 head: str = "auto", policy: ExitPolicy | None = None, source: ModelSource | None = None):
+                 input_shape: tuple[int, ...], input_dtype: torch.dtype = torch.float32,
+                 heads: str | Sequence[str] = "auto",
+                 policy: ExitPolicy | None = None, source: ModelSource | None = None):
         super().__init__()
         self.graph = graph
         self.exit_cuts = list(exit_cuts)
-        self.head_names = [head] * len(self.exit_cuts)
+        self.head_names = [heads] * len(self.exit_cuts) if isinstance(heads, str) else list(heads)
+        if len(self.head_names) != len(self.exit_cuts):
+            raise ConfigError(f"{len(self.head_names)} head names for {len(self.exit_cuts)} exits")
         self.num_classes = num_classes
+        self.input_shape = tuple(input_shape)
+        self.input_dtype = input_dtype
         self.source = source
         self.cpu = CpuSettings()
         bounds = [None, *[c.id for c in self.exit_cuts], None]
         self.segments = nn.ModuleList(graph.segment(a, b) for a, b in zip(bounds[:-1], bounds[1:]))
-        self.heads = nn.ModuleList(build_head(head, c.tensors[0].shape, num_classes) for c in self.exit_cuts)
+        self.heads = nn.ModuleList(build_head(name, c.tensors[0].shape, num_classes)
+                                   for name, c in zip(self.head_names, self.exit_cuts))
         self.policy = policy or ExitPolicy.uncalibrated(len(self.exit_cuts))
         self.segment_flops = self._segment_flops()
         self.head_flops = [flops_per_sample(h.eval(), torch.zeros(1, *c.tensors[0].shape))
@@ -101,7 +108,9 @@ class EarlyExitNet(nn.Module):
         num_classes = _output_classes(graph, example_input)
         policy = ExitPolicy.uncalibrated(len(cuts), confidence=confidence)
         confidence_function(confidence)  # fail now, not at the first infer()
-        return cls(graph, cuts, num_classes=num_classes, head=head, policy=policy, source=source)
+        return cls(graph, cuts, num_classes=num_classes, input_shape=tuple(example_input.shape[1:]),
+                   input_dtype=example_input.dtype, heads=head,
+                   policy=policy, source=source)
 
     # ------------------------------------------------------------------ properties
     @property

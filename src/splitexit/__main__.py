@@ -1,0 +1,5 @@
+"""`python -m splitexit` runs the CLI."""
+
+from splitexit.cli import main
+
+main()

@@ -1,0 +1,241 @@
+"""Command line: one thin function per command — parse flags, call the library once, print the result.
+
+Any :class:`~splitexit.errors.SplitExitError` becomes ``error: <message>`` on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from splitexit.config import TrainConfig
+from splitexit.errors import ConfigError, PackageError, SplitExitError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  help="splitexit: early-exit, split-computing inference for any PyTorch model.")
+out = Console()
+err = Console(stderr=True)
+
+DEMO_DIR = Path(".splitexit-cache/demo")
+DEMO_EPOCHS = 30
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn our errors (and invalid settings) into one readable line and exit code 1."""
+    try:
+        yield
+    except SplitExitError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        err.print(f"[bold red]error:[/] invalid setting: {problems}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _json(data: object) -> None:
+    """One JSON object on stdout (infinite thresholds become null, which JSON can carry)."""
+    def clean(value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+    typer.echo(json.dumps(clean(data)))
+
+
+def _split_exits(exits: str) -> str | list[str]:
+    return "auto" if exits == "auto" else [part.strip() for part in exits.split(",") if part.strip()]
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens, to stderr.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def train(
+    model: str = typer.Option(..., "--model", "-m", help="digits_cnn, a torchvision name, module:factory or file.py:factory"),
+    data: str = typer.Option(..., "--data", "-d", help="digits, folder:PATH, synthetic:CxHxW[:N], module:factory"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Package directory to write"),
+    exits: str = typer.Option("auto", help="'auto', or comma-separated module names / cut ids (see `splitexit cuts`)"),
+    num_exits: int = typer.Option(3, help="How many exits 'auto' places"),
+    head: str = typer.Option("auto", help="Exit head: auto, pool_linear, token_pool, linear"),
+    confidence: str = typer.Option("max_softmax", help="max_softmax, entropy or margin"),
+    mode: Optional[str] = typer.Option(None, help="joint (train everything) or heads (frozen backbone); "
+                                                  "default: heads with --weights, else joint"),
+    weights: Optional[Path] = typer.Option(None, help="Pretrained backbone weights (.safetensors, or .pt/.pth)"),
+    epochs: int = typer.Option(30), batch_size: int = typer.Option(64), lr: float = typer.Option(2e-3),
+    distill: float = typer.Option(0.0, help="Weight of distillation from the final exit (0: off)"),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables"),
+) -> None:
+    """Attach exit heads to a model and train them; writes a package directory."""
+    from splitexit.model.workflow import train_package
+
+    with _user_errors():
+        config = TrainConfig(mode=mode or ("heads" if weights else "joint"), epochs=epochs,  # type: ignore[arg-type]
+                             batch_size=batch_size, lr=lr, distill=distill, seed=seed)
+        with _progress(as_json) as progress:
+            task = progress.add_task("training", total=epochs)
+            summary = train_package(model, data, out_dir, exits=_split_exits(exits), num_exits=num_exits, head=head,
+                                    confidence=confidence, weights=weights, config=config,
+                                    on_epoch=lambda e, n, loss: progress.update(
+                                        task, completed=e, description=f"training (loss {loss:.4f})"))
+    net = summary.net
+    if as_json:
+        _json({"package": str(summary.package), "exits": [c.describe() for c in net.exit_cuts],
+               "losses": summary.report.losses, "cpu": net.cpu.model_dump()})
+        return
+    out.print(f"trained {summary.report.mode} for {config.epochs} epochs on {summary.train_samples} samples; "
+              f"final loss {summary.report.losses[-1]:.4f}")
+    for cut in net.exit_cuts:
+        out.print(f"  exit at {cut.describe()}")
+    out.print(f"  cpu: {net.cpu.memory_format}, {net.cpu.threads} threads (measured fastest)")
+    out.print(f"wrote {summary.package}; next: splitexit calibrate {summary.package} --max-drop 0.01")
+
+
+@app.command()
+def calibrate(
+    package: Path = typer.Argument(..., help="Package directory from `splitexit train`"),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset (default: the one used for training)"),
+    max_drop: Optional[float] = typer.Option(None, help="Accuracy you may lose vs the final exit, e.g. 0.01"),
+    budget: Optional[float] = typer.Option(None, help="Mean compute as a fraction of the full model, e.g. 0.5"),
+    confidence: Optional[str] = typer.Option(None, help="Override the package's confidence function"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Fit per-exit temperatures and thresholds on the held-out calibration split."""
+    from splitexit.model.package import read_spec
+    from splitexit.model.workflow import calibrate_package
+    from splitexit.report.console import calibration_table
+
+    with _user_errors():
+        if max_drop is None and budget is None:
+            max_drop = 0.01
+        report = calibrate_package(package, data=data, max_drop=max_drop, budget=budget, confidence=confidence)
+        spec = read_spec(package)
+    if as_json:
+        _json({"policy": report.policy.model_dump(), **report.as_metadata()})
+        return
+    out.print(calibration_table(report, [e.after for e in spec.exits] + ["final"]))
+    out.print(f"next: splitexit eval {package}")
+
+
+@app.command("eval")
+def evaluate(
+    package: Path = typer.Argument(..., help="Package directory"),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset (default: the one used for training)"),
+    split: str = typer.Option("test", help="test, calib, train or all"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per-exit accuracy, exit rates, cumulative accuracy and compute saved."""
+    from splitexit.model.workflow import evaluate_package
+    from splitexit.report.console import eval_table
+
+    with _user_errors():
+        report = evaluate_package(package, data=data, split=split)
+    if as_json:
+        _json(report.to_dict())
+    else:
+        out.print(eval_table(report, title=f"Evaluation of {package} ({split} split)"))
+
+
+@app.command()
+def cuts(
+    model: str = typer.Option(..., "--model", "-m"),
+    input_shape: Optional[str] = typer.Option(None, help="Per-sample input shape, e.g. 3x224x224 "
+                                                         "(default: the model's usual input)"),
+    all_cuts: bool = typer.Option(False, "--all", help="Also list cuts that cross several tensors"),
+) -> None:
+    """List the places a model can be cut, the tensors crossing each and their size."""
+    import torch
+
+    from splitexit.model.graph import trace_model
+    from splitexit.model.zoo import build_model, default_input_shape
+    from splitexit.report.console import cuts_table
+
+    with _user_errors():
+        shape = _parse_shape(input_shape) if input_shape else default_input_shape(model)
+        if shape is None:
+            raise ConfigError(f"pass --input-shape for {model} (e.g. --input-shape 3x224x224)")
+        graph = trace_model(build_model(model), torch.zeros(1, *shape))
+    out.print(cuts_table(graph.cut_points, graph.total_flops, exits_only=not all_cuts))
+
+
+@app.command()
+def models() -> None:
+    """List the built-in and torchvision model names."""
+    from splitexit.model.zoo import list_models
+
+    out.print("built-in: " + ", ".join(list_models()))
+    out.print("torchvision: " + ", ".join(n for n in list_models(include_torchvision=True) if n not in list_models()))
+    out.print("yours: module:factory or path/to/file.py:factory")
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(DEMO_DIR, help="Where the demo keeps its package between runs"),
+    fresh: bool = typer.Option(False, help="Retrain even if a package from an earlier run exists"),
+) -> None:
+    """Train (or reuse), calibrate and evaluate an early-exit digits model on this machine."""
+    from splitexit.model.package import read_spec
+    from splitexit.model.workflow import calibrate_package, evaluate_package, train_package
+    from splitexit.report.console import calibration_table, eval_table
+
+    package = workdir / "digits_cnn"
+    with _user_errors():
+        if fresh or not _usable(package, read_spec):
+            out.rule("1. train digits_cnn with 3 early exits (joint, from scratch)")
+            with _progress(False) as progress:
+                task = progress.add_task("training", total=DEMO_EPOCHS)
+                train_package("digits_cnn", "digits", package, config=TrainConfig(epochs=DEMO_EPOCHS),
+                              on_epoch=lambda e, n, loss: progress.update(task, completed=e))
+        else:
+            out.rule(f"1. reuse the trained package in {package} (--fresh retrains)")
+        out.rule("2. calibrate: keep accuracy within 1 point of the final exit")
+        report = calibrate_package(package, max_drop=0.01)
+        out.print(calibration_table(report, [e.after for e in read_spec(package).exits] + ["final"]))
+        out.rule("3. evaluate on the held-out test split")
+        out.print(eval_table(evaluate_package(package), title="digits_cnn with early exits"))
+
+
+def _usable(package: Path, read_spec) -> bool:  # noqa: ANN001 - avoids importing torch at CLI import
+    try:
+        read_spec(package)
+        return True
+    except PackageError:
+        return False
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or any(s <= 0 for s in shape):
+        raise ConfigError(f"--input-shape {text!r} is not a shape like 3x224x224")
+    return shape
+
+
+@contextmanager
+def _progress(quiet: bool) -> Iterator[Progress]:
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err, disable=quiet, transient=False)
+    with progress:
+        yield progress
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,186 @@
+"""Model packages: a directory with ``model.yaml`` (the spec) and ``weights.safetensors``.
+
+A package names its backbone (zoo name, torchvision name or ``module:factory``) instead of containing
+code, so loading rebuilds the model from code the user already trusts, re-traces it, checks that every
+exit still sits after the same graph node, verifies the weights' sha256 and loads them with safetensors.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from splitexit.config import DataSplit, ExitSpec, InputSpec, PackageSpec
+from splitexit.errors import IntegrityError, PackageError, SplitExitError
+from splitexit.model.exits import EarlyExitNet
+from splitexit.model.graph import trace_model
+from splitexit.model.zoo import build_model
+
+__all__ = ["SPEC_FILE", "WEIGHTS_FILE", "load", "load_backbone_weights", "read_spec", "save"]
+
+SPEC_FILE = "model.yaml"
+WEIGHTS_FILE = "weights.safetensors"
+_BACKBONE = "backbone."
+_HEADS = "heads."
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def save(net: EarlyExitNet, path: str | os.PathLike[str], *, data: DataSplit | None = None,
+         training: dict | None = None, calibration: dict | None = None) -> Path:
+    """Write ``net`` as a package directory (created if needed; existing package files are replaced)."""
+    if net.source is None:
+        raise PackageError("this net was built from a model object, so a package could not rebuild it. Pass "
+                           "source=ModelSource(name='module:factory') to EarlyExitNet.from_model, or build the "
+                           "model with splitexit.build_model.")
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {_BACKBONE + k: v.detach().clone().contiguous() for k, v in net.graph.graph_module.state_dict().items()}
+    tensors.update({_HEADS + k: v.detach().clone().contiguous() for k, v in net.heads.state_dict().items()})
+    weights = directory / WEIGHTS_FILE
+    _atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "splitexit"}))
+    spec = PackageSpec(
+        model=net.source,
+        input=InputSpec(shape=net.input_shape, dtype=_dtype_name(net)),
+        exits=tuple(ExitSpec(cut=c.id, after=c.after, head=h) for c, h in zip(net.exit_cuts, net.head_names)),
+        policy=net.policy,
+        cpu=net.cpu,
+        data=data,
+        weights_sha256=_sha256(weights),
+        training=training or {},
+        calibration=calibration or {},
+    )
+    text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    _atomic_write(directory / SPEC_FILE, lambda tmp: tmp.write_text(text))
+    return directory
+
+
+def read_spec(path: str | os.PathLike[str]) -> PackageSpec:
+    """Read and validate a package's model.yaml (without loading weights)."""
+    directory = Path(path)
+    spec_file = directory / SPEC_FILE
+    if not directory.is_dir():
+        raise PackageError(f"no package at {directory}: create one with `splitexit train ... --out {directory}`")
+    if not spec_file.is_file():
+        raise PackageError(f"{spec_file} is missing; the package is incomplete. Re-run `splitexit train`.")
+    try:
+        raw = yaml.safe_load(spec_file.read_text())
+    except yaml.YAMLError as exc:
+        raise PackageError(f"{spec_file} is not valid YAML: {exc}") from exc
+    try:
+        return PackageSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise PackageError(f"{spec_file} is not a valid splitexit package spec: {problems}") from exc
+
+
+def load(path: str | os.PathLike[str]) -> EarlyExitNet:
+    """Rebuild, verify and load a package written by :func:`save`."""
+    directory = Path(path)
+    spec = read_spec(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise PackageError(f"{weights} is missing; the package is incomplete. Re-run `splitexit train`.")
+    if _sha256(weights) != spec.weights_sha256:
+        raise IntegrityError(f"{weights} does not match the sha256 recorded in {directory / SPEC_FILE}: the file was "
+                             "changed or corrupted after the package was written. Restore it or re-run training.")
+    try:
+        model = build_model(spec.model.name, spec.model.num_classes)
+        example = torch.zeros(1, *spec.input.shape, dtype=_DTYPES[spec.input.dtype])
+        graph = trace_model(model, example)
+        cuts = [graph.cut(e.cut) for e in spec.exits]
+    except SplitExitError as exc:
+        raise PackageError(f"cannot rebuild the model of {directory}: {exc}") from exc
+    for exit_spec, cut in zip(spec.exits, cuts):
+        if cut.after != exit_spec.after:
+            raise PackageError(f"{directory} was written for a different version of {spec.model.name!r}: exit at cut "
+                               f"{cut.id} should follow node {exit_spec.after!r}, the model now has {cut.after!r} "
+                               "there. Retrain with the installed version.")
+    net = EarlyExitNet(graph, cuts, num_classes=_num_classes(graph, example), input_shape=spec.input.shape,
+                       input_dtype=example.dtype, heads=[e.head for e in spec.exits], policy=spec.policy, source=spec.model)
+    _load_weights(net, weights)
+    net.cpu = spec.cpu
+    if spec.cpu.memory_format == "channels_last":
+        net.to(memory_format=torch.channels_last)
+    return net.eval()
+
+
+def load_backbone_weights(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load pretrained backbone weights from .safetensors, or from .pt/.pth with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise PackageError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means the same thing to the user
+        raise PackageError(f"cannot read weights from {path}: {type(exc).__name__}: {exc}. Give a .safetensors "
+                           "file or a .pt/.pth state dict saved with torch.save(model.state_dict(), ...)") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PackageError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise PackageError(f"weights in {path} do not fit the model: {str(exc).splitlines()[0]}") from exc
+
+
+def _load_weights(net: EarlyExitNet, weights: Path) -> None:
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PackageError(f"{weights} is not a readable safetensors file: {exc}") from exc
+    backbone = {k.removeprefix(_BACKBONE): v for k, v in tensors.items() if k.startswith(_BACKBONE)}
+    heads = {k.removeprefix(_HEADS): v for k, v in tensors.items() if k.startswith(_HEADS)}
+    stray = sorted(k for k in tensors if not k.startswith((_BACKBONE, _HEADS)))
+    if stray:
+        raise PackageError(f"{weights} has tensors that belong to no part of the net: {stray[:5]}")
+    for part, module, state in (("backbone", net.graph.graph_module, backbone), ("heads", net.heads, heads)):
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise PackageError(f"{weights}: the {part} weights do not fit the model: {str(exc).splitlines()[0]}. "
+                               "Was the package written for another model or number of classes?") from exc
+
+
+def _num_classes(graph, example: torch.Tensor) -> int:  # noqa: ANN001 - ModelGraph
+    with torch.no_grad():
+        return int(graph.graph_module(example).shape[1])
+
+
+def _dtype_name(net: EarlyExitNet) -> str:
+    for name, dtype in _DTYPES.items():
+        if dtype == net.input_dtype:
+            return name
+    raise PackageError(f"inputs of dtype {net.input_dtype} cannot be packaged; use one of {', '.join(_DTYPES)}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(target: Path, write) -> None:  # noqa: ANN001 - callable(Path) -> None
+    """Write through a temporary file in the same directory, then rename, so readers never see half a file."""
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""Presenting results: console tables now; metrics and HTML reports as the runtime grows."""

@@ -71,7 +71,7 @@ __all__ = [
     "register_model",
     "save",
     "split_dataset",
-    "train",
     "trace_model",
+    "train",
     "tune_cpu",
 ]

@@ -117,7 +117,6 @@ def calibrate(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Fit per-exit temperatures and thresholds on the held-out calibration split."""
-    from splitexit.model.package import read_spec
     from splitexit.model.workflow import calibrate_package
     from splitexit.report.console import calibration_table
 
@@ -125,11 +124,10 @@ def calibrate(
         if max_drop is None and budget is None:
             max_drop = 0.01
         report = calibrate_package(package, data=data, max_drop=max_drop, budget=budget, confidence=confidence)
-        spec = read_spec(package)
     if as_json:
         _json({"policy": report.policy.model_dump(), **report.as_metadata()})
         return
-    out.print(calibration_table(report, [e.after for e in spec.exits] + ["final"]))
+    out.print(calibration_table(report))
     out.print(f"next: splitexit eval {package}")
 
 
@@ -206,7 +204,7 @@ def demo(
             out.rule(f"1. reuse the trained package in {package} (--fresh retrains)")
         out.rule("2. calibrate: keep accuracy within 1 point of the final exit")
         report = calibrate_package(package, max_drop=0.01)
-        out.print(calibration_table(report, [e.after for e in read_spec(package).exits] + ["final"]))
+        out.print(calibration_table(report))
         out.rule("3. evaluate on the held-out test split")
         out.print(eval_table(evaluate_package(package), title="digits_cnn with early exits"))
 

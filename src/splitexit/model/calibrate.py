@@ -48,6 +48,7 @@ class ExitOutputs:
 @dataclass
 class CalibrationReport:
     policy: ExitPolicy
+    exit_names: list[str]
     mode: str  # "max_drop" or "budget"
     target: float
     final_exit_accuracy: float
@@ -113,7 +114,8 @@ def calibrate(net: EarlyExitNet, dataset: Dataset, *, max_drop: float | None = N
     accuracy, compute = search.evaluate(thresholds)
     policy = ExitPolicy(confidence=name, temperatures=tuple(temperatures), thresholds=tuple(thresholds))
     net.set_policy(policy)
-    return CalibrationReport(policy, mode, float(target), final_accuracy, accuracy, compute, len(outputs.labels))
+    return CalibrationReport(policy, net.exit_names(), mode, float(target), final_accuracy, accuracy, compute,
+                             len(outputs.labels))
 
 
 class _ThresholdSearch:

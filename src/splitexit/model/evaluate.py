@@ -56,13 +56,14 @@ def evaluate(net: EarlyExitNet, dataset: Dataset, batch_size: int = EVAL_BATCH) 
         raise DataError("cannot evaluate on an empty split")
     correct = prediction == labels
     costs = net.exit_costs()
+    names = net.exit_names()
     stats = []
     for i in range(net.num_exits):
         here = exit_at == i
         so_far = exit_at <= i
         stats.append(ExitStats(
             exit=i,
-            location=_location(net, i),
+            location=names[i],
             accuracy=float((outputs.logits[i].argmax(1) == labels).float().mean()),
             exit_rate=float(here.float().mean()),
             cumulative_accuracy=float(correct[so_far].float().mean()) if so_far.any() else float("nan"),
@@ -73,9 +74,3 @@ def evaluate(net: EarlyExitNet, dataset: Dataset, batch_size: int = EVAL_BATCH) 
                       final_exit_accuracy=stats[-1].accuracy, compute_fraction=compute,
                       exit_rates=[s.exit_rate for s in stats], exits=stats, model_flops=net.total_flops)
 
-
-def _location(net: EarlyExitNet, index: int) -> str:
-    if index == len(net.exit_cuts):
-        return "final"
-    cut = net.exit_cuts[index]
-    return cut.ends_modules[0] if cut.ends_modules else cut.after

@@ -123,6 +123,11 @@ class EarlyExitNet(nn.Module):
         """Per-sample FLOPs of the original model (no heads)."""
         return self.graph.total_flops
 
+    def exit_names(self) -> list[str]:
+        """A readable location per exit: the outermost module that ends at its cut, then "final"."""
+        names = [c.ends_modules[0] if c.ends_modules else c.after for c in self.exit_cuts]
+        return [*names, "final"]
+
     def exit_costs(self) -> list[int]:
         """Per-sample FLOPs spent by a sample that leaves at exit i: its segments and every head it met."""
         costs, spent = [], 0

@@ -37,12 +37,12 @@ def eval_table(report: EvalReport, title: str = "Evaluation") -> Table:
     return table
 
 
-def calibration_table(report: CalibrationReport, exit_names: list[str]) -> Table:
+def calibration_table(report: CalibrationReport) -> Table:
     table = Table(title=f"Calibration on {report.samples} held-out samples ({report.mode} = {report.target:g})",
                   title_justify="left")
     for column in ("exit", "after", "temperature", "threshold"):
         table.add_column(column, justify="left" if column == "after" else "right")
-    for i, name in enumerate(exit_names):
+    for i, name in enumerate(report.exit_names):
         threshold = report.policy.thresholds[i] if i < len(report.policy.thresholds) else None
         shown = "-" if threshold is None else ("never" if threshold == float("inf") else f"{threshold:.4f}")
         table.add_row(str(i), name, f"{report.policy.temperatures[i]:.3f}", shown)

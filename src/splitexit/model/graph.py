@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 #: Batch size used for the shape-propagation dry run; 2 so the batch dimension can be told apart.
 PROBE_BATCH = 2
+#: An automatic exit must leave at least this much of the model's compute to save (an exit after 99% of
+#: the FLOPs costs a head and saves nothing).
+MAX_AUTO_EXIT_FRACTION = 0.9
 
 _ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish,
@@ -134,7 +137,7 @@ class ModelGraph:
     def auto_exits(self, count: int) -> list[CutPoint]:
         """Pick up to ``count`` exit cuts spread evenly by FLOPs, preferring ends of blocks and activations."""
         candidates = [c for c in self.cut_points
-                      if c.can_carry_exit and 0 < c.flops_before < self.total_flops and _has_compute_after(self, c)]
+                      if c.can_carry_exit and 0 < c.flops_before <= MAX_AUTO_EXIT_FRACTION * self.total_flops]
         chosen: list[CutPoint] = []
         for k in range(1, count + 1):
             target = k / (count + 1)
@@ -232,10 +235,6 @@ def _is_block(module: nn.Module | None) -> bool:
     return module is not None and any(True for _ in module.children())
 
 
-def _has_compute_after(graph: ModelGraph, cut: CutPoint) -> bool:
-    return graph.total_flops - cut.flops_before > 0
-
-
 def _probe(gm: torch.fx.GraphModule, example: torch.Tensor) -> tuple[dict, dict]:
     """Run the graph once at PROBE_BATCH, recording per-sample FLOPs and (shape, dtype) of every value."""
     flops: dict[torch.fx.Node, int] = {}
@@ -308,10 +307,18 @@ def _export(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(model, (_batch_of(example, PROBE_BATCH),), dynamic_shapes=({0: batch},))
     graph_module = program.module()
-    for node in list(graph_module.graph.nodes):
+    graph = graph_module.graph
+    for node in list(graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("_guards") and not node.users:
-            graph_module.graph.erase_node(node)
-    graph_module.graph.eliminate_dead_code()
+            graph.erase_node(node)
+    # export flattens outputs into a tuple and wraps forward in pytree (un)flattening; we want plain
+    # `forward(x) -> logits`, like an fx trace, so segments and the net see the same thing either way.
+    output = next(n for n in graph.nodes if n.op == "output")
+    result = output.args[0]
+    if isinstance(result, (tuple, list)) and len(result) == 1:
+        output.args = (result[0],)
+    graph._codegen = torch.fx.graph.CodeGen()
+    graph.eliminate_dead_code()
     graph_module.recompile()
     return graph_module
 

@@ -144,7 +144,7 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
     """1 − normalised entropy: 1 for a one-hot distribution, 0 for a uniform one."""
     log_p = torch.log_softmax(logits, dim=1)
     entropy = -(log_p.exp() * log_p).sum(dim=1)
-    return 1.0 - entropy / math.log(logits.shape[1])
+    return (1.0 - entropy / math.log(logits.shape[1])).clamp(0.0, 1.0)
 
 
 def _margin(logits: torch.Tensor) -> torch.Tensor:

@@ -266,9 +266,6 @@ def test_model_fx_cannot_trace_falls_back_to_export():
                 assert tuple(crossing.shape) == (batch, *cut.tensors[0].shape)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="graph.py ModelGraph.segment(c, None) on an export-traced graph returns "
-                   "the flat output tuple (tensor,) instead of the model output: the export graph's pytree "
-                   "codegen is not carried over to the new fx.Graph")
 def test_export_traced_segments_chain_to_the_model_output():
     torch.manual_seed(0)
     model = ShapeBranchNet().eval()

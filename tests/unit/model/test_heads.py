@@ -113,16 +113,7 @@ def test_confidence_is_higher_for_a_peaked_distribution_than_a_uniform_one(name)
     assert torch.allclose(score(peaked[:, [3, 0, 1, 2, 4, 5, 6, 7, 8, 9]]), score(peaked))  # class order is irrelevant
 
 
-_UNIFORM_PARAMS = [
-    pytest.param(name, marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason="heads.py _entropy: 1 - H/log(C) is computed in float32 and comes out as about "
-                            "-2e-7 for uniform logits with C = 7, 12, 19, ... classes; not clamped to [0, 1]"))
-    if name == "entropy" else name
-    for name in list_confidences()
-]
-
-
-@pytest.mark.parametrize("name", _UNIFORM_PARAMS)
+@pytest.mark.parametrize("name", list_confidences())
 def test_confidence_of_uniform_logits_stays_in_unit_interval(name):
     score = confidence_function(name)
     for classes in range(2, 65):

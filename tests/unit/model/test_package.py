@@ -19,7 +19,7 @@ def net() -> EarlyExitNet:
     torch.manual_seed(0)
     model = build_model("digits_cnn")
     net = EarlyExitNet.from_model(model, torch.zeros(1, 1, 8, 8), source=ModelSource(name="digits_cnn", num_classes=10))
-    net.set_policy(ExitPolicy(confidence="margin", temperatures=(0.5, 0.7, 0.9, 1.1), thresholds=(0.3, 0.2, 0.1)))
+    net.set_policy(ExitPolicy(confidence="margin", temperatures=(0.5, 0.7, 1.1), thresholds=(0.3, 0.2)))
     return net.eval()
 
 
@@ -89,7 +89,7 @@ def test_replaced_weights_with_wrong_shapes_are_refused_even_with_matching_check
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.update(unexpected=1), "unexpected"),
     (lambda s: s["policy"].update(thresholds=[0.5]), "thresholds"),
-    (lambda s: s["policy"].update(temperatures=[-1, 1, 1, 1]), "temperatures"),
+    (lambda s: s["policy"].update(temperatures=[-1, 1, 1]), "temperatures"),
     (lambda s: s.update(format="something-else/9"), "format"),
     (lambda s: s["exits"][0].update(cut="seven"), "cut"),
 ])

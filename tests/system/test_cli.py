@@ -1,0 +1,126 @@
+"""The CLI as a user runs it: real processes, real files, no tracebacks for user mistakes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitexit import EarlyExitNet, build_model
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SKIPNET = f"{ASSETS / 'skipnet.py'}:build"
+
+
+def splitexit(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "splitexit", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def user_error(result: subprocess.CompletedProcess[str], *phrases: str) -> str:
+    text = result.stdout + result.stderr
+    assert result.returncode == 1, text
+    assert "Traceback" not in text, text
+    assert "error:" in result.stderr
+    for phrase in phrases:
+        assert phrase in text, f"{phrase!r} not in:\n{text}"
+    return text
+
+
+@pytest.mark.slow
+def test_digits_train_calibrate_eval_meets_the_targets(tmp_path: Path) -> None:
+    package = tmp_path / "P"
+    start = time.perf_counter()
+    ok(splitexit("train", "--model", "digits_cnn", "--data", "digits", "--exits", "auto", "--out", str(package)))
+    ok(splitexit("calibrate", str(package), "--data", "digits", "--max-drop", "0.01"))
+    report = json.loads(ok(splitexit("eval", str(package), "--data", "digits", "--json")).stdout)
+    elapsed = time.perf_counter() - start
+    print(f"train + calibrate + eval took {elapsed:.1f} s")  # reported with -s; timing is not asserted
+    assert {"accuracy", "final_exit_accuracy", "compute_fraction", "exit_rates"} <= set(report)
+    assert len(report["exit_rates"]) == 4 and abs(sum(report["exit_rates"]) - 1) < 1e-6
+    assert report["accuracy"] >= report["final_exit_accuracy"] - 0.01
+    assert report["compute_fraction"] <= 0.6
+    assert report["final_exit_accuracy"] > 0.95
+
+
+@pytest.mark.slow
+def test_user_model_with_skips_and_concatenation_trains_calibrates_and_evaluates(tmp_path: Path) -> None:
+    package = tmp_path / "skip"
+    ok(splitexit("train", "--model", SKIPNET, "--data", "digits", "--out", str(package), "--epochs", "20"))
+    ok(splitexit("calibrate", str(package), "--max-drop", "0.01"))
+    report = json.loads(ok(splitexit("eval", str(package), "--json")).stdout)
+    assert report["accuracy"] >= report["final_exit_accuracy"] - 0.01
+    assert report["compute_fraction"] <= 0.6
+
+
+def test_user_model_cuts_across_skips_carry_every_tensor_and_last_exit_is_the_model() -> None:
+    torch.manual_seed(0)
+    model = build_model(SKIPNET).eval()
+    x = torch.randn(4, 1, 8, 8)
+    net = EarlyExitNet.from_model(model, x[:1]).eval()
+    assert any(len(c.tensors) >= 2 for c in net.graph.cut_points), "the skip region must have multi-tensor cuts"
+    with torch.no_grad():
+        assert torch.allclose(net(x)[-1], model(x))
+        for cut in net.graph.cut_points:
+            head, tail = net.graph.segment(None, cut.id), net.graph.segment(cut.id, None)
+            assert torch.allclose(tail(*head(x)), model(x), atol=1e-6), cut.describe()
+
+
+def test_help_works_as_module_and_lists_commands() -> None:
+    text = ok(splitexit("--help")).stdout
+    for command in ("train", "calibrate", "eval", "cuts", "demo"):
+        assert command in text
+
+
+def test_cuts_lists_exit_candidates() -> None:
+    text = ok(splitexit("cuts", "--model", "digits_cnn")).stdout
+    assert "block2" in text and "64x4x4" in text
+
+
+def test_unknown_model_names_the_choices(tmp_path: Path) -> None:
+    user_error(splitexit("train", "--model", "resnet_51", "--data", "digits", "--out", str(tmp_path / "x")),
+               "unknown model", "digits_cnn", "resnet18")
+
+
+def test_untraceable_model_names_the_line_and_what_to_try(tmp_path: Path) -> None:
+    user_error(splitexit("train", "--model", f"{ASSETS / 'skipnet.py'}:untraceable", "--data", "digits",
+                         "--out", str(tmp_path / "x")),
+               "skipnet.py", "y.sum() > 0", "torch.where")
+
+
+def test_missing_package(tmp_path: Path) -> None:
+    user_error(splitexit("eval", str(tmp_path / "absent")), "no package", "splitexit train")
+
+
+@pytest.mark.slow
+def test_tampered_package_and_bad_flags(tmp_path: Path) -> None:
+    package = tmp_path / "P"
+    ok(splitexit("train", "--model", "digits_cnn", "--data", "digits", "--out", str(package), "--epochs", "1"))
+    user_error(splitexit("calibrate", str(package), "--budget", "-1"), "--budget")
+    user_error(splitexit("calibrate", str(package), "--budget", "0.01"), "Raise --budget")
+    user_error(splitexit("eval", str(package), "--data", "synthetic:3x8x8:10"), "shape")
+    user_error(splitexit("train", "--model", "digits_cnn", "--data", "digits", "--out", str(package),
+                         "--mode", "sideways"), "mode")
+    weights = package / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    user_error(splitexit("eval", str(package)), "sha256", "weights.safetensors")
+
+
+@pytest.mark.slow
+def test_demo_ends_with_the_eval_table(tmp_path: Path) -> None:
+    text = ok(splitexit("demo", "--workdir", str(tmp_path / "demo"))).stdout
+    assert "cascade accuracy" in text and "final" in text
+    again = ok(splitexit("demo", "--workdir", str(tmp_path / "demo"))).stdout
+    assert "reuse the trained package" in again

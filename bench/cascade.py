@@ -11,11 +11,12 @@ exits and calibrated (``max_drop=0.01``) on the calibration split, then timed on
     overhead. Timed at batch 1 (per-sample latency), 32 and 256 (throughput); the goal is at most 1.05x.
 
 The box this runs on is shared and small, so absolute times are noise; only ratios taken in one run mean
-anything. Hence: one process, a fixed thread count, warm-up passes, then the two contenders interleaved
-(the order flips every round, ABBA...) and every ratio is the median of the per-round paired ratios.
+anything. Hence: one process, a fixed thread count, warm-up passes, then the contenders interleaved (who
+goes first rotates every round: AB, BA, ...) and every ratio is the median of the per-round paired ratios,
+with its quartiles to show how much the noise moved it.
 
-Run ``python bench/cascade.py`` (``make bench``); ``--quick`` for fewer rounds, ``--json PATH`` to keep
-the numbers.
+Run ``.venv/bin/python bench/cascade.py`` (``make bench``); ``--quick`` for fewer rounds, ``--json PATH``
+to keep the numbers, ``--breakdown`` to split the overhead (b) into segments, heads, and routing.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from splitexit.config import NEVER, ExitPolicy, TrainConfig
 from splitexit.model.calibrate import calibrate
 from splitexit.model.data import load_dataset, split_dataset
 from splitexit.model.exits import EarlyExitNet
+from splitexit.model.graph import run_chain
 from splitexit.model.train import train
 from splitexit.model.zoo import build_model
 
@@ -74,32 +76,47 @@ class Repetitions:
     pass_samples: int
 
 
-FULL = Repetitions(warmup=3, rounds=15, pass_samples=1024)
+FULL = Repetitions(warmup=2, rounds=15, pass_samples=512)
 QUICK = Repetitions(warmup=1, rounds=5, pass_samples=256)
 
 Runner = Callable[[torch.Tensor], object]
 
+#: Contender names. The last two only run with --breakdown, to split the overhead (b) into its parts.
+PLAIN = "plain model"
+CASCADE = "net.infer"
+SEGMENTS = "segments only"
+SEGMENTS_AND_HEADS = "segments + heads"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One contender in one race: its median time per pass and its time relative to the plain model."""
+
+    median_s: float
+    ratio: float  # median over rounds of (this time / the plain model's time in the same round)
+    ratio_q1: float  # quartiles of those per-round ratios: how much the box's noise moved them
+    ratio_q3: float
+
 
 @dataclass(frozen=True)
 class RaceResult:
-    """Median timings of one plain-vs-cascade race over identical passes."""
+    """Contenders timed over identical passes of batches, interleaved round by round."""
 
     name: str
     batch_size: int
     samples_per_pass: int
-    plain_s: float  # median seconds per pass
-    cascade_s: float
-    time_ratio: float  # median over rounds of cascade time / plain time (paired within a round)
-    ratio_q1: float  # spread of the per-round ratios
-    ratio_q3: float
+    timings: dict[str, Timing]
+
+    def per_second(self, contender: str) -> float:
+        return self.samples_per_pass / self.timings[contender].median_s
+
+    def per_sample_us(self, contender: str) -> float:
+        return self.timings[contender].median_s / self.samples_per_pass * 1e6
 
     @property
-    def plain_per_s(self) -> float:
-        return self.samples_per_pass / self.plain_s
-
-    @property
-    def cascade_per_s(self) -> float:
-        return self.samples_per_pass / self.cascade_s
+    def cascade_ratio(self) -> float:
+        """Cascade time over plain time (below 1: the cascade is faster)."""
+        return self.timings[CASCADE].ratio
 
 
 @dataclass(frozen=True)
@@ -157,24 +174,31 @@ def never_exit(policy: ExitPolicy) -> ExitPolicy:
 
 
 # ---------------------------------------------------------------------------------------------- contenders
-def plain_runner(model: nn.Module) -> Runner:
-    model.eval()
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
+def under_inference_mode(function: Callable[[torch.Tensor], object]) -> Runner:
+    def run(batch: torch.Tensor) -> object:
         with torch.inference_mode():
-            return model(batch)
+            return function(batch)
 
     return run
 
 
-def cascade_runner(net: EarlyExitNet) -> Runner:
-    return net.infer
+def contenders(model: nn.Module, net: EarlyExitNet, *, breakdown: bool) -> dict[str, Runner]:
+    """The plain model and the cascade; with ``breakdown``, also the net's segments alone (no heads) and
+    ``net.forward`` (segments and every head, no scoring or routing)."""
+    model.eval()
+    net.eval()
+    runners = {PLAIN: under_inference_mode(model), CASCADE: net.infer}
+    if breakdown:
+        runners[SEGMENTS] = under_inference_mode(lambda batch: run_chain(net.segments, batch))
+        runners[SEGMENTS_AND_HEADS] = under_inference_mode(net)
+    return runners
 
 
 # ---------------------------------------------------------------------------------------------- quality
 def plain_quality(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> Quality:
+    model.eval()
     with torch.inference_mode():
-        prediction = plain_runner(model)(inputs).argmax(dim=1)  # type: ignore[union-attr]
+        prediction = model(inputs).argmax(dim=1)
     return Quality(float((prediction == labels).float().mean()), 1.0, (1.0,))
 
 
@@ -210,84 +234,98 @@ def time_pass(run: Runner, batches: Sequence[torch.Tensor]) -> float:
     return time.perf_counter() - start
 
 
-def race(name: str, plain: Runner, cascade: Runner, batches: Sequence[torch.Tensor],
-         reps: Repetitions) -> RaceResult:
-    """Warm both up, then alternate them (ABBA...) and keep the medians and the paired ratios."""
-    contenders = {"plain": plain, "cascade": cascade}
+def race(name: str, runners: dict[str, Runner], batches: Sequence[torch.Tensor], reps: Repetitions) -> RaceResult:
+    """Warm every contender up, then time them in turn, rotating who goes first each round (AB, BA, ...),
+    and compare each with the plain model of the same round."""
+    names = list(runners)
     for _ in range(reps.warmup):
-        for run in contenders.values():
+        for run in runners.values():
             time_pass(run, batches)
-    times: dict[str, list[float]] = {key: [] for key in contenders}
+    times: dict[str, list[float]] = {key: [] for key in names}
     for round_index in range(reps.rounds):
-        order = list(contenders) if round_index % 2 == 0 else list(reversed(contenders))
-        for key in order:
-            times[key].append(time_pass(contenders[key], batches))
-    ratios = [c / p for c, p in zip(times["cascade"], times["plain"])]
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        shift = round_index % len(names)
+        for key in names[shift:] + names[:shift]:
+            times[key].append(time_pass(runners[key], batches))
     result = RaceResult(name=name, batch_size=len(batches[0]), samples_per_pass=sum(len(b) for b in batches),
-                        plain_s=statistics.median(times["plain"]), cascade_s=statistics.median(times["cascade"]),
-                        time_ratio=statistics.median(ratios), ratio_q1=q1, ratio_q3=q3)
-    logger.info("%s: cascade/plain time %.3f (q1 %.3f, q3 %.3f)", name, result.time_ratio, q1, q3)
+                        timings={key: summarise(times[key], times[PLAIN]) for key in names})
+    logger.info("%s: cascade/plain time %.3f", name, result.cascade_ratio)
     return result
+
+
+def summarise(times: Sequence[float], plain_times: Sequence[float]) -> Timing:
+    ratios = [t / p for t, p in zip(times, plain_times)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios[0],) * 3
+    return Timing(median_s=statistics.median(times), ratio=statistics.median(ratios), ratio_q1=q1, ratio_q3=q3)
 
 
 # ---------------------------------------------------------------------------------------------- report
 def throughput_table(result: RaceResult, plain: Quality, cascade: Quality) -> Table:
-    table = Table(title=f"(a) calibrated cascade vs plain model, batch {result.batch_size}, test split")
-    for column in ("contender", "samples/s", "accuracy", "compute fraction", "exit rates"):
-        table.add_column(column, justify="right" if column != "contender" else "left")
-    table.add_row("plain model", f"{result.plain_per_s:,.0f}", f"{plain.accuracy:.4f}",
-                  f"{plain.compute_fraction:.3f}", "-")
-    table.add_row("cascade (net.infer)", f"{result.cascade_per_s:,.0f}", f"{cascade.accuracy:.4f}",
-                  f"{cascade.compute_fraction:.3f}", " / ".join(f"{r:.2f}" for r in cascade.exit_rates))
+    table = Table(title=f"(a) calibrated cascade vs plain model: batch {result.batch_size}, test split")
+    for column in ("contender", "samples/s", "time vs plain (q1-q3)", "accuracy", "compute", "exit rates"):
+        table.add_column(column, justify="left" if column == "contender" else "right")
+    for name, quality in ((PLAIN, plain), (CASCADE, cascade)):
+        timing = result.timings[name]
+        table.add_row(name, f"{result.per_second(name):,.0f}", spread(timing), f"{quality.accuracy:.4f}",
+                      f"{quality.compute_fraction:.3f}", "/".join(f"{r:.2f}" for r in quality.exit_rates))
     return table
 
 
 def overhead_table(results: Sequence[RaceResult]) -> Table:
-    table = Table(title="(b) overhead: every threshold NEVER, all samples reach the last exit")
-    for column in ("batch", "plain", "cascade", "time ratio", "q1-q3", f"<= {OVERHEAD_TARGET}"):
-        table.add_column(column, justify="right")
+    table = Table(title="(b) overhead: every threshold NEVER, so every sample runs every head and the last exit")
+    names = list(results[0].timings)
+    table.add_column("batch", justify="right")
+    table.add_column("plain model", justify="right")
+    table.add_column("net.infer", justify="right")
+    for name in names[1:]:
+        table.add_column(f"{name} / plain (q1-q3)", justify="right")
+    table.add_column(f"net.infer <= {OVERHEAD_TARGET}x", justify="right")
     for r in results:
         if r.batch_size == 1:
-            plain, cascade = f"{r.plain_s / r.samples_per_pass * 1e6:.0f} us/sample", \
-                f"{r.cascade_s / r.samples_per_pass * 1e6:.0f} us/sample"
+            speeds = [f"{r.per_sample_us(n):,.0f} us/sample" for n in (PLAIN, CASCADE)]
         else:
-            plain, cascade = f"{r.plain_per_s:,.0f} samples/s", f"{r.cascade_per_s:,.0f} samples/s"
-        table.add_row(str(r.batch_size), plain, cascade, f"{r.time_ratio:.3f}x",
-                      f"{r.ratio_q1:.3f}-{r.ratio_q3:.3f}", "yes" if r.time_ratio <= OVERHEAD_TARGET else "NO")
+            speeds = [f"{r.per_second(n):,.0f} samples/s" for n in (PLAIN, CASCADE)]
+        verdict = "yes" if r.cascade_ratio <= OVERHEAD_TARGET else "NO"
+        table.add_row(str(r.batch_size), *speeds, *(spread(r.timings[n]) for n in names[1:]), verdict)
     return table
 
 
-def print_report(console: Console, throughput: RaceResult, plain: Quality, cascade: Quality,
-                 overhead: Sequence[RaceResult]) -> None:
+def spread(timing: Timing) -> str:
+    return f"{timing.ratio:.3f}x ({timing.ratio_q1:.2f}-{timing.ratio_q3:.2f})"
+
+
+def print_report(throughput: RaceResult, plain: Quality, cascade: Quality, overhead: Sequence[RaceResult]) -> None:
+    console = Console()
+    if not console.is_terminal:
+        console.width = 132  # keep the tables unwrapped when the output goes to a file
     console.print(throughput_table(throughput, plain, cascade))
     console.print(overhead_table(overhead))
-    console.print(f"(a) cascade/plain throughput: {1 / throughput.time_ratio:.3f}x "
-                  f"(compute {cascade.compute_fraction:.3f} vs 1.000, accuracy {cascade.accuracy:.4f} vs "
-                  f"{plain.accuracy:.4f})")
+    console.print(f"(a) cascade/plain throughput {1 / throughput.cascade_ratio:.3f}x at compute "
+                  f"{cascade.compute_fraction:.3f} of the model, accuracy {cascade.accuracy:.4f} vs {plain.accuracy:.4f}")
     for r in overhead:
-        console.print(f"(b) batch {r.batch_size:>3}: cascade/plain time {r.time_ratio:.3f}x "
-                      f"(target <= {OVERHEAD_TARGET})")
+        console.print(f"(b) batch {r.batch_size:>3}: cascade/plain time {r.cascade_ratio:.3f}x "
+                      f"(target <= {OVERHEAD_TARGET}x)")
 
 
-def environment(threads: int) -> dict[str, object]:
+def environment() -> dict[str, object]:
     return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "processor": platform.processor() or "unknown", "cpu_count": os.cpu_count(),
-            "threads": threads}
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
+
+
+def race_document(result: RaceResult) -> dict[str, object]:
+    return {**asdict(result), "samples_per_s": {name: result.per_second(name) for name in result.timings},
+            "cascade_time_ratio": result.cascade_ratio}
 
 
 def write_json(path: Path, args: argparse.Namespace, reps: Repetitions, throughput: RaceResult,
                plain: Quality, cascade: Quality, overhead: Sequence[RaceResult]) -> None:
     document = {
         "command": " ".join([".venv/bin/python bench/cascade.py", *args.argv]),
-        "environment": environment(torch.get_num_threads()),
-        "settings": {"model": MODEL, "dataset": DATASET, "seed": SEED, "epochs": EPOCHS,
-                     "max_drop": MAX_DROP, **asdict(reps)},
-        "throughput": {**asdict(throughput), "plain_per_s": throughput.plain_per_s,
-                       "cascade_per_s": throughput.cascade_per_s, "throughput_ratio": 1 / throughput.time_ratio,
+        "environment": environment(),
+        "settings": {"model": MODEL, "dataset": DATASET, "seed": SEED, "epochs": EPOCHS, "max_drop": MAX_DROP,
+                     "throughput_batch": THROUGHPUT_BATCH, **asdict(reps)},
+        "throughput": {**race_document(throughput), "throughput_ratio": 1 / throughput.cascade_ratio,
                        "plain": asdict(plain), "cascade": asdict(cascade)},
-        "overhead": [{**asdict(r), "plain_per_s": r.plain_per_s, "cascade_per_s": r.cascade_per_s}
-                     for r in overhead],
+        "overhead": [race_document(r) for r in overhead],
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
     logger.info("wrote %s", path)
@@ -297,7 +335,9 @@ def write_json(path: Path, args: argparse.Namespace, reps: Repetitions, throughp
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer warm-up passes and rounds")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch intra-op threads (default 2)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="in (b), also time the segments alone and segments + heads, to show where time goes")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON here")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -317,22 +357,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     model = build_model(MODEL)
     net = build_cascade(model, splits.train, splits.calib, test_inputs[:1])
     check_same_backbone(model, net, test_inputs)
-    plain, cascade = plain_runner(model), cascade_runner(net)
 
     plain_q = plain_quality(model, test_inputs, test_labels)
     cascade_q = cascade_quality(net, test_inputs, test_labels, THROUGHPUT_BATCH)
-    batches = make_pass(test_inputs, THROUGHPUT_BATCH, reps.pass_samples, keep_partial=True)
-    throughput = race("(a) calibrated", plain, cascade, batches, reps)
+    throughput = race("(a) calibrated", contenders(model, net, breakdown=False),
+                      make_pass(test_inputs, THROUGHPUT_BATCH, reps.pass_samples, keep_partial=True), reps)
 
     net.set_policy(never_exit(net.policy))
     forced = cascade_quality(net, test_inputs, test_labels, THROUGHPUT_BATCH)
     if forced.exit_rates[-1] != 1.0:
         raise RuntimeError(f"with every threshold NEVER some samples still left early: {forced.exit_rates}")
-    overhead = [race(f"(b) batch {size}", plain, cascade,
-                     make_pass(test_inputs, size, reps.pass_samples, keep_partial=False), reps)
-                for size in OVERHEAD_BATCHES]
+    runners = contenders(model, net, breakdown=args.breakdown)
+    overhead = [race(f"(b) batch {size}", runners, make_pass(test_inputs, size, reps.pass_samples, keep_partial=False),
+                     reps) for size in OVERHEAD_BATCHES]
 
-    print_report(Console(), throughput, plain_q, cascade_q, overhead)
+    print_report(throughput, plain_q, cascade_q, overhead)
     if args.json:
         write_json(args.json, args, reps, throughput, plain_q, cascade_q, overhead)
 

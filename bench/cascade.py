@@ -30,6 +30,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -199,7 +200,7 @@ def plain_quality(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) 
     model.eval()
     with torch.inference_mode():
         prediction = model(inputs).argmax(dim=1)
-    return Quality(float((prediction == labels).float().mean()), 1.0, (1.0,))
+    return Quality(float((prediction == labels).float().mean()), 1.0, ())
 
 
 def cascade_quality(net: EarlyExitNet, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Quality:
@@ -266,7 +267,7 @@ def throughput_table(result: RaceResult, plain: Quality, cascade: Quality) -> Ta
     for name, quality in ((PLAIN, plain), (CASCADE, cascade)):
         timing = result.timings[name]
         table.add_row(name, f"{result.per_second(name):,.0f}", spread(timing), f"{quality.accuracy:.4f}",
-                      f"{quality.compute_fraction:.3f}", "/".join(f"{r:.2f}" for r in quality.exit_rates))
+                      f"{quality.compute_fraction:.3f}", "/".join(f"{r:.2f}" for r in quality.exit_rates) or "-")
     return table
 
 
@@ -308,7 +309,22 @@ def print_report(throughput: RaceResult, plain: Quality, cascade: Quality, overh
 
 def environment() -> dict[str, object]:
     return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "revision": source_revision()}
+
+
+def source_revision() -> str:
+    """The commit benchmarked, with "+dirty" when src/ has uncommitted changes; "unknown" outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = git(root, "rev-parse", "--short", "HEAD")
+        dirty = git(root, "status", "--porcelain", "--", "src")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def race_document(result: RaceResult) -> dict[str, object]:
@@ -317,10 +333,10 @@ def race_document(result: RaceResult) -> dict[str, object]:
 
 
 def write_json(path: Path, args: argparse.Namespace, reps: Repetitions, throughput: RaceResult,
-               plain: Quality, cascade: Quality, overhead: Sequence[RaceResult]) -> None:
+               plain: Quality, cascade: Quality, overhead: Sequence[RaceResult], load: dict[str, float]) -> None:
     document = {
         "command": " ".join([".venv/bin/python bench/cascade.py", *args.argv]),
-        "environment": environment(),
+        "environment": {**environment(), "load_average_1min": load},
         "settings": {"model": MODEL, "dataset": DATASET, "seed": SEED, "epochs": EPOCHS, "max_drop": MAX_DROP,
                      "throughput_batch": THROUGHPUT_BATCH, **asdict(reps)},
         "throughput": {**race_document(throughput), "throughput_ratio": 1 / throughput.cascade_ratio,
@@ -350,7 +366,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     reps = QUICK if args.quick else FULL
     torch.set_num_threads(args.threads)
     seed_everything(SEED)
-    logger.info("torch %s, %d threads, %s", torch.__version__, torch.get_num_threads(), reps)
+    load = {"start": os.getloadavg()[0]}
+    logger.info("torch %s, %d threads, %s, load average %.2f, revision %s", torch.__version__,
+                torch.get_num_threads(), reps, load["start"], source_revision())
 
     splits = split_dataset(load_dataset(DATASET))
     test_inputs, test_labels = stack(splits.test)
@@ -371,9 +389,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     overhead = [race(f"(b) batch {size}", runners, make_pass(test_inputs, size, reps.pass_samples, keep_partial=False),
                      reps) for size in OVERHEAD_BATCHES]
 
+    load["end"] = os.getloadavg()[0]
+    logger.info("load average %.2f at the end on %d cores; this run alone accounts for up to %d of it",
+                load["end"], os.cpu_count() or 0, torch.get_num_threads())
     print_report(throughput, plain_q, cascade_q, overhead)
     if args.json:
-        write_json(args.json, args, reps, throughput, plain_q, cascade_q, overhead)
+        write_json(args.json, args, reps, throughput, plain_q, cascade_q, overhead, load)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def test_digits_train_calibrate_eval_meets_the_targets(tmp_path: Path) -> None:
     elapsed = time.perf_counter() - start
     print(f"train + calibrate + eval took {elapsed:.1f} s")  # reported with -s; timing is not asserted
     assert {"accuracy", "final_exit_accuracy", "compute_fraction", "exit_rates"} <= set(report)
-    assert len(report["exit_rates"]) == 4 and abs(sum(report["exit_rates"]) - 1) < 1e-6
+    assert len(report["exit_rates"]) == len(report["exits"]) >= 2
+    assert abs(sum(report["exit_rates"]) - 1) < 1e-6
     assert report["accuracy"] >= report["final_exit_accuracy"] - 0.01
     assert report["compute_fraction"] <= 0.6
     assert report["final_exit_accuracy"] > 0.95

@@ -195,7 +195,7 @@ def demo(
     package = workdir / "digits_cnn"
     with _user_errors():
         if fresh or not _usable(package, read_spec):
-            out.rule("1. train digits_cnn with 3 early exits (joint, from scratch)")
+            out.rule("1. train digits_cnn with automatic early exits (joint, from scratch)")
             with _progress(False) as progress:
                 task = progress.add_task("training", total=DEMO_EPOCHS)
                 train_package("digits_cnn", "digits", package, config=TrainConfig(epochs=DEMO_EPOCHS),

@@ -15,7 +15,7 @@ import torch
 from splitexit import EarlyExitNet, build_model
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-SKIPNET = f"{ASSETS / 'skipnet.py'}:build"
+SKIPNET = f"{ASSETS / 'models.py'}:build"
 
 
 def splitexit(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -96,9 +96,9 @@ def test_unknown_model_names_the_choices(tmp_path: Path) -> None:
 
 
 def test_untraceable_model_names_the_line_and_what_to_try(tmp_path: Path) -> None:
-    user_error(splitexit("train", "--model", f"{ASSETS / 'skipnet.py'}:untraceable", "--data", "digits",
+    user_error(splitexit("train", "--model", f"{ASSETS / 'models.py'}:untraceable", "--data", "digits",
                          "--out", str(tmp_path / "x")),
-               "skipnet.py", "y.sum() > 0", "torch.where")
+               "models.py", "y.sum() > 0", "torch.where")
 
 
 def test_missing_package(tmp_path: Path) -> None:

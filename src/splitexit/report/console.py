@@ -38,7 +38,7 @@ def eval_table(report: EvalReport, title: str = "Evaluation") -> Table:
 
 
 def calibration_table(report: CalibrationReport) -> Table:
-    table = Table(title=f"Calibration on {report.samples} held-out samples ({report.mode} = {report.target:g})",
+    table = Table(title=f"Calibration ({report.mode} {report.target:g}, {report.samples} samples)",
                   title_justify="left")
     for column in ("exit", "after", "temperature", "threshold"):
         table.add_column(column, justify="left" if column == "after" else "right")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -32,21 +34,9 @@ class ResidualNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-class ShapeBranchNet(nn.Module):
-    """fx cannot trace the shape branch, so the graph comes from torch.export."""
-
-    def __init__(self):
-        super().__init__()
-        self.widen = nn.Conv2d(4, 6, 3, padding=1)
-        self.conv = nn.Conv2d(6, 6, 3, padding=1)
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] > 3:
-            x = self.widen(x)
-        x = torch.relu(x)
-        x = self.conv(x)
-        return self.fc(x.mean(dim=(2, 3)))
+def ShapeBranchNet() -> nn.Module:  # noqa: N802 - reads like the class it builds
+    """Shape-based control flow (fx fails, torch.export works), from the shared test models file."""
+    return zoo.build_model(f"{Path(__file__).resolve().parents[2] / 'assets' / 'models.py'}:ShapeBranchNet")
 
 
 @pytest.fixture

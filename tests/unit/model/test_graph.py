@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,21 +66,9 @@ class ValueBranchNet(nn.Module):
         return self.fc(x)
 
 
-class ShapeBranchNet(nn.Module):
-    """Python control flow on a static shape: fx cannot follow it, torch.export can."""
-
-    def __init__(self):
-        super().__init__()
-        self.widen = nn.Conv2d(4, 6, 3, padding=1)
-        self.conv = nn.Conv2d(6, 6, 3, padding=1)
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] > 3:
-            x = self.widen(x)
-        x = torch.relu(x)
-        x = self.conv(x)
-        return self.fc(x.mean(dim=(2, 3)))
+def ShapeBranchNet() -> nn.Module:  # noqa: N802 - reads like the class it builds
+    """Shape-based control flow (fx fails, torch.export works), from the shared test models file."""
+    return zoo.build_model(f"{Path(__file__).resolve().parents[2] / 'assets' / 'models.py'}:ShapeBranchNet")
 
 
 BATCH = 3

@@ -1,4 +1,4 @@
-"""A user model with residual additions and a channel concatenation, for `file.py:factory` tests."""
+"""Models for tests, loaded the way users load theirs: `path/to/models.py:factory`."""
 
 import torch
 from torch import nn
@@ -43,3 +43,20 @@ class Untraceable(nn.Module):
 
 def untraceable() -> nn.Module:
     return Untraceable()
+
+
+class ShapeBranchNet(nn.Module):
+    """Python control flow on a static shape: torch.fx cannot follow it, torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.widen = nn.Conv2d(4, 6, 3, padding=1)
+        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > 3:
+            x = self.widen(x)
+        x = torch.relu(x)
+        x = self.conv(x)
+        return self.fc(x.mean(dim=(2, 3)))

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-unit bench clean
+.PHONY: demo test test-unit bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("splitexit needs Python >= 3.10, found " + sys.version.split()[0]) if sys.version_info < (3, 10) else None'
@@ -23,6 +23,10 @@ test-unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/cascade.py
+
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Isrc --python_out=src --grpc_python_out=src --pyi_out=src \
+		src/splitexit/runtime/wire.proto
 
 clean:
 	rm -rf $(VENV) .splitexit-cache build src/*.egg-info

@@ -12,22 +12,28 @@ any :class:`SplitExitError` into a readable message and exit code 1; anything el
     │   └── CutError             a cut point or exit does not exist or cannot carry an exit
     ├── PackageError             a model package is missing, incomplete or does not match its model
     │   └── IntegrityError       a package file was changed after it was written (checksum mismatch)
-    └── CalibrationError         no thresholds meet the requested accuracy drop or compute budget
+    ├── CalibrationError         no thresholds meet the requested accuracy drop or compute budget
+    ├── WireError                a message from the network is malformed or over a limit (``.code`` says which)
+    └── ClusterError             a cluster file, node or connection problem
+        └── NodeUnavailableError a node cannot be reached or stopped answering
 """
 
 from __future__ import annotations
 
 __all__ = [
     "CalibrationError",
+    "ClusterError",
     "ConfigError",
     "CutError",
     "DataError",
     "IntegrityError",
     "ModelError",
+    "NodeUnavailableError",
     "PackageError",
     "SplitExitError",
     "TraceError",
     "UnknownModelError",
+    "WireError",
 ]
 
 
@@ -69,3 +75,23 @@ class IntegrityError(PackageError):
 
 class CalibrationError(SplitExitError):
     """No thresholds satisfy the requested accuracy drop or compute budget."""
+
+
+class WireError(SplitExitError):
+    """A message from the network is malformed or exceeds a limit; the node answers it and stays up.
+
+    ``code`` is a short machine-readable reason sent back to the peer (``invalid_tensor``, ``too_large``,
+    ``unknown_plan``, ``bad_message``).
+    """
+
+    def __init__(self, message: str, *, code: str = "bad_message"):
+        super().__init__(message)
+        self.code = code
+
+
+class ClusterError(SplitExitError):
+    """A cluster file, a node, or a connection between nodes is not usable."""
+
+
+class NodeUnavailableError(ClusterError):
+    """A node cannot be reached, or stopped answering."""

@@ -80,13 +80,15 @@ class EarlyExitNet(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_model(cls, model: nn.Module, example_input: torch.Tensor, exits: str | Sequence[ExitLocation] = "auto",
-                   *, num_exits: int = DEFAULT_AUTO_EXITS, head: str = "auto", confidence: str = "max_softmax",
+                   *, num_exits: int = DEFAULT_AUTO_EXITS, head: str | Sequence[str] = "auto",
+                   confidence: str = "max_softmax",
                    source: ModelSource | None = None) -> "EarlyExitNet":
         """Trace ``model`` and attach exit heads.
 
         ``exits`` is ``"auto"`` (``num_exits`` exits spread by FLOPs) or a list of locations: cut ids,
-        module paths such as ``"layer2"``, or fx node names. ``source`` records how to rebuild the
-        backbone, which :func:`splitexit.save` needs.
+        module paths such as ``"layer2"``, or fx node names. ``head`` names one registered head builder
+        for every exit, or one per exit (see :func:`splitexit.register_head`). ``source`` records how to
+        rebuild the backbone, which :func:`splitexit.save` needs.
         """
         graph = trace_model(model, example_input)
         if exits == "auto":

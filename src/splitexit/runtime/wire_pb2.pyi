@@ -1,0 +1,187 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_FLOAT64: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
+    DTYPE_INT32: _ClassVar[DType]
+    DTYPE_INT8: _ClassVar[DType]
+    DTYPE_UINT8: _ClassVar[DType]
+    DTYPE_BOOL: _ClassVar[DType]
+
+class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENCODING_UNSPECIFIED: _ClassVar[Encoding]
+    ENCODING_RAW: _ClassVar[Encoding]
+    ENCODING_FP16: _ClassVar[Encoding]
+    ENCODING_BF16: _ClassVar[Encoding]
+    ENCODING_INT8: _ClassVar[Encoding]
+
+class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPRESSION_UNSPECIFIED: _ClassVar[Compression]
+    COMPRESSION_NONE: _ClassVar[Compression]
+    COMPRESSION_LZ4: _ClassVar[Compression]
+    COMPRESSION_ZSTD: _ClassVar[Compression]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+DTYPE_FLOAT64: DType
+DTYPE_INT64: DType
+DTYPE_INT32: DType
+DTYPE_INT8: DType
+DTYPE_UINT8: DType
+DTYPE_BOOL: DType
+ENCODING_UNSPECIFIED: Encoding
+ENCODING_RAW: Encoding
+ENCODING_FP16: Encoding
+ENCODING_BF16: Encoding
+ENCODING_INT8: Encoding
+COMPRESSION_UNSPECIFIED: Compression
+COMPRESSION_NONE: Compression
+COMPRESSION_LZ4: Compression
+COMPRESSION_ZSTD: Compression
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "encoding", "compression", "data", "scale", "zero_point", "channel_axis", "encoded_size")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    ZERO_POINT_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_AXIS_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    encoding: Encoding
+    compression: Compression
+    data: bytes
+    scale: _containers.RepeatedScalarFieldContainer[float]
+    zero_point: _containers.RepeatedScalarFieldContainer[float]
+    channel_axis: int
+    encoded_size: int
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., data: _Optional[bytes] = ..., scale: _Optional[_Iterable[float]] = ..., zero_point: _Optional[_Iterable[float]] = ..., channel_axis: _Optional[int] = ..., encoded_size: _Optional[int] = ...) -> None: ...
+
+class Stamp(_message.Message):
+    __slots__ = ("node", "event", "time")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    event: str
+    time: float
+    def __init__(self, node: _Optional[str] = ..., event: _Optional[str] = ..., time: _Optional[float] = ...) -> None: ...
+
+class Batch(_message.Message):
+    __slots__ = ("plan_version", "request_ids", "tensors", "trace")
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
+    plan_version: int
+    request_ids: _containers.RepeatedScalarFieldContainer[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
+    trace: _containers.RepeatedCompositeFieldContainer[Stamp]
+    def __init__(self, plan_version: _Optional[int] = ..., request_ids: _Optional[_Iterable[int]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., trace: _Optional[_Iterable[_Union[Stamp, _Mapping]]] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("batch_key", "tensor_index", "index", "count", "data")
+    BATCH_KEY_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_INDEX_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    batch_key: int
+    tensor_index: int
+    index: int
+    count: int
+    data: bytes
+    def __init__(self, batch_key: _Optional[int] = ..., tensor_index: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("sender", "plan_version")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    plan_version: int
+    def __init__(self, sender: _Optional[str] = ..., plan_version: _Optional[int] = ...) -> None: ...
+
+class Down(_message.Message):
+    __slots__ = ("hello", "batch", "chunk")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    batch: Batch
+    chunk: Chunk
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class Result(_message.Message):
+    __slots__ = ("request_id", "exit", "prediction", "confidence", "logits", "node", "trace")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    exit: int
+    prediction: int
+    confidence: float
+    logits: _containers.RepeatedScalarFieldContainer[float]
+    node: str
+    trace: _containers.RepeatedCompositeFieldContainer[Stamp]
+    def __init__(self, request_id: _Optional[int] = ..., exit: _Optional[int] = ..., prediction: _Optional[int] = ..., confidence: _Optional[float] = ..., logits: _Optional[_Iterable[float]] = ..., node: _Optional[str] = ..., trace: _Optional[_Iterable[_Union[Stamp, _Mapping]]] = ...) -> None: ...
+
+class RequestError(_message.Message):
+    __slots__ = ("request_ids", "code", "message", "node")
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    request_ids: _containers.RepeatedScalarFieldContainer[int]
+    code: str
+    message: str
+    node: str
+    def __init__(self, request_ids: _Optional[_Iterable[int]] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
+
+class Up(_message.Message):
+    __slots__ = ("results", "errors")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[Result]
+    errors: _containers.RepeatedCompositeFieldContainer[RequestError]
+    def __init__(self, results: _Optional[_Iterable[_Union[Result, _Mapping]]] = ..., errors: _Optional[_Iterable[_Union[RequestError, _Mapping]]] = ...) -> None: ...
+
+class HealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HealthReply(_message.Message):
+    __slots__ = ("node", "ready", "plan_version", "queued", "in_flight")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    ready: bool
+    plan_version: int
+    queued: int
+    in_flight: int
+    def __init__(self, node: _Optional[str] = ..., ready: _Optional[bool] = ..., plan_version: _Optional[int] = ..., queued: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...

@@ -10,13 +10,19 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from splitexit.units import parse_bandwidth, parse_duration, parse_size
+
 __all__ = [
+    "BatchingSpec",
+    "ClusterSpec",
     "CpuSettings",
     "DataSplit",
     "ExitPolicy",
     "ExitSpec",
     "InputSpec",
+    "LinkSpec",
     "ModelSource",
+    "NodeSpec",
     "PackageSpec",
     "TrainConfig",
     "PACKAGE_FORMAT",
@@ -145,3 +151,113 @@ class PackageSpec(_Model):
         if cuts != sorted(set(cuts)):
             raise ValueError(f"exit cuts must be distinct and increasing, got {cuts}")
         return self
+
+
+# ------------------------------------------------------------------------------------------ cluster
+#: Codec names: an encoding (raw, fp16, bf16, int8) optionally followed by +lz4 or +zstd, or "auto".
+DEFAULT_CODEC = "raw"
+DEFAULT_WINDOW = 16
+DEFAULT_MESSAGE_LIMIT = 64 * 1024 * 1024
+
+
+class NodeSpec(_Model):
+    """One machine of the chain. The edge runs the first stage and opens every connection."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    role: Literal["edge", "worker"] = "worker"
+    address: str | None = Field(None, description="host:port a worker listens on (not needed for the edge)")
+    slowdown: float = Field(1.0, ge=1.0, description="stretch compute time by this factor (emulate a slow device)")
+    ends_at: int | str | None = Field(None, description="cut (id or module) where this node's stage ends")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (0: any free)")
+
+    @model_validator(mode="after")
+    def _worker_has_address(self) -> "NodeSpec":
+        if self.role == "worker":
+            host, sep, port = (self.address or "").rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"worker {self.name!r} needs an address like 127.0.0.1:50061, got {self.address!r}")
+        return self
+
+
+class LinkSpec(_Model):
+    """One hop between neighbours, emulated inside the sender when any of its effects is set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    source: str = Field(alias="from")
+    target: str = Field(alias="to")
+    bandwidth: float | None = Field(None, description="bits per second; YAML takes 20Mbit, 1Gbit, ...")
+    latency: float = Field(0.0, ge=0, description="one-way seconds; YAML takes 10ms")
+    jitter: float = Field(0.0, ge=0, description="seconds of uniform random extra latency")
+    loss: float = Field(0.0, ge=0, lt=1, description="fraction of messages that need a retransmission")
+    codec: str = DEFAULT_CODEC
+
+    @field_validator("bandwidth", mode="before")
+    @classmethod
+    def _bandwidth(cls, value: object) -> float | None:
+        return None if value is None else parse_bandwidth(value)  # type: ignore[arg-type]
+
+    @field_validator("latency", "jitter", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)  # type: ignore[arg-type]
+
+    @property
+    def emulated(self) -> bool:
+        return self.bandwidth is not None or self.latency > 0 or self.jitter > 0 or self.loss > 0
+
+
+class BatchingSpec(_Model):
+    """Micro-batching at every stage: wait up to ``max_wait`` for up to ``max_batch`` rows."""
+
+    max_batch: int = Field(8, ge=1, le=4096)
+    max_wait: float = Field(0.002, ge=0, description="seconds; YAML takes 2ms")
+
+    @field_validator("max_wait", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)  # type: ignore[arg-type]
+
+
+class ClusterSpec(_Model):
+    """A cluster file: the chain of nodes, the links between them, and how requests flow."""
+
+    nodes: tuple[NodeSpec, ...]
+    links: tuple[LinkSpec, ...] = ()
+    package: str | None = Field(None, description="model package every node serves (relative to the file)")
+    codec: str = Field(DEFAULT_CODEC, description="codec for links that do not name one")
+    batching: BatchingSpec = BatchingSpec()
+    window: int = Field(DEFAULT_WINDOW, ge=1, le=65536, description="requests in flight from the entry")
+    message_limit: int = Field(DEFAULT_MESSAGE_LIMIT, ge=1024, description="largest gRPC message; bigger tensors are chunked")
+
+    @field_validator("message_limit", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> int:
+        return parse_size(value)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _chain_is_consistent(self) -> "ClusterSpec":
+        names = [n.name for n in self.nodes]
+        if len(names) < 1 or self.nodes[0].role != "edge" or any(n.role == "edge" for n in self.nodes[1:]):
+            raise ValueError("the first node must be the only one with role: edge")
+        if len(set(names)) != len(names):
+            raise ValueError(f"node names must be unique, got {names}")
+        hops = {(a, b) for a, b in zip(names, names[1:])}
+        for link in self.links:
+            if (link.source, link.target) not in hops:
+                raise ValueError(f"link {link.source} -> {link.target} does not join neighbours of the chain "
+                                 f"{' -> '.join(names)}")
+        return self
+
+    def link(self, source: str, target: str) -> LinkSpec:
+        """The link between two neighbours (an unemulated one with the default codec if the file has none)."""
+        for link in self.links:
+            if (link.source, link.target) == (source, target):
+                return link
+        return LinkSpec.model_validate({"from": source, "to": target, "codec": self.codec})
+
+    def node(self, name: str) -> NodeSpec:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)

@@ -1,0 +1,38 @@
+"""Human units in config files: bandwidth ("20Mbit", "1Gbit", "500kbit", "10MB/s") and durations ("10ms")."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["parse_bandwidth", "parse_duration", "parse_size"]
+
+_BANDWIDTH = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9,
+              "b/s": 8, "kb/s": 8e3, "mb/s": 8e6, "gb/s": 8e9, "bps": 1, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9}
+_DURATION = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+_SIZE = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z/]*)\s*$", re.IGNORECASE)
+
+
+def _parse(text: str | float | int, units: dict[str, float], default: str, what: str, example: str) -> float:
+    if isinstance(text, (int, float)):
+        return float(text) * units[default]
+    match = _NUMBER.match(str(text))
+    unit = match.group(2).lower() if match else ""
+    if not match or (unit and unit not in units):
+        raise ValueError(f"{text!r} is not a {what} like {example!r} (units: {', '.join(units)})")
+    return float(match.group(1)) * units[unit or default]
+
+
+def parse_bandwidth(text: str | float | int) -> float:
+    """Bits per second; a bare number is bits per second."""
+    return _parse(text, _BANDWIDTH, "bit", "bandwidth", "20Mbit")
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds; a bare number is seconds."""
+    return _parse(text, _DURATION, "s", "duration", "10ms")
+
+
+def parse_size(text: str | float | int) -> int:
+    """Bytes; a bare number is bytes."""
+    return int(_parse(text, _SIZE, "b", "size", "64MiB"))

@@ -19,6 +19,7 @@ from splitexit.errors import ConfigError, CutError, ModelError
 from splitexit.model.flops import flops_per_sample
 from splitexit.model.graph import CutPoint, ModelGraph, trace_model
 from splitexit.model.heads import build_head, confidence_function
+from splitexit.model.stages import Stage
 
 __all__ = ["EarlyExitNet", "InferenceResult", "ExitLocation"]
 
@@ -70,6 +71,10 @@ class EarlyExitNet(nn.Module):
         self.cpu = CpuSettings()
         bounds = [None, *[c.id for c in self.exit_cuts], None]
         self.segments = nn.ModuleList(graph.segment(a, b) for a, b in zip(bounds[:-1], bounds[1:]))
+        # plain dicts (not submodules): the cached segments share their layers with `segments`
+        self._segment_cache: dict[tuple[int | None, int | None], nn.Module] = dict(
+            zip(zip(bounds[:-1], bounds[1:]), self.segments))
+        self._stages: dict[tuple[int | None, int | None], Stage] = {}
         self.heads = nn.ModuleList(build_head(name, c.tensors[0].shape, num_classes)
                                    for name, c in zip(self.head_names, self.exit_cuts))
         self.policy = policy or ExitPolicy.uncalibrated(len(self.exit_cuts))
@@ -167,38 +172,35 @@ class EarlyExitNet(nn.Module):
         """
         score = confidence or confidence_function(self.policy.confidence)
         was_training = self.training
-        self.eval()
+        if was_training:
+            self.eval()
         try:
             with torch.inference_mode():
                 return self._route(self._prepare(x), score)
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
 
     def _route(self, x: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]) -> InferenceResult:
-        batch = x.shape[0]
-        prediction = torch.empty(batch, dtype=torch.int64)
-        exit_index = torch.empty(batch, dtype=torch.int64)
-        confidence = torch.empty(batch, dtype=torch.float32)
-        logits_out = torch.empty(batch, self.num_classes, dtype=torch.float32)
-        rows = torch.arange(batch)
-        values: tuple[torch.Tensor, ...] = (x,)
-        for i, segment in enumerate(self.segments):
-            result = segment(*values)
-            final = i == len(self.heads)
-            logits = result if final else self.heads[i](result[0])
-            scores = _checked_scores(score, logits / self.policy.temperatures[i])
-            leave = torch.ones(len(rows), dtype=torch.bool) if final else scores >= self.policy.thresholds[i]
-            done = rows[leave]
-            prediction[done] = logits[leave].argmax(dim=1)
-            exit_index[done] = i
-            confidence[done] = scores[leave].float()
-            logits_out[done] = logits[leave].float()
-            if final or bool(leave.all()):
-                break
-            stay = ~leave
-            rows = rows[stay]
-            values = tuple(t[stay] for t in result)
-        return InferenceResult(prediction, exit_index, confidence, logits_out)
+        out = self.stage(None, None).run((x,), score)
+        if out.rows.numel() > 1 and bool((out.rows[1:] < out.rows[:-1]).any()):
+            order = torch.argsort(out.rows)
+            return InferenceResult(out.prediction[order], out.exit[order], out.confidence[order], out.logits[order])
+        return InferenceResult(out.prediction, out.exit, out.confidence, out.logits)
+
+    def stage(self, start: int | None, end: int | None) -> Stage:
+        """The compute between two cuts (``None``: input / output) with the exits inside, for serving."""
+        key = (start, end)
+        if key not in self._stages:
+            self._stages[key] = Stage(self, start, end)
+        return self._stages[key]
+
+    def segment_between(self, start: int | None, end: int | None) -> torch.nn.Module:
+        """The graph segment between two cuts, shared with the net's own segments where they coincide."""
+        key = (start, end)
+        if key not in self._segment_cache:
+            self._segment_cache[key] = self.graph.segment(start, end)
+        return self._segment_cache[key]
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu.memory_format == "channels_last" and x.dim() == 4:
@@ -221,7 +223,7 @@ def _output_classes(graph: ModelGraph, example: torch.Tensor) -> int:
     return int(output.shape[1])
 
 
-def _checked_scores(score: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+def checked_scores(score: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
     """Call a (possibly user-supplied) confidence function and make sure it returned one score per row."""
     scores = score(logits)
     if not isinstance(scores, torch.Tensor):

@@ -108,6 +108,10 @@ class ModelGraph:
         """Values produced at or before node ``cut_id`` and used after it, in production order."""
         return [n for n in [*self._placeholders, *self._nodes[: cut_id + 1]] if self._last_use[n] > cut_id]
 
+    def crossing_info(self, cut_id: int) -> tuple[TensorInfo, ...]:
+        """Per-sample shapes and dtypes of the tensors crossing a cut, in the order segments take them."""
+        return self.cut(cut_id).tensors
+
     def cut(self, cut_id: int) -> CutPoint:
         if cut_id not in self._cut_by_id:
             raise CutError(

@@ -1,0 +1,130 @@
+"""A stage: the compute for one contiguous range of an early-exit net, with per-row routing.
+
+A stage runs from cut ``start`` (``None``: the model input) to cut ``end`` (``None``: the model output).
+Every exit whose cut lies in ``(start, end]`` is evaluated inside it: confident rows are answered there
+and only the others run on, compacted. Whatever is left at ``end`` is handed back to be forwarded to the
+next stage. ``EarlyExitNet.infer`` is the stage from ``None`` to ``None``; a chain of stages over the
+same cuts therefore gives exactly the answers of one process.
+
+This module is pure compute: no threads, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from splitexit.errors import CutError
+
+if TYPE_CHECKING:
+    from splitexit.model.exits import EarlyExitNet
+
+__all__ = ["Stage", "StageOutput"]
+
+Confidence = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage did with a batch: rows it answered, and rows (with tensors) to forward."""
+
+    rows: torch.Tensor  # (A,) indices into the input batch of the rows answered here
+    exit: torch.Tensor  # (A,) exit index per answered row
+    prediction: torch.Tensor  # (A,)
+    confidence: torch.Tensor  # (A,)
+    logits: torch.Tensor  # (A, C) logits of the exit that answered (before temperature)
+    forward_rows: torch.Tensor  # (F,) indices into the input batch of rows to send on
+    forward: tuple[torch.Tensor, ...]  # tensors crossing the end cut, F rows each
+
+
+@dataclass(frozen=True)
+class _Part:
+    segment: Callable[..., object]
+    exit: int | None  # exit index evaluated after this segment; None: pass the values on
+
+
+class Stage:
+    """Segments and exits of ``net`` between two cuts; call :meth:`run` under inference mode."""
+
+    def __init__(self, net: "EarlyExitNet", start: int | None, end: int | None):
+        if start is not None and end is not None and end <= start:
+            raise CutError(f"a stage must end after it starts; got cuts {start} to {end}")
+        for cut in (start, end):
+            if cut is not None:
+                net.graph.cut(cut)
+        self.net, self.start, self.end = net, start, end
+        inside = [(i, c.id) for i, c in enumerate(net.exit_cuts)
+                  if (start is None or c.id > start) and (end is None or c.id <= end)]
+        exit_at = {cut: i for i, cut in inside}
+        bounds = sorted({*(cut for _, cut in inside)} - {end}, key=int)
+        edges = [start, *bounds, end]
+        self.parts = [_Part(net.segment_between(a, b), exit_at.get(b) if b is not None else net.num_exits - 1)
+                      for a, b in zip(edges[:-1], edges[1:])]
+        self.exits = [i for i, _ in inside] + ([net.num_exits - 1] if end is None else [])
+        self.input_tensors = (net.graph.crossing_info(start) if start is not None else None)
+        self.output_tensors = (net.graph.crossing_info(end) if end is not None else None)
+
+    @property
+    def is_last(self) -> bool:
+        return self.end is None
+
+    def run(self, inputs: tuple[torch.Tensor, ...], confidence: Confidence | None = None) -> StageOutput:
+        """Route a batch through the stage. ``inputs`` are the tensors crossing ``start``, batch first."""
+        from splitexit.model.exits import checked_scores  # local: exits imports this module
+        from splitexit.model.heads import confidence_function
+
+        net, policy = self.net, self.net.policy
+        score = confidence or confidence_function(policy.confidence)
+        batch = inputs[0].shape[0]
+        rows = torch.arange(batch)
+        answered: list[tuple[torch.Tensor, ...]] = []
+        values: tuple[torch.Tensor, ...] = inputs
+        final = net.num_exits - 1
+        for part in self.parts:
+            result = part.segment(*values)
+            if part.exit is None or (part.exit != final and policy.thresholds[part.exit] == math.inf):
+                values = result  # type: ignore[assignment]  # no exit here, or one that can never fire
+                continue
+            is_final = part.exit == final
+            logits = result if is_final else net.heads[part.exit](result[0])  # type: ignore[index]
+            scores = checked_scores(score, logits / policy.temperatures[part.exit])  # type: ignore[operator]
+            if is_final:
+                leave = None
+                leaving = rows.numel()
+            else:
+                leave = scores >= policy.thresholds[part.exit]
+                leaving = int(leave.sum())
+            if leaving == 0:
+                values = result  # type: ignore[assignment]
+                continue
+            if leaving == rows.numel():  # everyone answers here: no compaction needed
+                answered.append(_answers(rows, part.exit, logits, scores))
+                rows, values = rows[:0], ()
+                break
+            stay = (~leave).nonzero().squeeze(1)  # type: ignore[operator]
+            go = leave.nonzero().squeeze(1)  # type: ignore[union-attr]
+            answered.append(_answers(rows[go], part.exit, logits[go], scores[go]))
+            rows = rows[stay]
+            values = tuple(t.index_select(0, stay) for t in result)  # type: ignore[union-attr]
+        return _output(answered, rows, values, net.num_classes)
+
+
+def _answers(rows: torch.Tensor, exit_index: int, logits: torch.Tensor, scores: torch.Tensor
+             ) -> tuple[torch.Tensor, ...]:
+    return (rows, torch.full((rows.numel(),), exit_index, dtype=torch.int64), logits.argmax(dim=1),
+            scores.float(), logits.float())
+
+
+def _output(answered: list[tuple[torch.Tensor, ...]], rows: torch.Tensor, values: tuple[torch.Tensor, ...],
+            classes: int) -> StageOutput:
+    if len(answered) == 1:
+        parts = list(answered[0])
+    elif answered:
+        parts = [torch.cat(column) for column in zip(*answered)]
+    else:
+        parts = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64),
+                 torch.empty(0, dtype=torch.int64), torch.empty(0), torch.empty(0, classes)]
+    return StageOutput(*parts, forward_rows=rows, forward=values)

@@ -24,41 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csplitexit/runtime/wire.proto\x12\x0esplitexit.wire\"\xf8\x01\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.splitexit.wire.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12*\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x18.splitexit.wire.Encoding\x12\x30\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x1b.splitexit.wire.Compression\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05scale\x18\x06 \x03(\x02\x12\x12\n\nzero_point\x18\x07 \x03(\x02\x12\x14\n\x0c\x63hannel_axis\x18\x08 \x01(\x05\x12\x14\n\x0c\x65ncoded_size\x18\t \x01(\x04\"2\n\x05Stamp\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12\x0c\n\x04time\x18\x03 \x01(\x01\"\x81\x01\n\x05\x42\x61tch\x12\x14\n\x0cplan_version\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\x12\'\n\x07tensors\x18\x03 \x03(\x0b\x32\x16.splitexit.wire.Tensor\x12$\n\x05trace\x18\x04 \x03(\x0b\x32\x15.splitexit.wire.Stamp\"\\\n\x05\x43hunk\x12\x11\n\tbatch_key\x18\x01 \x01(\x04\x12\x14\n\x0ctensor_index\x18\x02 \x01(\r\x12\r\n\x05index\x18\x03 \x01(\r\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"-\n\x05Hello\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x14\n\x0cplan_version\x18\x02 \x01(\x04\"\x86\x01\n\x04\x44own\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.splitexit.wire.HelloH\x00\x12&\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x15.splitexit.wire.BatchH\x00\x12&\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x15.splitexit.wire.ChunkH\x00\x42\x06\n\x04\x62ody\"\x96\x01\n\x06Result\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x65xit\x18\x02 \x01(\r\x12\x12\n\nprediction\x18\x03 \x01(\x03\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\x0e\n\x06logits\x18\x05 \x03(\x02\x12\x0c\n\x04node\x18\x06 \x01(\t\x12$\n\x05trace\x18\x07 \x03(\x0b\x32\x15.splitexit.wire.Stamp\"P\n\x0cRequestError\x12\x13\n\x0brequest_ids\x18\x01 \x03(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\"[\n\x02Up\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.splitexit.wire.Result\x12,\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x1c.splitexit.wire.RequestError\"\x0f\n\rHealthRequest\"c\n\x0bHealthReply\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x14\n\x0cplan_version\x18\x03 \x01(\x04\x12\x0e\n\x06queued\x18\x04 \x01(\r\x12\x11\n\tin_flight\x18\x05 \x01(\r*\xbe\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0e\n\nDTYPE_INT8\x10\x07\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x08\x12\x0e\n\nDTYPE_BOOL\x10\t*o\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_BF16\x10\x03\x12\x11\n\rENCODING_INT8\x10\x04*k\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x13\n\x0f\x43OMPRESSION_LZ4\x10\x02\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x03\x32\x8c\x01\n\x0cStageService\x12\x36\n\x06Stream\x12\x14.splitexit.wire.Down\x1a\x12.splitexit.wire.Up(\x01\x30\x01\x12\x44\n\x06Health\x12\x1d.splitexit.wire.HealthRequest\x1a\x1b.splitexit.wire.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csplitexit/runtime/wire.proto\x12\x0esplitexit.wire\"\x88\x02\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.splitexit.wire.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12*\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x18.splitexit.wire.Encoding\x12\x30\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x1b.splitexit.wire.Compression\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05scale\x18\x06 \x03(\x02\x12\x12\n\nzero_point\x18\x07 \x03(\x02\x12\x14\n\x0c\x63hannel_axis\x18\x08 \x01(\x05\x12\x14\n\x0c\x65ncoded_size\x18\t \x01(\x04\x12\x0e\n\x06\x63hunks\x18\n \x01(\r\"2\n\x05Stamp\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12\x0c\n\x04time\x18\x03 \x01(\x01\"\x81\x01\n\x05\x42\x61tch\x12\x14\n\x0cplan_version\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\x12\'\n\x07tensors\x18\x03 \x03(\x0b\x32\x16.splitexit.wire.Tensor\x12$\n\x05trace\x18\x04 \x03(\x0b\x32\x15.splitexit.wire.Stamp\"\\\n\x05\x43hunk\x12\x11\n\tbatch_key\x18\x01 \x01(\x04\x12\x14\n\x0ctensor_index\x18\x02 \x01(\r\x12\r\n\x05index\x18\x03 \x01(\r\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"-\n\x05Hello\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x14\n\x0cplan_version\x18\x02 \x01(\x04\"\x86\x01\n\x04\x44own\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.splitexit.wire.HelloH\x00\x12&\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x15.splitexit.wire.BatchH\x00\x12&\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x15.splitexit.wire.ChunkH\x00\x42\x06\n\x04\x62ody\"\x96\x01\n\x06Result\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x65xit\x18\x02 \x01(\r\x12\x12\n\nprediction\x18\x03 \x01(\x03\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\x0e\n\x06logits\x18\x05 \x03(\x02\x12\x0c\n\x04node\x18\x06 \x01(\t\x12$\n\x05trace\x18\x07 \x03(\x0b\x32\x15.splitexit.wire.Stamp\"P\n\x0cRequestError\x12\x13\n\x0brequest_ids\x18\x01 \x03(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\"[\n\x02Up\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.splitexit.wire.Result\x12,\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x1c.splitexit.wire.RequestError\"\x0f\n\rHealthRequest\"c\n\x0bHealthReply\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x14\n\x0cplan_version\x18\x03 \x01(\x04\x12\x0e\n\x06queued\x18\x04 \x01(\r\x12\x11\n\tin_flight\x18\x05 \x01(\r*\xbe\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0e\n\nDTYPE_INT8\x10\x07\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x08\x12\x0e\n\nDTYPE_BOOL\x10\t*o\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_BF16\x10\x03\x12\x11\n\rENCODING_INT8\x10\x04*k\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x13\n\x0f\x43OMPRESSION_LZ4\x10\x02\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x03\x32\x8c\x01\n\x0cStageService\x12\x36\n\x06Stream\x12\x14.splitexit.wire.Down\x1a\x12.splitexit.wire.Up(\x01\x30\x01\x12\x44\n\x06Health\x12\x1d.splitexit.wire.HealthRequest\x1a\x1b.splitexit.wire.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitexit.runtime.wire_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1208
-  _globals['_DTYPE']._serialized_end=1398
-  _globals['_ENCODING']._serialized_start=1400
-  _globals['_ENCODING']._serialized_end=1511
-  _globals['_COMPRESSION']._serialized_start=1513
-  _globals['_COMPRESSION']._serialized_end=1620
+  _globals['_DTYPE']._serialized_start=1224
+  _globals['_DTYPE']._serialized_end=1414
+  _globals['_ENCODING']._serialized_start=1416
+  _globals['_ENCODING']._serialized_end=1527
+  _globals['_COMPRESSION']._serialized_start=1529
+  _globals['_COMPRESSION']._serialized_end=1636
   _globals['_TENSOR']._serialized_start=49
-  _globals['_TENSOR']._serialized_end=297
-  _globals['_STAMP']._serialized_start=299
-  _globals['_STAMP']._serialized_end=349
-  _globals['_BATCH']._serialized_start=352
-  _globals['_BATCH']._serialized_end=481
-  _globals['_CHUNK']._serialized_start=483
-  _globals['_CHUNK']._serialized_end=575
-  _globals['_HELLO']._serialized_start=577
-  _globals['_HELLO']._serialized_end=622
-  _globals['_DOWN']._serialized_start=625
-  _globals['_DOWN']._serialized_end=759
-  _globals['_RESULT']._serialized_start=762
-  _globals['_RESULT']._serialized_end=912
-  _globals['_REQUESTERROR']._serialized_start=914
-  _globals['_REQUESTERROR']._serialized_end=994
-  _globals['_UP']._serialized_start=996
-  _globals['_UP']._serialized_end=1087
-  _globals['_HEALTHREQUEST']._serialized_start=1089
-  _globals['_HEALTHREQUEST']._serialized_end=1104
-  _globals['_HEALTHREPLY']._serialized_start=1106
-  _globals['_HEALTHREPLY']._serialized_end=1205
-  _globals['_STAGESERVICE']._serialized_start=1623
-  _globals['_STAGESERVICE']._serialized_end=1763
+  _globals['_TENSOR']._serialized_end=313
+  _globals['_STAMP']._serialized_start=315
+  _globals['_STAMP']._serialized_end=365
+  _globals['_BATCH']._serialized_start=368
+  _globals['_BATCH']._serialized_end=497
+  _globals['_CHUNK']._serialized_start=499
+  _globals['_CHUNK']._serialized_end=591
+  _globals['_HELLO']._serialized_start=593
+  _globals['_HELLO']._serialized_end=638
+  _globals['_DOWN']._serialized_start=641
+  _globals['_DOWN']._serialized_end=775
+  _globals['_RESULT']._serialized_start=778
+  _globals['_RESULT']._serialized_end=928
+  _globals['_REQUESTERROR']._serialized_start=930
+  _globals['_REQUESTERROR']._serialized_end=1010
+  _globals['_UP']._serialized_start=1012
+  _globals['_UP']._serialized_end=1103
+  _globals['_HEALTHREQUEST']._serialized_start=1105
+  _globals['_HEALTHREQUEST']._serialized_end=1120
+  _globals['_HEALTHREPLY']._serialized_start=1122
+  _globals['_HEALTHREPLY']._serialized_end=1221
+  _globals['_STAGESERVICE']._serialized_start=1639
+  _globals['_STAGESERVICE']._serialized_end=1779
 # @@protoc_insertion_point(module_scope)

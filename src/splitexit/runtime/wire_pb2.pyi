@@ -55,7 +55,7 @@ COMPRESSION_LZ4: Compression
 COMPRESSION_ZSTD: Compression
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "encoding", "compression", "data", "scale", "zero_point", "channel_axis", "encoded_size")
+    __slots__ = ("dtype", "shape", "encoding", "compression", "data", "scale", "zero_point", "channel_axis", "encoded_size", "chunks")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class Tensor(_message.Message):
     ZERO_POINT_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_AXIS_FIELD_NUMBER: _ClassVar[int]
     ENCODED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     encoding: Encoding
@@ -74,7 +75,8 @@ class Tensor(_message.Message):
     zero_point: _containers.RepeatedScalarFieldContainer[float]
     channel_axis: int
     encoded_size: int
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., data: _Optional[bytes] = ..., scale: _Optional[_Iterable[float]] = ..., zero_point: _Optional[_Iterable[float]] = ..., channel_axis: _Optional[int] = ..., encoded_size: _Optional[int] = ...) -> None: ...
+    chunks: int
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., data: _Optional[bytes] = ..., scale: _Optional[_Iterable[float]] = ..., zero_point: _Optional[_Iterable[float]] = ..., channel_axis: _Optional[int] = ..., encoded_size: _Optional[int] = ..., chunks: _Optional[int] = ...) -> None: ...
 
 class Stamp(_message.Message):
     __slots__ = ("node", "event", "time")

@@ -174,16 +174,34 @@ class HealthRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class LinkBytes(_message.Message):
+    __slots__ = ("source", "target", "raw_bytes", "wire_bytes", "messages", "rows")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    target: str
+    raw_bytes: int
+    wire_bytes: int
+    messages: int
+    rows: int
+    def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ..., raw_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., messages: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
+
 class HealthReply(_message.Message):
-    __slots__ = ("node", "ready", "plan_version", "queued", "in_flight")
+    __slots__ = ("node", "ready", "plan_version", "queued", "in_flight", "links")
     NODE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
     node: str
     ready: bool
     plan_version: int
     queued: int
     in_flight: int
-    def __init__(self, node: _Optional[str] = ..., ready: _Optional[bool] = ..., plan_version: _Optional[int] = ..., queued: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    links: _containers.RepeatedCompositeFieldContainer[LinkBytes]
+    def __init__(self, node: _Optional[str] = ..., ready: _Optional[bool] = ..., plan_version: _Optional[int] = ..., queued: _Optional[int] = ..., in_flight: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkBytes, _Mapping]]] = ...) -> None: ...

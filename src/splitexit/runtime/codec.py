@@ -1,0 +1,547 @@
+"""Tensors to and from the wire: the only place that turns a ``torch.Tensor`` into protobuf bytes and back.
+
+Pure functions, no I/O. A codec is an *encoding* (how values become bytes) followed by an optional
+*compression*; its name is ``<encoding>[+<compression>]``, e.g. ``raw``, ``fp16+lz4``, ``int8c+zstd``.
+
+Encodings (lossy ones apply to floating tensors only; integer and bool tensors always travel ``raw``,
+still compressed if the codec says so):
+
+``raw``
+    the tensor's own dtype, little-endian, C order. Exact, NaN payloads included.
+``fp16``
+    values cast to float16 (round to nearest even): relative error <= 2**-11 for ``|x|`` in the normal
+    range, absolute error <= 2**-25 below it (6.1e-5); ``|x| > 65504`` becomes ``±inf``. NaN stays NaN,
+    ``±inf`` stays ``±inf``.
+``bf16``
+    values cast to bfloat16: relative error <= 2**-8, the range of float32 (float64 values beyond it
+    become ``±inf``). NaN and ``±inf`` are kept.
+``int8`` / ``int8c``
+    affine: ``value = (q - zero_point) * scale`` with ``q`` in [-128, 127], one (scale, zero_point) per
+    tensor, or (``int8c``) one per channel along axis 1 for tensors of rank >= 2 (``int8c`` of a rank 0
+    or 1 tensor is per tensor). The range always includes 0 and the zero point is an integer, so zeros
+    (post-ReLU activations are mostly zeros) decode exactly and compress well. Every finite value
+    decodes within ``scale / 2`` (plus float32 rounding; plus the rounding of the tensor's own dtype
+    for float16 / bfloat16 tensors). A constant-zero range gets ``scale = 1`` (no division by zero).
+    Non-finite values cannot be represented: NaN decodes as ``0.0``, ``+inf`` as the top of the range
+    (the largest finite value of its channel, or 0) and ``-inf`` as the bottom. float64 values beyond
+    the float32 range saturate (the scale travels as float32).
+
+Compression: ``none``, ``lz4`` (lz4 frame, fastest) or ``zstd`` (level :data:`ZSTD_LEVEL`).
+
+:func:`decode` treats every message as hostile: it validates the header before allocating anything
+whose size the peer chose, caps decompression at the declared size, and turns every failure into a
+:class:`~splitexit.errors.WireError` (never a numpy, lz4 or zstd exception).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import lz4.frame
+import numpy as np
+import torch
+import zstandard
+
+from splitexit.errors import ConfigError, WireError
+from splitexit.runtime import wire_pb2
+
+__all__ = [
+    "COMPRESSIONS",
+    "ENCODINGS",
+    "MAX_RANK",
+    "CodecCost",
+    "CodecSpec",
+    "choose_codec",
+    "decode",
+    "encode",
+    "list_codecs",
+    "measure_codec",
+    "parse_codec",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Encoding names in the order ``list_codecs`` and ``choose_codec`` try them (``int8c`` is int8 per channel).
+ENCODINGS = ("raw", "fp16", "bf16", "int8")
+COMPRESSIONS = ("none", "lz4", "zstd")
+#: Largest tensor rank accepted from the wire.
+MAX_RANK = 8
+#: zstd level: 1 is several times faster than the default 3 on activations for a few percent more bytes.
+ZSTD_LEVEL = 1
+#: The zstd window a peer may make us allocate, at least (frames of our own never need more than their size).
+MIN_ZSTD_WINDOW = 1 << 20
+#: Axis the per-channel int8 scales run along (NCHW channels, or the feature axis of (N, D) tensors).
+CHANNEL_AXIS = 1
+
+_ENCODING_TO_WIRE = {
+    "raw": wire_pb2.ENCODING_RAW,
+    "fp16": wire_pb2.ENCODING_FP16,
+    "bf16": wire_pb2.ENCODING_BF16,
+    "int8": wire_pb2.ENCODING_INT8,
+}
+_COMPRESSION_TO_WIRE = {
+    "none": wire_pb2.COMPRESSION_NONE,
+    "lz4": wire_pb2.COMPRESSION_LZ4,
+    "zstd": wire_pb2.COMPRESSION_ZSTD,
+}
+_WIRE_TO_ENCODING = {v: k for k, v in _ENCODING_TO_WIRE.items()}
+_WIRE_TO_COMPRESSION = {v: k for k, v in _COMPRESSION_TO_WIRE.items()}
+#: Bytes per element of each lossy encoding (raw uses the dtype's own size).
+_ENCODING_ITEMSIZE = {"fp16": 2, "bf16": 2, "int8": 1}
+
+
+@dataclass(frozen=True)
+class _WireDType:
+    torch: torch.dtype
+    numpy: np.dtype  # little-endian storage dtype (bfloat16 as uint16, bool as uint8)
+
+
+_DTYPES = {
+    wire_pb2.DTYPE_FLOAT32: _WireDType(torch.float32, np.dtype("<f4")),
+    wire_pb2.DTYPE_FLOAT16: _WireDType(torch.float16, np.dtype("<f2")),
+    wire_pb2.DTYPE_BFLOAT16: _WireDType(torch.bfloat16, np.dtype("<u2")),
+    wire_pb2.DTYPE_FLOAT64: _WireDType(torch.float64, np.dtype("<f8")),
+    wire_pb2.DTYPE_INT64: _WireDType(torch.int64, np.dtype("<i8")),
+    wire_pb2.DTYPE_INT32: _WireDType(torch.int32, np.dtype("<i4")),
+    wire_pb2.DTYPE_INT8: _WireDType(torch.int8, np.dtype("i1")),
+    wire_pb2.DTYPE_UINT8: _WireDType(torch.uint8, np.dtype("u1")),
+    wire_pb2.DTYPE_BOOL: _WireDType(torch.bool, np.dtype("u1")),
+}
+_TORCH_TO_WIRE = {d.torch: k for k, d in _DTYPES.items()}
+_FLOAT16_MAX = float(torch.finfo(torch.float16).max)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+# ------------------------------------------------------------------------------------------ names
+@dataclass(frozen=True)
+class CodecSpec:
+    """One codec: encoding, compression and (int8 only) whether scales run per channel along axis 1."""
+
+    encoding: str = "raw"
+    compression: str = "none"
+    per_channel: bool = False
+
+    def __post_init__(self) -> None:
+        if self.encoding not in ENCODINGS:
+            raise ConfigError(f"unknown codec encoding {self.encoding!r}; use one of {', '.join(ENCODINGS)}")
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(f"unknown codec compression {self.compression!r}; use one of {', '.join(COMPRESSIONS)}")
+        if self.per_channel and self.encoding != "int8":
+            raise ConfigError(f"per-channel scales only exist for int8, not {self.encoding}")
+
+    @property
+    def name(self) -> str:
+        """The name ``parse_codec`` reads back: ``int8c+zstd``, ``fp16``, ``raw+lz4``, ..."""
+        base = "int8c" if self.per_channel else self.encoding
+        return base if self.compression == "none" else f"{base}+{self.compression}"
+
+    @property
+    def lossy(self) -> bool:
+        return self.encoding != "raw"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def list_codecs() -> list[str]:
+    """Every codec name (encodings x compressions), raw first; feeds parametrised tests and ``auto``."""
+    bases = [*ENCODINGS, "int8c"]
+    return [CodecSpec(encoding=b.rstrip("c"), compression=c, per_channel=b == "int8c").name
+            for b in bases for c in COMPRESSIONS]
+
+
+def parse_codec(text: str) -> CodecSpec:
+    """Read a codec name such as ``int8+zstd`` (case and surrounding spaces ignored)."""
+    name = str(text).strip().lower()
+    if name == "auto":
+        raise ConfigError("codec 'auto' is not a codec but a request to pick one: resolve it with "
+                          "choose_codec(samples, bandwidth) first")
+    if name not in list_codecs():
+        raise ConfigError(f"unknown codec {text!r}; valid codecs: {', '.join(list_codecs())} (or auto)")
+    base, _, compression = name.partition("+")
+    per_channel = base == "int8c"
+    return CodecSpec(encoding="int8" if per_channel else base, compression=compression or "none",
+                     per_channel=per_channel)
+
+
+# ------------------------------------------------------------------------------------------ encode
+def encode(tensor: torch.Tensor, codec: CodecSpec) -> wire_pb2.Tensor:
+    """Turn a tensor into a wire message; lossy encodings touch floating tensors only.
+
+    Raises :class:`WireError` (``invalid_tensor``) for a dtype or rank the wire cannot carry.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise WireError(f"encode needs a torch.Tensor, got {type(tensor).__name__}", code="invalid_tensor")
+    wire_dtype = _TORCH_TO_WIRE.get(tensor.dtype)
+    if wire_dtype is None:
+        names = ", ".join(str(d.torch).removeprefix("torch.") for d in _DTYPES.values())
+        raise WireError(f"tensors of dtype {tensor.dtype} cannot travel on the wire; cast to one of {names}",
+                        code="invalid_tensor")
+    if tensor.dim() > MAX_RANK:
+        raise WireError(f"tensor of rank {tensor.dim()} cannot travel on the wire (at most {MAX_RANK})",
+                        code="invalid_tensor")
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg().contiguous()
+    encoding = codec.encoding if t.is_floating_point() else "raw"
+    message = wire_pb2.Tensor(dtype=wire_dtype, shape=list(t.shape), encoding=_ENCODING_TO_WIRE[encoding],
+                              compression=_COMPRESSION_TO_WIRE[codec.compression])
+    if encoding == "raw":
+        payload = _as_le_bytes(t)
+    elif encoding == "fp16":
+        payload = _as_le_bytes(t.to(torch.float16))
+    elif encoding == "bf16":
+        payload = _as_le_bytes(t.to(torch.bfloat16))
+    else:
+        q, scale, zero_point, axis = _quantize(t, codec.per_channel)
+        payload = _as_le_bytes(q)
+        message.scale.extend(scale.tolist())
+        message.zero_point.extend(zero_point.tolist())
+        message.channel_axis = axis
+    message.encoded_size = payload.nbytes
+    message.data = _compress(payload, codec.compression)
+    return message
+
+
+def _as_le_bytes(t: torch.Tensor) -> np.ndarray:
+    """A flat uint8 numpy *view* of a contiguous CPU tensor's bytes, little-endian (copied only on big-endian hosts)."""
+    if t.dtype == torch.bfloat16:
+        array = t.view(torch.int16).numpy()
+    elif t.dtype == torch.bool:
+        array = t.view(torch.uint8).numpy()
+    else:
+        array = t.numpy()
+    if _BIG_ENDIAN and array.dtype.itemsize > 1:
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.reshape(-1).view(np.uint8)
+
+
+def _compress(payload: np.ndarray, compression: str) -> bytes:
+    if compression == "lz4":
+        return lz4.frame.compress(payload)
+    if compression == "zstd":
+        return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(payload)
+    return payload.tobytes()
+
+
+def _quantize(t: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, np.ndarray, np.ndarray, int]:
+    """Affine int8 with 0 inside the range and an integer zero point; see the module docstring for NaN/inf."""
+    work = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    per_channel = per_channel and work.dim() >= 2
+    axis = CHANNEL_AXIS if per_channel else -1
+    lo, hi = _value_range(work, per_channel)
+    # min/max propagate NaN and show infinities, so finite bounds mean an all-finite tensor (the common case).
+    all_finite = bool(np.isfinite(lo).all() and np.isfinite(hi).all())
+    values = work
+    if not all_finite:
+        values = torch.where(torch.isfinite(work), work, torch.zeros((), dtype=work.dtype))
+        lo, hi = _value_range(values, per_channel)
+    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale = ((hi - lo) / 255.0).astype(np.float32)  # what travels; everything below uses it as sent
+    scale = np.where(scale > 0, scale, np.float32(1.0))  # constant zero range: any scale decodes 0 exactly
+    scale = np.where(np.isfinite(scale), scale, np.float32(_FLOAT32_MAX))
+    scale = np.maximum(scale, np.float32(_FLOAT32_TINY)).astype(np.float32)
+    zero_point = np.clip(np.round(-128.0 - lo / scale.astype(np.float64)), -128, 127).astype(np.float32)
+
+    shape = [1] * work.dim()
+    if per_channel:
+        shape[CHANNEL_AXIS] = len(scale)
+    scale_t = torch.from_numpy(scale).to(work.dtype).reshape(shape)
+    zero_t = torch.from_numpy(zero_point).to(work.dtype).reshape(shape)
+    if not all_finite:
+        # NaN became 0 above, which lands exactly on the zero point; +inf saturates at the top, -inf the bottom.
+        values = torch.where(work == math.inf, torch.from_numpy(hi).to(work.dtype).reshape(shape), values)
+        values = torch.where(work == -math.inf, torch.from_numpy(lo).to(work.dtype).reshape(shape), values)
+    y = values / scale_t
+    y.add_(zero_t).round_().clamp_(-128, 127)
+    return y.to(torch.int8), scale, zero_point, axis
+
+
+def _value_range(values: torch.Tensor, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max (float64), per channel along CHANNEL_AXIS or of the whole tensor; zeros when empty."""
+    count = values.shape[CHANNEL_AXIS] if per_channel else 1
+    if values.numel() == 0:
+        return np.zeros(count), np.zeros(count)
+    if per_channel:
+        dims = tuple(d for d in range(values.dim()) if d != CHANNEL_AXIS)
+        return values.amin(dim=dims).double().numpy(), values.amax(dim=dims).double().numpy()
+    return np.array([float(values.amin())]), np.array([float(values.amax())])
+
+
+# ------------------------------------------------------------------------------------------ decode
+def decode(message: wire_pb2.Tensor, *, max_bytes: int,
+           expected: tuple[torch.dtype, tuple[int, ...]] | None = None) -> torch.Tensor:
+    """Rebuild a tensor from a peer's message, refusing anything malformed or bigger than ``max_bytes``.
+
+    ``max_bytes`` caps the decoded tensor (numel x its dtype's size, never less than the encoded size);
+    nothing sized by the peer is allocated before that check, and decompression stops at the declared
+    ``encoded_size``. ``expected`` = (dtype, per-sample shape) also checks the tensor against what the
+    stage takes. Returns a writable, contiguous tensor of the original dtype and shape.
+
+    Raises :class:`WireError` with ``code="too_large"`` for a tensor over the limit (or a payload that
+    decompresses past its declared size), ``code="invalid_tensor"`` for anything else.
+    """
+    header = _validate(message, max_bytes=max_bytes, expected=expected)
+    payload = _decompress(message.data, header.compression, header.encoded_size)
+    try:
+        flat = _materialise(message, header, payload)
+    except (ValueError, TypeError, RuntimeError) as exc:  # validated above; this is a last line of defence
+        raise WireError(f"tensor payload could not be decoded: {exc}", code="invalid_tensor") from exc
+    return flat.reshape(header.shape)
+
+
+@dataclass(frozen=True)
+class _Header:
+    dtype: _WireDType
+    shape: tuple[int, ...]
+    numel: int
+    encoding: str
+    compression: str
+    encoded_size: int
+
+
+def _invalid(text: str) -> WireError:
+    return WireError(f"invalid tensor on the wire: {text}", code="invalid_tensor")
+
+
+def _validate(message: wire_pb2.Tensor, *, max_bytes: int,
+              expected: tuple[torch.dtype, tuple[int, ...]] | None) -> _Header:
+    """Every check that needs no allocation sized by the peer, cheapest first."""
+    if not isinstance(message, wire_pb2.Tensor):
+        raise WireError(f"expected a wire Tensor message, got {type(message).__name__}", code="bad_message")
+    dtype = _DTYPES.get(message.dtype)
+    if dtype is None:
+        raise _invalid(f"unknown or unspecified dtype {message.dtype}")
+    encoding = _WIRE_TO_ENCODING.get(message.encoding)
+    if encoding is None:
+        raise _invalid(f"unknown or unspecified encoding {message.encoding}")
+    compression = _WIRE_TO_COMPRESSION.get(message.compression)
+    if compression is None:
+        raise _invalid(f"unknown or unspecified compression {message.compression}")
+    if encoding != "raw" and not dtype.torch.is_floating_point:
+        raise _invalid(f"encoding {encoding} applies to floating tensors only, not {dtype.torch}")
+    if len(message.shape) > MAX_RANK:
+        raise _invalid(f"rank {len(message.shape)} is above the limit of {MAX_RANK}")
+    shape = tuple(int(s) for s in message.shape)
+    if any(s < 0 for s in shape):
+        raise _invalid(f"negative dimension in shape {list(shape)}")
+    numel = math.prod(shape)
+    itemsize = dtype.numpy.itemsize
+    if numel * itemsize > max_bytes:
+        raise WireError(f"tensor of shape {list(shape)} and dtype {dtype.torch} needs {numel * itemsize} bytes, "
+                        f"above this node's limit of {max_bytes}; send smaller batches or raise the limit",
+                        code="too_large")
+    encoded = numel * (itemsize if encoding == "raw" else _ENCODING_ITEMSIZE[encoding])
+    if message.encoded_size != encoded:
+        raise _invalid(f"encoded_size {message.encoded_size} does not match shape {list(shape)} "
+                       f"under encoding {encoding} ({encoded} bytes)")
+    if expected is not None:
+        want_dtype, want_shape = expected
+        if dtype.torch != want_dtype:
+            raise _invalid(f"dtype {dtype.torch} where this stage takes {want_dtype}")
+        if len(shape) != len(want_shape) + 1 or shape[1:] != tuple(want_shape):
+            raise _invalid(f"shape {list(shape)} where this stage takes (batch, {', '.join(map(str, want_shape))})")
+    _validate_scales(message, encoding, shape)
+    return _Header(dtype=dtype, shape=shape, numel=numel, encoding=encoding, compression=compression,
+                   encoded_size=encoded)
+
+
+def _validate_scales(message: wire_pb2.Tensor, encoding: str, shape: tuple[int, ...]) -> None:
+    scales, zeros = len(message.scale), len(message.zero_point)
+    if encoding != "int8":
+        if scales or zeros:
+            raise _invalid(f"scale/zero_point given for encoding {encoding} (only int8 has them)")
+        return
+    axis = message.channel_axis
+    if axis == -1:
+        want = 1
+    elif 0 <= axis < len(shape):
+        want = shape[axis]
+    else:
+        raise _invalid(f"int8 channel_axis {axis} is neither -1 (per tensor) nor an axis of shape {list(shape)}")
+    if scales != want or zeros != want:
+        raise _invalid(f"int8 needs {want} scale and zero_point values (channel_axis {axis}, shape "
+                       f"{list(shape)}), got {scales} and {zeros}")
+    if not all(math.isfinite(v) for v in message.scale) or not all(math.isfinite(v) for v in message.zero_point):
+        raise _invalid("int8 scale and zero_point must be finite")
+
+
+def _decompress(data: bytes, compression: str, size: int) -> bytes | bytearray:
+    """The encoded payload, exactly ``size`` bytes; never produces (or allocates for) more than ``size + 1``."""
+    if compression == "none":
+        if len(data) != size:
+            raise _invalid(f"payload has {len(data)} bytes, the header declares {size}")
+        return data
+    try:
+        if compression == "lz4":
+            return _lz4_bounded(data, size)
+        return _zstd_bounded(data, size)
+    except (RuntimeError, zstandard.ZstdError, ValueError, OSError) as exc:
+        raise _invalid(f"{compression} payload is corrupt: {exc}") from exc
+
+
+def _overflow(compression: str, size: int) -> WireError:
+    return WireError(f"{compression} payload decompresses past its declared {size} bytes (a corrupt or "
+                     "hostile message)", code="too_large")
+
+
+def _short(compression: str, got: int, size: int) -> WireError:
+    return _invalid(f"{compression} payload decompresses to {got} bytes, the header declares {size}")
+
+
+def _lz4_bounded(data: bytes, size: int) -> bytes:
+    decompressor = lz4.frame.LZ4FrameDecompressor()
+    out = decompressor.decompress(data, max_length=size + 1)
+    if len(out) > size:
+        raise _overflow("lz4", size)
+    if not decompressor.eof:
+        raise _invalid("lz4 payload is truncated (no end of frame)")
+    if decompressor.unused_data:
+        raise _invalid(f"{len(decompressor.unused_data)} bytes of trailing data after the lz4 frame")
+    if len(out) != size:
+        raise _short("lz4", len(out), size)
+    return out
+
+
+def _zstd_bounded(data: bytes, size: int) -> bytearray:
+    declared = zstandard.frame_content_size(data)
+    if declared > size:
+        raise WireError(f"zstd frame declares {declared} bytes, the header {size} (a corrupt or hostile message)",
+                        code="too_large")
+    # The window caps zstd's own buffers; frames we write never need more than their content size.
+    window = max(MIN_ZSTD_WINDOW, size)
+    reader = zstandard.ZstdDecompressor(max_window_size=window).stream_reader(data, read_across_frames=True)
+    out = bytearray(size)  # size was checked against max_bytes: the only allocation the peer sized
+    view = memoryview(out)
+    filled = 0
+    while filled < size:
+        count = reader.readinto(view[filled:])
+        if not count:
+            raise _short("zstd", filled, size)
+        filled += count
+    if reader.read(1):
+        raise _overflow("zstd", size)
+    return out
+
+
+def _materialise(message: wire_pb2.Tensor, header: _Header, payload: bytes | bytearray) -> torch.Tensor:
+    """A flat, owned, writable tensor of the original dtype from validated payload bytes."""
+    target = header.dtype.torch
+    if header.numel == 0:
+        return torch.empty(0, dtype=target)
+    if header.encoding == "raw":
+        if target == torch.bool:  # any non-zero byte is True; torch must never see a bool byte other than 0/1
+            return torch.from_numpy(np.frombuffer(payload, np.uint8) != 0)
+        stored = _storage(payload, header.dtype.numpy)
+        return stored.view(torch.bfloat16) if target == torch.bfloat16 else stored
+    if header.encoding == "fp16":
+        return _storage(payload, np.dtype("<f2")).to(target)
+    if header.encoding == "bf16":
+        return _storage(payload, np.dtype("<i2")).view(torch.bfloat16).to(target)
+    return _dequantize(message, header, _storage(payload, np.dtype("i1")))
+
+
+def _storage(payload: bytes | bytearray, dtype: np.dtype) -> torch.Tensor:
+    """The payload as a flat tensor of its storage dtype, owned and writable.
+
+    A bytearray (our own decompression buffer) is wrapped without a copy; immutable ``bytes`` from the
+    message are copied once (torch must not wrap read-only memory).
+    """
+    array = np.frombuffer(payload, dtype)
+    if isinstance(payload, bytes) or not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="), copy=True)
+    return torch.from_numpy(array)
+
+
+def _dequantize(message: wire_pb2.Tensor, header: _Header, q: torch.Tensor) -> torch.Tensor:
+    compute = torch.float64 if header.dtype.torch == torch.float64 else torch.float32
+    values = q.to(compute)
+    scale = torch.tensor(list(message.scale), dtype=compute)
+    zero_point = torch.tensor(list(message.zero_point), dtype=compute)
+    if message.channel_axis >= 0:
+        shape = [1] * len(header.shape)
+        shape[message.channel_axis] = -1
+        values = values.view(header.shape)
+        scale, zero_point = scale.view(shape), zero_point.view(shape)
+    values.sub_(zero_point).mul_(scale)
+    if header.dtype.torch == torch.float16:
+        values.clamp_(-_FLOAT16_MAX, _FLOAT16_MAX)  # the grid may reach scale/2 past 65504: keep it finite
+    return values.reshape(-1).to(header.dtype.torch)
+
+
+# ------------------------------------------------------------------------------------------ auto
+@dataclass(frozen=True)
+class CodecCost:
+    """What one codec costs per message on some samples: wire bytes and encode/decode seconds (means)."""
+
+    codec: CodecSpec
+    bytes: float
+    encode_s: float
+    decode_s: float
+
+    def seconds(self, bandwidth_bps: float | None) -> float:
+        """Estimated time per message: encode + decode + transfer (no transfer term without a bandwidth)."""
+        transfer = 0.0 if bandwidth_bps is None else self.bytes * 8.0 / bandwidth_bps
+        return self.encode_s + self.decode_s + transfer
+
+
+def measure_codec(samples: Sequence[torch.Tensor], codec: CodecSpec, *,
+                  clock: Callable[[], float] = time.perf_counter) -> CodecCost:
+    """Encode and decode every sample once, timing both with ``clock``.
+
+    ``clock`` is called exactly three times per sample, in sample order: before encode, after encode,
+    after decode; a test can script it. Bytes are the serialised message size (header included).
+    """
+    if not samples:
+        raise ConfigError("measuring a codec needs at least one sample tensor")
+    total_bytes = encode_s = decode_s = 0.0
+    for sample in samples:
+        limit = max(1, sample.numel() * sample.element_size())
+        start = clock()
+        message = encode(sample, codec)
+        encoded = clock()
+        decode(message, max_bytes=limit)
+        decoded = clock()
+        total_bytes += message.ByteSize()
+        encode_s += encoded - start
+        decode_s += decoded - encoded
+    n = len(samples)
+    return CodecCost(codec=codec, bytes=total_bytes / n, encode_s=encode_s / n, decode_s=decode_s / n)
+
+
+def choose_codec(samples: list[torch.Tensor], bandwidth_bps: float | None, candidates: list[str] | None = None,
+                 *, lossy: bool = True, clock: Callable[[], float] = time.perf_counter) -> CodecSpec:
+    """Resolve codec ``auto``: the candidate with the least estimated time per message on these samples.
+
+    Cost = encode + decode + bytes x 8 / bandwidth, each measured on ``samples`` (activations crossing the
+    cut). Without a bandwidth the link is taken as free and the fastest codec wins (usually raw).
+    ``lossy=False`` keeps only raw codecs. Candidates are measured in the order given (default:
+    :func:`list_codecs`), see :func:`measure_codec` for how ``clock`` is called; ties go to the earlier
+    candidate, so the result is deterministic given the timings.
+    """
+    if bandwidth_bps is not None and not (bandwidth_bps > 0 and math.isfinite(bandwidth_bps)):
+        raise ConfigError(f"bandwidth must be a positive number of bits per second, got {bandwidth_bps}")
+    specs = [parse_codec(name) for name in (candidates if candidates is not None else list_codecs())]
+    if not lossy:
+        specs = [s for s in specs if not s.lossy]
+    if not specs:
+        raise ConfigError(f"no codec to choose from among {candidates} (lossy={lossy}); include a raw codec")
+    if not samples:
+        raise ConfigError("choosing a codec needs at least one sample of the tensors crossing the cut; "
+                          "profile the model first")
+    costs = [measure_codec(samples, spec, clock=clock) for spec in specs]
+    best = min(range(len(costs)), key=lambda i: (costs[i].seconds(bandwidth_bps), i))
+    for cost in costs:
+        logger.debug("codec %-11s %10.0f B  encode %.6f s  decode %.6f s  total %.6f s", cost.codec.name,
+                     cost.bytes, cost.encode_s, cost.decode_s, cost.seconds(bandwidth_bps))
+    logger.info("codec auto -> %s (bandwidth %s bit/s)", costs[best].codec.name, bandwidth_bps)
+    return costs[best].codec

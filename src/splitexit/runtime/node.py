@@ -1,0 +1,237 @@
+"""A worker node: serves one stage over gRPC, forwards unconfident rows, relays results upstream.
+
+Per upstream stream: a reader checks and decodes each batch (a bad one is answered with a
+``RequestError`` for exactly its request ids, and the stream goes on), hands it to the :class:`Hop`,
+and every answer — from this stage or relayed from further down — goes back up the same stream through
+the emulated link of that hop. SIGTERM stops accepting streams, lets in-flight requests finish, then
+exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from splitexit.config import ClusterSpec
+from splitexit.errors import ClusterError, WireError
+from splitexit.model.exits import EarlyExitNet
+from splitexit.runtime import wire_pb2, wire_pb2_grpc
+from splitexit.runtime.codec import parse_codec
+from splitexit.runtime.hop import Hop, RowError, RowResult, stamp
+from splitexit.runtime.link import EmulatedLink
+from splitexit.runtime.placement import Placement, default_placement
+from splitexit.runtime.remote import RemoteStage
+from splitexit.runtime.stage import StageExecutor
+from splitexit.runtime.wire import BatchAssembler, decode_batch, encode_tensors, grpc_options
+
+__all__ = ["Node", "serve_node"]
+
+logger = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT = 30.0
+
+
+class _Metrics:
+    """Prometheus metrics of one node, in a registry of its own (several nodes may share a process in tests)."""
+
+    def __init__(self, node: str):
+        self.registry = CollectorRegistry()
+        labels = {"node": node}
+        self.requests = Counter("splitexit_requests", "Rows received", ["node"],
+                                registry=self.registry).labels(**labels)
+        self.answered = Counter("splitexit_answered", "Rows answered by this node's exits", ["node"],
+                                registry=self.registry).labels(**labels)
+        self.rejected = Counter("splitexit_rejected", "Rows refused as malformed, by reason", ["node", "code"],
+                                registry=self.registry)
+        self.in_flight = Gauge("splitexit_in_flight", "Rows accepted and not yet answered", ["node"],
+                               registry=self.registry).labels(**labels)
+        self.node = node
+
+
+class Node:
+    """One worker of a cluster, serving the stage the placement gives it."""
+
+    def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, name: str, *, weights_sha256: str = "",
+                 placement: Placement | None = None):
+        self.name = name
+        self.cluster = cluster
+        self.spec = cluster.node(name)
+        if self.spec.role == "edge":
+            raise ClusterError(f"{name} is the edge; the edge runs inside `splitexit run`, not as a node")
+        self.placement = placement or default_placement(net, cluster, weights_sha256=weights_sha256)
+        me = self.placement.of(name)
+        self.stage = net.stage(me.start, me.end)
+        names = [n.name for n in cluster.nodes]
+        self.upstream_link = cluster.link(names[names.index(name) - 1], name)
+        after = self.placement.next_after(name)
+        self.next_node = cluster.node(after.node) if after else None
+        codec = parse_codec(cluster.link(name, after.node).codec) if after else None
+        executor = StageExecutor(self.stage, batching=cluster.batching, slowdown=self.spec.slowdown,
+                                 encode=(lambda ts: encode_tensors(ts, codec)) if codec else None, name=name)
+        self.remote = RemoteStage(sender=name, target=self.next_node, link=cluster.link(name, after.node),
+                                  plan_version=self.placement.version,
+                                  message_limit=cluster.message_limit) if after and self.next_node else None
+        self.hop = Hop(name, executor, self.remote)
+        self.metrics = _Metrics(name)
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"splitexit-{name}-decode")
+        self._server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._accepting = True
+
+    async def start(self, *, port: int | None = None) -> int:
+        """Listen (on the cluster file's port unless ``port`` is given; 0 picks a free one) and connect on."""
+        if self.remote is not None:
+            await self.remote.connect()
+        self._server = grpc.aio.server(options=grpc_options(self.cluster.message_limit))
+        wire_pb2_grpc.add_StageServiceServicer_to_server(_Servicer(self), self._server)
+        host, _, configured = (self.spec.address or "127.0.0.1:0").rpartition(":")
+        self.port = self._server.add_insecure_port(f"{host}:{configured if port is None else port}")
+        if self.port == 0:
+            raise ClusterError(f"node {self.name} cannot listen on {self.spec.address}: is the port in use?")
+        if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+            logger.warning("node %s listens on %s without TLS: use this only on a network you trust", self.name, host)
+        await self._server.start()
+        if self.spec.metrics_port is not None:
+            server, _ = start_http_server(self.spec.metrics_port, addr="127.0.0.1", registry=self.metrics.registry)
+            self.metrics_port = server.server_port
+        logger.info("node %s serving %s on port %d (plan %d)", self.name, self.placement.describe(), self.port,
+                    self.placement.version)
+        return self.port
+
+    async def stop(self, grace: float = DRAIN_TIMEOUT) -> None:
+        """Refuse new streams, let accepted requests finish (up to ``grace`` seconds), then shut down."""
+        self._accepting = False
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.hop.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        await self.hop.close()
+        self._decoder.shutdown(wait=False, cancel_futures=True)
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+class _Servicer(wire_pb2_grpc.StageServiceServicer):
+    def __init__(self, node: Node):
+        self.node = node
+
+    async def Health(self, request: wire_pb2.HealthRequest, context: grpc.aio.ServicerContext
+                     ) -> wire_pb2.HealthReply:
+        node = self.node
+        reply = wire_pb2.HealthReply(node=node.name, ready=node._accepting, plan_version=node.placement.version,
+                                     queued=node.hop.executor.queued, in_flight=node.hop.in_flight)
+        remote = node.remote
+        if remote is not None:
+            c = remote.counters
+            reply.links.append(wire_pb2.LinkBytes(source=node.name, target=remote.target.name, raw_bytes=c.raw_bytes,
+                                                  wire_bytes=c.wire_bytes, messages=c.messages, rows=c.rows))
+            try:
+                below = await wire_pb2_grpc.StageServiceStub(remote._channel).Health(wire_pb2.HealthRequest(),
+                                                                                     timeout=5)
+                reply.links.extend(below.links)
+            except grpc.aio.AioRpcError as exc:
+                logger.info("health of %s unavailable: %s", remote.target.name, exc.code().name)
+        return reply
+
+    async def Stream(self, requests, context: grpc.aio.ServicerContext):  # noqa: ANN001, ANN201 - grpc types
+        node = self.node
+        if not node._accepting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {node.name} is shutting down")
+        up: EmulatedLink[wire_pb2.Up] = EmulatedLink(node.upstream_link, seed=1)
+        reader = asyncio.get_running_loop().create_task(self._read(requests, up))
+        try:
+            async for message in up:
+                yield message
+        finally:
+            reader.cancel()
+
+    async def _read(self, requests, up: EmulatedLink) -> None:  # noqa: ANN001 - grpc request iterator
+        node = self.node
+        assembler = BatchAssembler(plan_version=node.placement.version, expected=node.stage.input_tensors or (),
+                                   max_bytes_per_row=sum(t.bytes_per_sample for t in node.stage.input_tensors or ()))
+        tasks: set[asyncio.Task] = set()
+        try:
+            async for down in requests:
+                if down.WhichOneof("body") == "hello":
+                    if down.hello.plan_version != node.placement.version:
+                        logger.warning("%s connected with plan %d; this node serves plan %d", down.hello.sender,
+                                       down.hello.plan_version, node.placement.version)
+                    continue
+                try:
+                    batch = assembler.add(down)
+                except WireError as exc:
+                    ids = list(down.batch.request_ids) if down.WhichOneof("body") == "batch" else []
+                    await self._reject(up, ids, exc)
+                    continue
+                if batch is not None:
+                    task = asyncio.get_running_loop().create_task(self._handle(batch, up))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await up.close()
+
+    async def _handle(self, batch: wire_pb2.Batch, up: EmulatedLink) -> None:
+        node = self.node
+        ids = list(batch.request_ids)
+        node.metrics.requests.inc(len(ids))
+        trace = [*((s.node, s.event, s.time) for s in batch.trace), stamp(node.name, "received")]
+        try:
+            tensors = await asyncio.get_running_loop().run_in_executor(
+                node._decoder, decode_batch, batch, node.stage.input_tensors or ())
+        except WireError as exc:
+            await self._reject(up, ids, exc)
+            return
+        trace.append(stamp(node.name, "decoded"))
+        node.metrics.in_flight.inc(len(ids))
+        futures = await node.hop.send(ids, tensors, trace)
+        for future in asyncio.as_completed(futures):
+            outcome = await future
+            node.metrics.in_flight.dec()
+            await up.put(*_up_message(outcome, node))
+
+    async def _reject(self, up: EmulatedLink, ids: list[int], error: WireError) -> None:
+        node = self.node
+        node.metrics.rejected.labels(node=node.name, code=error.code).inc(max(len(ids), 1))
+        logger.warning("node %s refused %d requests: %s", node.name, len(ids), error)
+        message = wire_pb2.Up(errors=[wire_pb2.RequestError(request_ids=ids, code=error.code, message=str(error),
+                                                            node=node.name)])
+        await up.put(message, message.ByteSize())
+
+
+def _up_message(outcome: RowResult | RowError, node: Node) -> tuple[wire_pb2.Up, int]:
+    if isinstance(outcome, RowResult):
+        if outcome.node == node.name:
+            node.metrics.answered.inc()
+        message = wire_pb2.Up(results=[wire_pb2.Result(
+            request_id=outcome.request_id, exit=outcome.exit, prediction=outcome.prediction,
+            confidence=outcome.confidence, logits=outcome.logits, node=outcome.node,
+            trace=[wire_pb2.Stamp(node=n, event=e, time=t) for n, e, t in outcome.trace])])
+    else:
+        message = wire_pb2.Up(errors=[wire_pb2.RequestError(request_ids=[outcome.request_id], code=outcome.code,
+                                                            message=outcome.message, node=outcome.node)])
+    return message, message.ByteSize()
+
+
+async def serve_node(node: Node, *, port: int | None = None, ready: asyncio.Event | None = None) -> None:
+    """Run ``node`` until SIGTERM or SIGINT, then drain and stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await node.start(port=port)
+    print(f"ready {node.name} {node.port}", flush=True)  # the line `splitexit up` waits for
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    logger.info("node %s draining %d in-flight requests", node.name, node.hop.in_flight)
+    await node.stop()

@@ -1,0 +1,177 @@
+"""The upstream end of a gRPC stream to the next node: a :class:`~splitexit.runtime.hop.Downstream`.
+
+One channel and one bidirectional stream per neighbour, opened by the upstream side (so the edge opens
+every connection and works behind NAT). Batches go down through an emulated link; results and
+per-request errors come back up the same stream and resolve the futures ``send`` handed out. Tensors
+larger than the message limit travel as a header batch followed by chunks.
+
+gRPC errors stop here: a broken stream resolves every pending request with a ``node_unavailable``
+:class:`~splitexit.runtime.hop.RowError`; connecting to a dead node raises
+:class:`~splitexit.errors.NodeUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import grpc
+
+from splitexit.config import LinkSpec, NodeSpec
+from splitexit.errors import NodeUnavailableError
+from splitexit.runtime import wire_pb2, wire_pb2_grpc
+from splitexit.runtime.hop import RowError, RowResult, Stamp, stamp
+from splitexit.runtime.link import EmulatedLink
+from splitexit.runtime.wire import grpc_options, raw_size
+
+__all__ = ["LinkCounters", "RemoteStage"]
+
+logger = logging.getLogger(__name__)
+
+#: Room left in a message for everything but tensor data.
+HEADER_ROOM = 64 * 1024
+CONNECT_TIMEOUT = 15.0
+
+
+@dataclass
+class LinkCounters:
+    """Bytes that crossed one hop downward: before encoding (raw) and on the wire (encoded, compressed)."""
+
+    raw_bytes: int = 0
+    wire_bytes: int = 0
+    messages: int = 0
+    rows: int = 0
+
+
+class RemoteStage:
+    """Sends batches to ``target`` and resolves each row's future from what comes back up."""
+
+    def __init__(self, *, sender: str, target: NodeSpec, link: LinkSpec, plan_version: int, message_limit: int,
+                 seed: int = 0):
+        self.sender, self.target, self.plan_version = sender, target, plan_version
+        self.message_limit = message_limit
+        self.link_spec = link
+        self.counters = LinkCounters()
+        self._pending: dict[int, asyncio.Future] = {}
+        self._link: EmulatedLink[wire_pb2.Down] = EmulatedLink(link, seed=seed)
+        self._channel: grpc.aio.Channel | None = None
+        self._call = None
+        self._tasks: list[asyncio.Task] = []
+        self._broken: str | None = None
+
+    async def connect(self, timeout: float = CONNECT_TIMEOUT) -> None:
+        address = self.target.address or ""
+        self._channel = grpc.aio.insecure_channel(address, options=grpc_options(self.message_limit))
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except asyncio.TimeoutError as exc:
+            await self._channel.close()
+            raise NodeUnavailableError(f"node {self.target.name} at {address} did not answer within {timeout:.0f} s; "
+                                       f"start it with `splitexit node --cluster ... --name {self.target.name}` "
+                                       "or `splitexit up --cluster ...`") from exc
+        self._call = wire_pb2_grpc.StageServiceStub(self._channel).Stream()
+        await self._call.write(wire_pb2.Down(hello=wire_pb2.Hello(sender=self.sender, plan_version=self.plan_version)))
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._write_forever(), name=f"to-{self.target.name}"),
+                       loop.create_task(self._read_forever(), name=f"from-{self.target.name}")]
+
+    async def send(self, ids: Sequence[int], tensors: list[wire_pb2.Tensor], trace: list[Stamp]
+                   ) -> list[asyncio.Future]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in ids]
+        if self._broken is not None:
+            for request_id, future in zip(ids, futures):
+                future.set_result(self._unavailable(request_id))
+            return futures
+        for request_id, future in zip(ids, futures):
+            self._pending[request_id] = future
+        trace = [*trace, stamp(self.sender, "sent")]
+        for message in self._messages(ids, tensors, trace):
+            size = message.ByteSize()
+            self.counters.wire_bytes += size
+            self.counters.messages += 1
+            await self._link.put(message, size)
+        self.counters.rows += len(ids)
+        self.counters.raw_bytes += sum(raw_size(t) for t in tensors)
+        return futures
+
+    def _messages(self, ids: Sequence[int], tensors: list[wire_pb2.Tensor], trace: list[Stamp]
+                  ) -> list[wire_pb2.Down]:
+        """One batch message, or a header batch plus chunks when the tensors exceed the message limit."""
+        batch = wire_pb2.Batch(plan_version=self.plan_version, request_ids=list(ids), tensors=tensors,
+                               trace=[wire_pb2.Stamp(node=n, event=e, time=t) for n, e, t in trace])
+        if batch.ByteSize() <= self.message_limit - HEADER_ROOM:
+            return [wire_pb2.Down(batch=batch)]
+        chunk_size = self.message_limit - HEADER_ROOM
+        chunks: list[wire_pb2.Down] = []
+        for index, tensor in enumerate(batch.tensors):
+            data = tensor.data
+            pieces = [data[i:i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
+            tensor.data = b""
+            tensor.chunks = len(pieces)
+            chunks += [wire_pb2.Down(chunk=wire_pb2.Chunk(batch_key=ids[0], tensor_index=index, index=i,
+                                                          count=len(pieces), data=piece))
+                       for i, piece in enumerate(pieces)]
+        return [wire_pb2.Down(batch=batch), *chunks]
+
+    async def _write_forever(self) -> None:
+        try:
+            async for message in self._link:
+                await self._call.write(message)  # type: ignore[union-attr]
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            self._fail_all(f"writing to {self.target.name} failed: {_describe(exc)}")
+
+    async def _read_forever(self) -> None:
+        try:
+            async for up in self._call:  # type: ignore[union-attr]
+                for result in up.results:
+                    self._resolve(result.request_id, RowResult(
+                        result.request_id, result.exit, result.prediction, result.confidence, list(result.logits),
+                        result.node, [*((s.node, s.event, s.time) for s in result.trace),
+                                      stamp(self.sender, "received")]))
+                for error in up.errors:
+                    for request_id in error.request_ids:
+                        self._resolve(request_id, RowError(request_id, error.code, error.message, error.node))
+            self._fail_all(f"{self.target.name} closed the stream")
+        except grpc.aio.AioRpcError as exc:
+            self._fail_all(f"the stream to {self.target.name} broke: {_describe(exc)}")
+
+    def _resolve(self, request_id: int, outcome: RowResult | RowError) -> None:
+        future = self._pending.pop(request_id, None)
+        if future is None:
+            logger.warning("dropping a duplicate or unknown result for request %d from %s", request_id,
+                           self.target.name)
+        elif not future.done():
+            future.set_result(outcome)
+
+    def _unavailable(self, request_id: int) -> RowError:
+        return RowError(request_id, "node_unavailable", self._broken or "", self.target.name)
+
+    def _fail_all(self, reason: str) -> None:
+        if self._broken is None:
+            self._broken = reason
+            if self._pending:
+                logger.warning("%s; %d requests lose their answer", reason, len(self._pending))
+        pending, self._pending = self._pending, {}
+        for request_id, future in pending.items():
+            if not future.done():
+                future.set_result(self._unavailable(request_id))
+
+    async def close(self) -> None:
+        await self._link.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._call is not None:
+            self._call.cancel()
+        if self._channel is not None:
+            await self._channel.close()
+        self._fail_all(f"the connection to {self.target.name} was closed")
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return f"{type(error).__name__}: {error}"

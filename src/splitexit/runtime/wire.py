@@ -1,0 +1,143 @@
+"""Messages on the wire: gRPC options, size accounting, and validating and assembling incoming batches.
+
+Nothing from the network is used before it is checked here: the plan version, the row count, the number
+of tensors, chunk order and counts, and (through the codec) each tensor's dtype, shape and size against
+what this stage expects. Failures are :class:`~splitexit.errors.WireError` with a code the peer gets back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from splitexit.errors import WireError
+from splitexit.model.graph import TensorInfo
+from splitexit.runtime import wire_pb2
+from splitexit.runtime.codec import CodecSpec, decode, encode
+
+__all__ = ["BatchAssembler", "MAX_ROWS", "decode_batch", "encode_tensors", "grpc_options", "raw_size"]
+
+#: Most rows one batch message may carry.
+MAX_ROWS = 4096
+#: Most chunks one tensor may be split into.
+MAX_CHUNKS = 4096
+
+_ELEMENT = {wire_pb2.DTYPE_FLOAT32: 4, wire_pb2.DTYPE_FLOAT16: 2, wire_pb2.DTYPE_BFLOAT16: 2,
+            wire_pb2.DTYPE_FLOAT64: 8, wire_pb2.DTYPE_INT64: 8, wire_pb2.DTYPE_INT32: 4, wire_pb2.DTYPE_INT8: 1,
+            wire_pb2.DTYPE_UINT8: 1, wire_pb2.DTYPE_BOOL: 1}
+
+
+def grpc_options(message_limit: int) -> list[tuple[str, int]]:
+    """Explicit message limits (gRPC's 4 MiB default would refuse large activations silently)."""
+    return [("grpc.max_send_message_length", message_limit), ("grpc.max_receive_message_length", message_limit)]
+
+
+def raw_size(tensor: wire_pb2.Tensor) -> int:
+    """Bytes the tensor had before encoding (its dtype's size times its element count)."""
+    count = 1
+    for size in tensor.shape:
+        count *= max(int(size), 0)
+    return count * _ELEMENT.get(tensor.dtype, 0)
+
+
+def encode_tensors(tensors: tuple[torch.Tensor, ...], codec: CodecSpec) -> list[wire_pb2.Tensor]:
+    return [encode(t.contiguous(), codec) for t in tensors]
+
+
+def decode_batch(batch: wire_pb2.Batch, expected: tuple[TensorInfo, ...]) -> tuple[torch.Tensor, ...]:
+    """Decode every tensor of a validated batch, checking dtype and per-sample shape against the stage."""
+    rows = len(batch.request_ids)
+    tensors = []
+    for message, info in zip(batch.tensors, expected):
+        if len(message.shape) == 0 or message.shape[0] != rows:
+            raise WireError(f"tensor {info.name} has {message.shape[0] if message.shape else 'no'} rows for "
+                            f"{rows} request ids", code="invalid_tensor")
+        tensors.append(decode(message, max_bytes=rows * info.bytes_per_sample,
+                              expected=(info.dtype, tuple(info.shape))))
+    return tuple(tensors)
+
+
+@dataclass
+class _Open:
+    batch: wire_pb2.Batch
+    parts: list[list[bytes]]
+    received: int = 0
+    size: int = 0
+
+
+class BatchAssembler:
+    """Checks each incoming batch's envelope and glues chunked tensors back together, one stream at a time.
+
+    ``add(down)`` returns a complete batch, ``None`` while chunks are still due, or raises WireError (the
+    batch it concerns is then dropped; the stream stays usable).
+    """
+
+    def __init__(self, *, plan_version: int, expected: tuple[TensorInfo, ...], max_bytes_per_row: int):
+        self.plan_version = plan_version
+        self.expected = expected
+        self.max_bytes_per_row = max_bytes_per_row
+        self._open: _Open | None = None
+
+    @property
+    def waiting_ids(self) -> list[int]:
+        return list(self._open.batch.request_ids) if self._open else []
+
+    def add(self, down: wire_pb2.Down) -> wire_pb2.Batch | None:
+        kind = down.WhichOneof("body")
+        if kind == "batch":
+            if self._open is not None:
+                dropped, self._open = self._open, None
+                raise WireError(f"a new batch arrived before the chunks of batch {dropped.batch.request_ids[0]} "
+                                "were complete", code="bad_message")
+            return self._start(down.batch)
+        if kind == "chunk":
+            return self._chunk(down.chunk)
+        raise WireError(f"unexpected message {kind!r} in the middle of a stream", code="bad_message")
+
+    def _start(self, batch: wire_pb2.Batch) -> wire_pb2.Batch | None:
+        rows = len(batch.request_ids)
+        if batch.plan_version != self.plan_version:
+            raise WireError(f"batch planned for version {batch.plan_version}, this node serves plan "
+                            f"{self.plan_version}: entry and node disagree on the package or cluster file",
+                            code="unknown_plan")
+        if not 0 < rows <= MAX_ROWS:
+            raise WireError(f"a batch must carry 1 to {MAX_ROWS} request ids, got {rows}", code="bad_message")
+        if len(set(batch.request_ids)) != rows:
+            raise WireError("request ids within a batch must be distinct", code="bad_message")
+        if len(batch.tensors) != len(self.expected):
+            raise WireError(f"this stage takes {len(self.expected)} tensors, the batch has {len(batch.tensors)}",
+                            code="invalid_tensor")
+        chunked = [t.chunks for t in batch.tensors]
+        if not any(chunked):
+            return batch
+        if any(c > MAX_CHUNKS for c in chunked) or any(c and t.data for c, t in zip(chunked, batch.tensors)):
+            raise WireError(f"chunked tensors need 1 to {MAX_CHUNKS} chunks and no inline data", code="bad_message")
+        self._open = _Open(batch, [[] for _ in batch.tensors])
+        return None
+
+    def _chunk(self, chunk: wire_pb2.Chunk) -> wire_pb2.Batch | None:
+        current = self._open
+        if current is None:
+            raise WireError("a chunk arrived without its batch", code="bad_message")
+        key = current.batch.request_ids[0]
+        tensors = current.batch.tensors
+        index = chunk.tensor_index
+        if chunk.batch_key != key or index >= len(tensors) or chunk.count != tensors[index].chunks \
+                or chunk.index != len(current.parts[index]):
+            self._open = None
+            raise WireError(f"chunk {chunk.index}/{chunk.count} of tensor {index} does not follow batch {key} in "
+                            "order", code="bad_message")
+        current.size += len(chunk.data)
+        if current.size > len(current.batch.request_ids) * self.max_bytes_per_row:
+            self._open = None
+            raise WireError(f"chunked batch {key} exceeds its size limit", code="too_large")
+        current.parts[index].append(chunk.data)
+        if any(len(parts) < tensor.chunks for parts, tensor in zip(current.parts, tensors) if tensor.chunks):
+            return None
+        for parts, tensor in zip(current.parts, tensors):
+            if tensor.chunks:
+                tensor.data = b"".join(parts)
+                tensor.chunks = 0
+        self._open = None
+        return current.batch

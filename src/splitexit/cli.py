@@ -184,13 +184,14 @@ def models() -> None:
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(DEMO_DIR, help="Where the demo keeps its package between runs"),
+    workdir: Path = typer.Option(DEMO_DIR, help="Where the demo keeps its package and cluster file between runs"),
     fresh: bool = typer.Option(False, help="Retrain even if a package from an earlier run exists"),
 ) -> None:
-    """Train (or reuse), calibrate and evaluate an early-exit digits model on this machine."""
+    """The whole story on one machine: train (or reuse), calibrate, evaluate, then serve edge → cloud1 → cloud2."""
     from splitexit.model.package import read_spec
     from splitexit.model.workflow import calibrate_package, evaluate_package, train_package
     from splitexit.report.console import calibration_table, eval_table
+    from splitexit.runtime.workflow import run_cluster, start_cluster, write_demo_cluster
 
     package = workdir / "digits_cnn"
     with _user_errors():
@@ -203,10 +204,98 @@ def demo(
         else:
             out.rule(f"1. reuse the trained package in {package} (--fresh retrains)")
         out.rule("2. calibrate: keep accuracy within 1 point of the final exit")
-        report = calibrate_package(package, max_drop=0.01)
-        out.print(calibration_table(report))
-        out.rule("3. evaluate on the held-out test split")
+        out.print(calibration_table(calibrate_package(package, max_drop=0.01)))
+        out.rule("3. evaluate in one process on the held-out test split")
         out.print(eval_table(evaluate_package(package), title="digits_cnn with early exits"))
+        cluster_file = write_demo_cluster(workdir / "cluster.yaml", package)
+        out.rule(f"4. serve it: edge (8x slower) → cloud1 → cloud2, emulated links ({cluster_file})")
+        local = start_cluster(cluster_file, log_dir=workdir)
+        try:
+            result = run_cluster(package, cluster_file)
+        finally:
+            local.stop()
+    _show_run(result, results=workdir / "results.jsonl", report_dir=workdir / "report", as_json=False)
+
+
+@app.command()
+def node(
+    cluster: Path = typer.Option(..., "--cluster", "-c", help="Cluster file (YAML)"),
+    name: str = typer.Option(..., "--name", "-n", help="Which node of the file this process is"),
+    package: Optional[Path] = typer.Option(None, help="Model package (default: the cluster file's `package:`)"),
+    port: Optional[int] = typer.Option(None, help="Listen here instead of the port in the file (0: any free)"),
+) -> None:
+    """Serve one node's stage until SIGTERM/Ctrl-C (then drain in-flight requests)."""
+    from splitexit.runtime.workflow import serve
+
+    with _user_errors():
+        serve(cluster, name, package=package, port=port)
+
+
+@app.command()
+def up(
+    cluster: Path = typer.Option(..., "--cluster", "-c", help="Cluster file (YAML)"),
+    package: Optional[Path] = typer.Option(None, help="Model package (default: the cluster file's `package:`)"),
+    log_dir: Optional[Path] = typer.Option(None, help="Write each node's log here"),
+) -> None:
+    """Start every worker of a cluster file on this machine; Ctrl-C stops them all."""
+    import signal
+    import threading
+
+    from splitexit.runtime.workflow import start_cluster
+
+    with _user_errors():
+        local = start_cluster(cluster, package=package, log_dir=log_dir)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    out.print(f"cluster up: {', '.join(local.processes)}; Ctrl-C to stop")
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        local.stop()
+        out.print("cluster stopped")
+
+
+@app.command()
+def run(
+    package: Path = typer.Argument(..., help="Package directory"),
+    cluster: Path = typer.Option(..., "--cluster", "-c", help="Cluster file; its workers must be running"),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset (default: the one used for training)"),
+    split: str = typer.Option("test", help="test, calib, train or all"),
+    window: Optional[int] = typer.Option(None, help="Requests in flight (default: the cluster file's window)"),
+    limit: Optional[int] = typer.Option(None, help="Only the first N inputs"),
+    results: Optional[Path] = typer.Option(None, "--out", help="Write one JSON line per input here"),
+    report_dir: Optional[Path] = typer.Option(None, "--report", help="Write report.json, report.html and plots here"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object"),
+) -> None:
+    """Be the edge: stream a dataset through the cluster and report accuracy, exits, latency and bytes."""
+    from splitexit.runtime.workflow import run_cluster
+
+    with _user_errors():
+        result = run_cluster(package, cluster, data=data, split=split, window=window, limit=limit)
+    _show_run(result, results=results, report_dir=report_dir, as_json=as_json)
+
+
+def _show_run(result, *, results: Optional[Path], report_dir: Optional[Path], as_json: bool) -> None:  # noqa: ANN001
+    from splitexit.report.console import run_table
+    from splitexit.report.run_report import summarize, write_report
+    from splitexit.runtime.workflow import write_records
+
+    report = summarize(result)
+    if results is not None:
+        write_records(result.records, results)
+    if report_dir is not None:
+        write_report(report, result.records, report_dir)
+    if as_json:
+        _json(report.to_dict())
+        return
+    out.print(run_table(report))
+    failed = [r for r in result.records if r.error]
+    for record in failed[:5]:
+        err.print(f"input {record.index}: {record.error}", highlight=False)
+    if report_dir is not None:
+        out.print(f"report: {report_dir / 'report.html'}")
 
 
 def _usable(package: Path, read_spec) -> bool:  # noqa: ANN001 - avoids importing torch at CLI import

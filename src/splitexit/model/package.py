@@ -150,8 +150,10 @@ def _load_weights(net: EarlyExitNet, weights: Path) -> None:
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise PackageError(f"{weights}: the {part} weights do not fit the model: {str(exc).splitlines()[0]}. "
-                               "Was the package written for another model or number of classes?") from exc
+            detail = " ".join(line.strip() for line in str(exc).splitlines()[1:])[:400]
+            raise PackageError(f"{weights}: the {part} weights do not fit the model ({detail}). Was the package "
+                               "written by another splitexit version, or for another model or number of "
+                               "classes? Retrain it.") from exc
 
 
 def _num_classes(graph, example: torch.Tensor) -> int:  # noqa: ANN001 - ModelGraph

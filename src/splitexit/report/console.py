@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from splitexit.model.calibrate import CalibrationReport
 from splitexit.model.evaluate import EvalReport
 from splitexit.model.graph import CutPoint
+from splitexit.report.run_report import RunReport
 
-__all__ = ["calibration_table", "cuts_table", "eval_table"]
+__all__ = ["calibration_table", "cuts_table", "eval_table", "run_table"]
 
 
 def _flops(value: float) -> str:
@@ -63,3 +66,50 @@ def cuts_table(cuts: list[CutPoint], total_flops: int, *, exits_only: bool) -> T
         table.add_row(str(cut.id), cut.after, cut.ends_modules[0] if cut.ends_modules else "", shapes,
                       _bytes(cut.bytes_per_sample), f"{_flops(cut.flops_before)} ({share:.0%})")
     return table
+
+
+def _maybe(value: float | None, spec: str, none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def run_table(report: RunReport) -> Group:
+    """A run as four tables: summary (with latency percentiles), exits, latency breakdown, links.
+
+    The summary is a table of its own rather than a title, because rich wraps titles to the table's width.
+    Node and link names go in as :class:`~rich.text.Text`, so a name with brackets is not read as markup.
+    """
+    lat = report.latency_ms
+    summary = Table(title=f"Run: {report.samples} samples", title_justify="left", show_header=False)
+    summary.add_column("", justify="left")
+    summary.add_column("", justify="left")
+    summary.add_row("accuracy", _maybe(report.accuracy, ".2%", "n/a (no labels)"))
+    summary.add_row("errors", str(report.errors))
+    summary.add_row("throughput", f"{_maybe(report.throughput, '.1f')} samples/s over {report.wall_s:.2f} s")
+    summary.add_row("latency (ms)", " · ".join(f"{k} {_maybe(lat.get(k), '.2f')}"
+                                               for k in ("p50", "p95", "p99", "mean", "max")))
+    summary.add_row("placement", Text(report.placement))
+
+    exits = Table(title="Exits", title_justify="left")
+    for column in ("exit", "node", "requests", "rate", "accuracy"):
+        exits.add_column(column, justify="left" if column == "node" else "right")
+    for e in report.exits:
+        exits.add_row(_maybe(e["exit"], "d"), Text(e["node"]), str(e["count"]), f"{e['rate']:.1%}",
+                      _maybe(e["accuracy"], ".2%"))
+
+    breakdown = Table(title="Mean latency breakdown", title_justify="left")
+    for column in ("part", "ms", "share"):
+        breakdown.add_column(column, justify="left" if column == "part" else "right")
+    total = sum(v for v in report.breakdown_ms.values() if v is not None)
+    for part, value in report.breakdown_ms.items():
+        share = value / total if value is not None and total > 0 else None
+        breakdown.add_row(part, _maybe(value, ".3f"), _maybe(share, ".1%"))
+
+    links = Table(title="Links", title_justify="left")
+    for column in ("link", "raw", "wire", "raw/wire", "messages", "rows"):
+        links.add_column(column, justify="left" if column == "link" else "right")
+    for name, v in report.links.items():
+        links.add_row(Text(name), _bytes(v["raw_bytes"]), _bytes(v["wire_bytes"]), _maybe(v["ratio"], ".2f"),
+                      str(v["messages"]), str(v["rows"]))
+    if not report.links:
+        links.add_row(Text("none: one node ran the whole model"), "", "", "", "", "")
+    return Group(summary, exits, breakdown, links)

@@ -1,0 +1,133 @@
+"""Start every worker of a cluster file as a local process, wait until all are ready, stop them all.
+
+Workers start from the end of the chain backwards, because each connects to its next node when it
+starts. Each child gets ``PR_SET_PDEATHSIG`` (Linux): if this process dies, even by SIGKILL, the kernel
+sends the children SIGTERM, so no node is left orphaned. ``stop()`` sends SIGTERM (the nodes drain
+in-flight work) and kills whatever has not exited after a grace period.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from splitexit.config import ClusterSpec
+from splitexit.errors import ClusterError
+
+__all__ = ["LocalCluster", "load_cluster", "resolve_package"]
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT = 120.0
+STOP_GRACE = 10.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: `stop()` still cleans up on a normal exit
+
+
+class LocalCluster:
+    """The worker processes of ``cluster`` on this machine (the edge is the caller's own process)."""
+
+    def __init__(self, cluster_file: Path, cluster: ClusterSpec, package: Path, *, log_dir: Path | None = None,
+                 verbose: bool = False):
+        self.cluster_file, self.cluster, self.package = cluster_file, cluster, package
+        self.log_dir = log_dir
+        self.verbose = verbose
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, timeout: float = READY_TIMEOUT) -> None:
+        """Start the workers last-first; return when each has printed its ready line."""
+        try:
+            for node in reversed(self.cluster.nodes[1:]):
+                self._start_one(node.name, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_one(self, name: str, timeout: float) -> None:
+        command = [sys.executable, "-m", "splitexit", *(["--verbose"] if self.verbose else []), "node",
+                   "--cluster", str(self.cluster_file), "--name", name, "--package", str(self.package)]
+        stderr = open(self.log_dir / f"{name}.log", "wb") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
+                                   text=True, preexec_fn=_die_with_parent)  # noqa: PLW1509 - only prctl
+        self.processes[name] = process
+        line = _read_line(process, timeout)
+        if not line.startswith(f"ready {name}"):
+            code = process.poll()
+            where = f" (log: {self.log_dir / f'{name}.log'})" if self.log_dir else ""
+            what = f"exited with code {code} before it was ready" if code is not None \
+                else f"did not become ready within {timeout:.0f} s"
+            raise ClusterError(f"node {name} {what}{where}. Run `splitexit node --cluster {self.cluster_file} "
+                               f"--name {name}` to see why.")
+        logger.info("node %s ready (pid %d)", name, process.pid)
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """SIGTERM every worker (they drain), then SIGKILL any still running after ``grace`` seconds."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for name, process in self.processes.items():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("node %s did not stop within %.0f s; killing it", name, grace)
+                process.kill()
+                process.wait()
+        self.processes.clear()
+
+    def __enter__(self) -> "LocalCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _read_line(process: subprocess.Popen, timeout: float) -> str:
+    """The child's first stdout line, or '' after ``timeout`` seconds or if it exits first."""
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(process.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    reader.join(timeout)
+    return result[0].strip() if result else ""
+
+
+def load_cluster(path: Path) -> ClusterSpec:
+    """Read and validate a cluster file; every problem is reported with the file's name."""
+    if not path.is_file():
+        raise ClusterError(f"cluster file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return ClusterSpec.model_validate(raw)
+    except yaml.YAMLError as exc:
+        raise ClusterError(f"{path} is not valid YAML: {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise ClusterError(f"{path}: {problems}") from exc
+
+
+def resolve_package(cluster_file: Path, cluster: ClusterSpec, package: Path | None) -> Path:
+    """The package a cluster serves: the flag wins, else the file's `package:` (relative to the file)."""
+    if package is not None:
+        return package
+    if cluster.package is None:
+        raise ClusterError(f"{cluster_file} names no package; add `package: path/to/pkg` or pass --package")
+    path = Path(cluster.package)
+    return path if path.is_absolute() else (cluster_file.parent / path)
+

@@ -317,6 +317,9 @@ def _validate(message: wire_pb2.Tensor, *, max_bytes: int,
     """Every check that needs no allocation sized by the peer, cheapest first."""
     if not isinstance(message, wire_pb2.Tensor):
         raise WireError(f"expected a wire Tensor message, got {type(message).__name__}", code="bad_message")
+    if message.chunks:
+        raise WireError(f"tensor still announces {message.chunks} chunks: assemble them before decoding",
+                        code="bad_message")
     dtype = _DTYPES.get(message.dtype)
     if dtype is None:
         raise _invalid(f"unknown or unspecified dtype {message.dtype}")

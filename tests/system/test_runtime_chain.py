@@ -1,0 +1,192 @@
+"""Real gRPC chains on loopback: answers equal net.infer, exactly one outcome per input, bad input is contained."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+import torch
+import yaml
+from torch.utils.data import TensorDataset
+
+from splitexit import EarlyExitNet, ExitPolicy, build_model
+from splitexit.config import ClusterSpec
+from splitexit.runtime import wire_pb2, wire_pb2_grpc
+from splitexit.runtime.codec import parse_codec
+from splitexit.runtime.entry import Entry
+from splitexit.runtime.node import Node
+from splitexit.runtime.wire import encode_tensors, grpc_options
+
+import grpc
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def make_cluster(workers: int, *, codec: str = "raw", max_batch: int = 8, window: int = 16,
+                 message_limit: str = "64MiB") -> ClusterSpec:
+    nodes = [{"name": "edge", "role": "edge"}] + [
+        {"name": f"cloud{i}", "address": f"127.0.0.1:{free_port()}"} for i in range(1, workers + 1)]
+    names = [n["name"] for n in nodes]
+    links = [{"from": a, "to": b, "codec": codec} for a, b in zip(names, names[1:])]
+    return ClusterSpec.model_validate(yaml.safe_load(yaml.safe_dump({
+        "nodes": nodes, "links": links, "batching": {"max_batch": max_batch, "max_wait": "1ms"},
+        "window": window, "message_limit": message_limit})))
+
+
+def digits_net() -> EarlyExitNet:
+    """Random-weight digits net whose thresholds make rows leave at every exit."""
+    torch.manual_seed(0)
+    net = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8)).eval()
+    x = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        scores = [torch.softmax(o / 0.2, 1).amax(1) for o in net(x)[:-1]]
+    net.set_policy(ExitPolicy(temperatures=(0.2,) * net.num_exits,
+                              thresholds=tuple(float(s.quantile(0.6)) for s in scores)))
+    return net
+
+
+@pytest.fixture(scope="module")
+def net() -> EarlyExitNet:
+    return digits_net()
+
+
+@pytest.fixture(scope="module")
+def inputs() -> TensorDataset:
+    generator = torch.Generator().manual_seed(2)
+    return TensorDataset(torch.randn(120, 1, 8, 8, generator=generator), torch.randint(0, 10, (120,), generator=generator))
+
+
+async def run_chain(net: EarlyExitNet, cluster: ClusterSpec, dataset: TensorDataset, window: int | None = None):
+    nodes = [Node(net, cluster, n.name) for n in reversed(cluster.nodes[1:])]
+    for node in nodes:  # last first: each connects to its next node
+        await node.start()
+    entry = Entry(net, cluster, window=window)
+    try:
+        await entry.start()
+        return await entry.run(dataset)
+    finally:
+        await entry.close()
+        for node in reversed(nodes):
+            await node.stop(grace=2)
+
+
+def test_raw_chain_gives_net_infer_answers_for_every_input(net: EarlyExitNet, inputs: TensorDataset) -> None:
+    result = asyncio.run(run_chain(net, make_cluster(2), inputs))
+    expected = net.infer(inputs.tensors[0])
+    records = sorted(result.records, key=lambda r: r.index)
+    assert [r.error for r in records if r.error] == []
+    assert [r.prediction for r in records] == expected.prediction.tolist()
+    assert [r.exit for r in records] == expected.exit.tolist()
+    assert {r.node for r in records} == {"edge", "cloud1", "cloud2"}
+    assert result.links["edge->cloud1"].rows > 0 and result.links["cloud1->cloud2"].rows > 0
+
+
+def test_int8_chain_stays_close_in_accuracy(net: EarlyExitNet, inputs: TensorDataset) -> None:
+    expected = net.infer(inputs.tensors[0]).prediction
+    labels = expected  # agreement with the uncompressed answers is the accuracy that codecs can lose
+    result = asyncio.run(run_chain(net, make_cluster(2, codec="int8+zstd"), inputs))
+    got = torch.tensor([r.prediction for r in sorted(result.records, key=lambda r: r.index)])
+    agreement = float((got == labels).float().mean())
+    assert agreement >= 0.95, agreement
+    link = result.links["edge->cloud1"]
+    assert link.wire_bytes < link.raw_bytes / 2
+
+
+@pytest.mark.parametrize("window, max_batch", [(1, 1), (4, 1), (16, 1), (1, 8), (4, 8), (16, 8)])
+def test_exactly_one_outcome_per_input(net: EarlyExitNet, inputs: TensorDataset, window: int, max_batch: int) -> None:
+    subset = TensorDataset(*(t[:48] for t in inputs.tensors))
+    result = asyncio.run(run_chain(net, make_cluster(2, max_batch=max_batch), subset, window=window))
+    assert sorted(r.index for r in result.records) == list(range(48))
+    assert len({r.request_id for r in result.records}) == 48
+    assert all(r.error is None for r in result.records)
+
+
+def test_four_node_chain(net: EarlyExitNet, inputs: TensorDataset) -> None:
+    result = asyncio.run(run_chain(net, make_cluster(3), inputs))
+    expected = net.infer(inputs.tensors[0])
+    records = sorted(result.records, key=lambda r: r.index)
+    assert [r.prediction for r in records] == expected.prediction.tolist()
+    assert len(result.placement.stages) == 4
+
+
+@pytest.mark.slow
+def test_resnet18_over_three_nodes_equals_the_model() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10).eval()
+    x = torch.randn(6, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    net = EarlyExitNet.from_model(model, x[:1]).eval()  # uncalibrated: every input runs to the last node
+    result = asyncio.run(run_chain(net, make_cluster(2, message_limit="256KiB"), TensorDataset(x, torch.zeros(6))))
+    with torch.no_grad():
+        expected = model(x)
+    records = sorted(result.records, key=lambda r: r.index)
+    assert all(r.node == "cloud2" for r in records)
+    assert [r.prediction for r in records] == expected.argmax(1).tolist()
+    assert result.links["edge->cloud1"].messages > 6, "activations above the 256 KiB limit must travel in chunks"
+
+
+# --------------------------------------------------------------------------- malformed input
+def _bad_batches(net: EarlyExitNet, plan: int) -> dict[str, wire_pb2.Down]:
+    info = net.stage(net.exit_cuts[0].id, net.exit_cuts[1].id).input_tensors[0]
+    good = torch.randn(2, *info.shape)
+    raw = parse_codec("raw")
+
+    def batch(ids, tensors, version=plan):
+        return wire_pb2.Down(batch=wire_pb2.Batch(plan_version=version, request_ids=ids, tensors=tensors))
+
+    huge = encode_tensors((good,), raw)[0]
+    del huge.shape[:]
+    huge.shape.extend([2, 1 << 20, 1 << 20])
+    truncated = encode_tensors((good,), raw)[0]
+    truncated.data = truncated.data[:-7]
+    return {
+        "wrong_dtype": batch([101, 102], encode_tensors((good.double(),), raw)),
+        "wrong_shape": batch([103, 104], encode_tensors((torch.randn(2, 3, 3, 3),), raw)),
+        "too_large": batch([105, 106], [huge]),
+        "bad_bytes": batch([107, 108], [truncated]),
+        "unknown_plan": batch([109, 110], encode_tensors((good,), raw), version=plan + 1),
+        "good": batch([111, 112], encode_tensors((good,), raw)),
+    }
+
+
+async def _send_raw(net: EarlyExitNet, cluster: ClusterSpec) -> dict[int, str]:
+    nodes = [Node(net, cluster, n.name) for n in reversed(cluster.nodes[1:])]
+    for node in nodes:
+        await node.start()
+    target = nodes[-1]  # cloud1, the first worker
+    outcomes: dict[int, str] = {}
+    try:
+        async with grpc.aio.insecure_channel(cluster.node("cloud1").address, options=grpc_options(1 << 26)) as channel:
+            call = wire_pb2_grpc.StageServiceStub(channel).Stream()
+            messages = _bad_batches(net, target.placement.version)
+            for down in messages.values():
+                await call.write(down)
+            await call.write(wire_pb2.Down(chunk=wire_pb2.Chunk(batch_key=1, count=1)))  # a chunk with no batch
+            while len(outcomes) < 12:
+                up = await asyncio.wait_for(call.read(), 10)
+                for result in up.results:
+                    outcomes[result.request_id] = "ok"
+                for error in up.errors:
+                    for request_id in error.request_ids:
+                        outcomes[request_id] = error.code
+            await call.done_writing()
+            health = await wire_pb2_grpc.StageServiceStub(channel).Health(wire_pb2.HealthRequest())
+            assert health.ready
+    finally:
+        for node in reversed(nodes):
+            await node.stop(grace=2)
+    return outcomes
+
+
+def test_malformed_requests_get_errors_and_the_node_keeps_serving(net: EarlyExitNet) -> None:
+    outcomes = asyncio.run(_send_raw(net, make_cluster(2)))
+    assert outcomes[101] == outcomes[102] in {"invalid_tensor", "too_large"}  # float64 is also twice the size
+    assert outcomes[103] == "invalid_tensor"
+    assert outcomes[105] == "too_large"
+    assert outcomes[107] == "invalid_tensor"
+    assert outcomes[109] == outcomes[110] == "unknown_plan"
+    assert outcomes[111] == outcomes[112] == "ok"

@@ -4,18 +4,29 @@ The public API is re-exported here and nothing else happens on import: no thread
 changes. ``__all__`` is pinned by a test.
 """
 
-from splitexit.config import CpuSettings, DataSplit, ExitPolicy, ModelSource, PackageSpec, TrainConfig
+from splitexit.config import (
+    ClusterSpec,
+    CpuSettings,
+    DataSplit,
+    ExitPolicy,
+    ModelSource,
+    PackageSpec,
+    TrainConfig,
+)
 from splitexit.errors import (
     CalibrationError,
+    ClusterError,
     ConfigError,
     CutError,
     DataError,
     IntegrityError,
     ModelError,
+    NodeUnavailableError,
     PackageError,
     SplitExitError,
     TraceError,
     UnknownModelError,
+    WireError,
 )
 from splitexit.model.calibrate import CalibrationReport, calibrate
 from splitexit.model.cpu import tune_cpu
@@ -27,12 +38,16 @@ from splitexit.model.heads import list_confidences, list_heads, register_confide
 from splitexit.model.package import load, read_spec, save
 from splitexit.model.train import TrainReport, train
 from splitexit.model.zoo import build_model, list_models, register_model
+from splitexit.runtime.entry import Entry, EntryClient, RequestRecord
+from splitexit.runtime.node import Node
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationError",
     "CalibrationReport",
+    "ClusterError",
+    "ClusterSpec",
     "ConfigError",
     "CpuSettings",
     "CutError",
@@ -40,6 +55,8 @@ __all__ = [
     "DataError",
     "DataSplit",
     "EarlyExitNet",
+    "Entry",
+    "EntryClient",
     "EvalReport",
     "ExitPolicy",
     "InferenceResult",
@@ -47,14 +64,18 @@ __all__ = [
     "ModelError",
     "ModelGraph",
     "ModelSource",
+    "Node",
+    "NodeUnavailableError",
     "PackageError",
     "PackageSpec",
+    "RequestRecord",
     "SplitExitError",
     "TensorInfo",
     "TraceError",
     "TrainConfig",
     "TrainReport",
     "UnknownModelError",
+    "WireError",
     "build_model",
     "calibrate",
     "evaluate",

@@ -4,7 +4,8 @@ Pure functions, no I/O. A codec is an *encoding* (how values become bytes) follo
 *compression*; its name is ``<encoding>[+<compression>]``, e.g. ``raw``, ``fp16+lz4``, ``int8c+zstd``.
 
 Encodings (lossy ones apply to floating tensors only; integer and bool tensors always travel ``raw``,
-still compressed if the codec says so):
+still compressed if the codec says so; float16 and bfloat16 tensors travel ``raw`` under ``fp16`` and
+``bf16``, which could not make them smaller, only lossier):
 
 ``raw``
     the tensor's own dtype, little-endian, C order. Exact, NaN payloads included.
@@ -116,6 +117,8 @@ _TORCH_TO_WIRE = {d.torch: k for k, d in _DTYPES.items()}
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 _BIG_ENDIAN = sys.byteorder == "big"
+#: Bound on the product of a shape's non-zero dims: torch computes strides from it, even for empty tensors.
+_MAX_SPAN = 1 << 62
 
 
 # ------------------------------------------------------------------------------------------ names
@@ -191,6 +194,8 @@ def encode(tensor: torch.Tensor, codec: CodecSpec) -> wire_pb2.Tensor:
         t = t.cpu()
     t = t.resolve_conj().resolve_neg().contiguous()
     encoding = codec.encoding if t.is_floating_point() else "raw"
+    if encoding in ("fp16", "bf16") and t.element_size() <= 2:
+        encoding = "raw"  # already 2 bytes a value: converting would only lose precision or range
     message = wire_pb2.Tensor(dtype=wire_dtype, shape=list(t.shape), encoding=_ENCODING_TO_WIRE[encoding],
                               compression=_COMPRESSION_TO_WIRE[codec.compression])
     if encoding == "raw":
@@ -286,16 +291,19 @@ def decode(message: wire_pb2.Tensor, *, max_bytes: int,
     ``encoded_size``. ``expected`` = (dtype, per-sample shape) also checks the tensor against what the
     stage takes. Returns a writable, contiguous tensor of the original dtype and shape.
 
+    Working memory beyond the result is at most the payload, plus one float32 copy when an int8
+    payload becomes a float16/bfloat16 tensor.
+
     Raises :class:`WireError` with ``code="too_large"`` for a tensor over the limit (or a payload that
-    decompresses past its declared size), ``code="invalid_tensor"`` for anything else.
+    decompresses past its declared size), ``code="bad_message"`` for something that is not a complete
+    ``Tensor`` (still announcing chunks), ``code="invalid_tensor"`` for anything else.
     """
     header = _validate(message, max_bytes=max_bytes, expected=expected)
     payload = _decompress(message.data, header.compression, header.encoded_size)
     try:
-        flat = _materialise(message, header, payload)
+        return _materialise(message, header, payload).reshape(header.shape)
     except (ValueError, TypeError, RuntimeError) as exc:  # validated above; this is a last line of defence
         raise WireError(f"tensor payload could not be decoded: {exc}", code="invalid_tensor") from exc
-    return flat.reshape(header.shape)
 
 
 @dataclass(frozen=True)
@@ -342,6 +350,8 @@ def _validate(message: wire_pb2.Tensor, *, max_bytes: int,
         raise WireError(f"tensor of shape {list(shape)} and dtype {dtype.torch} needs {numel * itemsize} bytes, "
                         f"above this node's limit of {max_bytes}; send smaller batches or raise the limit",
                         code="too_large")
+    if math.prod(max(s, 1) for s in shape) >= _MAX_SPAN:
+        raise _invalid(f"shape {list(shape)} overflows 64-bit strides, although it has no elements")
     encoded = numel * (itemsize if encoding == "raw" else _ENCODING_ITEMSIZE[encoding])
     if message.encoded_size != encoded:
         raise _invalid(f"encoded_size {message.encoded_size} does not match shape {list(shape)} "

@@ -23,6 +23,8 @@ test-unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/cascade.py
+	$(BIN)/python bench/codecs.py
+	$(BIN)/python bench/transport.py
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Isrc --python_out=src --grpc_python_out=src --pyi_out=src \

@@ -6,6 +6,7 @@ Every model forbids unknown keys, so a typo in a file is reported instead of sil
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -154,8 +155,17 @@ class PackageSpec(_Model):
 
 
 # ------------------------------------------------------------------------------------------ cluster
-#: Codec names: an encoding (raw, fp16, bf16, int8) optionally followed by +lz4 or +zstd, or "auto".
+#: Codec names: an encoding (raw, fp16, bf16, int8, int8c = per-channel int8) optionally followed by +lz4
+#: or +zstd, or "auto" (measured per link against its bandwidth).
 DEFAULT_CODEC = "raw"
+_CODEC_NAME = re.compile(r"^(auto|(raw|fp16|bf16|int8|int8c)(\+(lz4|zstd))?)$")
+
+
+def _check_codec(name: str) -> str:
+    if not _CODEC_NAME.match(name.strip().lower()):
+        raise ValueError(f"unknown codec {name!r}: use raw, fp16, bf16, int8 or int8c (per-channel), each "
+                         "optionally with +lz4 or +zstd, or auto")
+    return name.strip().lower()
 DEFAULT_WINDOW = 16
 DEFAULT_MESSAGE_LIMIT = 64 * 1024 * 1024
 
@@ -190,7 +200,12 @@ class LinkSpec(_Model):
     latency: float = Field(0.0, ge=0, description="one-way seconds; YAML takes 10ms")
     jitter: float = Field(0.0, ge=0, description="seconds of uniform random extra latency")
     loss: float = Field(0.0, ge=0, lt=1, description="fraction of messages that need a retransmission")
-    codec: str = DEFAULT_CODEC
+    codec: str = Field(DEFAULT_CODEC, description="raw, fp16, bf16, int8, int8c, +lz4/+zstd, or auto")
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, value: str) -> str:
+        return _check_codec(value)
 
     @field_validator("bandwidth", mode="before")
     @classmethod
@@ -226,6 +241,11 @@ class ClusterSpec(_Model):
     links: tuple[LinkSpec, ...] = ()
     package: str | None = Field(None, description="model package every node serves (relative to the file)")
     codec: str = Field(DEFAULT_CODEC, description="codec for links that do not name one")
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, value: str) -> str:
+        return _check_codec(value)
     batching: BatchingSpec = BatchingSpec()
     window: int = Field(DEFAULT_WINDOW, ge=1, le=65536, description="requests in flight from the entry")
     message_limit: int = Field(DEFAULT_MESSAGE_LIMIT, ge=1024, description="largest gRPC message; bigger tensors are chunked")

@@ -166,7 +166,15 @@ async def _send_raw(net: EarlyExitNet, cluster: ClusterSpec) -> dict[int, str]:
             for down in messages.values():
                 await call.write(down)
             await call.write(wire_pb2.Down(chunk=wire_pb2.Chunk(batch_key=1, count=1)))  # a chunk with no batch
-            while len(outcomes) < 12:
+            garbage = channel.stream_stream("/splitexit.wire.StageService/Stream", request_serializer=None,
+                                            response_deserializer=wire_pb2.Up.FromString)()
+            await garbage.write(b"\xff\xff\xff not protobuf")
+            garbage_error = await asyncio.wait_for(garbage.read(), 10)
+            outcomes[0] = garbage_error.errors[0].code
+            await garbage.write(messages["good"].SerializeToString())  # the same stream still serves
+            for result in (await asyncio.wait_for(garbage.read(), 10)).results:
+                outcomes[-int(result.request_id)] = "ok"
+            while len([k for k in outcomes if k > 0]) < 12:
                 up = await asyncio.wait_for(call.read(), 10)
                 for result in up.results:
                     outcomes[result.request_id] = "ok"
@@ -190,3 +198,5 @@ def test_malformed_requests_get_errors_and_the_node_keeps_serving(net: EarlyExit
     assert outcomes[107] == "invalid_tensor"
     assert outcomes[109] == outcomes[110] == "unknown_plan"
     assert outcomes[111] == outcomes[112] == "ok"
+    assert outcomes[0] == "bad_message"
+    assert outcomes[-111] == "ok" or outcomes[-112] == "ok"

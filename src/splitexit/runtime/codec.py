@@ -152,6 +152,15 @@ class CodecSpec:
         return self.name
 
 
+def raw_size(message: wire_pb2.Tensor) -> int:
+    """Bytes the tensor had before encoding: its element count times its own dtype's size (0 if unknown)."""
+    dtype = _DTYPES.get(message.dtype)
+    count = 1
+    for size in message.shape:
+        count *= max(int(size), 0)
+    return count * dtype.numpy.itemsize if dtype else 0
+
+
 def list_codecs() -> list[str]:
     """Every codec name (encodings x compressions), raw first; feeds parametrised tests and ``auto``."""
     bases = [*ENCODINGS, "int8c"]

@@ -20,12 +20,10 @@ from torch.utils.data import Dataset
 from splitexit.config import ClusterSpec
 from splitexit.model.exits import EarlyExitNet
 from splitexit.runtime import wire_pb2, wire_pb2_grpc
-from splitexit.runtime.codec import parse_codec
-from splitexit.runtime.hop import Hop, RowError, RowResult, Stamp
+from splitexit.runtime.chain import build_hop
+from splitexit.runtime.hop import RowError, RowResult, Stamp
 from splitexit.runtime.placement import Placement, default_placement
-from splitexit.runtime.remote import LinkCounters, RemoteStage
-from splitexit.runtime.stage import StageExecutor
-from splitexit.runtime.wire import encode_tensors
+from splitexit.runtime.remote import LinkCounters
 
 __all__ = ["Entry", "EntryClient", "RequestRecord", "RunResult"]
 
@@ -67,18 +65,8 @@ class Entry:
         self.net, self.cluster = net, cluster
         self.placement = placement or default_placement(net, cluster, weights_sha256=weights_sha256)
         self.window = window or cluster.window
-        edge = cluster.nodes[0]
-        self.name = edge.name
-        first = self.placement.stages[0]
-        after = self.placement.next_after(edge.name)
-        codec = parse_codec(cluster.link(edge.name, after.node).codec) if after else None
-        executor = StageExecutor(net.stage(first.start, first.end), batching=cluster.batching,
-                                 slowdown=edge.slowdown, name=edge.name,
-                                 encode=(lambda ts: encode_tensors(ts, codec)) if codec else None)
-        self.remote = RemoteStage(sender=edge.name, target=cluster.node(after.node),
-                                  link=cluster.link(edge.name, after.node), plan_version=self.placement.version,
-                                  message_limit=cluster.message_limit) if after else None
-        self.hop = Hop(edge.name, executor, self.remote)
+        self.name = cluster.nodes[0].name
+        self.hop, self.remote = build_hop(net, cluster, self.placement, self.name)
         self._ids = itertools.count(1)
         self._slots: asyncio.Semaphore | None = None
 

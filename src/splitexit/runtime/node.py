@@ -15,19 +15,18 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from splitexit.config import ClusterSpec
 from splitexit.errors import ClusterError, WireError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.runtime import wire_pb2, wire_pb2_grpc
-from splitexit.runtime.codec import parse_codec
-from splitexit.runtime.hop import Hop, RowError, RowResult, stamp
+from splitexit.runtime.chain import build_hop
+from splitexit.runtime.hop import RowError, RowResult, stamp
 from splitexit.runtime.link import EmulatedLink
 from splitexit.runtime.placement import Placement, default_placement
-from splitexit.runtime.remote import RemoteStage
-from splitexit.runtime.stage import StageExecutor
-from splitexit.runtime.wire import BatchAssembler, decode_batch, encode_tensors, grpc_options
+from splitexit.runtime.wire import BatchAssembler, decode_batch, grpc_options
 
 __all__ = ["Node", "serve_node"]
 
@@ -68,15 +67,7 @@ class Node:
         self.stage = net.stage(me.start, me.end)
         names = [n.name for n in cluster.nodes]
         self.upstream_link = cluster.link(names[names.index(name) - 1], name)
-        after = self.placement.next_after(name)
-        self.next_node = cluster.node(after.node) if after else None
-        codec = parse_codec(cluster.link(name, after.node).codec) if after else None
-        executor = StageExecutor(self.stage, batching=cluster.batching, slowdown=self.spec.slowdown,
-                                 encode=(lambda ts: encode_tensors(ts, codec)) if codec else None, name=name)
-        self.remote = RemoteStage(sender=name, target=self.next_node, link=cluster.link(name, after.node),
-                                  plan_version=self.placement.version,
-                                  message_limit=cluster.message_limit) if after and self.next_node else None
-        self.hop = Hop(name, executor, self.remote)
+        self.hop, self.remote = build_hop(net, cluster, self.placement, name)
         self.metrics = _Metrics(name)
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"splitexit-{name}-decode")
         self._server: grpc.aio.Server | None = None
@@ -89,7 +80,7 @@ class Node:
         if self.remote is not None:
             await self.remote.connect()
         self._server = grpc.aio.server(options=grpc_options(self.cluster.message_limit))
-        wire_pb2_grpc.add_StageServiceServicer_to_server(_Servicer(self), self._server)
+        _register(_Servicer(self), self._server)
         host, _, configured = (self.spec.address or "127.0.0.1:0").rpartition(":")
         self.port = self._server.add_insecure_port(f"{host}:{configured if port is None else port}")
         if self.port == 0:
@@ -160,7 +151,13 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
                                    max_bytes_per_row=sum(t.bytes_per_sample for t in node.stage.input_tensors or ()))
         tasks: set[asyncio.Task] = set()
         try:
-            async for down in requests:
+            async for raw in requests:
+                try:
+                    down = wire_pb2.Down.FromString(raw)
+                except DecodeError as exc:
+                    await self._reject(up, [], WireError(f"a message that is not a splitexit Down message "
+                                                         f"({len(raw)} bytes): {exc}", code="bad_message"))
+                    continue
                 if down.WhichOneof("body") == "hello":
                     if down.hello.plan_version != node.placement.version:
                         logger.warning("%s connected with plan %d; this node serves plan %d", down.hello.sender,
@@ -206,6 +203,19 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
         message = wire_pb2.Up(errors=[wire_pb2.RequestError(request_ids=ids, code=error.code, message=str(error),
                                                             node=node.name)])
         await up.put(message, message.ByteSize())
+
+
+def _register(servicer: _Servicer, server: grpc.aio.Server) -> None:
+    """Like the generated registration, but the stream takes raw bytes: the servicer parses each message
+    itself, so bytes that are not a message get an error reply instead of killing the whole stream."""
+    handlers = {
+        "Stream": grpc.stream_stream_rpc_method_handler(
+            servicer.Stream, request_deserializer=None, response_serializer=wire_pb2.Up.SerializeToString),
+        "Health": grpc.unary_unary_rpc_method_handler(
+            servicer.Health, request_deserializer=wire_pb2.HealthRequest.FromString,
+            response_serializer=wire_pb2.HealthReply.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("splitexit.wire.StageService", handlers),))
 
 
 def _up_message(outcome: RowResult | RowError, node: Node) -> tuple[wire_pb2.Up, int]:

@@ -14,7 +14,7 @@ import torch
 from splitexit.errors import WireError
 from splitexit.model.graph import TensorInfo
 from splitexit.runtime import wire_pb2
-from splitexit.runtime.codec import CodecSpec, decode, encode
+from splitexit.runtime.codec import CodecSpec, decode, encode, raw_size
 
 __all__ = ["BatchAssembler", "MAX_ROWS", "decode_batch", "encode_tensors", "grpc_options", "raw_size"]
 
@@ -23,22 +23,12 @@ MAX_ROWS = 4096
 #: Most chunks one tensor may be split into.
 MAX_CHUNKS = 4096
 
-_ELEMENT = {wire_pb2.DTYPE_FLOAT32: 4, wire_pb2.DTYPE_FLOAT16: 2, wire_pb2.DTYPE_BFLOAT16: 2,
-            wire_pb2.DTYPE_FLOAT64: 8, wire_pb2.DTYPE_INT64: 8, wire_pb2.DTYPE_INT32: 4, wire_pb2.DTYPE_INT8: 1,
-            wire_pb2.DTYPE_UINT8: 1, wire_pb2.DTYPE_BOOL: 1}
 
 
 def grpc_options(message_limit: int) -> list[tuple[str, int]]:
     """Explicit message limits (gRPC's 4 MiB default would refuse large activations silently)."""
     return [("grpc.max_send_message_length", message_limit), ("grpc.max_receive_message_length", message_limit)]
 
-
-def raw_size(tensor: wire_pb2.Tensor) -> int:
-    """Bytes the tensor had before encoding (its dtype's size times its element count)."""
-    count = 1
-    for size in tensor.shape:
-        count *= max(int(size), 0)
-    return count * _ELEMENT.get(tensor.dtype, 0)
 
 
 def encode_tensors(tensors: tuple[torch.Tensor, ...], codec: CodecSpec) -> list[wire_pb2.Tensor]:

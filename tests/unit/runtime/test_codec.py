@@ -40,7 +40,9 @@ FP16_MAX = 65504.0
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 BF16_MAX = float(torch.finfo(torch.bfloat16).max)
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI must not find a new example on a random day; widen max_examples locally to hunt.
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
 ENCODING = {"raw": wire_pb2.ENCODING_RAW, "fp16": wire_pb2.ENCODING_FP16, "bf16": wire_pb2.ENCODING_BF16,
             "int8": wire_pb2.ENCODING_INT8}
 COMPRESSION = {"none": wire_pb2.COMPRESSION_NONE, "lz4": wire_pb2.COMPRESSION_LZ4,
@@ -305,7 +307,7 @@ random_messages = st.builds(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(blob=st.binary(max_size=512))
 def test_decode_survives_arbitrary_bytes(blob: bytes) -> None:
     try:
@@ -315,7 +317,7 @@ def test_decode_survives_arbitrary_bytes(blob: bytes) -> None:
     _decode_checked(message)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, derandomize=True)
 @given(message=random_messages)
 def test_decode_survives_arbitrary_fields(message: wire_pb2.Tensor) -> None:
     _decode_checked(message)
@@ -360,13 +362,13 @@ def mutated_messages(draw: st.DrawFn) -> wire_pb2.Tensor:
     return message
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, derandomize=True)
 @given(message=mutated_messages())
 def test_decode_survives_broken_valid_messages(message: wire_pb2.Tensor) -> None:
     _decode_checked(message)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(shape=st.lists(st.integers(1, 2**40), min_size=1, max_size=MAX_RANK).filter(
     lambda s: math.prod(s) > MAX_BYTES), encoding=st.sampled_from([1, 2, 3, 4]))
 def test_huge_declared_shapes_are_too_large_before_anything_is_allocated(

@@ -1,0 +1,431 @@
+"""Benchmark: what our transport costs per hop, and how close a 3-stage chain gets to its ideal throughput.
+
+(1) **Per-hop round trip** of one float32 tensor (1 MB and 4 MB) on loopback, two contenders:
+
+    * *ours*: ``encode_tensors`` (raw codec) -> ``wire_pb2.Down(batch=...)`` written on a grpc.aio bidi
+      stream (``grpc_options(64 MiB)``) -> a minimal ``StageService.Stream`` servicer decodes the tensor
+      with ``splitexit.runtime.codec.decode`` and yields a small ``wire_pb2.Up`` with one ``Result`` ->
+      the client reads it. Timed from before ``encode`` to after the read.
+    * *tcp*: a plain blocking socket; an 8-byte length prefix and the tensor's bytes (sent from the
+      tensor's memory, no copy) -> a server thread ``recv_into`` a buffer, ``torch.frombuffer`` on it,
+      replies 8 bytes -> the client reads them.
+
+    * *ours, CopyFrom*: the same, but the Down message is filled with ``down.batch.CopyFrom(batch)``
+      instead of ``Down(batch=batch)`` as ``RemoteStage._messages`` does; a diagnostic, not a contender.
+
+    Contenders alternate over rounds (the order rotates and flips every round); each round sends ``messages`` tensors per
+    contender; p50 is the median over all messages, and the ratio ours/tcp is the median of the per-round
+    ratios of the p50s.
+
+(2) **3-stage pipeline throughput**: edge + cloud1 + cloud2 (all in this process, real gRPC on loopback,
+    raw codec, max_batch 1, window 16) over digits_cnn with random weights and an uncalibrated policy, so
+    every input runs through all three stages. Each node gets a ``slowdown`` that stretches its stage's
+    batch-1 compute to about ``--stage-ms`` (default 3 ms). The ideal throughput is
+    1 / max(per-stage time), each stage timed alone the way the executor runs it (``stage.run`` then the
+    slowdown's sleep). Calibration and pipeline runs alternate over rounds; medians are reported.
+
+All three stages share this process's event loop (gRPC, batching, decoding) and the box's cores; the
+slowdown is a sleep in each stage's worker thread, so stages overlap like separate machines would only as
+far as the GIL and the shared loop allow.
+
+Run ``.venv/bin/python bench/transport.py`` (``--quick``: fewer rounds and inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import socket
+import statistics
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+import yaml
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import TensorDataset
+
+from splitexit import EarlyExitNet, build_model
+from splitexit.config import ClusterSpec
+from splitexit.runtime import wire_pb2, wire_pb2_grpc
+from splitexit.runtime.codec import decode, parse_codec
+from splitexit.runtime.entry import Entry
+from splitexit.runtime.node import Node
+from splitexit.runtime.placement import default_placement
+from splitexit.runtime.wire import encode_tensors, grpc_options
+
+MIB = 1 << 20
+MESSAGE_LIMIT = 64 * MIB
+SIZES_MB = (1, 4)
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Settings:
+    rounds: int  # ABAB rounds of part 1
+    messages: int  # messages per contender per round
+    warmup: int  # untimed messages per contender before the rounds
+    pipe_rounds: int  # calibration + pipeline rounds of part 2
+    inputs: int  # inputs per pipeline run
+    calib: int  # timed stage runs per stage per calibration
+
+
+FULL = Settings(rounds=8, messages=25, warmup=10, pipe_rounds=3, inputs=300, calib=60)
+QUICK = Settings(rounds=3, messages=10, warmup=5, pipe_rounds=1, inputs=120, calib=30)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# ------------------------------------------------------------------------------------------ part 1: ours
+class _EchoServicer(wire_pb2_grpc.StageServiceServicer):
+    """Decodes each batch's first tensor and answers with one tiny Result per batch."""
+
+    async def Stream(self, requests, context):  # noqa: ANN001, ANN201 - grpc types
+        async for down in requests:
+            if down.WhichOneof("body") != "batch":
+                continue
+            batch = down.batch
+            tensor = decode(batch.tensors[0], max_bytes=MESSAGE_LIMIT)
+            yield wire_pb2.Up(results=[wire_pb2.Result(request_id=batch.request_ids[0], exit=0,
+                                                       prediction=int(tensor.numel() & 7), node="echo")])
+
+
+class OursClient:
+    def __init__(self) -> None:
+        self.server: grpc.aio.Server | None = None
+        self.channel: grpc.aio.Channel | None = None
+        self.call = None
+        self.codec = parse_codec("raw")
+        self.next_id = 1
+
+    async def start(self) -> None:
+        self.server = grpc.aio.server(options=grpc_options(MESSAGE_LIMIT))
+        wire_pb2_grpc.add_StageServiceServicer_to_server(_EchoServicer(), self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=grpc_options(MESSAGE_LIMIT))
+        await self.channel.channel_ready()
+        self.call = wire_pb2_grpc.StageServiceStub(self.channel).Stream()
+
+    async def round_trip(self, tensor: torch.Tensor, *, copy_from: bool = False) -> float:
+        """``copy_from=False`` builds the Down message like RemoteStage does (``Down(batch=batch)``);
+        ``copy_from=True`` fills it with ``down.batch.CopyFrom(batch)`` instead (same bytes on the wire)."""
+        started = time.perf_counter()
+        request_id, self.next_id = self.next_id, self.next_id + 1
+        batch = wire_pb2.Batch(plan_version=1, request_ids=[request_id], tensors=encode_tensors((tensor,), self.codec))
+        if copy_from:
+            down = wire_pb2.Down()
+            down.batch.CopyFrom(batch)
+        else:
+            down = wire_pb2.Down(batch=batch)
+        await self.call.write(down)
+        up = await self.call.read()
+        elapsed = time.perf_counter() - started
+        assert up.results[0].request_id == request_id, up
+        return elapsed
+
+    async def close(self) -> None:
+        if self.call is not None:
+            await self.call.done_writing()
+        if self.channel is not None:
+            await self.channel.close()
+        if self.server is not None:
+            await self.server.stop(grace=1)
+
+
+# ------------------------------------------------------------------------------------------ part 1: tcp
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    while view:
+        count = sock.recv_into(view)
+        if not count:
+            raise ConnectionError("peer closed")
+        view = view[count:]
+
+
+class TcpClient:
+    """Length-prefixed raw TCP: a server thread turns each payload into a tensor and answers 8 bytes."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.thread = threading.Thread(target=self._serve, name="tcp-echo", daemon=True)
+        self.thread.start()
+        self.sock = socket.create_connection(self.listener.getsockname())
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reply = bytearray(8)
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        header = bytearray(8)
+        buffer = bytearray(0)
+        with conn:
+            while True:
+                try:
+                    _recv_exact(conn, memoryview(header))
+                except ConnectionError:
+                    return
+                (size,) = struct.unpack("<Q", header)
+                if len(buffer) < size:
+                    buffer = bytearray(size)
+                _recv_exact(conn, memoryview(buffer)[:size])
+                tensor = torch.frombuffer(buffer, dtype=torch.float32, count=size // 4)
+                conn.sendall(struct.pack("<Q", tensor.numel()))
+
+    def round_trip(self, tensor: torch.Tensor) -> float:
+        started = time.perf_counter()
+        payload = memoryview(tensor.contiguous().numpy()).cast("B")
+        self.sock.sendall(struct.pack("<Q", payload.nbytes))
+        self.sock.sendall(payload)
+        _recv_exact(self.sock, memoryview(self.reply))
+        elapsed = time.perf_counter() - started
+        assert struct.unpack("<Q", self.reply)[0] == tensor.numel()
+        return elapsed
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(timeout=5)
+        self.listener.close()
+
+
+@dataclass(frozen=True)
+class HopRow:
+    size_mb: int
+    ours_p50_ms: float
+    copy_from_p50_ms: float
+    tcp_p50_ms: float
+    ratio: float  # median over rounds of ours p50 / tcp p50
+    ratio_min: float
+    ratio_max: float
+    copy_from_ratio: float  # median over rounds of ours-with-CopyFrom p50 / tcp p50
+
+
+async def measure_hop(settings: Settings) -> list[HopRow]:
+    ours, tcp = OursClient(), TcpClient()
+    await ours.start()
+    rows = []
+    try:
+        for size_mb in SIZES_MB:
+            tensor = torch.randn(size_mb * MIB // 4, generator=torch.Generator().manual_seed(SEED))
+            contenders = ("ours", "copy_from", "tcp")
+
+            async def one(name: str) -> float:
+                if name == "tcp":
+                    return tcp.round_trip(tensor)
+                return await ours.round_trip(tensor, copy_from=name == "copy_from")
+
+            for _ in range(settings.warmup):
+                for name in contenders:
+                    await one(name)
+            times: dict[str, list[float]] = {name: [] for name in contenders}
+            ratios, copy_ratios = [], []
+            for r in range(settings.rounds):
+                order = contenders[r % 3:] + contenders[:r % 3]  # rotate who goes first (ABCABC, BCA..., CAB...)
+                order = order if r % 2 == 0 else order[::-1]
+                medians = {}
+                for name in order:
+                    got = [await one(name) for _ in range(settings.messages)]
+                    times[name] += got
+                    medians[name] = statistics.median(got)
+                ratios.append(medians["ours"] / medians["tcp"])
+                copy_ratios.append(medians["copy_from"] / medians["tcp"])
+            rows.append(HopRow(size_mb, statistics.median(times["ours"]) * 1e3,
+                               statistics.median(times["copy_from"]) * 1e3, statistics.median(times["tcp"]) * 1e3,
+                               statistics.median(ratios), min(ratios), max(ratios), statistics.median(copy_ratios)))
+    finally:
+        await ours.close()
+        tcp.close()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ part 2
+def make_cluster(slowdowns: dict[str, float]) -> ClusterSpec:
+    nodes = [{"name": "edge", "role": "edge", "slowdown": slowdowns["edge"]}] + [
+        {"name": name, "address": f"127.0.0.1:{free_port()}", "slowdown": slowdowns[name]}
+        for name in ("cloud1", "cloud2")]
+    names = [n["name"] for n in nodes]
+    links = [{"from": a, "to": b, "codec": "raw"} for a, b in zip(names, names[1:])]
+    return ClusterSpec.model_validate(yaml.safe_load(yaml.safe_dump({
+        "nodes": nodes, "links": links, "batching": {"max_batch": 1, "max_wait": "1ms"},
+        "window": 16, "message_limit": "64MiB"})))
+
+
+def digits_net() -> EarlyExitNet:
+    torch.manual_seed(SEED)
+    return EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8)).eval()
+
+
+def stage_times(net: EarlyExitNet, cluster: ClusterSpec, slowdowns: dict[str, float] | None,
+                runs: int) -> dict[str, float]:
+    """Median seconds per batch-1 stage run, as StageExecutor does it (stage.run, then the slowdown's sleep)."""
+    placement = default_placement(net, cluster)
+    tensors = (net._prepare(torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(SEED))),)
+    result = {}
+    for part in placement.stages:
+        stage = net.stage(part.start, part.end)
+        slowdown = 1.0 if slowdowns is None else slowdowns[part.node]
+        samples = []
+        with torch.inference_mode():
+            for i in range(runs + 5):
+                started = time.perf_counter()
+                out = stage.run(tensors)
+                compute = time.perf_counter() - started
+                if slowdown > 1:
+                    time.sleep(compute * (slowdown - 1))
+                if i >= 5:
+                    samples.append(time.perf_counter() - started)
+        result[part.node] = statistics.median(samples)
+        tensors = out.forward
+    return result
+
+
+async def run_pipeline(net: EarlyExitNet, cluster: ClusterSpec, dataset: TensorDataset
+                       ) -> tuple[float, list[str], int, dict[str, float]]:
+    """Inputs per second over ``dataset``, the nodes that answered, the number of errors, and each stage's
+    median batch time inside the pipeline (its executor's ``_compute`` timed by a wrapper, slowdown included)."""
+    nodes = [Node(net, cluster, n.name) for n in reversed(cluster.nodes[1:])]
+    for node in nodes:  # last first: each connects to its next node
+        await node.start()
+    entry = Entry(net, cluster)
+    busy: dict[str, list[float]] = {}
+    for name, executor in [("edge", entry.hop.executor), *((n.name, n.hop.executor) for n in nodes)]:
+        busy[name] = []
+
+        def timed(jobs, _compute=executor._compute, _out=busy[name]):  # noqa: ANN001, ANN202
+            started = time.perf_counter()
+            replies = _compute(jobs)
+            _out.append(time.perf_counter() - started)
+            return replies
+
+        executor._compute = timed  # instrumentation only: the stage runs exactly as before
+    try:
+        await entry.start()
+        await entry.run(TensorDataset(*(t[:32] for t in dataset.tensors)))  # warm-up, untimed
+        for samples in busy.values():
+            samples.clear()
+        result = await entry.run(dataset)
+    finally:
+        await entry.close()
+        for node in reversed(nodes):
+            await node.stop(grace=2)
+    errors = sum(1 for r in result.records if r.error)
+    inside = {name: statistics.median(samples) for name, samples in busy.items() if samples}
+    return len(dataset) / result.wall_s, sorted({r.node for r in result.records}), errors, inside
+
+
+@dataclass(frozen=True)
+class PipeResult:
+    slowdowns: dict[str, float]
+    base_ms: dict[str, float]
+    stage_ms: dict[str, float]  # medians over rounds, each stage timed alone
+    inside_ms: dict[str, float]  # medians over rounds, each stage's batch time inside the pipeline
+    ideal: float
+    measured: float
+    fractions: list[float]  # per round, measured / ideal
+    answered_by: list[str]
+    errors: int
+    bare: float  # median inputs/s of the same chain with slowdown 1 everywhere: the runtime's own ceiling here
+
+
+def measure_pipeline(settings: Settings, target_ms: float) -> PipeResult:
+    net = digits_net()
+    probe = make_cluster({"edge": 1.0, "cloud1": 1.0, "cloud2": 1.0})
+    base = stage_times(net, probe, None, settings.calib * 3)
+    slowdowns = {name: max(1.0, target_ms / 1e3 / seconds) for name, seconds in base.items()}
+    for _ in range(2):  # compute interleaved with sleeps runs slower than back to back: correct for it
+        got = stage_times(net, make_cluster(slowdowns), slowdowns, settings.calib)
+        slowdowns = {name: max(1.0, slowdowns[name] * target_ms / 1e3 / got[name]) for name in slowdowns}
+    slowdowns = {name: round(value, 2) for name, value in slowdowns.items()}
+    cluster = make_cluster(slowdowns)
+    generator = torch.Generator().manual_seed(SEED + 1)
+    dataset = TensorDataset(torch.randn(settings.inputs, 1, 8, 8, generator=generator),
+                            torch.randint(0, 10, (settings.inputs,), generator=generator))
+    per_stage: dict[str, list[float]] = {name: [] for name in slowdowns}
+    inside: dict[str, list[float]] = {name: [] for name in slowdowns}
+    ideals, measured, fractions, bare = [], [], [], []
+    bare_cluster = make_cluster({name: 1.0 for name in slowdowns})
+    answered_by: set[str] = set()
+    errors = 0
+    for _ in range(settings.pipe_rounds):
+        times = stage_times(net, cluster, slowdowns, settings.calib)
+        for name, seconds in times.items():
+            per_stage[name].append(seconds)
+        ideal = 1.0 / max(times.values())
+        throughput, nodes, errs, busy = asyncio.run(run_pipeline(net, cluster, dataset))
+        for name, seconds in busy.items():
+            inside[name].append(seconds)
+        bare.append(asyncio.run(run_pipeline(net, bare_cluster, dataset))[0])
+        answered_by |= set(nodes)
+        errors += errs
+        ideals.append(ideal)
+        measured.append(throughput)
+        fractions.append(throughput / ideal)
+    return PipeResult(slowdowns, {k: v * 1e3 for k, v in base.items()},
+                      {k: statistics.median(v) * 1e3 for k, v in per_stage.items()},
+                      {k: statistics.median(v) * 1e3 for k, v in inside.items() if v}, statistics.median(ideals),
+                      statistics.median(measured), fractions, sorted(answered_by), errors, statistics.median(bare))
+
+
+# ------------------------------------------------------------------------------------------ report
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and inputs")
+    parser.add_argument("--stage-ms", type=float, default=3.0, help="target time per stage in part 2")
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    console = Console(width=150)
+    console.print(f"python {platform.python_version()}, torch {torch.__version__}, grpcio {grpc.__version__}, "
+                  f"{os.cpu_count()} CPUs, torch threads 1, settings {settings}")
+
+    started = time.perf_counter()
+    hops = asyncio.run(measure_hop(settings))
+    table = Table(title=f"(1) per-hop round trip on loopback ({settings.rounds} alternating rounds x "
+                        f"{settings.messages} messages per contender)")
+    for column in ("tensor", "ours p50 ms", "raw TCP p50 ms", "ours / TCP (median of rounds)", "round range",
+                   "ours, Down via CopyFrom, p50 ms", "CopyFrom / TCP"):
+        table.add_column(column, justify="right")
+    for row in hops:
+        table.add_row(f"{row.size_mb} MiB float32", f"{row.ours_p50_ms:.3f}", f"{row.tcp_p50_ms:.3f}",
+                      f"{row.ratio:.2f}x", f"{row.ratio_min:.2f}-{row.ratio_max:.2f}", f"{row.copy_from_p50_ms:.3f}",
+                      f"{row.copy_from_ratio:.2f}x")
+    console.print(table)
+
+    pipe = measure_pipeline(settings, args.stage_ms)
+    table = Table(title=f"(2) 3-stage pipeline, digits_cnn, raw codec, max_batch 1, window 16, "
+                        f"{settings.inputs} inputs x {settings.pipe_rounds} rounds")
+    for column in ("stage", "compute ms (alone)", "slowdown", "stage ms incl. slowdown (alone)",
+                   "batch ms inside the pipeline"):
+        table.add_column(column, justify="right")
+    for name in pipe.slowdowns:
+        table.add_row(name, f"{pipe.base_ms[name]:.3f}", f"{pipe.slowdowns[name]:.2f}", f"{pipe.stage_ms[name]:.3f}",
+                      f"{pipe.inside_ms.get(name, float('nan')):.3f}")
+    console.print(table)
+    table = Table(title="(2) throughput")
+    for column in ("ideal inputs/s", "measured inputs/s", "measured / ideal (median)", "per round"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{pipe.ideal:.1f}", f"{pipe.measured:.1f}", f"{statistics.median(pipe.fractions):.3f}",
+                  ", ".join(f"{f:.3f}" for f in pipe.fractions))
+    console.print(table)
+    if pipe.inside_ms:
+        console.print(f"1 / max(batch time inside the pipeline) = {1e3 / max(pipe.inside_ms.values()):.1f} inputs/s")
+    console.print(f"same chain with slowdown 1 everywhere (runtime ceiling in this process): {pipe.bare:.1f} inputs/s")
+    console.print(f"answered by {pipe.answered_by}, errors {pipe.errors}; "
+                  f"total {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

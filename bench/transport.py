@@ -2,7 +2,7 @@
 
 (1) **Per-hop round trip** of one float32 tensor (1 MB and 4 MB) on loopback, two contenders:
 
-    * *ours*: ``encode_tensors`` (raw codec) -> ``wire_pb2.Down(batch=...)`` written on a grpc.aio bidi
+    * *ours*: ``encode_tensors`` (raw codec) -> ``RemoteStage._messages`` (the runtime's own builder) written on a grpc.aio bidi
       stream (``grpc_options(64 MiB)``) -> a minimal ``StageService.Stream`` servicer decodes the tensor
       with ``splitexit.runtime.codec.decode`` and yields a small ``wire_pb2.Up`` with one ``Result`` ->
       the client reads it. Timed from before ``encode`` to after the read.
@@ -10,8 +10,8 @@
       tensor's memory, no copy) -> a server thread ``recv_into`` a buffer, ``torch.frombuffer`` on it,
       replies 8 bytes -> the client reads them.
 
-    * *ours, CopyFrom*: the same, but the Down message is filled with ``down.batch.CopyFrom(batch)``
-      instead of ``Down(batch=batch)`` as ``RemoteStage._messages`` does; a diagnostic, not a contender.
+    * *diagnostic, constructors*: the same, but the Down message is built with protobuf constructors
+      (``Down(batch=Batch(tensors=...))``), as RemoteStage did before; it shows what those copies cost.
 
     Contenders alternate over rounds (the order rotates and flips every round); each round sends ``messages`` tensors per
     contender; p50 is the median over all messages, and the ratio ours/tcp is the median of the per-round
@@ -54,12 +54,13 @@ from rich.table import Table
 from torch.utils.data import TensorDataset
 
 from splitexit import EarlyExitNet, build_model
-from splitexit.config import ClusterSpec
+from splitexit.config import ClusterSpec, LinkSpec, NodeSpec
 from splitexit.runtime import wire_pb2, wire_pb2_grpc
 from splitexit.runtime.codec import decode, parse_codec
 from splitexit.runtime.entry import Entry
 from splitexit.runtime.node import Node
 from splitexit.runtime.placement import default_placement
+from splitexit.runtime.remote import RemoteStage
 from splitexit.runtime.wire import encode_tensors, grpc_options
 
 MIB = 1 << 20
@@ -109,6 +110,9 @@ class OursClient:
         self.call = None
         self.codec = parse_codec("raw")
         self.next_id = 1
+        self.builder = RemoteStage(sender="bench", target=NodeSpec(name="echo", address="127.0.0.1:1"),
+                                   link=LinkSpec.model_validate({"from": "bench", "to": "echo"}), plan_version=1,
+                                   message_limit=MESSAGE_LIMIT)
 
     async def start(self) -> None:
         self.server = grpc.aio.server(options=grpc_options(MESSAGE_LIMIT))
@@ -120,16 +124,16 @@ class OursClient:
         self.call = wire_pb2_grpc.StageServiceStub(self.channel).Stream()
 
     async def round_trip(self, tensor: torch.Tensor, *, copy_from: bool = False) -> float:
-        """``copy_from=False`` builds the Down message like RemoteStage does (``Down(batch=batch)``);
-        ``copy_from=True`` fills it with ``down.batch.CopyFrom(batch)`` instead (same bytes on the wire)."""
+        """``copy_from=True``: the message is built by ``RemoteStage._messages`` (filled in place with
+        CopyFrom), as the runtime sends it. ``False``: built with protobuf constructors (the old way), a
+        diagnostic that shows what the constructor copies cost."""
         started = time.perf_counter()
         request_id, self.next_id = self.next_id, self.next_id + 1
-        batch = wire_pb2.Batch(plan_version=1, request_ids=[request_id], tensors=encode_tensors((tensor,), self.codec))
+        tensors = encode_tensors((tensor,), self.codec)
         if copy_from:
-            down = wire_pb2.Down()
-            down.batch.CopyFrom(batch)
+            (down,) = self.builder._messages([request_id], tensors, [])  # exactly what RemoteStage sends
         else:
-            down = wire_pb2.Down(batch=batch)
+            down = wire_pb2.Down(batch=wire_pb2.Batch(plan_version=1, request_ids=[request_id], tensors=tensors))
         await self.call.write(down)
         up = await self.call.read()
         elapsed = time.perf_counter() - started
@@ -208,7 +212,7 @@ class HopRow:
     ratio: float  # median over rounds of ours p50 / tcp p50
     ratio_min: float
     ratio_max: float
-    copy_from_ratio: float  # median over rounds of ours-with-CopyFrom p50 / tcp p50
+    copy_from_ratio: float  # median over rounds of the constructor diagnostic's p50 / tcp p50
 
 
 async def measure_hop(settings: Settings) -> list[HopRow]:
@@ -223,7 +227,7 @@ async def measure_hop(settings: Settings) -> list[HopRow]:
             async def one(name: str) -> float:
                 if name == "tcp":
                     return tcp.round_trip(tensor)
-                return await ours.round_trip(tensor, copy_from=name == "copy_from")
+                return await ours.round_trip(tensor, copy_from=name == "ours")  # "copy_from" = the old constructor path
 
             for _ in range(settings.warmup):
                 for name in contenders:
@@ -395,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(title=f"(1) per-hop round trip on loopback ({settings.rounds} alternating rounds x "
                         f"{settings.messages} messages per contender)")
     for column in ("tensor", "ours p50 ms", "raw TCP p50 ms", "ours / TCP (median of rounds)", "round range",
-                   "ours, Down via CopyFrom, p50 ms", "CopyFrom / TCP"):
+                   "diagnostic: Down via constructors, p50 ms", "constructors / TCP"):
         table.add_column(column, justify="right")
     for row in hops:
         table.add_row(f"{row.size_mb} MiB float32", f"{row.ours_p50_ms:.3f}", f"{row.tcp_p50_ms:.3f}",

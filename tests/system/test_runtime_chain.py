@@ -172,8 +172,9 @@ async def _send_raw(net: EarlyExitNet, cluster: ClusterSpec) -> dict[int, str]:
             garbage_error = await asyncio.wait_for(garbage.read(), 10)
             outcomes[0] = garbage_error.errors[0].code
             await garbage.write(messages["good"].SerializeToString())  # the same stream still serves
-            for result in (await asyncio.wait_for(garbage.read(), 10)).results:
-                outcomes[-int(result.request_id)] = "ok"
+            while -111 not in outcomes or -112 not in outcomes:
+                for result in (await asyncio.wait_for(garbage.read(), 10)).results:
+                    outcomes[-int(result.request_id)] = "ok"
             while len([k for k in outcomes if k > 0]) < 12:
                 up = await asyncio.wait_for(call.read(), 10)
                 for result in up.results:
@@ -199,4 +200,4 @@ def test_malformed_requests_get_errors_and_the_node_keeps_serving(net: EarlyExit
     assert outcomes[109] == outcomes[110] == "unknown_plan"
     assert outcomes[111] == outcomes[112] == "ok"
     assert outcomes[0] == "bad_message"
-    assert outcomes[-111] == "ok" or outcomes[-112] == "ok"
+    assert outcomes[-111] == outcomes[-112] == "ok"  # the stream that carried garbage still serves

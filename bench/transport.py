@@ -17,18 +17,28 @@
     contender; p50 is the median over all messages, and the ratio ours/tcp is the median of the per-round
     ratios of the p50s.
 
-(2) **3-stage pipeline throughput**: edge + cloud1 + cloud2 (all in this process, real gRPC on loopback,
-    raw codec, max_batch 1, window 16) over digits_cnn with random weights and an uncalibrated policy, so
-    every input runs through all three stages. Each node gets a ``slowdown`` that stretches its stage's
+(2) **3-stage pipeline throughput**: edge + cloud1 + cloud2 (real gRPC on loopback, raw codec, max_batch 1,
+    window 16) over digits_cnn with random weights and an uncalibrated policy, so every input runs through
+    all three stages. The net is saved as a model package (``splitexit.save``) that every node loads.
+    Two modes:
+
+    * ``--processes`` (the default): cloud1 and cloud2 are real node processes started by
+      ``LocalCluster`` from a cluster file (``package:``, per-node ``slowdown``, free loopback ports), as
+      deployed; the edge is an ``Entry`` in this process.
+    * ``--in-process``: all three nodes share this process and its event loop (gRPC, batching, decoding).
+    * ``--both``: both, one after the other.
+ Each node gets a ``slowdown`` that stretches its stage's
     batch-1 compute to about ``--stage-ms`` (default 3 ms). The ideal throughput is
     1 / max(per-stage time), each stage timed alone the way the executor runs it (``stage.run`` then the
     slowdown's sleep). Calibration and pipeline runs alternate over rounds; medians are reported.
 
-All three stages share this process's event loop (gRPC, batching, decoding) and the box's cores; the
-slowdown is a sleep in each stage's worker thread, so stages overlap like separate machines would only as
-far as the GIL and the shared loop allow.
+Each mode also runs the same chain with slowdown 1 everywhere: that throughput is the runtime's own
+ceiling in that mode. In-process, all three stages share one event loop and the GIL; the slowdown is a
+sleep in each stage's worker thread, so stages overlap like separate machines would only as far as the
+GIL and the shared loop allow. In process mode three processes share the box's cores (often fewer than
+three); the stage work is mostly the slowdown's sleep, so it still overlaps.
 
-Run ``.venv/bin/python bench/transport.py`` (``--quick``: fewer rounds and inputs).
+Run ``.venv/bin/python bench/transport.py`` (``--quick``: fewer rounds and inputs; ``--both``: both modes).
 """
 
 from __future__ import annotations
@@ -42,9 +52,11 @@ import socket
 import statistics
 import struct
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -53,9 +65,11 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import TensorDataset
 
+import splitexit
 from splitexit import EarlyExitNet, build_model
-from splitexit.config import ClusterSpec, LinkSpec, NodeSpec
+from splitexit.config import ClusterSpec, CpuSettings, LinkSpec, ModelSource, NodeSpec
 from splitexit.runtime import wire_pb2, wire_pb2_grpc
+from splitexit.runtime.cluster import LocalCluster, load_cluster
 from splitexit.runtime.codec import decode, parse_codec
 from splitexit.runtime.entry import Entry
 from splitexit.runtime.node import Node
@@ -254,20 +268,40 @@ async def measure_hop(settings: Settings) -> list[HopRow]:
 
 
 # ------------------------------------------------------------------------------------------ part 2
-def make_cluster(slowdowns: dict[str, float]) -> ClusterSpec:
+NODE_NAMES = ("edge", "cloud1", "cloud2")
+
+
+def cluster_dict(slowdowns: dict[str, float], package: Path | None = None) -> dict:
+    """A 3-node chain on free loopback ports, raw codec, max_batch 1, window 16."""
     nodes = [{"name": "edge", "role": "edge", "slowdown": slowdowns["edge"]}] + [
         {"name": name, "address": f"127.0.0.1:{free_port()}", "slowdown": slowdowns[name]}
-        for name in ("cloud1", "cloud2")]
-    names = [n["name"] for n in nodes]
-    links = [{"from": a, "to": b, "codec": "raw"} for a, b in zip(names, names[1:])]
-    return ClusterSpec.model_validate(yaml.safe_load(yaml.safe_dump({
-        "nodes": nodes, "links": links, "batching": {"max_batch": 1, "max_wait": "1ms"},
-        "window": 16, "message_limit": "64MiB"})))
+        for name in NODE_NAMES[1:]]
+    links = [{"from": a, "to": b, "codec": "raw"} for a, b in zip(NODE_NAMES, NODE_NAMES[1:])]
+    spec = {"nodes": nodes, "links": links, "batching": {"max_batch": 1, "max_wait": "1ms"}, "window": 16,
+            "message_limit": "64MiB"}
+    return spec if package is None else {"package": str(package.resolve()), **spec}
 
 
-def digits_net() -> EarlyExitNet:
+def make_cluster(slowdowns: dict[str, float]) -> ClusterSpec:
+    return ClusterSpec.model_validate(yaml.safe_load(yaml.safe_dump(cluster_dict(slowdowns))))
+
+
+def write_cluster_file(directory: Path, package: Path, slowdowns: dict[str, float]) -> tuple[Path, ClusterSpec]:
+    """A cluster file with ``package:`` and fresh ports; validated the way the nodes will read it."""
+    path = directory / "cluster.yaml"
+    path.write_text(yaml.safe_dump(cluster_dict(slowdowns, package), sort_keys=False))
+    return path, load_cluster(path)
+
+
+def digits_package(directory: Path) -> tuple[EarlyExitNet, str]:
+    """digits_cnn with random weights and its (uncalibrated) default policy, saved as a package that the
+    node processes load, and loaded back here so the edge runs the very same net. Returns (net, sha256)."""
     torch.manual_seed(SEED)
-    return EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8)).eval()
+    net = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8),
+                                  source=ModelSource(name="digits_cnn", num_classes=10))
+    net.cpu = CpuSettings(threads=1)  # every node process runs torch on 1 thread, like this process
+    splitexit.save(net, directory)
+    return splitexit.load(directory).eval(), splitexit.read_spec(directory).weights_sha256
 
 
 def stage_times(net: EarlyExitNet, cluster: ClusterSpec, slowdowns: dict[str, float] | None,
@@ -294,42 +328,78 @@ def stage_times(net: EarlyExitNet, cluster: ClusterSpec, slowdowns: dict[str, fl
     return result
 
 
-async def run_pipeline(net: EarlyExitNet, cluster: ClusterSpec, dataset: TensorDataset
-                       ) -> tuple[float, list[str], int, dict[str, float]]:
-    """Inputs per second over ``dataset``, the nodes that answered, the number of errors, and each stage's
-    median batch time inside the pipeline (its executor's ``_compute`` timed by a wrapper, slowdown included)."""
-    nodes = [Node(net, cluster, n.name) for n in reversed(cluster.nodes[1:])]
-    for node in nodes:  # last first: each connects to its next node
-        await node.start()
-    entry = Entry(net, cluster)
-    busy: dict[str, list[float]] = {}
-    for name, executor in [("edge", entry.hop.executor), *((n.name, n.hop.executor) for n in nodes)]:
-        busy[name] = []
+def _instrument(busy: dict[str, list[float]], name: str, executor) -> None:  # noqa: ANN001
+    """Time each batch of ``executor._compute`` (slowdown included) into ``busy[name]``."""
+    busy[name] = []
 
-        def timed(jobs, _compute=executor._compute, _out=busy[name]):  # noqa: ANN001, ANN202
-            started = time.perf_counter()
-            replies = _compute(jobs)
-            _out.append(time.perf_counter() - started)
-            return replies
+    def timed(jobs, _compute=executor._compute, _out=busy[name]):  # noqa: ANN001, ANN202
+        started = time.perf_counter()
+        replies = _compute(jobs)
+        _out.append(time.perf_counter() - started)
+        return replies
 
-        executor._compute = timed  # instrumentation only: the stage runs exactly as before
-    try:
-        await entry.start()
-        await entry.run(TensorDataset(*(t[:32] for t in dataset.tensors)))  # warm-up, untimed
-        for samples in busy.values():
-            samples.clear()
-        result = await entry.run(dataset)
-    finally:
-        await entry.close()
-        for node in reversed(nodes):
-            await node.stop(grace=2)
+    executor._compute = timed  # instrumentation only: the stage runs exactly as before
+
+
+async def _drive(entry: Entry, dataset: TensorDataset, busy: dict[str, list[float]]):  # noqa: ANN202
+    await entry.start()
+    await entry.run(TensorDataset(*(t[:32] for t in dataset.tensors)))  # warm-up, untimed
+    for samples in busy.values():
+        samples.clear()
+    return await entry.run(dataset)
+
+
+def _summary(result, dataset: TensorDataset, busy: dict[str, list[float]]):  # noqa: ANN001, ANN202
     errors = sum(1 for r in result.records if r.error)
     inside = {name: statistics.median(samples) for name, samples in busy.items() if samples}
     return len(dataset) / result.wall_s, sorted({r.node for r in result.records}), errors, inside
 
 
+async def run_in_process(net: EarlyExitNet, sha: str, cluster: ClusterSpec, dataset: TensorDataset
+                         ) -> tuple[float, list[str], int, dict[str, float]]:
+    """All three nodes in this process. Inputs per second over ``dataset``, the nodes that answered, the
+    number of errors, and each stage's median batch time inside the pipeline (slowdown included)."""
+    nodes = [Node(net, cluster, n.name, weights_sha256=sha) for n in reversed(cluster.nodes[1:])]
+    for node in nodes:  # last first: each connects to its next node
+        await node.start()
+    entry = Entry(net, cluster, weights_sha256=sha)
+    busy: dict[str, list[float]] = {}
+    for name, executor in [("edge", entry.hop.executor), *((n.name, n.hop.executor) for n in nodes)]:
+        _instrument(busy, name, executor)
+    try:
+        result = await _drive(entry, dataset, busy)
+    finally:
+        await entry.close()
+        for node in reversed(nodes):
+            await node.stop(grace=2)
+    return _summary(result, dataset, busy)
+
+
+def run_processes(net: EarlyExitNet, sha: str, package: Path, slowdowns: dict[str, float],
+                  dataset: TensorDataset, workdir: Path) -> tuple[float, list[str], int, dict[str, float]]:
+    """cloud1 and cloud2 as node processes (``LocalCluster``), the edge an ``Entry`` here. Same return as
+    ``run_in_process``; only the edge's batch time can be timed from here."""
+    cluster_file, cluster = write_cluster_file(workdir, package, slowdowns)
+    local = LocalCluster(cluster_file, cluster, package, log_dir=workdir)
+    local.start()
+    try:
+        async def go():  # noqa: ANN202
+            entry = Entry(net, cluster, weights_sha256=sha)
+            busy: dict[str, list[float]] = {}
+            _instrument(busy, "edge", entry.hop.executor)
+            try:
+                return _summary(await _drive(entry, dataset, busy), dataset, busy)
+            finally:
+                await entry.close()
+
+        return asyncio.run(go())
+    finally:
+        local.stop()
+
+
 @dataclass(frozen=True)
 class PipeResult:
+    mode: str
     slowdowns: dict[str, float]
     base_ms: dict[str, float]
     stage_ms: dict[str, float]  # medians over rounds, each stage timed alone
@@ -340,25 +410,38 @@ class PipeResult:
     answered_by: list[str]
     errors: int
     bare: float  # median inputs/s of the same chain with slowdown 1 everywhere: the runtime's own ceiling here
+    bare_rounds: list[float]
 
 
-def measure_pipeline(settings: Settings, target_ms: float) -> PipeResult:
-    net = digits_net()
-    probe = make_cluster({"edge": 1.0, "cloud1": 1.0, "cloud2": 1.0})
+def calibrate(net: EarlyExitNet, settings: Settings, target_ms: float) -> tuple[dict[str, float], dict[str, float]]:
+    """(slowdowns that stretch each stage to about ``target_ms``, each stage's bare compute in seconds)."""
+    probe = make_cluster(dict.fromkeys(NODE_NAMES, 1.0))
     base = stage_times(net, probe, None, settings.calib * 3)
     slowdowns = {name: max(1.0, target_ms / 1e3 / seconds) for name, seconds in base.items()}
     for _ in range(2):  # compute interleaved with sleeps runs slower than back to back: correct for it
         got = stage_times(net, make_cluster(slowdowns), slowdowns, settings.calib)
         slowdowns = {name: max(1.0, slowdowns[name] * target_ms / 1e3 / got[name]) for name in slowdowns}
-    slowdowns = {name: round(value, 2) for name, value in slowdowns.items()}
+    return {name: round(value, 2) for name, value in slowdowns.items()}, base
+
+
+def measure_pipeline(settings: Settings, target_ms: float, mode: str, net: EarlyExitNet, sha: str,
+                     package: Path, workdir: Path) -> PipeResult:
+    slowdowns, base = calibrate(net, settings, target_ms)
     cluster = make_cluster(slowdowns)
+    bare_slowdowns = dict.fromkeys(NODE_NAMES, 1.0)
+    bare_cluster = make_cluster(bare_slowdowns)
     generator = torch.Generator().manual_seed(SEED + 1)
     dataset = TensorDataset(torch.randn(settings.inputs, 1, 8, 8, generator=generator),
                             torch.randint(0, 10, (settings.inputs,), generator=generator))
+
+    def pipeline(which: dict[str, float], spec: ClusterSpec):  # noqa: ANN202
+        if mode == "processes":
+            return run_processes(net, sha, package, which, dataset, workdir)
+        return asyncio.run(run_in_process(net, sha, spec, dataset))
+
     per_stage: dict[str, list[float]] = {name: [] for name in slowdowns}
     inside: dict[str, list[float]] = {name: [] for name in slowdowns}
     ideals, measured, fractions, bare = [], [], [], []
-    bare_cluster = make_cluster({name: 1.0 for name in slowdowns})
     answered_by: set[str] = set()
     errors = 0
     for _ in range(settings.pipe_rounds):
@@ -366,26 +449,66 @@ def measure_pipeline(settings: Settings, target_ms: float) -> PipeResult:
         for name, seconds in times.items():
             per_stage[name].append(seconds)
         ideal = 1.0 / max(times.values())
-        throughput, nodes, errs, busy = asyncio.run(run_pipeline(net, cluster, dataset))
+        throughput, nodes, errs, busy = pipeline(slowdowns, cluster)
         for name, seconds in busy.items():
             inside[name].append(seconds)
-        bare.append(asyncio.run(run_pipeline(net, bare_cluster, dataset))[0])
+        throughput_bare, _, errs_bare, _ = pipeline(bare_slowdowns, bare_cluster)
+        bare.append(throughput_bare)
         answered_by |= set(nodes)
-        errors += errs
+        errors += errs + errs_bare
         ideals.append(ideal)
         measured.append(throughput)
         fractions.append(throughput / ideal)
-    return PipeResult(slowdowns, {k: v * 1e3 for k, v in base.items()},
+    return PipeResult(mode, slowdowns, {k: v * 1e3 for k, v in base.items()},
                       {k: statistics.median(v) * 1e3 for k, v in per_stage.items()},
                       {k: statistics.median(v) * 1e3 for k, v in inside.items() if v}, statistics.median(ideals),
-                      statistics.median(measured), fractions, sorted(answered_by), errors, statistics.median(bare))
+                      statistics.median(measured), fractions, sorted(answered_by), errors, statistics.median(bare),
+                      bare)
 
 
 # ------------------------------------------------------------------------------------------ report
+MODE_TITLES = {"processes": "cloud1, cloud2 as node processes (LocalCluster), edge in this process",
+               "in-process": "all three nodes in this process (one event loop)"}
+
+
+def report_pipeline(console: Console, settings: Settings, pipe: PipeResult) -> None:
+    table = Table(title=f"(2) 3-stage pipeline ({pipe.mode}: {MODE_TITLES[pipe.mode]}), digits_cnn, raw codec, "
+                        f"max_batch 1, window 16, {settings.inputs} inputs x {settings.pipe_rounds} rounds")
+    for column in ("stage", "compute ms (alone)", "slowdown", "stage ms incl. slowdown (alone)",
+                   "batch ms inside the pipeline"):
+        table.add_column(column, justify="right")
+    for name in pipe.slowdowns:
+        inside = pipe.inside_ms.get(name)
+        table.add_row(name, f"{pipe.base_ms[name]:.3f}", f"{pipe.slowdowns[name]:.2f}", f"{pipe.stage_ms[name]:.3f}",
+                      "n/a (other process)" if inside is None else f"{inside:.3f}")
+    console.print(table)
+    table = Table(title=f"(2) throughput ({pipe.mode})")
+    for column in ("ideal inputs/s", "measured inputs/s", "measured / ideal (median)", "per round",
+                   "ceiling: slowdown 1 everywhere, inputs/s", "ceiling per round"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{pipe.ideal:.1f}", f"{pipe.measured:.1f}", f"{statistics.median(pipe.fractions):.3f}",
+                  ", ".join(f"{f:.3f}" for f in pipe.fractions), f"{pipe.bare:.1f}",
+                  ", ".join(f"{b:.1f}" for b in pipe.bare_rounds))
+    console.print(table)
+    if len(pipe.inside_ms) == len(pipe.slowdowns):
+        console.print(f"1 / max(batch time inside the pipeline) = {1e3 / max(pipe.inside_ms.values()):.1f} inputs/s")
+    if pipe.mode == "processes":
+        console.print(f"3 processes (edge here, cloud1, cloud2) on {os.cpu_count()} CPUs; the stage work is mostly "
+                      f"the slowdown's sleep, so it overlaps even with fewer cores than processes")
+    console.print(f"answered by {pipe.answered_by}, errors {pipe.errors}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and inputs")
     parser.add_argument("--stage-ms", type=float, default=3.0, help="target time per stage in part 2")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--processes", dest="mode", action="store_const", const="processes",
+                      help="part 2 with cloud1 and cloud2 as node processes (the default)")
+    mode.add_argument("--in-process", dest="mode", action="store_const", const="in-process",
+                      help="part 2 with all nodes in this process")
+    mode.add_argument("--both", dest="mode", action="store_const", const="both", help="part 2 in both modes")
+    parser.set_defaults(mode="processes")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     torch.set_num_threads(1)
@@ -407,27 +530,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row.copy_from_ratio:.2f}x")
     console.print(table)
 
-    pipe = measure_pipeline(settings, args.stage_ms)
-    table = Table(title=f"(2) 3-stage pipeline, digits_cnn, raw codec, max_batch 1, window 16, "
-                        f"{settings.inputs} inputs x {settings.pipe_rounds} rounds")
-    for column in ("stage", "compute ms (alone)", "slowdown", "stage ms incl. slowdown (alone)",
-                   "batch ms inside the pipeline"):
-        table.add_column(column, justify="right")
-    for name in pipe.slowdowns:
-        table.add_row(name, f"{pipe.base_ms[name]:.3f}", f"{pipe.slowdowns[name]:.2f}", f"{pipe.stage_ms[name]:.3f}",
-                      f"{pipe.inside_ms.get(name, float('nan')):.3f}")
-    console.print(table)
-    table = Table(title="(2) throughput")
-    for column in ("ideal inputs/s", "measured inputs/s", "measured / ideal (median)", "per round"):
-        table.add_column(column, justify="right")
-    table.add_row(f"{pipe.ideal:.1f}", f"{pipe.measured:.1f}", f"{statistics.median(pipe.fractions):.3f}",
-                  ", ".join(f"{f:.3f}" for f in pipe.fractions))
-    console.print(table)
-    if pipe.inside_ms:
-        console.print(f"1 / max(batch time inside the pipeline) = {1e3 / max(pipe.inside_ms.values()):.1f} inputs/s")
-    console.print(f"same chain with slowdown 1 everywhere (runtime ceiling in this process): {pipe.bare:.1f} inputs/s")
-    console.print(f"answered by {pipe.answered_by}, errors {pipe.errors}; "
-                  f"total {time.perf_counter() - started:.1f} s")
+    modes = ("processes", "in-process") if args.mode == "both" else (args.mode,)
+    with tempfile.TemporaryDirectory(prefix="splitexit-bench-") as tmp:
+        package = Path(tmp) / "digits_pkg"
+        net, sha = digits_package(package)
+        for mode_name in modes:
+            pipe = measure_pipeline(settings, args.stage_ms, mode_name, net, sha, package, Path(tmp))
+            report_pipeline(console, settings, pipe)
+    console.print(f"total {time.perf_counter() - started:.1f} s")
     return 0
 
 

@@ -76,7 +76,12 @@ def write_records(records: list[RequestRecord], path: Path) -> None:
 
 
 def write_demo_cluster(path: Path, package: Path) -> Path:
-    """A 3-node cluster on free loopback ports: a slow edge, a 20 Mbit/s uplink, a fast datacentre hop."""
+    """A 3-node cluster on free loopback ports: a slow edge, a 20 Mbit/s uplink, a fast datacentre hop.
+
+    The edge runs only the first block, so every input crosses the uplink (int8+zstd); cloud1 holds both
+    early exits and cloud2 the rest. Where cuts *should* go is the planner's job; this layout shows the
+    whole chain at work.
+    """
     import socket
 
     import yaml
@@ -88,8 +93,8 @@ def write_demo_cluster(path: Path, package: Path) -> Path:
 
     spec = {
         "package": str(package.resolve()),
-        "nodes": [{"name": "edge", "role": "edge", "slowdown": 8},
-                  {"name": "cloud1", "address": f"127.0.0.1:{free_port()}"},
+        "nodes": [{"name": "edge", "role": "edge", "slowdown": 8, "ends_at": "block1"},
+                  {"name": "cloud1", "address": f"127.0.0.1:{free_port()}", "ends_at": "block3"},
                   {"name": "cloud2", "address": f"127.0.0.1:{free_port()}"}],
         "links": [{"from": "edge", "to": "cloud1", "bandwidth": "20Mbit", "latency": "10ms", "codec": "int8+zstd"},
                   {"from": "cloud1", "to": "cloud2", "bandwidth": "1Gbit", "latency": "1ms", "codec": "raw"}],

@@ -69,6 +69,7 @@ import splitexit
 from splitexit import EarlyExitNet, build_model
 from splitexit.config import ClusterSpec, CpuSettings, LinkSpec, ModelSource, NodeSpec
 from splitexit.runtime import wire_pb2, wire_pb2_grpc
+from splitexit.errors import ClusterError
 from splitexit.runtime.cluster import LocalCluster, load_cluster
 from splitexit.runtime.codec import decode, parse_codec
 from splitexit.runtime.entry import Entry
@@ -269,6 +270,7 @@ async def measure_hop(settings: Settings) -> list[HopRow]:
 
 # ------------------------------------------------------------------------------------------ part 2
 NODE_NAMES = ("edge", "cloud1", "cloud2")
+STARTS: list[int] = []  # attempts each LocalCluster start needed (process mode)
 
 
 def cluster_dict(slowdowns: dict[str, float], package: Path | None = None) -> dict:
@@ -379,9 +381,19 @@ def run_processes(net: EarlyExitNet, sha: str, package: Path, slowdowns: dict[st
                   dataset: TensorDataset, workdir: Path) -> tuple[float, list[str], int, dict[str, float]]:
     """cloud1 and cloud2 as node processes (``LocalCluster``), the edge an ``Entry`` here. Same return as
     ``run_in_process``; only the edge's batch time can be timed from here."""
-    cluster_file, cluster = write_cluster_file(workdir, package, slowdowns)
-    local = LocalCluster(cluster_file, cluster, package, log_dir=workdir)
-    local.start()
+    for attempt in range(3):  # a node that dies before it is ready: show its log, try again on fresh ports
+        cluster_file, cluster = write_cluster_file(workdir, package, slowdowns)
+        local = LocalCluster(cluster_file, cluster, package, log_dir=workdir)
+        try:
+            local.start()
+            break
+        except ClusterError as exc:
+            logs = "\n".join(f"--- {log.name}:\n{log.read_text(errors='replace')[-2000:]}"
+                             for log in sorted(workdir.glob("*.log")))
+            print(f"node start failed (attempt {attempt + 1} of 3): {exc}\n{logs}", file=sys.stderr)
+            if attempt == 2:
+                raise
+    STARTS.append(attempt + 1)
     try:
         async def go():  # noqa: ANN202
             entry = Entry(net, cluster, weights_sha256=sha)
@@ -537,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
         for mode_name in modes:
             pipe = measure_pipeline(settings, args.stage_ms, mode_name, net, sha, package, Path(tmp))
             report_pipeline(console, settings, pipe)
+    if STARTS:
+        console.print(f"process mode: {len(STARTS)} cluster starts, {sum(STARTS) - len(STARTS)} retried "
+                      f"(a node died before it was ready; its log went to stderr)")
     console.print(f"total {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -201,3 +201,37 @@ def test_malformed_requests_get_errors_and_the_node_keeps_serving(net: EarlyExit
     assert outcomes[111] == outcomes[112] == "ok"
     assert outcomes[0] == "bad_message"
     assert outcomes[-111] == outcomes[-112] == "ok"  # the stream that carried garbage still serves
+
+
+# --------------------------------------------------------------------------- the event loop stays free
+async def _health_while_busy(net: EarlyExitNet) -> tuple[float, float]:
+    cluster = make_cluster(1)
+    slow = ClusterSpec.model_validate({**cluster.model_dump(by_alias=True),
+                                       "nodes": [cluster.nodes[0].model_dump(),
+                                                 {**cluster.nodes[1].model_dump(), "slowdown": 3000.0}]})
+    node = Node(net, slow, "cloud1")
+    await node.start()
+    entry = Entry(net, slow)
+    try:
+        await entry.start()
+        busy = asyncio.get_running_loop().create_task(entry.infer(torch.randn(1, 8, 8)))
+        while node.hop.in_flight == 0:  # wait until the request is inside cloud1's stage
+            await asyncio.sleep(0.005)
+        async with grpc.aio.insecure_channel(slow.node("cloud1").address) as channel:
+            started = asyncio.get_running_loop().time()
+            reply = await wire_pb2_grpc.StageServiceStub(channel).Health(wire_pb2.HealthRequest(), timeout=5)
+            health_s = asyncio.get_running_loop().time() - started
+        assert reply.in_flight == 1
+        record = await busy
+        return health_s, record.latency_ms / 1e3
+    finally:
+        await entry.close()
+        await node.stop(grace=2)
+
+
+def test_health_answers_while_the_stage_computes() -> None:
+    net = digits_net()  # its own net: the policy below would change the module fixture's answers
+    net.set_policy(ExitPolicy(temperatures=(1.0,) * net.num_exits, thresholds=(2.0,) * len(net.exit_cuts)))
+    health_s, request_s = asyncio.run(_health_while_busy(net))
+    assert request_s > 0.2, "the slowed stage should take a while"
+    assert health_s < request_s / 4, (health_s, request_s)

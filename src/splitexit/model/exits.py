@@ -67,6 +67,9 @@ class EarlyExitNet(nn.Module):
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape)
         self.input_dtype = input_dtype
+        #: sha256 of the weights file this net was last saved to or loaded from ("" if never): nodes and
+        #: the entry put it into the plan version, so they refuse to work with a different package.
+        self.weights_sha256 = ""
         self.source = source
         self.cpu = CpuSettings()
         bounds = [None, *[c.id for c in self.exit_cuts], None]

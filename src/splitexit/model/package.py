@@ -60,6 +60,7 @@ def save(net: EarlyExitNet, path: str | os.PathLike[str], *, data: DataSplit | N
     )
     text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
     _atomic_write(directory / SPEC_FILE, lambda tmp: tmp.write_text(text))
+    net.weights_sha256 = spec.weights_sha256
     return directory
 
 
@@ -108,6 +109,7 @@ def load(path: str | os.PathLike[str]) -> EarlyExitNet:
                        input_dtype=example.dtype, heads=[e.head for e in spec.exits], policy=spec.policy, source=spec.model)
     _load_weights(net, weights)
     net.cpu = spec.cpu
+    net.weights_sha256 = spec.weights_sha256
     if spec.cpu.memory_format == "channels_last":
         net.to(memory_format=torch.channels_last)
     return net.eval()

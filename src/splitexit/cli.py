@@ -223,12 +223,14 @@ def node(
     name: str = typer.Option(..., "--name", "-n", help="Which node of the file this process is"),
     package: Optional[Path] = typer.Option(None, help="Model package (default: the cluster file's `package:`)"),
     port: Optional[int] = typer.Option(None, help="Listen here instead of the port in the file (0: any free)"),
+    parent: Optional[int] = typer.Option(None, "--die-with-parent", hidden=True,
+                                         help="Stop when this process dies (set by `splitexit up`)"),
 ) -> None:
     """Serve one node's stage until SIGTERM/Ctrl-C (then drain in-flight requests)."""
     from splitexit.runtime.workflow import serve
 
     with _user_errors():
-        serve(cluster, name, package=package, port=port)
+        serve(cluster, name, package=package, port=port, parent=parent)
 
 
 @app.command()

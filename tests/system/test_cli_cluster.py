@@ -100,3 +100,17 @@ def test_int8_cluster_keeps_accuracy_within_half_a_point(tmp_path: Path, package
     def accuracy(records: list[dict]) -> float:
         return sum(r["prediction"] == r["label"] for r in records) / len(records)
     assert abs(accuracy(int8) - accuracy(raw)) <= 0.005
+
+
+def test_killing_up_leaves_no_orphan_nodes(tmp_path: Path, package: Path) -> None:
+    cluster_file = write_cluster(tmp_path / "cluster-kill.yaml", package, "raw")
+    up = subprocess.Popen([sys.executable, "-m", "splitexit", "up", "--cluster", str(cluster_file)],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert "cluster up" in (up.stdout.readline() if up.stdout else "")
+    assert len(node_pids(cluster_file)) == 2
+    up.kill()  # SIGKILL: `up` gets no chance to stop its children itself
+    up.wait()
+    deadline = time.monotonic() + 15
+    while node_pids(cluster_file) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert node_pids(cluster_file) == [], "nodes outlived a SIGKILLed `splitexit up`"

@@ -1,8 +1,10 @@
 """Start every worker of a cluster file as a local process, wait until all are ready, stop them all.
 
 Workers start from the end of the chain backwards, because each connects to its next node when it
-starts. Each child gets ``PR_SET_PDEATHSIG`` (Linux): if this process dies, even by SIGKILL, the kernel
-sends the children SIGTERM, so no node is left orphaned. ``stop()`` sends SIGTERM (the nodes drain
+starts. Each child is told this process's pid (``--die-with-parent``) and sets ``PR_SET_PDEATHSIG``
+itself, after exec (Linux): if this process dies, even by SIGKILL, the kernel sends the child SIGTERM, so
+no node is left orphaned. (Doing it in ``preexec_fn`` would fork a process that may already run gRPC
+threads, which is unsafe.) ``stop()`` sends SIGTERM (the nodes drain
 in-flight work) and kills whatever has not exited after a grace period.
 """
 
@@ -24,7 +26,7 @@ from pydantic import ValidationError
 from splitexit.config import ClusterSpec
 from splitexit.errors import ClusterError
 
-__all__ = ["LocalCluster", "load_cluster", "resolve_package"]
+__all__ = ["LocalCluster", "die_with_parent", "load_cluster", "resolve_package"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +35,14 @@ STOP_GRACE = 10.0
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent(parent: int) -> None:
+    """In a node process: get SIGTERM when ``parent`` dies; exit now if it is already gone."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
-        pass  # not Linux: `stop()` still cleans up on a normal exit
+        logger.info("PR_SET_PDEATHSIG is not available here; the node will outlive a killed `up`")
+    if os.getppid() != parent:
+        raise SystemExit(f"parent process {parent} is gone; not starting")
 
 
 class LocalCluster:
@@ -61,10 +66,11 @@ class LocalCluster:
 
     def _start_one(self, name: str, timeout: float) -> None:
         command = [sys.executable, "-m", "splitexit", *(["--verbose"] if self.verbose else []), "node",
-                   "--cluster", str(self.cluster_file), "--name", name, "--package", str(self.package)]
+                   "--cluster", str(self.cluster_file), "--name", name, "--package", str(self.package),
+                   "--die-with-parent", str(os.getpid())]
         stderr = open(self.log_dir / f"{name}.log", "wb") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
-                                   text=True, preexec_fn=_die_with_parent)  # noqa: PLW1509 - only prctl
+                                   text=True)
         self.processes[name] = process
         line = _read_line(process, timeout)
         if not line.startswith(f"ready {name}"):

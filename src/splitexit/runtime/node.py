@@ -33,6 +33,9 @@ __all__ = ["Node", "serve_node"]
 logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 30.0
+#: Batches one upstream stream may have in this node at once; past it the reader stops reading, so gRPC
+#: flow control holds the sender back instead of this node queueing without bound.
+MAX_BATCHES_PER_STREAM = 128
 
 
 class _Metrics:
@@ -150,6 +153,7 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
         assembler = BatchAssembler(plan_version=node.placement.version, expected=node.stage.input_tensors or (),
                                    max_bytes_per_row=sum(t.bytes_per_sample for t in node.stage.input_tensors or ()))
         tasks: set[asyncio.Task] = set()
+        slots = asyncio.Semaphore(MAX_BATCHES_PER_STREAM)
         try:
             async for raw in requests:
                 try:
@@ -170,9 +174,10 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
                     await self._reject(up, ids, exc)
                     continue
                 if batch is not None:
+                    await slots.acquire()
                     task = asyncio.get_running_loop().create_task(self._handle(batch, up))
                     tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    task.add_done_callback(lambda done: (tasks.discard(done), slots.release()))
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             await up.close()

@@ -12,15 +12,18 @@ from splitexit.errors import DataError
 from splitexit.model.cpu import apply_threads
 from splitexit.model.data import load_dataset, split_dataset
 from splitexit.model.package import load, read_spec
-from splitexit.runtime.cluster import LocalCluster, load_cluster, resolve_package
+from splitexit.runtime.cluster import LocalCluster, die_with_parent, load_cluster, resolve_package
 from splitexit.runtime.entry import Entry, RequestRecord, RunResult
 from splitexit.runtime.node import Node, serve_node
 
 __all__ = ["run_cluster", "serve", "start_cluster", "write_demo_cluster", "write_records"]
 
 
-def serve(cluster_file: Path, name: str, *, package: Path | None = None, port: int | None = None) -> None:
-    """Run one worker node until SIGTERM/SIGINT."""
+def serve(cluster_file: Path, name: str, *, package: Path | None = None, port: int | None = None,
+          parent: int | None = None) -> None:
+    """Run one worker node until SIGTERM/SIGINT (or until ``parent`` dies, when given)."""
+    if parent is not None:
+        die_with_parent(parent)
     cluster = load_cluster(cluster_file)
     package = resolve_package(cluster_file, cluster, package)
     spec = read_spec(package)

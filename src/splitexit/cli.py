@@ -300,6 +300,37 @@ def _show_run(result, *, results: Optional[Path], report_dir: Optional[Path], as
         out.print(f"report: {report_dir / 'report.html'}")
 
 
+certs_app = typer.Typer(no_args_is_help=True, help="A cluster CA and node certificates for mutual TLS.")
+app.add_typer(certs_app, name="certs")
+
+
+@certs_app.command("init")
+def certs_init(
+    directory: Path = typer.Argument(..., help="Where the CA (ca.pem, ca.key) and node certificates live"),
+    overwrite: bool = typer.Option(False, help="Replace an existing CA (invalidates its certificates)"),
+) -> None:
+    """Create the cluster CA."""
+    from splitexit.runtime.security import init_ca
+
+    with _user_errors():
+        path = init_ca(directory, overwrite=overwrite)
+    out.print(f"wrote {path} (and ca.key, mode 0600); next: splitexit certs issue {directory} NODE")
+
+
+@certs_app.command("issue")
+def certs_issue(
+    directory: Path = typer.Argument(..., help="Directory holding the cluster CA"),
+    name: str = typer.Argument(..., help="Node name, as in the cluster file (the edge needs one too)"),
+    host: list[str] = typer.Option([], "--host", help="Extra host names or IPs the certificate is valid for"),
+) -> None:
+    """Issue a key and certificate for one node, signed by the cluster CA."""
+    from splitexit.runtime.security import issue_certificate
+
+    with _user_errors():
+        cert, key = issue_certificate(directory, name, hosts=tuple(host))
+    out.print(f"wrote {cert} and {key} (mode 0600); copy them and ca.pem to the machine running {name}")
+
+
 def _usable(package: Path, read_spec) -> bool:  # noqa: ANN001 - avoids importing torch at CLI import
     try:
         read_spec(package)

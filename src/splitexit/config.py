@@ -25,6 +25,7 @@ __all__ = [
     "ModelSource",
     "NodeSpec",
     "PackageSpec",
+    "SecuritySpec",
     "TrainConfig",
     "PACKAGE_FORMAT",
 ]
@@ -234,6 +235,20 @@ class BatchingSpec(_Model):
         return parse_duration(value)  # type: ignore[arg-type]
 
 
+class SecuritySpec(_Model):
+    """Who may talk to a node. Without ``tls`` nodes speak plain text, which they allow on loopback only."""
+
+    tls: str | None = Field(None, description="directory with ca.pem and <node>.pem/.key (`splitexit certs`)")
+    token: str | None = Field(None, min_length=16, description="shared secret every stream must present")
+    token_file: str | None = Field(None, description="file holding the token (kept out of the cluster file)")
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> "SecuritySpec":
+        if self.token and self.token_file:
+            raise ValueError("give `token` or `token_file`, not both")
+        return self
+
+
 class ClusterSpec(_Model):
     """A cluster file: the chain of nodes, the links between them, and how requests flow."""
 
@@ -249,6 +264,7 @@ class ClusterSpec(_Model):
     batching: BatchingSpec = BatchingSpec()
     window: int = Field(DEFAULT_WINDOW, ge=1, le=65536, description="requests in flight from the entry")
     message_limit: int = Field(DEFAULT_MESSAGE_LIMIT, ge=1024, description="largest gRPC message; bigger tensors are chunked")
+    security: SecuritySpec = SecuritySpec()
 
     @field_validator("message_limit", mode="before")
     @classmethod

@@ -120,12 +120,29 @@ def load_cluster(path: Path) -> ClusterSpec:
         raise ClusterError(f"cluster file {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text())
-        return ClusterSpec.model_validate(raw)
+        return _resolve_paths(ClusterSpec.model_validate(raw), path)
     except yaml.YAMLError as exc:
         raise ClusterError(f"{path} is not valid YAML: {exc}") from exc
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
         raise ClusterError(f"{path}: {problems}") from exc
+
+
+def _resolve_paths(cluster: ClusterSpec, path: Path) -> ClusterSpec:
+    """Make the file's relative paths relative to the file, and read the token file."""
+    security = cluster.security
+    base = path.resolve().parent
+    tls = str(base / security.tls) if security.tls else None
+    token = security.token
+    if security.token_file:
+        token_path = base / security.token_file
+        if not token_path.is_file():
+            raise ClusterError(f"{path}: token_file {token_path} does not exist")
+        token = token_path.read_text().strip()
+        if len(token) < 16:
+            raise ClusterError(f"{token_path}: the token must be at least 16 characters")
+    secured = security.model_copy(update={"tls": tls, "token": token, "token_file": None})
+    return cluster.model_copy(update={"security": secured})
 
 
 def resolve_package(cluster_file: Path, cluster: ClusterSpec, package: Path | None) -> Path:

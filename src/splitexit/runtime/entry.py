@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import Dataset
 
 from splitexit.config import ClusterSpec
+from splitexit.errors import NodeUnavailableError
 from splitexit.model.exits import EarlyExitNet
-from splitexit.runtime import wire_pb2, wire_pb2_grpc
 from splitexit.runtime.chain import build_hop
 from splitexit.runtime.hop import RowError, RowResult, Stamp
 from splitexit.runtime.placement import Placement, default_placement
@@ -110,9 +110,8 @@ class Entry:
     async def _downstream_links(self) -> dict[str, LinkCounters]:
         """Byte counters of the hops past the first, as the nodes report them through Health."""
         try:
-            reply = await wire_pb2_grpc.StageServiceStub(self.remote._channel).Health(  # type: ignore[union-attr]
-                wire_pb2.HealthRequest(), timeout=5)
-        except Exception:  # noqa: BLE001 - counters are a nicety; a report without them is still right
+            reply = await self.remote.health()  # type: ignore[union-attr]
+        except NodeUnavailableError:  # counters are a nicety; a report without them is still right
             return {}
         return {f"{l.source}->{l.target}": LinkCounters(l.raw_bytes, l.wire_bytes, l.messages, l.rows)
                 for l in reply.links}

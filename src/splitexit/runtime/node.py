@@ -19,10 +19,11 @@ from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from splitexit.config import ClusterSpec
-from splitexit.errors import ClusterError, WireError
+from splitexit.errors import ClusterError, NodeUnavailableError, WireError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.runtime import wire_pb2, wire_pb2_grpc
-from splitexit.runtime.chain import build_hop
+from splitexit.runtime.chain import build_hop, node_credentials
+from splitexit.runtime.security import token_matches
 from splitexit.runtime.hop import RowError, RowResult, stamp
 from splitexit.runtime.link import EmulatedLink
 from splitexit.runtime.placement import Placement, default_placement
@@ -33,6 +34,7 @@ __all__ = ["Node", "serve_node"]
 logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 30.0
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 #: Batches one upstream stream may have in this node at once; past it the reader stops reading, so gRPC
 #: flow control holds the sender back instead of this node queueing without bound.
 MAX_BATCHES_PER_STREAM = 128
@@ -69,7 +71,8 @@ class Node:
         me = self.placement.of(name)
         self.stage = net.stage(me.start, me.end)
         names = [n.name for n in cluster.nodes]
-        self.upstream_link = cluster.link(names[names.index(name) - 1], name)
+        self.upstream_name = names[names.index(name) - 1]
+        self.upstream_link = cluster.link(self.upstream_name, name)
         self.hop, self.remote = build_hop(net, cluster, self.placement, name)
         self.metrics = _Metrics(name)
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"splitexit-{name}-decode")
@@ -85,11 +88,19 @@ class Node:
         self._server = grpc.aio.server(options=grpc_options(self.cluster.message_limit))
         _register(_Servicer(self), self._server)
         host, _, configured = (self.spec.address or "127.0.0.1:0").rpartition(":")
-        self.port = self._server.add_insecure_port(f"{host}:{configured if port is None else port}")
+        listen = f"{host}:{configured if port is None else port}"
+        credentials = node_credentials(self.cluster, self.name)
+        if credentials is not None:
+            self.port = self._server.add_secure_port(listen, credentials.server())
+        elif host in _LOOPBACK:
+            logger.info("node %s speaks plain text on loopback %s (no security.tls in the cluster file)",
+                        self.name, listen)
+            self.port = self._server.add_insecure_port(listen)
+        else:
+            raise ClusterError(f"node {self.name} would listen on {host} in plain text; outside loopback set "
+                               "`security: {tls: DIR}` in the cluster file (see docs/security.md)")
         if self.port == 0:
             raise ClusterError(f"node {self.name} cannot listen on {self.spec.address}: is the port in use?")
-        if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
-            logger.warning("node %s listens on %s without TLS: use this only on a network you trust", self.name, host)
         await self._server.start()
         if self.spec.metrics_port is not None:
             server, _ = start_http_server(self.spec.metrics_port, addr="127.0.0.1", registry=self.metrics.registry)
@@ -118,8 +129,26 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
     def __init__(self, node: Node):
         self.node = node
 
+    async def _admit(self, context: grpc.aio.ServicerContext, what: str) -> None:
+        """Refuse (and log) a caller without the cluster token, or whose certificate names another node."""
+        node = self.node
+        peer = context.peer()
+        if not token_matches(context.invocation_metadata(), node.cluster.security.token):
+            node.metrics.rejected.labels(node=node.name, code="unauthenticated").inc()
+            logger.warning("node %s refused a %s from %s: missing or wrong token", node.name, what, peer)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
+        if node.cluster.security.tls:
+            names = {n.decode() for n in (context.auth_context().get("x509_common_name") or [])}
+            if node.upstream_name not in names:
+                node.metrics.rejected.labels(node=node.name, code="wrong_peer").inc()
+                logger.warning("node %s refused a %s from %s: certificate names %s, expected %s", node.name, what,
+                               peer, sorted(names) or "nobody", node.upstream_name)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"only {node.upstream_name} may call {node.name}")
+
     async def Health(self, request: wire_pb2.HealthRequest, context: grpc.aio.ServicerContext
                      ) -> wire_pb2.HealthReply:
+        await self._admit(context, "health call")
         node = self.node
         reply = wire_pb2.HealthReply(node=node.name, ready=node._accepting, plan_version=node.placement.version,
                                      queued=node.hop.executor.queued, in_flight=node.hop.in_flight)
@@ -129,14 +158,13 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
             reply.links.append(wire_pb2.LinkBytes(source=node.name, target=remote.target.name, raw_bytes=c.raw_bytes,
                                                   wire_bytes=c.wire_bytes, messages=c.messages, rows=c.rows))
             try:
-                below = await wire_pb2_grpc.StageServiceStub(remote._channel).Health(wire_pb2.HealthRequest(),
-                                                                                     timeout=5)
-                reply.links.extend(below.links)
-            except grpc.aio.AioRpcError as exc:
-                logger.info("health of %s unavailable: %s", remote.target.name, exc.code().name)
+                reply.links.extend((await remote.health()).links)
+            except NodeUnavailableError as exc:
+                logger.info("%s", exc)
         return reply
 
     async def Stream(self, requests, context: grpc.aio.ServicerContext):  # noqa: ANN001, ANN201 - grpc types
+        await self._admit(context, "stream")
         node = self.node
         if not node._accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {node.name} is shutting down")

@@ -24,6 +24,7 @@ from splitexit.errors import NodeUnavailableError
 from splitexit.runtime import wire_pb2, wire_pb2_grpc
 from splitexit.runtime.hop import RowError, RowResult, Stamp, stamp
 from splitexit.runtime.link import EmulatedLink
+from splitexit.runtime.security import TOKEN_HEADER, NodeCredentials
 from splitexit.runtime.wire import grpc_options, raw_size
 
 __all__ = ["LinkCounters", "RemoteStage"]
@@ -49,8 +50,10 @@ class RemoteStage:
     """Sends batches to ``target`` and resolves each row's future from what comes back up."""
 
     def __init__(self, *, sender: str, target: NodeSpec, link: LinkSpec, plan_version: int, message_limit: int,
-                 seed: int = 0):
+                 credentials: NodeCredentials | None = None, token: str | None = None, seed: int = 0):
         self.sender, self.target, self.plan_version = sender, target, plan_version
+        self.credentials = credentials
+        self.metadata = ((TOKEN_HEADER, token),) if token else ()
         self.message_limit = message_limit
         self.link_spec = link
         self.counters = LinkCounters()
@@ -63,7 +66,13 @@ class RemoteStage:
 
     async def connect(self, timeout: float = CONNECT_TIMEOUT) -> None:
         address = self.target.address or ""
-        self._channel = grpc.aio.insecure_channel(address, options=grpc_options(self.message_limit))
+        options = grpc_options(self.message_limit)
+        if self.credentials is not None:  # the server must prove it is the node named in the cluster file
+            self._channel = grpc.aio.secure_channel(address, self.credentials.channel(),
+                                                    options=[*options, ("grpc.ssl_target_name_override",
+                                                                        self.target.name)])
+        else:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
         try:
             await asyncio.wait_for(self._channel.channel_ready(), timeout)
         except asyncio.TimeoutError as exc:
@@ -71,7 +80,7 @@ class RemoteStage:
             raise NodeUnavailableError(f"node {self.target.name} at {address} did not answer within {timeout:.0f} s; "
                                        f"start it with `splitexit node --cluster ... --name {self.target.name}` "
                                        "or `splitexit up --cluster ...`") from exc
-        self._call = wire_pb2_grpc.StageServiceStub(self._channel).Stream()
+        self._call = wire_pb2_grpc.StageServiceStub(self._channel).Stream(metadata=self.metadata)
         await self._call.write(wire_pb2.Down(hello=wire_pb2.Hello(sender=self.sender, plan_version=self.plan_version)))
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._write_forever(), name=f"to-{self.target.name}"),
@@ -168,6 +177,14 @@ class RemoteStage:
         for request_id, future in pending.items():
             if not future.done():
                 future.set_result(self._unavailable(request_id))
+
+    async def health(self, timeout: float = 5.0) -> wire_pb2.HealthReply:
+        """The next node's health (and byte counters of every link from it on)."""
+        try:
+            return await wire_pb2_grpc.StageServiceStub(self._channel).Health(
+                wire_pb2.HealthRequest(), metadata=self.metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise NodeUnavailableError(f"health of {self.target.name}: {_describe(exc)}") from exc
 
     async def close(self) -> None:
         await self._link.close()

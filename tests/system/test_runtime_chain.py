@@ -235,3 +235,43 @@ def test_health_answers_while_the_stage_computes() -> None:
     health_s, request_s = asyncio.run(_health_while_busy(net))
     assert request_s > 0.2, "the slowed stage should take a while"
     assert health_s < request_s / 4, (health_s, request_s)
+
+
+# --------------------------------------------------------------------------- slow and broken streams
+async def _slow_loris(net: EarlyExitNet) -> tuple[str, float]:
+    cluster = make_cluster(1)
+    node = Node(net, cluster, "cloud1")
+    await node.start()
+    info = node.stage.input_tensors[0]
+    good = encode_tensors((torch.randn(1, *info.shape),), parse_codec("raw"))
+    try:
+        async with grpc.aio.insecure_channel(cluster.node("cloud1").address) as channel:
+            stub = wire_pb2_grpc.StageServiceStub(channel)
+            stalled, broken = stub.Stream(), stub.Stream()
+            for call in (stalled, broken):  # each declares a 3-chunk tensor and sends one chunk
+                header = wire_pb2.Down(batch=wire_pb2.Batch(plan_version=node.placement.version,
+                                                            request_ids=[900], tensors=good))
+                header.batch.tensors[0].chunks = 3
+                data = header.batch.tensors[0].data
+                header.batch.tensors[0].data = b""
+                await call.write(header)
+                await call.write(wire_pb2.Down(chunk=wire_pb2.Chunk(batch_key=900, index=0, count=3,
+                                                                    data=data[:10])))
+            broken.cancel()  # a truncated stream: the peer vanishes mid-tensor
+            fresh = stub.Stream()
+            started = asyncio.get_running_loop().time()
+            await fresh.write(wire_pb2.Down(batch=wire_pb2.Batch(plan_version=node.placement.version,
+                                                                 request_ids=[901], tensors=good)))
+            up = await asyncio.wait_for(fresh.read(), 10)
+            elapsed = asyncio.get_running_loop().time() - started
+            stalled.cancel()
+            fresh.cancel()
+            return ("ok" if up.results and up.results[0].request_id == 901 else str(up)), elapsed
+    finally:
+        await node.stop(grace=2)
+
+
+def test_a_stalled_or_vanished_stream_does_not_hold_up_others(net: EarlyExitNet) -> None:
+    outcome, elapsed = asyncio.run(_slow_loris(net))
+    assert outcome == "ok"
+    assert elapsed < 2.0

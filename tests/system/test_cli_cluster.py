@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,10 @@ import torch
 import yaml
 
 from splitexit import load, load_dataset, read_spec, split_dataset
+from support import free_port
 
 pytestmark = pytest.mark.slow
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def splitexit(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

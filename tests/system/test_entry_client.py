@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,14 +12,10 @@ from torch.utils.data import TensorDataset
 
 from splitexit import EarlyExitNet, EntryClient, ExitPolicy, ModelSource, build_model, save
 from splitexit.runtime.cluster import LocalCluster, load_cluster
+from support import free_port
 
 pytestmark = pytest.mark.slow
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_submit_and_run_through_local_node_processes(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 from pathlib import Path
 
 import grpc
@@ -18,17 +17,13 @@ from splitexit.runtime.cluster import LocalCluster, load_cluster
 from splitexit.runtime.codec import parse_codec
 from splitexit.runtime.placement import default_placement
 from splitexit.runtime.wire import encode_tensors, grpc_options
+from support import free_port
 
 pytestmark = pytest.mark.slow
 
 FUZZED = 10_000
 GOOD_EVERY = 100
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def rss_kib(pid: int) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 import torch
@@ -17,14 +16,10 @@ from splitexit.runtime.codec import parse_codec
 from splitexit.runtime.entry import Entry
 from splitexit.runtime.node import Node
 from splitexit.runtime.wire import encode_tensors, grpc_options
+from support import free_port
 
 import grpc
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def make_cluster(workers: int, *, codec: str = "raw", max_batch: int = 8, window: int = 16,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import socket
 from pathlib import Path
 
 import grpc
@@ -20,15 +19,11 @@ from splitexit.runtime.cluster import load_cluster
 from splitexit.runtime.entry import Entry
 from splitexit.runtime.node import Node
 from splitexit.runtime.security import TOKEN_HEADER, NodeCredentials, init_ca, issue_certificate
+from support import free_port
 
 TOKEN = "correct-horse-battery-staple"
 SRC = Path(__file__).resolve().parents[2] / "src" / "splitexit"
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

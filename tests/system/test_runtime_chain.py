@@ -270,3 +270,30 @@ def test_a_stalled_or_vanished_stream_does_not_hold_up_others(net: EarlyExitNet)
     outcome, elapsed = asyncio.run(_slow_loris(net))
     assert outcome == "ok"
     assert elapsed < 2.0
+
+
+# --------------------------------------------------------------------------- metrics
+def test_nodes_serve_prometheus_metrics(net: EarlyExitNet, inputs: TensorDataset) -> None:
+    import urllib.request
+
+    base = make_cluster(1)
+    cluster = ClusterSpec.model_validate({**base.model_dump(by_alias=True), "nodes": [
+        base.nodes[0].model_dump(), {**base.nodes[1].model_dump(), "metrics_port": 0}]})
+
+    async def go() -> str:
+        node = Node(net, cluster, "cloud1")
+        await node.start()
+        entry = Entry(net, cluster)
+        try:
+            await entry.start()
+            await entry.run(TensorDataset(*(t[:20] for t in inputs.tensors)))
+            url = f"http://127.0.0.1:{node.metrics_port}/metrics"
+            return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        finally:
+            await entry.close()
+            await node.stop(grace=2)
+
+    text = asyncio.run(go())
+    received = [line for line in text.splitlines() if line.startswith('splitexit_requests_total{node="cloud1"}')]
+    assert received and float(received[0].split()[-1]) > 0
+    assert 'splitexit_in_flight{node="cloud1"}' in text

@@ -79,6 +79,7 @@ class Node:
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self._metrics_server = None
         self._accepting = True
 
     async def start(self, *, port: int | None = None) -> int:
@@ -103,8 +104,9 @@ class Node:
             raise ClusterError(f"node {self.name} cannot listen on {self.spec.address}: is the port in use?")
         await self._server.start()
         if self.spec.metrics_port is not None:
-            server, _ = start_http_server(self.spec.metrics_port, addr="127.0.0.1", registry=self.metrics.registry)
-            self.metrics_port = server.server_port
+            self._metrics_server, _ = start_http_server(self.spec.metrics_port, addr="127.0.0.1",
+                                                        registry=self.metrics.registry)
+            self.metrics_port = self._metrics_server.server_port
         logger.info("node %s serving %s on port %d (plan %d)", self.name, self.placement.describe(), self.port,
                     self.placement.version)
         return self.port
@@ -119,6 +121,9 @@ class Node:
             await self._server.stop(grace=1.0)
         await self.hop.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
 
     async def wait(self) -> None:
         if self._server is not None:

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from splitexit.config import ClusterSpec
-from splitexit.errors import NodeUnavailableError
+from splitexit.errors import ConfigError, NodeUnavailableError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.runtime.chain import build_hop
 from splitexit.runtime.hop import RowError, RowResult, Stamp
@@ -80,6 +80,9 @@ class Entry:
         if self._slots is None:
             raise RuntimeError("call `await entry.start()` first")
         sample = x.unsqueeze(0) if x.dim() == len(self.net.input_shape) else x
+        if tuple(sample.shape[1:]) != tuple(self.net.input_shape) or sample.shape[0] != 1:
+            raise ConfigError(f"submit one input of shape {tuple(self.net.input_shape)} at a time (got "
+                              f"{tuple(x.shape)}); use run(dataset) for many")
         async with self._slots:
             request_id = next(self._ids)
             started = time.time()
@@ -91,21 +94,25 @@ class Entry:
     async def run(self, dataset: Dataset, *, on_record: Callable[[RequestRecord], None] | None = None) -> RunResult:
         """Every item of ``dataset`` ((input, label) pairs or bare inputs), ``window`` in flight at a time."""
         started = time.perf_counter()
+        indices = iter(range(len(dataset)))  # type: ignore[arg-type]
+        records: list[RequestRecord] = []
 
-        async def one(index: int) -> RequestRecord:
-            item = dataset[index]
-            x, label = (item[0], int(item[1])) if isinstance(item, (tuple, list)) else (item, None)
-            record = await self.infer(x, index=index, label=label)
-            if on_record is not None:
-                on_record(record)
-            return record
+        async def worker() -> None:
+            """`window` of these share the index iterator, so no more than `window` inputs are ever pending."""
+            for index in indices:
+                item = dataset[index]
+                x, label = (item[0], int(item[1])) if isinstance(item, (tuple, list)) else (item, None)
+                record = await self.infer(x, index=index, label=label)
+                records.append(record)
+                if on_record is not None:
+                    on_record(record)
 
-        records = await asyncio.gather(*(one(i) for i in range(len(dataset))))  # type: ignore[arg-type]
+        await asyncio.gather(*(worker() for _ in range(self.window)))
         wall = time.perf_counter() - started
         links = {f"{self.name}->{self.remote.target.name}": self.remote.counters} if self.remote else {}
         if self.remote is not None:
             links.update(await self._downstream_links())
-        return RunResult(list(records), wall, links, self.placement)
+        return RunResult(sorted(records, key=lambda r: r.index), wall, links, self.placement)
 
     async def _downstream_links(self) -> dict[str, LinkCounters]:
         """Byte counters of the hops past the first, as the nodes report them through Health."""

@@ -67,10 +67,6 @@ class Stage:
         self.input_tensors = (net.graph.crossing_info(start) if start is not None else None)
         self.output_tensors = (net.graph.crossing_info(end) if end is not None else None)
 
-    @property
-    def is_last(self) -> bool:
-        return self.end is None
-
     def run(self, inputs: tuple[torch.Tensor, ...], confidence: Confidence | None = None) -> StageOutput:
         """Route a batch through the stage. ``inputs`` are the tensors crossing ``start``, batch first."""
         from splitexit.model.exits import checked_scores  # local: exits imports this module

@@ -55,7 +55,6 @@ class RemoteStage:
         self.credentials = credentials
         self.metadata = ((TOKEN_HEADER, token),) if token else ()
         self.message_limit = message_limit
-        self.link_spec = link
         self.counters = LinkCounters()
         self._pending: dict[int, asyncio.Future] = {}
         self._link: EmulatedLink[wire_pb2.Down] = EmulatedLink(link, seed=seed)

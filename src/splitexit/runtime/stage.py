@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Generic, TypeVar
 
 import torch
@@ -52,17 +52,14 @@ class StageReply(Generic[Encoded]):
     answers: list[Answer]
     forward_positions: list[int]  # row indices within the job that go on, in the order of `forward`
     forward: Encoded | None  # the encoder's output for those rows (None when nothing goes on)
-    queue_s: float  # waiting for the worker
     compute_s: float  # stage compute, slowdown included
     encode_s: float
-    batch_rows: int  # rows in the micro-batch this job ran in
 
 
 @dataclass
 class _Job:
     tensors: tuple[torch.Tensor, ...]
     future: asyncio.Future
-    enqueued: float = field(default_factory=time.perf_counter)
 
     @property
     def rows(self) -> int:
@@ -86,8 +83,6 @@ class StageExecutor(Generic[Encoded]):
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(max_pending)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"splitexit-{name}")
         self._batcher: asyncio.Task | None = None
-        self.batches = 0
-        self.rows = 0
 
     @property
     def queued(self) -> int:
@@ -150,8 +145,6 @@ class StageExecutor(Generic[Encoded]):
         if self.slowdown > 1:
             time.sleep(compute * (self.slowdown - 1))
             compute *= self.slowdown
-        self.batches += 1
-        self.rows += int(inputs[0].shape[0])
         offsets = torch.tensor([0] + [j.rows for j in jobs]).cumsum(0)
         answer_job = torch.bucketize(out.rows, offsets[1:], right=True)
         forward_job = torch.bucketize(out.forward_rows, offsets[1:], right=True)
@@ -168,7 +161,6 @@ class StageExecutor(Generic[Encoded]):
             if positions:
                 rows_going = tuple(t.index_select(0, going) for t in out.forward)
                 forward = self.encode(rows_going) if self.encode is not None else rows_going  # type: ignore[assignment]
-            replies.append(StageReply(answers, positions, forward, queue_s=started - job.enqueued,
-                                      compute_s=compute, encode_s=time.perf_counter() - encode_started,
-                                      batch_rows=int(inputs[0].shape[0])))
+            replies.append(StageReply(answers, positions, forward, compute_s=compute,
+                                      encode_s=time.perf_counter() - encode_started))
         return replies

@@ -52,7 +52,6 @@ def decode_batch(batch: wire_pb2.Batch, expected: tuple[TensorInfo, ...]) -> tup
 class _Open:
     batch: wire_pb2.Batch
     parts: list[list[bytes]]
-    received: int = 0
     size: int = 0
 
 
@@ -68,10 +67,6 @@ class BatchAssembler:
         self.expected = expected
         self.max_bytes_per_row = max_bytes_per_row
         self._open: _Open | None = None
-
-    @property
-    def waiting_ids(self) -> list[int]:
-        return list(self._open.batch.request_ids) if self._open else []
 
     def add(self, down: wire_pb2.Down) -> wire_pb2.Batch | None:
         kind = down.WhichOneof("body")

@@ -115,7 +115,7 @@ class EarlyExitNet(nn.Module):
             ids = [c.id for c in cuts]
             if ids != sorted(set(ids)):
                 raise CutError(f"exits must be distinct and in forward order; they resolve to cuts {ids}")
-        num_classes = _output_classes(graph, example_input)
+        num_classes = output_classes(graph, example_input)
         policy = ExitPolicy.uncalibrated(len(cuts), confidence=confidence)
         confidence_function(confidence)  # fail now, not at the first infer()
         return cls(graph, cuts, num_classes=num_classes, input_shape=tuple(example_input.shape[1:]),
@@ -215,7 +215,7 @@ class EarlyExitNet(nn.Module):
         return [b - a for a, b in zip(edges[:-1], edges[1:])]
 
 
-def _output_classes(graph: ModelGraph, example: torch.Tensor) -> int:
+def output_classes(graph: ModelGraph, example: torch.Tensor) -> int:
     """Number of classes from the model's output on one sample; the output must be one (B, C) tensor."""
     with torch.no_grad():
         output = graph.graph_module(example[:1])

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from splitexit.config import DataSplit, ExitSpec, InputSpec, PackageSpec
 from splitexit.errors import IntegrityError, PackageError, SplitExitError
-from splitexit.model.exits import EarlyExitNet
+from splitexit.model.exits import EarlyExitNet, output_classes
 from splitexit.model.graph import trace_model
 from splitexit.model.zoo import build_model
 
@@ -105,7 +105,7 @@ def load(path: str | os.PathLike[str]) -> EarlyExitNet:
             raise PackageError(f"{directory} was written for a different version of {spec.model.name!r}: exit at cut "
                                f"{cut.id} should follow node {exit_spec.after!r}, the model now has {cut.after!r} "
                                "there. Retrain with the installed version.")
-    net = EarlyExitNet(graph, cuts, num_classes=_num_classes(graph, example), input_shape=spec.input.shape,
+    net = EarlyExitNet(graph, cuts, num_classes=output_classes(graph, example), input_shape=spec.input.shape,
                        input_dtype=example.dtype, heads=[e.head for e in spec.exits], policy=spec.policy, source=spec.model)
     _load_weights(net, weights)
     net.cpu = spec.cpu
@@ -156,11 +156,6 @@ def _load_weights(net: EarlyExitNet, weights: Path) -> None:
             raise PackageError(f"{weights}: the {part} weights do not fit the model ({detail}). Was the package "
                                "written by another splitexit version, or for another model or number of "
                                "classes? Retrain it.") from exc
-
-
-def _num_classes(graph, example: torch.Tensor) -> int:  # noqa: ANN001 - ModelGraph
-    with torch.no_grad():
-        return int(graph.graph_module(example).shape[1])
 
 
 def _dtype_name(net: EarlyExitNet) -> str:

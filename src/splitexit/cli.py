@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from splitexit.config import TrainConfig
+from splitexit.config import TrainConfig, describe_validation_error
 from splitexit.errors import ConfigError, PackageError, SplitExitError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
@@ -38,8 +38,7 @@ def _user_errors() -> Iterator[None]:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        err.print(f"[bold red]error:[/] invalid setting: {problems}", highlight=False)
+        err.print(f"[bold red]error:[/] invalid setting: {describe_validation_error(exc)}", highlight=False)
         raise typer.Exit(1) from None
 
 

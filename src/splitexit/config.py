@@ -9,11 +9,12 @@ import math
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from splitexit.units import parse_bandwidth, parse_duration, parse_size
 
 __all__ = [
+    "describe_validation_error",
     "BatchingSpec",
     "ClusterSpec",
     "CpuSettings",
@@ -36,6 +37,11 @@ PACKAGE_FORMAT = "splitexit.package/1"
 NEVER = math.inf
 DEFAULT_SPLIT_SEED = 0
 DEFAULT_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Every problem pydantic found, as `where: what` pairs on one line, for messages to users."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in error.errors())
 
 
 class _Model(BaseModel):

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from splitexit.config import DataSplit, ExitSpec, InputSpec, PackageSpec
+from splitexit.config import DataSplit, ExitSpec, InputSpec, PackageSpec, describe_validation_error
 from splitexit.errors import IntegrityError, PackageError, SplitExitError
 from splitexit.model.exits import EarlyExitNet, output_classes
 from splitexit.model.graph import trace_model
@@ -79,8 +79,8 @@ def read_spec(path: str | os.PathLike[str]) -> PackageSpec:
     try:
         return PackageSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
-        raise PackageError(f"{spec_file} is not a valid splitexit package spec: {problems}") from exc
+        raise PackageError(f"{spec_file} is not a valid splitexit package spec: "
+                           f"{describe_validation_error(exc)}") from exc
 
 
 def load(path: str | os.PathLike[str]) -> EarlyExitNet:

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from splitexit.config import ClusterSpec
+from splitexit.config import ClusterSpec, describe_validation_error
 from splitexit.errors import ClusterError
 
 __all__ = ["LocalCluster", "die_with_parent", "load_cluster", "resolve_package"]
@@ -124,8 +124,7 @@ def load_cluster(path: Path) -> ClusterSpec:
     except yaml.YAMLError as exc:
         raise ClusterError(f"{path} is not valid YAML: {exc}") from exc
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
-        raise ClusterError(f"{path}: {problems}") from exc
+        raise ClusterError(f"{path}: {describe_validation_error(exc)}") from exc
 
 
 def _resolve_paths(cluster: ClusterSpec, path: Path) -> ClusterSpec:

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from splitexit.config import TrainConfig, describe_validation_error
 from splitexit.errors import ConfigError, PackageError, SplitExitError
+from splitexit.units import parse_shape
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="splitexit: early-exit, split-computing inference for any PyTorch model.")
@@ -340,12 +341,9 @@ def _usable(package: Path, read_spec) -> bool:  # noqa: ANN001 - avoids importin
 
 def _parse_shape(text: str) -> tuple[int, ...]:
     try:
-        shape = tuple(int(s) for s in text.lower().split("x"))
-    except ValueError:
-        shape = ()
-    if not shape or any(s <= 0 for s in shape):
-        raise ConfigError(f"--input-shape {text!r} is not a shape like 3x224x224")
-    return shape
+        return parse_shape(text)
+    except ValueError as exc:
+        raise ConfigError(f"--input-shape: {exc}") from None
 
 
 @contextmanager

@@ -1,10 +1,10 @@
-"""Human units in config files: bandwidth ("20Mbit", "1Gbit", "500kbit", "10MB/s") and durations ("10ms")."""
+"""Human units in config files and flags: bandwidth ("20Mbit"), durations ("10ms"), sizes, shapes ("3x224x224")."""
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["parse_bandwidth", "parse_duration", "parse_size"]
+__all__ = ["parse_bandwidth", "parse_duration", "parse_shape", "parse_size"]
 
 _BANDWIDTH = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9,
               "b/s": 8, "kb/s": 8e3, "mb/s": 8e6, "gb/s": 8e9, "bps": 1, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9}
@@ -36,3 +36,14 @@ def parse_duration(text: str | float | int) -> float:
 def parse_size(text: str | float | int) -> int:
     """Bytes; a bare number is bytes."""
     return int(_parse(text, _SIZE, "b", "size", "64MiB"))
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """A per-sample shape written ``CxHxW`` (any rank, every size positive)."""
+    try:
+        shape = tuple(int(s) for s in text.strip().lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or any(s <= 0 for s in shape):
+        raise ValueError(f"{text!r} is not a shape like 3x224x224")
+    return shape

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from splitexit.config import DEFAULT_SPLIT_FRACTIONS, DEFAULT_SPLIT_SEED, DataSplit
 from splitexit.errors import DataError
 from splitexit.model.importing import import_object, is_import_spec
+from splitexit.units import parse_shape
 
 __all__ = ["LoadedDataset", "Splits", "list_datasets", "load_dataset", "split_dataset"]
 
@@ -116,12 +117,12 @@ def _folder(path: Path) -> tuple[Dataset, int]:
 def _synthetic(spec: str) -> Dataset:
     parts = spec.removeprefix("synthetic:").split(":")
     try:
-        shape = tuple(int(s) for s in parts[0].lower().split("x"))
+        shape = parse_shape(parts[0])
         count = int(parts[1]) if len(parts) > 1 else SYNTHETIC_SAMPLES
     except ValueError as exc:
         raise DataError(f"bad synthetic spec {spec!r}; write synthetic:CxHxW or synthetic:CxHxW:N, "
                         "e.g. synthetic:3x224x224:64") from exc
-    if len(parts) > 2 or not shape or any(s <= 0 for s in shape) or count <= 0:
+    if len(parts) > 2 or count <= 0:
         raise DataError(f"bad synthetic spec {spec!r}; write synthetic:CxHxW or synthetic:CxHxW:N")
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(count, *shape, generator=generator)

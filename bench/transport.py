@@ -295,15 +295,15 @@ def write_cluster_file(directory: Path, package: Path, slowdowns: dict[str, floa
     return path, load_cluster(path)
 
 
-def digits_package(directory: Path) -> tuple[EarlyExitNet, str]:
+def digits_package(directory: Path) -> EarlyExitNet:
     """digits_cnn with random weights and its (uncalibrated) default policy, saved as a package that the
-    node processes load, and loaded back here so the edge runs the very same net. Returns (net, sha256)."""
+    node processes load, and loaded back here so the edge runs the very same net (and plan version)."""
     torch.manual_seed(SEED)
     net = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8),
                                   source=ModelSource(name="digits_cnn", num_classes=10))
     net.cpu = CpuSettings(threads=1)  # every node process runs torch on 1 thread, like this process
     splitexit.save(net, directory)
-    return splitexit.load(directory).eval(), splitexit.read_spec(directory).weights_sha256
+    return splitexit.load(directory).eval()
 
 
 def stage_times(net: EarlyExitNet, cluster: ClusterSpec, slowdowns: dict[str, float] | None,
@@ -357,14 +357,14 @@ def _summary(result, dataset: TensorDataset, busy: dict[str, list[float]]):  # n
     return len(dataset) / result.wall_s, sorted({r.node for r in result.records}), errors, inside
 
 
-async def run_in_process(net: EarlyExitNet, sha: str, cluster: ClusterSpec, dataset: TensorDataset
+async def run_in_process(net: EarlyExitNet, cluster: ClusterSpec, dataset: TensorDataset
                          ) -> tuple[float, list[str], int, dict[str, float]]:
     """All three nodes in this process. Inputs per second over ``dataset``, the nodes that answered, the
     number of errors, and each stage's median batch time inside the pipeline (slowdown included)."""
-    nodes = [Node(net, cluster, n.name, weights_sha256=sha) for n in reversed(cluster.nodes[1:])]
+    nodes = [Node(net, cluster, n.name) for n in reversed(cluster.nodes[1:])]
     for node in nodes:  # last first: each connects to its next node
         await node.start()
-    entry = Entry(net, cluster, weights_sha256=sha)
+    entry = Entry(net, cluster)
     busy: dict[str, list[float]] = {}
     for name, executor in [("edge", entry.hop.executor), *((n.name, n.hop.executor) for n in nodes)]:
         _instrument(busy, name, executor)
@@ -377,7 +377,7 @@ async def run_in_process(net: EarlyExitNet, sha: str, cluster: ClusterSpec, data
     return _summary(result, dataset, busy)
 
 
-def run_processes(net: EarlyExitNet, sha: str, package: Path, slowdowns: dict[str, float],
+def run_processes(net: EarlyExitNet, package: Path, slowdowns: dict[str, float],
                   dataset: TensorDataset, workdir: Path) -> tuple[float, list[str], int, dict[str, float]]:
     """cloud1 and cloud2 as node processes (``LocalCluster``), the edge an ``Entry`` here. Same return as
     ``run_in_process``; only the edge's batch time can be timed from here."""
@@ -396,7 +396,7 @@ def run_processes(net: EarlyExitNet, sha: str, package: Path, slowdowns: dict[st
     STARTS.append(attempt + 1)
     try:
         async def go():  # noqa: ANN202
-            entry = Entry(net, cluster, weights_sha256=sha)
+            entry = Entry(net, cluster)
             busy: dict[str, list[float]] = {}
             _instrument(busy, "edge", entry.hop.executor)
             try:
@@ -436,7 +436,7 @@ def calibrate(net: EarlyExitNet, settings: Settings, target_ms: float) -> tuple[
     return {name: round(value, 2) for name, value in slowdowns.items()}, base
 
 
-def measure_pipeline(settings: Settings, target_ms: float, mode: str, net: EarlyExitNet, sha: str,
+def measure_pipeline(settings: Settings, target_ms: float, mode: str, net: EarlyExitNet,
                      package: Path, workdir: Path) -> PipeResult:
     slowdowns, base = calibrate(net, settings, target_ms)
     cluster = make_cluster(slowdowns)
@@ -448,8 +448,8 @@ def measure_pipeline(settings: Settings, target_ms: float, mode: str, net: Early
 
     def pipeline(which: dict[str, float], spec: ClusterSpec):  # noqa: ANN202
         if mode == "processes":
-            return run_processes(net, sha, package, which, dataset, workdir)
-        return asyncio.run(run_in_process(net, sha, spec, dataset))
+            return run_processes(net, package, which, dataset, workdir)
+        return asyncio.run(run_in_process(net, spec, dataset))
 
     per_stage: dict[str, list[float]] = {name: [] for name in slowdowns}
     inside: dict[str, list[float]] = {name: [] for name in slowdowns}
@@ -545,9 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     modes = ("processes", "in-process") if args.mode == "both" else (args.mode,)
     with tempfile.TemporaryDirectory(prefix="splitexit-bench-") as tmp:
         package = Path(tmp) / "digits_pkg"
-        net, sha = digits_package(package)
+        net = digits_package(package)
         for mode_name in modes:
-            pipe = measure_pipeline(settings, args.stage_ms, mode_name, net, sha, package, Path(tmp))
+            pipe = measure_pipeline(settings, args.stage_ms, mode_name, net, package, Path(tmp))
             report_pipeline(console, settings, pipe)
     if STARTS:
         console.print(f"process mode: {len(STARTS)} cluster starts, {sum(STARTS) - len(STARTS)} retried "

@@ -60,10 +60,10 @@ class RunResult:
 class Entry:
     """Runs stage 0 of the placement here and sends what stays unconfident down the chain."""
 
-    def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, *, weights_sha256: str = "",
-                 placement: Placement | None = None, window: int | None = None):
+    def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, *, placement: Placement | None = None,
+                 window: int | None = None):
         self.net, self.cluster = net, cluster
-        self.placement = placement or default_placement(net, cluster, weights_sha256=weights_sha256)
+        self.placement = placement or default_placement(net, cluster)
         self.window = window or cluster.window
         self.name = cluster.nodes[0].name
         self.hop, self.remote = build_hop(net, cluster, self.placement, self.name)

@@ -60,14 +60,13 @@ class _Metrics:
 class Node:
     """One worker of a cluster, serving the stage the placement gives it."""
 
-    def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, name: str, *, weights_sha256: str = "",
-                 placement: Placement | None = None):
+    def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, name: str, *, placement: Placement | None = None):
         self.name = name
         self.cluster = cluster
         self.spec = cluster.node(name)
         if self.spec.role == "edge":
             raise ClusterError(f"{name} is the edge; the edge runs inside `splitexit run`, not as a node")
-        self.placement = placement or default_placement(net, cluster, weights_sha256=weights_sha256)
+        self.placement = placement or default_placement(net, cluster)
         me = self.placement.of(name)
         self.stage = net.stage(me.start, me.end)
         names = [n.name for n in cluster.nodes]

@@ -52,11 +52,11 @@ class Placement:
         return " → ".join(f"{s.node}[{cut(s.start, 'input')}..{cut(s.end, 'output')}]" for s in self.stages)
 
 
-def default_placement(net: EarlyExitNet, cluster: ClusterSpec, *, weights_sha256: str = "") -> Placement:
+def default_placement(net: EarlyExitNet, cluster: ClusterSpec) -> Placement:
     """Cut the net into one stage per node of ``cluster`` (see the module docstring for the rule).
 
-    The version hashes the ranges with the package's weights checksum (``net.weights_sha256`` unless
-    given), so an entry and a node serving different packages refuse each other's batches.
+    The version hashes the ranges with the package's weights checksum (``net.weights_sha256``, set by
+    save and load), so an entry and a node serving different packages refuse each other's batches.
     """
     nodes = list(cluster.nodes)
     ends = _ends(net, cluster)
@@ -65,8 +65,7 @@ def default_placement(net: EarlyExitNet, cluster: ClusterSpec, *, weights_sha256
                            f"{len(nodes) - 1} distinct cuts in forward order; fix `ends_at` in the cluster file")
     bounds: list[int | None] = [None, *ends, None]
     stages = tuple(StagePlacement(node.name, a, b) for node, a, b in zip(nodes, bounds[:-1], bounds[1:]))
-    weights = weights_sha256 or net.weights_sha256
-    digest = hashlib.sha256(repr((weights, [(s.node, s.start, s.end) for s in stages])).encode())
+    digest = hashlib.sha256(repr((net.weights_sha256, [(s.node, s.start, s.end) for s in stages])).encode())
     return Placement(stages, version=int.from_bytes(digest.digest()[:8], "big") >> 1)
 
 

@@ -25,11 +25,9 @@ def serve(cluster_file: Path, name: str, *, package: Path | None = None, port: i
     if parent is not None:
         die_with_parent(parent)
     cluster = load_cluster(cluster_file)
-    package = resolve_package(cluster_file, cluster, package)
-    spec = read_spec(package)
-    net = load(package)
+    net = load(resolve_package(cluster_file, cluster, package))
     apply_threads(net.cpu)
-    node = Node(net, cluster, name, weights_sha256=spec.weights_sha256)
+    node = Node(net, cluster, name)
     asyncio.run(serve_node(node, port=port))
 
 
@@ -60,7 +58,7 @@ def run_cluster(package: Path, cluster_file: Path, *, data: str | None = None, s
         dataset = Subset(dataset, range(min(limit, len(dataset))))  # type: ignore[arg-type]
 
     async def go() -> RunResult:
-        entry = Entry(net, cluster, weights_sha256=spec.weights_sha256, window=window)
+        entry = Entry(net, cluster, window=window)
         try:
             await entry.start()
             return await entry.run(dataset, on_record=on_record)

@@ -188,14 +188,13 @@ def demo(
     fresh: bool = typer.Option(False, help="Retrain even if a package from an earlier run exists"),
 ) -> None:
     """The whole story on one machine: train (or reuse), calibrate, evaluate, then serve edge → cloud1 → cloud2."""
-    from splitexit.model.package import read_spec
     from splitexit.model.workflow import calibrate_package, evaluate_package, train_package
     from splitexit.report.console import calibration_table, eval_table
     from splitexit.runtime.workflow import run_cluster, start_cluster, write_demo_cluster
 
     package = workdir / "digits_cnn"
     with _user_errors():
-        if fresh or not _usable(package, read_spec):
+        if fresh or not _usable(package):
             out.rule("1. train digits_cnn with automatic early exits (joint, from scratch)")
             with _progress(False) as progress:
                 task = progress.add_task("training", total=DEMO_EPOCHS)
@@ -331,7 +330,10 @@ def certs_issue(
     out.print(f"wrote {cert} and {key} (mode 0600); copy them and ca.pem to the machine running {name}")
 
 
-def _usable(package: Path, read_spec) -> bool:  # noqa: ANN001 - avoids importing torch at CLI import
+def _usable(package: Path) -> bool:
+    """Whether an earlier demo left a readable package to reuse."""
+    from splitexit.model.package import read_spec
+
     try:
         read_spec(package)
         return True

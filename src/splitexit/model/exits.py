@@ -225,14 +225,3 @@ def output_classes(graph: ModelGraph, example: torch.Tensor) -> int:
                          f"a {kind}. Wrap it in a module that returns the logits.")
     return int(output.shape[1])
 
-
-def checked_scores(score: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
-    """Call a (possibly user-supplied) confidence function and make sure it returned one score per row."""
-    scores = score(logits)
-    if not isinstance(scores, torch.Tensor):
-        scores = torch.as_tensor(scores)
-    scores = scores.reshape(-1) if scores.numel() == logits.shape[0] else scores
-    if scores.shape != (logits.shape[0],) or not scores.dtype.is_floating_point:
-        raise ConfigError(f"confidence function must return one float score per row, shape ({logits.shape[0]},); "
-                          f"it returned {scores.dtype} of shape {tuple(scores.shape)}")
-    return scores

@@ -19,6 +19,7 @@ from splitexit.errors import ConfigError, CutError
 __all__ = [
     "HeadBuilder",
     "build_head",
+    "checked_scores",
     "confidence_function",
     "list_confidences",
     "list_heads",
@@ -73,6 +74,18 @@ def confidence_function(name: str) -> Confidence:
         raise ConfigError(f"unknown confidence {name!r}; choose one of {', '.join(list_confidences())} "
                           f"or register yours with splitexit.register_confidence")
     return _CONFIDENCES[name]
+
+
+def checked_scores(score: Confidence, logits: torch.Tensor) -> torch.Tensor:
+    """Call a (possibly user-supplied) confidence function and make sure it returned one score per row."""
+    scores = score(logits)
+    if not isinstance(scores, torch.Tensor):
+        scores = torch.as_tensor(scores)
+    scores = scores.reshape(-1) if scores.numel() == logits.shape[0] else scores
+    if scores.shape != (logits.shape[0],) or not scores.dtype.is_floating_point:
+        raise ConfigError(f"confidence function must return one float score per row, shape ({logits.shape[0]},); "
+                          f"it returned {scores.dtype} of shape {tuple(scores.shape)}")
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------- heads

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from splitexit.errors import CutError
+from splitexit.model.heads import checked_scores, confidence_function
 
 if TYPE_CHECKING:
     from splitexit.model.exits import EarlyExitNet
@@ -69,9 +70,6 @@ class Stage:
 
     def run(self, inputs: tuple[torch.Tensor, ...], confidence: Confidence | None = None) -> StageOutput:
         """Route a batch through the stage. ``inputs`` are the tensors crossing ``start``, batch first."""
-        from splitexit.model.exits import checked_scores  # local: exits imports this module
-        from splitexit.model.heads import confidence_function
-
         net, policy = self.net, self.net.policy
         score = confidence or confidence_function(policy.confidence)
         batch = inputs[0].shape[0]

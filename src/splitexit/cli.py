@@ -208,7 +208,7 @@ def demo(
         out.print(eval_table(evaluate_package(package), title="digits_cnn with early exits"))
         cluster_file = write_demo_cluster(workdir / "cluster.yaml", package)
         out.rule(f"4. serve it: edge (8x slower) → cloud1 → cloud2, emulated links ({cluster_file})")
-        local = start_cluster(cluster_file, log_dir=workdir)
+        local = start_cluster(cluster_file, log_dir=workdir, cache_root=workdir / "stages")
         try:
             result = run_cluster(package, cluster_file)
         finally:
@@ -219,23 +219,25 @@ def demo(
 @app.command()
 def node(
     cluster: Path = typer.Option(..., "--cluster", "-c", help="Cluster file (YAML)"),
-    name: str = typer.Option(..., "--name", "-n", help="Which node of the file this process is"),
-    package: Optional[Path] = typer.Option(None, help="Model package (default: the cluster file's `package:`)"),
+    name: str = typer.Option(..., "--name", "-n", help="This node's name (in the file, or new with --address/--tier)"),
+    address: Optional[str] = typer.Option(None, help="host:port to listen on and register (default: the file's)"),
+    tier: Optional[int] = typer.Option(None, help="Tier to join (default: the file's); nodes of a tier are replicas"),
+    cache: Optional[Path] = typer.Option(None, help="Where received stage files are kept "
+                                                    "(default: ~/.cache/splitexit/stages/NAME)"),
     port: Optional[int] = typer.Option(None, help="Listen here instead of the port in the file (0: any free)"),
     parent: Optional[int] = typer.Option(None, "--die-with-parent", hidden=True,
                                          help="Stop when this process dies (set by `splitexit up`)"),
 ) -> None:
-    """Serve one node's stage until SIGTERM/Ctrl-C (then drain in-flight requests)."""
+    """Serve as a worker until SIGTERM/Ctrl-C (then drain); the entry's coordinator sends its stage."""
     from splitexit.runtime.workflow import serve
 
     with _user_errors():
-        serve(cluster, name, package=package, port=port, parent=parent)
+        serve(cluster, name, address=address, tier=tier, cache_dir=cache, port=port, parent=parent)
 
 
 @app.command()
 def up(
     cluster: Path = typer.Option(..., "--cluster", "-c", help="Cluster file (YAML)"),
-    package: Optional[Path] = typer.Option(None, help="Model package (default: the cluster file's `package:`)"),
     log_dir: Optional[Path] = typer.Option(None, help="Write each node's log here"),
 ) -> None:
     """Start every worker of a cluster file on this machine; Ctrl-C stops them all."""
@@ -245,7 +247,7 @@ def up(
     from splitexit.runtime.workflow import start_cluster
 
     with _user_errors():
-        local = start_cluster(cluster, package=package, log_dir=log_dir)
+        local = start_cluster(cluster, log_dir=log_dir)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     out.print(f"cluster up: {', '.join(local.processes)}; Ctrl-C to stop")
@@ -260,7 +262,7 @@ def up(
 
 @app.command()
 def run(
-    package: Path = typer.Argument(..., help="Package directory"),
+    package: Optional[Path] = typer.Argument(None, help="Package directory (default: the cluster file's `package:`)"),
     cluster: Path = typer.Option(..., "--cluster", "-c", help="Cluster file; its workers must be running"),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset (default: the one used for training)"),
     split: str = typer.Option("test", help="test, calib, train or all"),

@@ -19,6 +19,8 @@ __all__ = [
     "ClusterSpec",
     "CpuSettings",
     "DataSplit",
+    "EtcdSpec",
+    "EtcdTLS",
     "ExitPolicy",
     "ExitSpec",
     "InputSpec",
@@ -184,11 +186,15 @@ class NodeSpec(_Model):
     role: Literal["edge", "worker"] = "worker"
     address: str | None = Field(None, description="host:port a worker listens on (not needed for the edge)")
     slowdown: float = Field(1.0, ge=1.0, description="stretch compute time by this factor (emulate a slow device)")
+    tier: int | None = Field(None, ge=1, description="position in the chain (workers of one tier are replicas); "
+                                                    "default: one after the previous node's")
     ends_at: int | str | None = Field(None, description="cut (id or module) where this node's stage ends")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (0: any free)")
 
     @model_validator(mode="after")
     def _worker_has_address(self) -> "NodeSpec":
+        if self.role == "edge" and self.tier not in (None, 0):
+            raise ValueError(f"the edge {self.name!r} is tier 0; remove its `tier`")
         if self.role == "worker":
             host, sep, port = (self.address or "").rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -255,6 +261,69 @@ class SecuritySpec(_Model):
         return self
 
 
+#: Key prefix under which a cluster keeps its entries in etcd.
+DEFAULT_ETCD_PREFIX = "/splitexit/"
+#: Lease TTL of node registrations: a node that dies is noticed within about this long (etcd's minimum is 2 s).
+DEFAULT_REGISTRATION_TTL = 3.0
+_HOST_PORT = re.compile(r"^([A-Za-z0-9_.-]+):([0-9]{1,5})$")
+
+
+class EtcdTLS(_Model):
+    """Files for talking TLS to etcd (relative to the cluster file)."""
+
+    ca: str = Field(description="CA certificate that signed etcd's server certificate")
+    cert: str | None = Field(None, description="client certificate, for an etcd started with --client-cert-auth")
+    key: str | None = Field(None, description="the client certificate's private key")
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> "EtcdTLS":
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("give both `cert` and `key` (a client certificate needs its key), or neither")
+        return self
+
+
+class EtcdSpec(_Model):
+    """A real etcd as the registry: ``registry: {etcd: [10.0.0.5:2379, 10.0.0.6:2379]}``."""
+
+    etcd: tuple[str, ...] = Field(min_length=1, description="endpoints as host:port; calls are spread over all of them")
+    prefix: str = Field(DEFAULT_ETCD_PREFIX, min_length=1, description="key prefix of this cluster's entries")
+    ttl: float = Field(DEFAULT_REGISTRATION_TTL, ge=2, description="lease TTL of node registrations, seconds")
+    tls: EtcdTLS | None = None
+    user: str | None = Field(None, min_length=1, description="etcd user, when etcd has auth enabled")
+    password: str | None = None
+    password_file: str | None = Field(None, description="file holding the password (kept out of the cluster file)")
+
+    @field_validator("etcd", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: object) -> object:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("etcd")
+    @classmethod
+    def _host_port(cls, endpoints: tuple[str, ...]) -> tuple[str, ...]:
+        for endpoint in endpoints:
+            match = _HOST_PORT.match(endpoint)
+            if not match or not 0 < int(match.group(2)) < 65536:
+                raise ValueError(f"etcd endpoint {endpoint!r} must be host:port, like 127.0.0.1:2379 "
+                                 "(no http://; set `tls` for https)")
+        return endpoints
+
+    @field_validator("prefix")
+    @classmethod
+    def _ends_with_slash(cls, prefix: str) -> str:
+        return prefix if prefix.endswith("/") else prefix + "/"
+
+    @model_validator(mode="after")
+    def _credentials(self) -> "EtcdSpec":
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give `password` or `password_file`, not both")
+        if self.user is None and (self.password is not None or self.password_file is not None):
+            raise ValueError("a password needs a `user`")
+        if self.user is not None and self.password is None and self.password_file is None:
+            raise ValueError(f"user {self.user!r} needs a `password` or `password_file`")
+        return self
+
+
 class ClusterSpec(_Model):
     """A cluster file: the chain of nodes, the links between them, and how requests flow."""
 
@@ -271,6 +340,10 @@ class ClusterSpec(_Model):
     window: int = Field(DEFAULT_WINDOW, ge=1, le=65536, description="requests in flight from the entry")
     message_limit: int = Field(DEFAULT_MESSAGE_LIMIT, ge=1024, description="largest gRPC message; bigger tensors are chunked")
     security: SecuritySpec = SecuritySpec()
+    registry: Literal["embedded"] | EtcdSpec = Field("embedded", description="where nodes register: `embedded` "
+                                                     "(in the entry's process, one machine) or an etcd")
+    trusted_models: tuple[str, ...] = Field((), description="`module:factory` models nodes may build from the stage "
+                                                            "files they are sent (built-ins and torchvision always)")
 
     @field_validator("message_limit", mode="before")
     @classmethod
@@ -284,12 +357,42 @@ class ClusterSpec(_Model):
             raise ValueError("the first node must be the only one with role: edge")
         if len(set(names)) != len(names):
             raise ValueError(f"node names must be unique, got {names}")
-        hops = {(a, b) for a, b in zip(names, names[1:])}
+        tiers = self.tiers()
+        numbers = sorted(tiers)
+        if numbers != list(range(len(numbers))):
+            raise ValueError(f"tiers must run 0, 1, 2, ... without gaps; the nodes give {numbers}")
+        for number, members in tiers.items():
+            ends = {n.ends_at for n in members if n.ends_at is not None}
+            if len(ends) > 1:
+                raise ValueError(f"the replicas of tier {number} ({', '.join(n.name for n in members)}) must agree on "
+                                 f"`ends_at`, got {sorted(map(str, ends))}")
+        tier = self.tier_by_name()
         for link in self.links:
-            if (link.source, link.target) not in hops:
-                raise ValueError(f"link {link.source} -> {link.target} does not join neighbours of the chain "
-                                 f"{' -> '.join(names)}")
+            a, b = tier.get(link.source), tier.get(link.target)
+            if a is None or b is None or b != a + 1:
+                raise ValueError(f"link {link.source} -> {link.target} must join a node to one of the next tier's")
         return self
+
+    def tier_by_name(self) -> dict[str, int]:
+        """Each node's tier: the edge is 0; a worker without `tier` is one past the node before it."""
+        tiers: dict[str, int] = {}
+        previous = 0
+        for node in self.nodes:
+            previous = 0 if node.role == "edge" else (node.tier if node.tier is not None else previous + 1)
+            tiers[node.name] = previous
+        return tiers
+
+    def tiers(self) -> dict[int, list[NodeSpec]]:
+        """Nodes by tier, in file order within a tier."""
+        grouped: dict[int, list[NodeSpec]] = {}
+        tier = self.tier_by_name()
+        for node in self.nodes:
+            grouped.setdefault(tier[node.name], []).append(node)
+        return dict(sorted(grouped.items()))
+
+    @property
+    def edge(self) -> NodeSpec:
+        return self.nodes[0]
 
     def link(self, source: str, target: str) -> LinkSpec:
         """The link between two neighbours (an unemulated one with the default codec if the file has none)."""

@@ -15,7 +15,8 @@ any :class:`SplitExitError` into a readable message and exit code 1; anything el
     ├── CalibrationError         no thresholds meet the requested accuracy drop or compute budget
     ├── WireError                a message from the network is malformed or over a limit (``.code`` says which)
     └── ClusterError             a cluster file, node or connection problem
-        └── NodeUnavailableError a node cannot be reached or stopped answering
+        ├── NodeUnavailableError a node cannot be reached or stopped answering
+        └── RegistryUnavailableError  the registry (etcd) cannot be reached, refused us, or lost a lease
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "ModelError",
     "NodeUnavailableError",
     "PackageError",
+    "RegistryUnavailableError",
     "SplitExitError",
     "TraceError",
     "UnknownModelError",
@@ -95,3 +97,7 @@ class ClusterError(SplitExitError):
 
 class NodeUnavailableError(ClusterError):
     """A node cannot be reached, or stopped answering."""
+
+
+class RegistryUnavailableError(ClusterError):
+    """The registry cannot be reached, refused our credentials, or a lease we used no longer exists."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +11,12 @@ import yaml
 from torch.utils.data import TensorDataset
 
 from splitexit import EarlyExitNet, ExitPolicy, build_model
-from splitexit.config import ClusterSpec
+from splitexit.config import ClusterSpec, ModelSource
 from splitexit.runtime import wire_pb2, wire_pb2_grpc
 from splitexit.runtime.codec import parse_codec
 from splitexit.runtime.entry import Entry
-from splitexit.runtime.node import Node
 from splitexit.runtime.wire import encode_tensors, grpc_options
-from support import free_port
+from support import free_port, start_nodes, stop_nodes
 
 import grpc
 
@@ -36,7 +36,8 @@ def make_cluster(workers: int, *, codec: str = "raw", max_batch: int = 8, window
 def digits_net() -> EarlyExitNet:
     """Random-weight digits net whose thresholds make rows leave at every exit."""
     torch.manual_seed(0)
-    net = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8)).eval()
+    net = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8),
+                                  source=ModelSource(name="digits_cnn")).eval()
     x = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         scores = [torch.softmax(o / 0.2, 1).amax(1) for o in net(x)[:-1]]
@@ -56,22 +57,21 @@ def inputs() -> TensorDataset:
     return TensorDataset(torch.randn(120, 1, 8, 8, generator=generator), torch.randint(0, 10, (120,), generator=generator))
 
 
-async def run_chain(net: EarlyExitNet, cluster: ClusterSpec, dataset: TensorDataset, window: int | None = None):
-    nodes = [Node(net, cluster, n.name) for n in reversed(cluster.nodes[1:])]
-    for node in nodes:  # last first: each connects to its next node
-        await node.start()
+async def run_chain(net: EarlyExitNet, cluster: ClusterSpec, dataset: TensorDataset, cache: Path,
+                    window: int | None = None):
+    nodes = await start_nodes(cluster, cache)
     entry = Entry(net, cluster, window=window)
     try:
         await entry.start()
         return await entry.run(dataset)
     finally:
         await entry.close()
-        for node in reversed(nodes):
-            await node.stop(grace=2)
+        await stop_nodes(nodes)
 
 
-def test_raw_chain_gives_net_infer_answers_for_every_input(net: EarlyExitNet, inputs: TensorDataset) -> None:
-    result = asyncio.run(run_chain(net, make_cluster(2), inputs))
+def test_raw_chain_gives_net_infer_answers_for_every_input(net: EarlyExitNet, inputs: TensorDataset,
+                                                            tmp_path: Path) -> None:
+    result = asyncio.run(run_chain(net, make_cluster(2), inputs, tmp_path))
     expected = net.infer(inputs.tensors[0])
     records = sorted(result.records, key=lambda r: r.index)
     assert [r.error for r in records if r.error] == []
@@ -81,10 +81,10 @@ def test_raw_chain_gives_net_infer_answers_for_every_input(net: EarlyExitNet, in
     assert result.links["edge->cloud1"].rows > 0 and result.links["cloud1->cloud2"].rows > 0
 
 
-def test_int8_chain_stays_close_in_accuracy(net: EarlyExitNet, inputs: TensorDataset) -> None:
+def test_int8_chain_stays_close_in_accuracy(net: EarlyExitNet, inputs: TensorDataset, tmp_path: Path) -> None:
     expected = net.infer(inputs.tensors[0]).prediction
     labels = expected  # agreement with the uncompressed answers is the accuracy that codecs can lose
-    result = asyncio.run(run_chain(net, make_cluster(2, codec="int8+zstd"), inputs))
+    result = asyncio.run(run_chain(net, make_cluster(2, codec="int8+zstd"), inputs, tmp_path))
     got = torch.tensor([r.prediction for r in sorted(result.records, key=lambda r: r.index)])
     agreement = float((got == labels).float().mean())
     assert agreement >= 0.95, agreement
@@ -93,16 +93,17 @@ def test_int8_chain_stays_close_in_accuracy(net: EarlyExitNet, inputs: TensorDat
 
 
 @pytest.mark.parametrize("window, max_batch", [(1, 1), (4, 1), (16, 1), (1, 8), (4, 8), (16, 8)])
-def test_exactly_one_outcome_per_input(net: EarlyExitNet, inputs: TensorDataset, window: int, max_batch: int) -> None:
+def test_exactly_one_outcome_per_input(net: EarlyExitNet, inputs: TensorDataset, window: int, max_batch: int,
+                                       tmp_path: Path) -> None:
     subset = TensorDataset(*(t[:48] for t in inputs.tensors))
-    result = asyncio.run(run_chain(net, make_cluster(2, max_batch=max_batch), subset, window=window))
+    result = asyncio.run(run_chain(net, make_cluster(2, max_batch=max_batch), subset, tmp_path, window=window))
     assert sorted(r.index for r in result.records) == list(range(48))
     assert len({r.request_id for r in result.records}) == 48
     assert all(r.error is None for r in result.records)
 
 
-def test_four_node_chain(net: EarlyExitNet, inputs: TensorDataset) -> None:
-    result = asyncio.run(run_chain(net, make_cluster(3), inputs))
+def test_four_node_chain(net: EarlyExitNet, inputs: TensorDataset, tmp_path: Path) -> None:
+    result = asyncio.run(run_chain(net, make_cluster(3), inputs, tmp_path))
     expected = net.infer(inputs.tensors[0])
     records = sorted(result.records, key=lambda r: r.index)
     assert [r.prediction for r in records] == expected.prediction.tolist()
@@ -110,12 +111,14 @@ def test_four_node_chain(net: EarlyExitNet, inputs: TensorDataset) -> None:
 
 
 @pytest.mark.slow
-def test_resnet18_over_three_nodes_equals_the_model() -> None:
+def test_resnet18_over_three_nodes_equals_the_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model("resnet18", 10).eval()
     x = torch.randn(6, 3, 224, 224, generator=torch.Generator().manual_seed(3))
-    net = EarlyExitNet.from_model(model, x[:1]).eval()  # uncalibrated: every input runs to the last node
-    result = asyncio.run(run_chain(net, make_cluster(2, message_limit="256KiB"), TensorDataset(x, torch.zeros(6))))
+    net = EarlyExitNet.from_model(model, x[:1], source=ModelSource(name="resnet18", num_classes=10)).eval()
+    # uncalibrated: every input runs to the last node
+    result = asyncio.run(run_chain(net, make_cluster(2, message_limit="256KiB"), TensorDataset(x, torch.zeros(6)),
+                                   tmp_path))
     with torch.no_grad():
         expected = model(x)
     records = sorted(result.records, key=lambda r: r.index)
@@ -125,6 +128,9 @@ def test_resnet18_over_three_nodes_equals_the_model() -> None:
 
 
 # --------------------------------------------------------------------------- malformed input
+HELLO = wire_pb2.Down(hello=wire_pb2.Hello(sender="edge"))
+
+
 def _bad_batches(net: EarlyExitNet, plan: int) -> dict[str, wire_pb2.Down]:
     info = net.stage(net.exit_cuts[0].id, net.exit_cuts[1].id).input_tensors[0]
     good = torch.randn(2, *info.shape)
@@ -148,21 +154,22 @@ def _bad_batches(net: EarlyExitNet, plan: int) -> dict[str, wire_pb2.Down]:
     }
 
 
-async def _send_raw(net: EarlyExitNet, cluster: ClusterSpec) -> dict[int, str]:
-    nodes = [Node(net, cluster, n.name) for n in reversed(cluster.nodes[1:])]
-    for node in nodes:
-        await node.start()
-    target = nodes[-1]  # cloud1, the first worker
+async def _send_raw(net: EarlyExitNet, cluster: ClusterSpec, cache: Path) -> dict[int, str]:
+    nodes = await start_nodes(cluster, cache)
+    entry = Entry(net, cluster)  # its coordinator assigns the stages
+    await entry.start()
     outcomes: dict[int, str] = {}
     try:
         async with grpc.aio.insecure_channel(cluster.node("cloud1").address, options=grpc_options(1 << 26)) as channel:
             call = wire_pb2_grpc.StageServiceStub(channel).Stream()
-            messages = _bad_batches(net, target.placement.version)
+            await call.write(HELLO)
+            messages = _bad_batches(net, entry.placement.version)
             for down in messages.values():
                 await call.write(down)
             await call.write(wire_pb2.Down(chunk=wire_pb2.Chunk(batch_key=1, count=1)))  # a chunk with no batch
             garbage = channel.stream_stream("/splitexit.wire.StageService/Stream", request_serializer=None,
                                             response_deserializer=wire_pb2.Up.FromString)()
+            await garbage.write(HELLO.SerializeToString())
             await garbage.write(b"\xff\xff\xff not protobuf")
             garbage_error = await asyncio.wait_for(garbage.read(), 10)
             outcomes[0] = garbage_error.errors[0].code
@@ -181,13 +188,13 @@ async def _send_raw(net: EarlyExitNet, cluster: ClusterSpec) -> dict[int, str]:
             health = await wire_pb2_grpc.StageServiceStub(channel).Health(wire_pb2.HealthRequest())
             assert health.ready
     finally:
-        for node in reversed(nodes):
-            await node.stop(grace=2)
+        await entry.close()
+        await stop_nodes(nodes)
     return outcomes
 
 
-def test_malformed_requests_get_errors_and_the_node_keeps_serving(net: EarlyExitNet) -> None:
-    outcomes = asyncio.run(_send_raw(net, make_cluster(2)))
+def test_malformed_requests_get_errors_and_the_node_keeps_serving(net: EarlyExitNet, tmp_path: Path) -> None:
+    outcomes = asyncio.run(_send_raw(net, make_cluster(2), tmp_path))
     assert outcomes[101] == outcomes[102] in {"invalid_tensor", "too_large"}  # float64 is also twice the size
     assert outcomes[103] == "invalid_tensor"
     assert outcomes[105] == "too_large"
@@ -199,18 +206,17 @@ def test_malformed_requests_get_errors_and_the_node_keeps_serving(net: EarlyExit
 
 
 # --------------------------------------------------------------------------- the event loop stays free
-async def _health_while_busy(net: EarlyExitNet) -> tuple[float, float]:
+async def _health_while_busy(net: EarlyExitNet, cache: Path) -> tuple[float, float]:
     cluster = make_cluster(1)
     slow = ClusterSpec.model_validate({**cluster.model_dump(by_alias=True),
                                        "nodes": [cluster.nodes[0].model_dump(),
                                                  {**cluster.nodes[1].model_dump(), "slowdown": 3000.0}]})
-    node = Node(net, slow, "cloud1")
-    await node.start()
+    (node,) = await start_nodes(slow, cache)
     entry = Entry(net, slow)
     try:
         await entry.start()
         busy = asyncio.get_running_loop().create_task(entry.infer(torch.randn(1, 8, 8)))
-        while node.hop.in_flight == 0:  # wait until the request is inside cloud1's stage
+        while node.in_flight == 0:  # wait until the request is inside cloud1's stage
             await asyncio.sleep(0.005)
         async with grpc.aio.insecure_channel(slow.node("cloud1").address) as channel:
             started = asyncio.get_running_loop().time()
@@ -224,27 +230,30 @@ async def _health_while_busy(net: EarlyExitNet) -> tuple[float, float]:
         await node.stop(grace=2)
 
 
-def test_health_answers_while_the_stage_computes() -> None:
+def test_health_answers_while_the_stage_computes(tmp_path: Path) -> None:
     net = digits_net()  # its own net: the policy below would change the module fixture's answers
     net.set_policy(ExitPolicy(temperatures=(1.0,) * net.num_exits, thresholds=(2.0,) * len(net.exit_cuts)))
-    health_s, request_s = asyncio.run(_health_while_busy(net))
+    health_s, request_s = asyncio.run(_health_while_busy(net, tmp_path))
     assert request_s > 0.2, "the slowed stage should take a while"
     assert health_s < request_s / 4, (health_s, request_s)
 
 
 # --------------------------------------------------------------------------- slow and broken streams
-async def _slow_loris(net: EarlyExitNet) -> tuple[str, float]:
+async def _slow_loris(net: EarlyExitNet, cache: Path) -> tuple[str, float]:
     cluster = make_cluster(1)
-    node = Node(net, cluster, "cloud1")
-    await node.start()
-    info = node.stage.input_tensors[0]
+    (node,) = await start_nodes(cluster, cache)
+    entry = Entry(net, cluster)  # its coordinator assigns cloud1's stage
+    await entry.start()
+    version = entry.placement.version
+    info = node.plans[version].stage.input_tensors[0]
     good = encode_tensors((torch.randn(1, *info.shape),), parse_codec("raw"))
     try:
         async with grpc.aio.insecure_channel(cluster.node("cloud1").address) as channel:
             stub = wire_pb2_grpc.StageServiceStub(channel)
             stalled, broken = stub.Stream(), stub.Stream()
             for call in (stalled, broken):  # each declares a 3-chunk tensor and sends one chunk
-                header = wire_pb2.Down(batch=wire_pb2.Batch(plan_version=node.placement.version,
+                await call.write(HELLO)
+                header = wire_pb2.Down(batch=wire_pb2.Batch(plan_version=version,
                                                             request_ids=[900], tensors=good))
                 header.batch.tensors[0].chunks = 3
                 data = header.batch.tensors[0].data
@@ -255,7 +264,8 @@ async def _slow_loris(net: EarlyExitNet) -> tuple[str, float]:
             broken.cancel()  # a truncated stream: the peer vanishes mid-tensor
             fresh = stub.Stream()
             started = asyncio.get_running_loop().time()
-            await fresh.write(wire_pb2.Down(batch=wire_pb2.Batch(plan_version=node.placement.version,
+            await fresh.write(HELLO)
+            await fresh.write(wire_pb2.Down(batch=wire_pb2.Batch(plan_version=version,
                                                                  request_ids=[901], tensors=good)))
             up = await asyncio.wait_for(fresh.read(), 10)
             elapsed = asyncio.get_running_loop().time() - started
@@ -263,17 +273,18 @@ async def _slow_loris(net: EarlyExitNet) -> tuple[str, float]:
             fresh.cancel()
             return ("ok" if up.results and up.results[0].request_id == 901 else str(up)), elapsed
     finally:
+        await entry.close()
         await node.stop(grace=2)
 
 
-def test_a_stalled_or_vanished_stream_does_not_hold_up_others(net: EarlyExitNet) -> None:
-    outcome, elapsed = asyncio.run(_slow_loris(net))
+def test_a_stalled_or_vanished_stream_does_not_hold_up_others(net: EarlyExitNet, tmp_path: Path) -> None:
+    outcome, elapsed = asyncio.run(_slow_loris(net, tmp_path))
     assert outcome == "ok"
     assert elapsed < 2.0
 
 
 # --------------------------------------------------------------------------- metrics
-def test_nodes_serve_prometheus_metrics(net: EarlyExitNet, inputs: TensorDataset) -> None:
+def test_nodes_serve_prometheus_metrics(net: EarlyExitNet, inputs: TensorDataset, tmp_path: Path) -> None:
     import urllib.request
 
     base = make_cluster(1)
@@ -281,8 +292,7 @@ def test_nodes_serve_prometheus_metrics(net: EarlyExitNet, inputs: TensorDataset
         base.nodes[0].model_dump(), {**base.nodes[1].model_dump(), "metrics_port": 0}]})
 
     async def go() -> str:
-        node = Node(net, cluster, "cloud1")
-        await node.start()
+        (node,) = await start_nodes(cluster, tmp_path)
         entry = Entry(net, cluster)
         try:
             await entry.start()

@@ -25,7 +25,7 @@ from splitexit.model.exits import EarlyExitNet, output_classes
 from splitexit.model.graph import trace_model
 from splitexit.model.zoo import build_model
 
-__all__ = ["SPEC_FILE", "WEIGHTS_FILE", "load", "load_backbone_weights", "read_spec", "save"]
+__all__ = ["SPEC_FILE", "WEIGHTS_FILE", "apply_spec_settings", "load", "load_backbone_weights", "package_spec", "read_spec", "rebuild", "save"]
 
 SPEC_FILE = "model.yaml"
 WEIGHTS_FILE = "weights.safetensors"
@@ -47,21 +47,28 @@ def save(net: EarlyExitNet, path: str | os.PathLike[str], *, data: DataSplit | N
     tensors.update({_HEADS + k: v.detach().clone().contiguous() for k, v in net.heads.state_dict().items()})
     weights = directory / WEIGHTS_FILE
     _atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "splitexit"}))
-    spec = PackageSpec(
-        model=net.source,
+    spec = package_spec(net, weights_sha256=_sha256(weights), data=data, training=training,
+                        calibration=calibration)
+    text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    _atomic_write(directory / SPEC_FILE, lambda tmp: tmp.write_text(text))
+    net.weights_sha256 = spec.weights_sha256
+    return directory
+
+
+def package_spec(net: EarlyExitNet, *, weights_sha256: str, data: DataSplit | None = None,
+                 training: dict | None = None, calibration: dict | None = None) -> PackageSpec:
+    """The model.yaml contents that rebuild ``net`` (weights aside)."""
+    return PackageSpec(
+        model=net.source,  # type: ignore[arg-type]  # callers check that the net has a source
         input=InputSpec(shape=net.input_shape, dtype=_dtype_name(net)),
         exits=tuple(ExitSpec(cut=c.id, after=c.after, head=h) for c, h in zip(net.exit_cuts, net.head_names)),
         policy=net.policy,
         cpu=net.cpu,
         data=data,
-        weights_sha256=_sha256(weights),
+        weights_sha256=weights_sha256,
         training=training or {},
         calibration=calibration or {},
     )
-    text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-    _atomic_write(directory / SPEC_FILE, lambda tmp: tmp.write_text(text))
-    net.weights_sha256 = spec.weights_sha256
-    return directory
 
 
 def read_spec(path: str | os.PathLike[str]) -> PackageSpec:
@@ -93,21 +100,32 @@ def load(path: str | os.PathLike[str]) -> EarlyExitNet:
     if _sha256(weights) != spec.weights_sha256:
         raise IntegrityError(f"{weights} does not match the sha256 recorded in {directory / SPEC_FILE}: the file was "
                              "changed or corrupted after the package was written. Restore it or re-run training.")
+    net = rebuild(spec, where=str(directory))
+    _load_weights(net, weights)
+    return apply_spec_settings(net, spec)
+
+
+def rebuild(spec: PackageSpec, *, where: str) -> EarlyExitNet:
+    """The net ``spec`` describes, with freshly initialised weights (``where`` names the source in errors)."""
     try:
         model = build_model(spec.model.name, spec.model.num_classes)
         example = torch.zeros(1, *spec.input.shape, dtype=_DTYPES[spec.input.dtype])
         graph = trace_model(model, example)
         cuts = [graph.cut(e.cut) for e in spec.exits]
     except SplitExitError as exc:
-        raise PackageError(f"cannot rebuild the model of {directory}: {exc}") from exc
+        raise PackageError(f"cannot rebuild the model of {where}: {exc}") from exc
     for exit_spec, cut in zip(spec.exits, cuts):
         if cut.after != exit_spec.after:
-            raise PackageError(f"{directory} was written for a different version of {spec.model.name!r}: exit at cut "
+            raise PackageError(f"{where} was written for a different version of {spec.model.name!r}: exit at cut "
                                f"{cut.id} should follow node {exit_spec.after!r}, the model now has {cut.after!r} "
                                "there. Retrain with the installed version.")
-    net = EarlyExitNet(graph, cuts, num_classes=output_classes(graph, example), input_shape=spec.input.shape,
-                       input_dtype=example.dtype, heads=[e.head for e in spec.exits], policy=spec.policy, source=spec.model)
-    _load_weights(net, weights)
+    return EarlyExitNet(graph, cuts, num_classes=output_classes(graph, example), input_shape=spec.input.shape,
+                        input_dtype=example.dtype, heads=[e.head for e in spec.exits], policy=spec.policy,
+                        source=spec.model)
+
+
+def apply_spec_settings(net: EarlyExitNet, spec: PackageSpec) -> EarlyExitNet:
+    """Apply the spec's CPU settings and checksum to a net whose weights are loaded; eval mode."""
     net.cpu = spec.cpu
     net.weights_sha256 = spec.weights_sha256
     if spec.cpu.memory_format == "channels_last":

@@ -88,6 +88,15 @@ def run_table(report: RunReport) -> Group:
     summary.add_row("latency (ms)", " · ".join(f"{k} {_maybe(lat.get(k), '.2f')}"
                                                for k in ("p50", "p95", "p99", "mean", "max")))
     summary.add_row("placement", Text(report.placement))
+    if report.resubmitted:
+        summary.add_row("resubmitted", f"{report.resubmitted} requests (a node failed while holding them)")
+    if len(report.plan_changes) > 1:
+        start = report.plan_changes[0]["time"]
+        for change in report.plan_changes[1:]:
+            summary.add_row("re-planned", Text(f"+{change['time'] - start:.2f} s: {change['reason']} → "
+                                               f"{change['placement']}"))
+    if report.stage_bytes:
+        summary.add_row("stages shipped", ", ".join(f"{n} {_bytes(b)}" for n, b in report.stage_bytes.items()))
 
     exits = Table(title="Exits", title_justify="left")
     for column in ("exit", "node", "requests", "rate", "accuracy"):

@@ -9,6 +9,9 @@ never disagree. Conventions:
   separately.
 * accuracy is over answered records that carry a label, and ``None`` when none does.
 * every statistic of an empty population is ``None``, never NaN, so ``report.json`` is strict JSON.
+* ``resubmitted`` counts requests the entry had to send more than once (a node died with them);
+  ``plan_changes`` lists every placement the coordinator installed, when and why; ``stage_bytes`` is
+  the stage-file bytes shipped to each node during the run.
 
 Plots use :class:`matplotlib.figure.Figure` with the Agg canvas directly: importing this module selects
 no backend and touches no global pyplot state.
@@ -63,6 +66,9 @@ class RunReport:
     wall_s: float
     links: dict[str, dict[str, Any]]
     placement: str
+    resubmitted: int = 0
+    plan_changes: tuple[dict[str, Any], ...] = ()
+    stage_bytes: dict[str, int] | None = None
 
     @property
     def answered(self) -> int:
@@ -89,7 +95,7 @@ def summarize(result: RunResult) -> RunReport:
          "accuracy": _accuracy(rows)}
         for (exit_, node), rows in sorted(groups.items(), key=lambda kv: (_exit_key(kv[0][0]), kv[0][1])))
     wall = float(result.wall_s)
-    order = {stage.node: i for i, stage in enumerate(result.placement.stages)}
+    order = {node: i for i, stage in enumerate(result.placement.stages) for node in stage.nodes}
 
     def chain(node: str) -> tuple[int, str]:  # the chain's order, unknown nodes last: how a reader follows it
         return order.get(node, len(order)), node
@@ -110,6 +116,11 @@ def summarize(result: RunResult) -> RunReport:
                       "messages": c.messages, "rows": c.rows}
                for name, c in sorted(result.links.items(), key=lambda kv: (chain(kv[0].split("->")[0]), kv[0]))},
         placement=result.placement.describe(),
+        resubmitted=sum(1 for r in result.records if r.attempts > 1),
+        plan_changes=tuple({"time": change.time, "version": change.placement.version,
+                            "placement": change.placement.describe(), "reason": change.reason}
+                           for change in result.plan_changes),
+        stage_bytes=dict(result.stage_bytes),
     )
 
 
@@ -328,7 +339,13 @@ def _html(report: RunReport, pngs: dict[str, bytes]) -> str:
         ("samples", report.samples), ("answered", report.answered), ("errors", report.errors),
         ("accuracy", _fmt(report.accuracy, ".2%", "no labels")),
         ("throughput", f"{_fmt(report.throughput, '.1f')} samples/s"), ("wall time", f"{report.wall_s:.3f} s"),
+        ("resubmitted", report.resubmitted),
     ])
+    start = report.plan_changes[0]["time"] if report.plan_changes else 0.0
+    plans = _table(("at (s)", "plan", "placement", "why"), [
+        (f"{c['time'] - start:.2f}", c["version"], c["placement"], c["reason"]) for c in report.plan_changes])
+    shipped = _table(("node", "stage bytes shipped"), [(n, _size(b)) for n, b in (report.stage_bytes or {}).items()]) \
+        if report.stage_bytes else "<p>No stage files shipped: every node had its stage cached.</p>"
     exits = _table(("exit", "node", "requests", "rate", "accuracy"), [
         (_fmt(e["exit"]), e["node"], e["count"], _fmt(e["rate"], ".1%"), _fmt(e["accuracy"], ".2%"))
         for e in report.exits], numeric_from=2)
@@ -352,4 +369,5 @@ def _html(report: RunReport, pngs: dict[str, bytes]) -> str:
             f"<h1>{HTML_TITLE}</h1><p>Placement: <code>{html.escape(report.placement)}</code></p>"
             f"<h2>Summary</h2>{summary}<h2>Exits</h2>{exits}<h2>Answers per node</h2>{nodes}"
             f"<h2>Latency</h2>{latency}<h2>Mean breakdown</h2>{breakdown}<h2>Links</h2>{links}"
+            f"<h2>Plans</h2>{plans}<h2>Stage files shipped</h2>{shipped}"
             f"{images}</body></html>\n")

@@ -1,26 +1,27 @@
-"""Assemble the hop one member of a chain runs: its stage, its codec, and the connection onward.
+"""Assemble the hop one member of a chain runs for one plan: its stage, its codec, and the way on.
 
-The edge (`Entry`) and every worker (`Node`) build theirs here, from the same package, cluster file
-and placement, so both ends of every link agree on what crosses it.
+The edge (`Entry`) and every worker (`Node`) build theirs here, so both ends of every link agree on
+what crosses it: the codec is chosen once, by the coordinator, and sent to the node that encodes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from splitexit.config import ClusterSpec, LinkSpec
+from splitexit.config import ClusterSpec, LinkSpec, NodeSpec
 from splitexit.model.exits import EarlyExitNet
+from splitexit.model.stages import Stage
 from splitexit.runtime.codec import CodecSpec, choose_codec, parse_codec
 from splitexit.runtime.hop import Hop
-from splitexit.runtime.placement import Placement
-from splitexit.runtime.remote import RemoteStage
+from splitexit.runtime.replicas import ReplicaSet
 from splitexit.runtime.security import NodeCredentials
 from splitexit.runtime.stage import StageExecutor
 from splitexit.runtime.wire import encode_tensors
 
-__all__ = ["build_hop", "link_codec", "node_credentials"]
+__all__ = ["link_codec", "node_credentials", "stage_hop"]
 
 #: Inputs pushed through the net to get real activations for `codec: auto`.
 AUTO_CODEC_SAMPLES = 8
@@ -43,20 +44,17 @@ def node_credentials(cluster: ClusterSpec, name: str) -> NodeCredentials | None:
     return NodeCredentials.load(Path(tls), name) if tls else None
 
 
-def build_hop(net: EarlyExitNet, cluster: ClusterSpec, placement: Placement, name: str) -> tuple[Hop, RemoteStage | None]:
-    """The hop ``name`` runs, and its client to the next node (None for the last node; not yet connected)."""
-    me = placement.of(name)
-    spec = cluster.node(name)
-    after = placement.next_after(name)
-    remote = None
+def stage_hop(stage: Stage, *, node: NodeSpec, cluster: ClusterSpec, plan_version: int, codec: CodecSpec | None,
+              on_broken: Callable[[str], None] | None = None) -> Hop:
+    """``node``'s hop for one plan: the stage executor, and the next stage's replicas (unconnected) unless
+    the stage ends at the model output."""
+    replicas = None
     encode = None
-    if after is not None:
-        link = cluster.link(name, after.node)
-        codec = link_codec(net, me.end, link)  # type: ignore[arg-type]  # only the last stage ends at None
+    if stage.end is not None:
+        if codec is None:
+            raise ValueError("a stage that forwards rows needs the codec of its outgoing link")
         encode = lambda tensors: encode_tensors(tensors, codec)  # noqa: E731
-        remote = RemoteStage(sender=name, target=cluster.node(after.node), link=link,
-                             plan_version=placement.version, message_limit=cluster.message_limit,
-                             credentials=node_credentials(cluster, name), token=cluster.security.token)
-    executor = StageExecutor(net.stage(me.start, me.end), batching=cluster.batching, slowdown=spec.slowdown,
-                             encode=encode, name=name)
-    return Hop(name, executor, remote), remote
+        replicas = ReplicaSet(sender=node.name, cluster=cluster, plan_version=plan_version,
+                              credentials=node_credentials(cluster, node.name), on_broken=on_broken)
+    executor = StageExecutor(stage, batching=cluster.batching, slowdown=node.slowdown, encode=encode, name=node.name)
+    return Hop(node.name, executor, replicas)

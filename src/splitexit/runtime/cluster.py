@@ -1,7 +1,7 @@
 """Start every worker of a cluster file as a local process, wait until all are ready, stop them all.
 
-Workers start from the end of the chain backwards, because each connects to its next node when it
-starts. Each child is told this process's pid (``--die-with-parent``) and sets ``PR_SET_PDEATHSIG``
+Workers start empty (the entry's coordinator assigns and ships their stages), so all of them start at
+once. Each child is told this process's pid (``--die-with-parent``) and sets ``PR_SET_PDEATHSIG``
 itself, after exec (Linux): if this process dies, even by SIGKILL, the kernel sends the child SIGTERM, so
 no node is left orphaned. (Doing it in ``preexec_fn`` would fork a process that may already run gRPC
 threads, which is unsafe.) ``stop()`` sends SIGTERM (the nodes drain
@@ -48,30 +48,38 @@ def die_with_parent(parent: int) -> None:
 class LocalCluster:
     """The worker processes of ``cluster`` on this machine (the edge is the caller's own process)."""
 
-    def __init__(self, cluster_file: Path, cluster: ClusterSpec, package: Path, *, log_dir: Path | None = None,
-                 verbose: bool = False):
-        self.cluster_file, self.cluster, self.package = cluster_file, cluster, package
+    def __init__(self, cluster_file: Path, cluster: ClusterSpec, *, log_dir: Path | None = None,
+                 cache_root: Path | None = None, verbose: bool = False):
+        self.cluster_file, self.cluster = cluster_file, cluster
         self.log_dir = log_dir
+        self.cache_root = cache_root
         self.verbose = verbose
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, timeout: float = READY_TIMEOUT) -> None:
-        """Start the workers last-first; return when each has printed its ready line."""
+        """Start every worker; return when each has printed its ready line."""
         try:
-            for node in reversed(self.cluster.nodes[1:]):
-                self._start_one(node.name, timeout)
+            for node in self.cluster.nodes[1:]:
+                self.launch(node.name)
+            for node in self.cluster.nodes[1:]:
+                self.wait_ready(node.name, timeout)
         except BaseException:
             self.stop()
             raise
 
-    def _start_one(self, name: str, timeout: float) -> None:
+    def launch(self, name: str, *extra: str) -> subprocess.Popen:
+        """Start worker ``name`` (``extra``: more `splitexit node` options); see :meth:`wait_ready`."""
         command = [sys.executable, "-m", "splitexit", *(["--verbose"] if self.verbose else []), "node",
-                   "--cluster", str(self.cluster_file), "--name", name, "--package", str(self.package),
-                   "--die-with-parent", str(os.getpid())]
-        stderr = open(self.log_dir / f"{name}.log", "wb") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
+                   "--cluster", str(self.cluster_file), "--name", name, "--die-with-parent", str(os.getpid()),
+                   *(["--cache", str(self.cache_root / name)] if self.cache_root else []), *extra]
+        stderr = open(self.log_dir / f"{name}.log", "ab") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
                                    text=True)
         self.processes[name] = process
+        return process
+
+    def wait_ready(self, name: str, timeout: float = READY_TIMEOUT) -> None:
+        process = self.processes[name]
         line = _read_line(process, timeout)
         if not line.startswith(f"ready {name}"):
             code = process.poll()
@@ -128,7 +136,7 @@ def load_cluster(path: Path) -> ClusterSpec:
 
 
 def _resolve_paths(cluster: ClusterSpec, path: Path) -> ClusterSpec:
-    """Make the file's relative paths relative to the file, and read the token file."""
+    """Make the file's relative paths relative to the file, and read the token and etcd password files."""
     security = cluster.security
     base = path.resolve().parent
     tls = str(base / security.tls) if security.tls else None
@@ -141,7 +149,18 @@ def _resolve_paths(cluster: ClusterSpec, path: Path) -> ClusterSpec:
         if len(token) < 16:
             raise ClusterError(f"{token_path}: the token must be at least 16 characters")
     secured = security.model_copy(update={"tls": tls, "token": token, "token_file": None})
-    return cluster.model_copy(update={"security": secured})
+    registry = cluster.registry
+    if not isinstance(registry, str):  # an EtcdSpec
+        etcd_tls = registry.tls and registry.tls.model_copy(
+            update={k: str(base / v) for k, v in registry.tls.model_dump().items() if v is not None})
+        password = registry.password
+        if registry.password_file:
+            password_path = base / registry.password_file
+            if not password_path.is_file():
+                raise ClusterError(f"{path}: registry password_file {password_path} does not exist")
+            password = password_path.read_text().strip()
+        registry = registry.model_copy(update={"tls": etcd_tls, "password": password, "password_file": None})
+    return cluster.model_copy(update={"security": secured, "registry": registry})
 
 
 def resolve_package(cluster_file: Path, cluster: ClusterSpec, package: Path | None) -> Path:
@@ -149,7 +168,8 @@ def resolve_package(cluster_file: Path, cluster: ClusterSpec, package: Path | No
     if package is not None:
         return package
     if cluster.package is None:
-        raise ClusterError(f"{cluster_file} names no package; add `package: path/to/pkg` or pass --package")
+        raise ClusterError(f"{cluster_file} names no package; add `package: path/to/pkg` to it or name the package: "
+                           f"`splitexit run PACKAGE --cluster {cluster_file}`")
     path = Path(cluster.package)
     return path if path.is_absolute() else (cluster_file.parent / path)
 

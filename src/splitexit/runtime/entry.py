@@ -2,12 +2,19 @@
 
 :class:`Entry` is the asyncio implementation; :class:`EntryClient` is its one synchronous bridge (a
 private event loop in a thread) with ``submit(x) -> Future`` and ``run(dataset)``.
+
+The entry owns every request until its answer arrives: it keeps the input, and when the request's rows
+were lost with a node (``node_unavailable``), found no route (``no_route``) or reached a node that has not
+got the current plan yet (``unknown_plan``), it sends the input again, under the same id, along whatever
+route the coordinator has set up by then. A request is answered exactly once; a late duplicate of an
+answer is dropped by id where it arrives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from concurrent.futures import Future
@@ -17,20 +24,30 @@ from typing import Callable, Coroutine, TypeVar
 import torch
 from torch.utils.data import Dataset
 
-from splitexit.config import ClusterSpec
-from splitexit.errors import ConfigError, NodeUnavailableError
+from splitexit.config import ClusterSpec, NodeSpec
+from splitexit.control.coordinator import Coordinator, PlanChange
+from splitexit.control.members import HealthProber
+from splitexit.control.registry import EmbeddedRegistry, Registry, open_registry
+from splitexit.errors import ConfigError
 from splitexit.model.exits import EarlyExitNet
-from splitexit.runtime.chain import build_hop
-from splitexit.runtime.hop import RowError, RowResult, Stamp
-from splitexit.runtime.placement import Placement, default_placement
+from splitexit.runtime.chain import node_credentials, stage_hop
+from splitexit.runtime.codec import CodecSpec
+from splitexit.runtime.hop import Hop, RowError, RowResult, Stamp
+from splitexit.runtime.placement import Placement
 from splitexit.runtime.remote import LinkCounters
 
 __all__ = ["Entry", "EntryClient", "RequestRecord", "RunResult"]
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 #: Parts of a request's latency, in the order the report shows them.
 BREAKDOWN = ("edge_compute", "encode", "link", "queue", "remote_compute", "decode")
+#: Outcomes that say "this route failed", not "this input is bad": the entry sends the input again.
+RETRYABLE = frozenset({"node_unavailable", "no_route", "unknown_plan"})
+RETRY_TIMEOUT = 60.0
+RETRY_FIRST_WAIT, RETRY_MAX_WAIT = 0.02, 1.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,8 @@ class RequestRecord:
     latency_ms: float
     breakdown_ms: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    attempts: int = 1
+    finished: float = 0.0  # wall-clock time the answer arrived
 
 
 @dataclass
@@ -55,25 +74,65 @@ class RunResult:
     wall_s: float
     links: dict[str, LinkCounters]
     placement: Placement
+    plan_changes: list[PlanChange] = field(default_factory=list)
+    stage_bytes: dict[str, int] = field(default_factory=dict)  # stage-file bytes shipped to each node
 
 
 class Entry:
-    """Runs stage 0 of the placement here and sends what stays unconfident down the chain."""
+    """Runs the edge's stage of the current plan here and sends what stays unconfident down the chain."""
 
-    def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, *, placement: Placement | None = None,
-                 window: int | None = None):
+    def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, *, window: int | None = None,
+                 registry: Registry | None = None, retry_timeout: float = RETRY_TIMEOUT, start_timeout: float = 30.0):
         self.net, self.cluster = net, cluster
-        self.placement = placement or default_placement(net, cluster)
         self.window = window or cluster.window
-        self.name = cluster.nodes[0].name
-        self.hop, self.remote = build_hop(net, cluster, self.placement, self.name)
+        self.name = cluster.edge.name
+        self.retry_timeout, self.start_timeout = retry_timeout, start_timeout
+        self.registry = registry
+        self._own_registry = registry is None
+        self.coordinator: Coordinator | None = None
+        self._prober: HealthProber | None = None
+        self._hop: Hop | None = None
+        self._version = 0
+        self._retired: list[asyncio.Task] = []
         self._ids = itertools.count(1)
         self._slots: asyncio.Semaphore | None = None
 
+    @property
+    def placement(self) -> Placement:
+        if self.coordinator is None or self.coordinator.placement is None:
+            raise RuntimeError("call `await entry.start()` first")
+        return self.coordinator.placement
+
     async def start(self) -> None:
+        """Join the registry, wait until every tier has a live node, and place the chain."""
         self._slots = asyncio.Semaphore(self.window)
-        if self.remote is not None:
-            await self.remote.connect()
+        if self.registry is None:
+            self.registry = open_registry(self.cluster.registry)
+        await self.registry.start()
+        if isinstance(self.registry, EmbeddedRegistry):  # nodes cannot register themselves: probe them
+            self._prober = HealthProber(self.cluster, self.registry, node_credentials(self.cluster, self.name))
+            await self._prober.start()
+        self.coordinator = Coordinator(self.net, self.cluster, self.registry, on_plan=self._install)
+        await self.coordinator.start(wait=self.start_timeout)
+
+    async def _install(self, placement: Placement, peers: list[NodeSpec], codec: CodecSpec | None) -> None:
+        """Serve ``placement``'s first stage from now on; a hop of an older plan finishes its work, then closes."""
+        if self._hop is not None and placement.version == self._version:
+            if self._hop.downstream is not None:
+                await self._hop.downstream.update(peers, wait=False)  # type: ignore[attr-defined]
+            return
+        first = placement.stages[0]
+        hop = stage_hop(self.net.stage(first.start, first.end), node=self.cluster.edge, cluster=self.cluster,
+                        plan_version=placement.version, codec=codec, on_broken=self._broken)
+        if hop.downstream is not None:
+            await hop.downstream.update(peers)  # type: ignore[attr-defined]
+        old, self._hop, self._version = self._hop, hop, placement.version
+        if old is not None:
+            self._retired.append(asyncio.get_running_loop().create_task(_close_when_idle(old)))
+
+    def _broken(self, name: str) -> None:
+        if self._prober is not None:
+            self._prober.suspect(name)
 
     async def infer(self, x: torch.Tensor, *, index: int = -1, label: int | None = None) -> RequestRecord:
         """One input (with or without its batch dimension of 1), answered wherever it becomes confident."""
@@ -86,10 +145,25 @@ class Entry:
         async with self._slots:
             request_id = next(self._ids)
             started = time.time()
-            (future,) = await self.hop.send([request_id], (self.net._prepare(sample),), [])
-            outcome = await future
+            outcome, attempts = await self._answer(request_id, self.net._prepare(sample), started)
             finished = time.time()
-        return _record(outcome, index=index, label=label, started=started, finished=finished)
+        return _record(outcome, index=index, label=label, started=started, finished=finished, attempts=attempts)
+
+    async def _answer(self, request_id: int, sample: torch.Tensor, started: float
+                      ) -> tuple[RowResult | RowError, int]:
+        """Send until the request is answered, or fails for a reason a retry cannot fix, or time runs out."""
+        wait = RETRY_FIRST_WAIT
+        for attempt in itertools.count(1):
+            (future,) = await self._hop.send([request_id], (sample,), [])  # type: ignore[union-attr]
+            outcome = await future
+            if not isinstance(outcome, RowError) or outcome.code not in RETRYABLE \
+                    or time.time() - started > self.retry_timeout:
+                return outcome, attempt
+            if attempt == 1:
+                logger.info("request %d: %s at %s; sending it again", request_id, outcome.code, outcome.node)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, RETRY_MAX_WAIT)
+        raise AssertionError("unreachable")
 
     async def run(self, dataset: Dataset, *, on_record: Callable[[RequestRecord], None] | None = None) -> RunResult:
         """Every item of ``dataset`` ((input, label) pairs or bare inputs), ``window`` in flight at a time."""
@@ -109,32 +183,47 @@ class Entry:
 
         await asyncio.gather(*(worker() for _ in range(self.window)))
         wall = time.perf_counter() - started
-        links = {f"{self.name}->{self.remote.target.name}": self.remote.counters} if self.remote else {}
-        if self.remote is not None:
-            links.update(await self._downstream_links())
-        return RunResult(sorted(records, key=lambda r: r.index), wall, links, self.placement)
+        coordinator = self.coordinator
+        return RunResult(sorted(records, key=lambda r: r.index), wall, await self.links(), self.placement,
+                         plan_changes=list(coordinator.changes) if coordinator else [],
+                         stage_bytes=dict(coordinator.stage_bytes) if coordinator else {})
 
-    async def _downstream_links(self) -> dict[str, LinkCounters]:
-        """Byte counters of the hops past the first, as the nodes report them through Health."""
-        try:
-            reply = await self.remote.health()  # type: ignore[union-attr]
-        except NodeUnavailableError:  # counters are a nicety; a report without them is still right
+    async def links(self) -> dict[str, LinkCounters]:
+        """Byte counters of every link of the chain (the nodes report theirs through Health)."""
+        if self._hop is None or self._hop.downstream is None:
             return {}
-        return {f"{l.source}->{l.target}": LinkCounters(l.raw_bytes, l.wire_bytes, l.messages, l.rows)
-                for l in reply.links}
+        links = await self._hop.downstream.health_links()  # type: ignore[attr-defined]
+        return {f"{a}->{b}": counters for (a, b), counters in sorted(links.items())}
 
     async def close(self) -> None:
-        await self.hop.close()
+        if self.coordinator is not None:
+            await self.coordinator.close()
+        if self._prober is not None:
+            await self._prober.close()
+        for task in self._retired:
+            task.cancel()
+        if self._hop is not None:
+            await self._hop.close()
+        if self.registry is not None and self._own_registry:
+            await self.registry.close()
+
+
+async def _close_when_idle(hop: Hop, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while hop.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    await hop.close()
 
 
 def _record(outcome: RowResult | RowError, *, index: int, label: int | None, started: float,
-            finished: float) -> RequestRecord:
+            finished: float, attempts: int) -> RequestRecord:
     latency_ms = (finished - started) * 1e3
     if isinstance(outcome, RowError):
         return RequestRecord(index, outcome.request_id, None, None, outcome.node, None, label, latency_ms,
-                             error=f"{outcome.code}: {outcome.message}")
+                             error=f"{outcome.code}: {outcome.message}", attempts=attempts, finished=finished)
     return RequestRecord(index, outcome.request_id, outcome.prediction, outcome.exit, outcome.node,
-                         outcome.confidence, label, latency_ms, _breakdown(outcome.trace, latency_ms))
+                         outcome.confidence, label, latency_ms, _breakdown(outcome.trace, latency_ms),
+                         attempts=attempts, finished=finished)
 
 
 def _breakdown(trace: list[Stamp], latency_ms: float) -> dict[str, float]:

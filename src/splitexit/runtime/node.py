@@ -1,10 +1,12 @@
-"""A worker node: serves one stage over gRPC, forwards unconfident rows, relays results upstream.
+"""A worker node: runs the stage the coordinator assigns it, forwards unconfident rows, relays results up.
 
-Per upstream stream: a reader checks and decodes each batch (a bad one is answered with a
-``RequestError`` for exactly its request ids, and the stream goes on), hands it to the :class:`Hop`,
-and every answer — from this stage or relayed from further down — goes back up the same stream through
-the emulated link of that hop. SIGTERM stops accepting streams, lets in-flight requests finish, then
-exits.
+A node starts empty. The entry's coordinator tells it, per plan version, which stage file to run, which
+replicas of the next tier to send to and with what codec (``Assign``), and ships the stage file if the
+node lacks it (``PutStage``; cached on disk by sha256). Per upstream stream: a reader checks and decodes
+each batch (a bad one is answered with a ``RequestError`` for exactly its request ids, and the stream goes
+on), hands it to the hop of the batch's plan, and every answer — from this stage or relayed from further
+down — goes back up the same stream through the emulated link of that hop. SIGTERM stops accepting
+streams, lets in-flight requests finish, then exits.
 """
 
 from __future__ import annotations
@@ -12,21 +14,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from pydantic import ValidationError
 
-from splitexit.config import ClusterSpec
-from splitexit.errors import ClusterError, NodeUnavailableError, WireError
-from splitexit.model.exits import EarlyExitNet
+from splitexit.config import ClusterSpec, NodeSpec, describe_validation_error
+from splitexit.control.members import NODES, describe_node
+from splitexit.control.registry import EtcdRegistry, Registration
+from splitexit.errors import ClusterError, IntegrityError, SplitExitError, WireError
+from splitexit.model.cpu import apply_threads
+from splitexit.model.graph import TensorInfo
+from splitexit.model.stage_file import LoadedStage, load_stage_file
+from splitexit.model.stages import Stage
 from splitexit.runtime import wire_pb2, wire_pb2_grpc
-from splitexit.runtime.chain import build_hop, node_credentials
-from splitexit.runtime.security import token_matches
-from splitexit.runtime.hop import RowError, RowResult, stamp
+from splitexit.runtime.chain import node_credentials, stage_hop
+from splitexit.runtime.codec import parse_codec
+from splitexit.runtime.hop import Hop, RowError, RowResult, stamp
 from splitexit.runtime.link import EmulatedLink
-from splitexit.runtime.placement import Placement, default_placement
+from splitexit.runtime.remote import LinkCounters
+from splitexit.runtime.security import token_matches
+from splitexit.runtime.stage_cache import StageCache
 from splitexit.runtime.wire import BatchAssembler, decode_batch, grpc_options
 
 __all__ = ["Node", "serve_node"]
@@ -38,6 +51,8 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 #: Batches one upstream stream may have in this node at once; past it the reader stops reading, so gRPC
 #: flow control holds the sender back instead of this node queueing without bound.
 MAX_BATCHES_PER_STREAM = 128
+#: Plans whose stages a node keeps, so requests sent under the previous plans still finish.
+KEEP_PLANS = 3
 
 
 class _Metrics:
@@ -57,23 +72,42 @@ class _Metrics:
         self.node = node
 
 
-class Node:
-    """One worker of a cluster, serving the stage the placement gives it."""
+@dataclass
+class _Served:
+    """One plan's stage on this node."""
 
-    def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, name: str, *, placement: Placement | None = None):
+    version: int
+    sha256: str
+    stage: Stage
+    hop: Hop
+    upstream: frozenset[str]
+
+
+class Node:
+    """One worker: waits for the coordinator to assign it a stage, then serves it to the previous tier.
+
+    It keeps the stages of the last few plans, so requests sent under an older plan still finish while the
+    coordinator moves the chain to a new one.
+    """
+
+    def __init__(self, cluster: ClusterSpec, name: str, *, cache_dir: Path, spec: NodeSpec | None = None):
         self.name = name
         self.cluster = cluster
-        self.spec = cluster.node(name)
+        try:
+            self.spec = spec or cluster.node(name)
+        except KeyError:
+            raise ClusterError(f"node {name!r} is not in the cluster file; add it there, or give its address "
+                               "(and tier) on the command line") from None
         if self.spec.role == "edge":
             raise ClusterError(f"{name} is the edge; the edge runs inside `splitexit run`, not as a node")
-        self.placement = placement or default_placement(net, cluster)
-        me = self.placement.of(name)
-        self.stage = net.stage(me.start, me.end)
-        names = [n.name for n in cluster.nodes]
-        self.upstream_name = names[names.index(name) - 1]
-        self.upstream_link = cluster.link(self.upstream_name, name)
-        self.hop, self.remote = build_hop(net, cluster, self.placement, name)
+        self.tier = cluster.tier_by_name().get(name, self.spec.tier or 1)
+        self.incarnation = uuid.uuid4().hex
+        self.cache = StageCache(cache_dir)
+        self.plans: dict[int, _Served] = {}
+        self.newest = 0
         self.metrics = _Metrics(name)
+        self._loaded: dict[str, LoadedStage] = {}
+        self._assigning = asyncio.Lock()
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"splitexit-{name}-decode")
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -81,10 +115,17 @@ class Node:
         self._metrics_server = None
         self._accepting = True
 
+    @property
+    def address(self) -> str:
+        host = (self.spec.address or "127.0.0.1:0").rpartition(":")[0]
+        return f"{host}:{self.port}"
+
+    @property
+    def in_flight(self) -> int:
+        return sum(served.hop.in_flight for served in self.plans.values())
+
     async def start(self, *, port: int | None = None) -> int:
-        """Listen (on the cluster file's port unless ``port`` is given; 0 picks a free one) and connect on."""
-        if self.remote is not None:
-            await self.remote.connect()
+        """Listen (on the cluster file's port unless ``port`` is given; 0 picks a free one)."""
         self._server = grpc.aio.server(options=grpc_options(self.cluster.message_limit))
         _register(_Servicer(self), self._server)
         host, _, configured = (self.spec.address or "127.0.0.1:0").rpartition(":")
@@ -106,19 +147,64 @@ class Node:
             self._metrics_server, _ = start_http_server(self.spec.metrics_port, addr="127.0.0.1",
                                                         registry=self.metrics.registry)
             self.metrics_port = self._metrics_server.server_port
-        logger.info("node %s serving %s on port %d (plan %d)", self.name, self.placement.describe(), self.port,
-                    self.placement.version)
+        logger.info("node %s (tier %d) listening on port %d; waiting for a stage", self.name, self.tier, self.port)
         return self.port
+
+    async def assign(self, request: wire_pb2.AssignRequest) -> wire_pb2.AssignReply:
+        """Serve the stage ``request`` names under its plan version (see the AssignRequest message)."""
+        sha256 = request.stage_sha256
+        if not self.cache.has(sha256):
+            return wire_pb2.AssignReply(missing_stage=True)
+        peers = [_peer_spec(p) for p in request.downstream]
+        async with self._assigning:
+            served = self.plans.get(request.plan_version)
+            if served is None or served.sha256 != sha256:
+                loaded = await self._load(sha256)
+                codec = parse_codec(request.codec) if loaded.stage.end is not None else None
+                hop = stage_hop(loaded.stage, node=self.spec, cluster=self.cluster, plan_version=request.plan_version,
+                                codec=codec)
+                served = _Served(request.plan_version, sha256, loaded.stage, hop, frozenset(request.upstream))
+                self.plans[request.plan_version] = served
+                logger.info("node %s serves plan %d: cuts %s..%s", self.name, request.plan_version,
+                            loaded.stage.start, loaded.stage.end)
+            else:
+                served.upstream = frozenset(request.upstream)
+            if served.hop.downstream is not None:
+                await served.hop.downstream.update(peers, wait=False)  # type: ignore[attr-defined]
+            self.newest = request.plan_version
+            await self._retire_old_plans()
+        return wire_pb2.AssignReply()
+
+    async def _load(self, sha256: str) -> LoadedStage:
+        if sha256 not in self._loaded:
+            data = self.cache.read(sha256)
+            loaded = await asyncio.get_running_loop().run_in_executor(
+                self._decoder, lambda: load_stage_file(data, sha256=sha256,
+                                                       trusted_models=self.cluster.trusted_models))
+            if not self._loaded:
+                apply_threads(loaded.net.cpu)
+            self._loaded[sha256] = loaded
+        return self._loaded[sha256]
+
+    async def _retire_old_plans(self) -> None:
+        """Keep the newest plans; close older ones once their requests are done (in the background)."""
+        for version in sorted(self.plans, key=lambda v: v == self.newest)[:max(0, len(self.plans) - KEEP_PLANS)]:
+            served = self.plans.pop(version)
+            asyncio.get_running_loop().create_task(_close_when_idle(served))
+
+    def upstream_allowed(self, name: str) -> bool:
+        return any(name in served.upstream for served in self.plans.values())
 
     async def stop(self, grace: float = DRAIN_TIMEOUT) -> None:
         """Refuse new streams, let accepted requests finish (up to ``grace`` seconds), then shut down."""
         self._accepting = False
         deadline = asyncio.get_running_loop().time() + grace
-        while self.hop.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
+        while self.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
         if self._server is not None:
             await self._server.stop(grace=1.0)
-        await self.hop.close()
+        for served in self.plans.values():
+            await served.hop.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -129,61 +215,122 @@ class Node:
             await self._server.wait_for_termination()
 
 
+async def _close_when_idle(served: _Served, timeout: float = DRAIN_TIMEOUT) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while served.hop.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    await served.hop.close()
+
+
+def _peer_spec(peer: wire_pb2.Peer) -> NodeSpec:
+    try:
+        return NodeSpec(name=peer.name, address=peer.address)
+    except ValidationError as exc:
+        raise WireError(f"downstream peer {peer.name[:64]!r} at {peer.address[:64]!r} is not a valid node: "
+                        f"{describe_validation_error(exc)}", code="bad_message") from exc
+
+
 class _Servicer(wire_pb2_grpc.StageServiceServicer):
     def __init__(self, node: Node):
         self.node = node
 
-    async def _admit(self, context: grpc.aio.ServicerContext, what: str) -> None:
-        """Refuse (and log) a caller without the cluster token, or whose certificate names another node."""
+    async def _admit(self, context: grpc.aio.ServicerContext, what: str, *, control: bool = False) -> set[str]:
+        """Refuse (and log) a caller without the cluster token or, with TLS, without a certificate naming a node
+        allowed to make this call: the edge for control calls, a node of the previous tier for streams.
+        Returns the names the caller's certificate carries (empty without TLS)."""
         node = self.node
         peer = context.peer()
         if not token_matches(context.invocation_metadata(), node.cluster.security.token):
             node.metrics.rejected.labels(node=node.name, code="unauthenticated").inc()
             logger.warning("node %s refused a %s from %s: missing or wrong token", node.name, what, peer)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
-        if node.cluster.security.tls:
-            names = {n.decode() for n in (context.auth_context().get("x509_common_name") or [])}
-            if node.upstream_name not in names:
-                node.metrics.rejected.labels(node=node.name, code="wrong_peer").inc()
-                logger.warning("node %s refused a %s from %s: certificate names %s, expected %s", node.name, what,
-                               peer, sorted(names) or "nobody", node.upstream_name)
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                    f"only {node.upstream_name} may call {node.name}")
+        if not node.cluster.security.tls:
+            return set()
+        names = {n.decode() for n in (context.auth_context().get("x509_common_name") or [])}
+        edge = node.cluster.edge.name
+        allowed = edge in names if control else any(n == edge or node.upstream_allowed(n) for n in names)
+        if not allowed:
+            node.metrics.rejected.labels(node=node.name, code="wrong_peer").inc()
+            expected = edge if control else "the edge or a node of the previous tier"
+            logger.warning("node %s refused a %s from %s: certificate names %s, expected %s", node.name, what,
+                           peer, sorted(names) or "nobody", expected)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"only {expected} may make this call to {node.name}")
+        return names
 
     async def Health(self, request: wire_pb2.HealthRequest, context: grpc.aio.ServicerContext
                      ) -> wire_pb2.HealthReply:
         await self._admit(context, "health call")
         node = self.node
-        reply = wire_pb2.HealthReply(node=node.name, ready=node._accepting, plan_version=node.placement.version,
-                                     queued=node.hop.executor.queued, in_flight=node.hop.in_flight)
-        remote = node.remote
-        if remote is not None:
-            c = remote.counters
-            reply.links.append(wire_pb2.LinkBytes(source=node.name, target=remote.target.name, raw_bytes=c.raw_bytes,
+        reply = wire_pb2.HealthReply(node=node.name, ready=node._accepting, plan_version=node.newest, tier=node.tier,
+                                     queued=sum(s.hop.executor.queued for s in node.plans.values()),
+                                     in_flight=node.in_flight, stages=node.cache.shas(),
+                                     incarnation=node.incarnation)
+        links: dict[tuple[str, str], LinkCounters] = {}
+        for served in node.plans.values():
+            if served.hop.downstream is not None:
+                links.update(await served.hop.downstream.health_links())  # type: ignore[attr-defined]
+        for (source, target), c in links.items():
+            reply.links.append(wire_pb2.LinkBytes(source=source, target=target, raw_bytes=c.raw_bytes,
                                                   wire_bytes=c.wire_bytes, messages=c.messages, rows=c.rows))
-            try:
-                reply.links.extend((await remote.health()).links)
-            except NodeUnavailableError as exc:
-                logger.info("%s", exc)
         return reply
 
+    async def Assign(self, request: wire_pb2.AssignRequest, context: grpc.aio.ServicerContext
+                     ) -> wire_pb2.AssignReply:
+        await self._admit(context, "stage assignment", control=True)
+        try:
+            if request.codec:
+                parse_codec(request.codec)
+            return await self.node.assign(request)
+        except (WireError, SplitExitError, ValueError) as exc:
+            logger.warning("node %s refused plan %d: %s", self.node.name, request.plan_version, exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.node.name}: {exc}")
+
+    async def PutStage(self, requests, context: grpc.aio.ServicerContext):  # noqa: ANN001, ANN201 - grpc types
+        await self._admit(context, "stage upload", control=True)
+
+        async def chunks():  # noqa: ANN202
+            async for chunk in requests:
+                yield chunk.sha256, chunk.total_size, chunk.data
+
+        try:
+            sha256, size = await self.node.cache.store(chunks())
+        except (WireError, IntegrityError) as exc:
+            logger.warning("node %s refused a stage upload: %s", self.node.name, exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.node.name}: {exc}")
+        logger.info("node %s stored stage %s… (%d bytes)", self.node.name, sha256[:12], size)
+        return wire_pb2.PutStageReply(size=size)
+
     async def Stream(self, requests, context: grpc.aio.ServicerContext):  # noqa: ANN001, ANN201 - grpc types
-        await self._admit(context, "stream")
+        names = await self._admit(context, "stream")
         node = self.node
         if not node._accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {node.name} is shutting down")
-        up: EmulatedLink[wire_pb2.Up] = EmulatedLink(node.upstream_link, seed=1)
-        reader = asyncio.get_running_loop().create_task(self._read(requests, up))
+        iterator = requests.__aiter__()
+        try:
+            hello = wire_pb2.Down.FromString(await iterator.__anext__())
+        except (DecodeError, StopAsyncIteration):
+            hello = wire_pb2.Down()
+        if hello.WhichOneof("body") != "hello" or (names and hello.hello.sender not in names):
+            node.metrics.rejected.labels(node=node.name, code="bad_message").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a stream must start with a Hello naming the "
+                                                                  "sender (the name in its certificate, with TLS)")
+        up: EmulatedLink[wire_pb2.Up] = EmulatedLink(node.cluster.link(hello.hello.sender, node.name), seed=1)
+        reader = asyncio.get_running_loop().create_task(self._read(iterator, up))
         try:
             async for message in up:
                 yield message
         finally:
             reader.cancel()
 
+    def _expect(self, plan_version: int) -> tuple[TensorInfo, ...]:
+        served = self.node.plans.get(plan_version)
+        if served is None:
+            raise WireError(f"batch planned for version {plan_version}; node {self.node.name} serves "
+                            f"{sorted(self.node.plans) or 'no plan yet'}", code="unknown_plan")
+        return served.stage.input_tensors or ()
+
     async def _read(self, requests, up: EmulatedLink) -> None:  # noqa: ANN001 - grpc request iterator
-        node = self.node
-        assembler = BatchAssembler(plan_version=node.placement.version, expected=node.stage.input_tensors or (),
-                                   max_bytes_per_row=sum(t.bytes_per_sample for t in node.stage.input_tensors or ()))
+        assembler = BatchAssembler(self._expect)
         tasks: set[asyncio.Task] = set()
         slots = asyncio.Semaphore(MAX_BATCHES_PER_STREAM)
         try:
@@ -195,9 +342,6 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
                                                          f"({len(raw)} bytes): {exc}", code="bad_message"))
                     continue
                 if down.WhichOneof("body") == "hello":
-                    if down.hello.plan_version != node.placement.version:
-                        logger.warning("%s connected with plan %d; this node serves plan %d", down.hello.sender,
-                                       down.hello.plan_version, node.placement.version)
                     continue
                 try:
                     batch = assembler.add(down)
@@ -218,16 +362,20 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
         node = self.node
         ids = list(batch.request_ids)
         node.metrics.requests.inc(len(ids))
+        served = node.plans.get(batch.plan_version)
+        if served is None:  # retired between the envelope check and now
+            await self._reject(up, ids, WireError(f"plan {batch.plan_version} was retired", code="unknown_plan"))
+            return
         trace = [*((s.node, s.event, s.time) for s in batch.trace), stamp(node.name, "received")]
         try:
             tensors = await asyncio.get_running_loop().run_in_executor(
-                node._decoder, decode_batch, batch, node.stage.input_tensors or ())
+                node._decoder, decode_batch, batch, served.stage.input_tensors or ())
         except WireError as exc:
             await self._reject(up, ids, exc)
             return
         trace.append(stamp(node.name, "decoded"))
         node.metrics.in_flight.inc(len(ids))
-        futures = await node.hop.send(ids, tensors, trace)
+        futures = await served.hop.send(ids, tensors, trace)
         for future in asyncio.as_completed(futures):
             outcome = await future
             node.metrics.in_flight.dec()
@@ -251,6 +399,12 @@ def _register(servicer: _Servicer, server: grpc.aio.Server) -> None:
         "Health": grpc.unary_unary_rpc_method_handler(
             servicer.Health, request_deserializer=wire_pb2.HealthRequest.FromString,
             response_serializer=wire_pb2.HealthReply.SerializeToString),
+        "Assign": grpc.unary_unary_rpc_method_handler(
+            servicer.Assign, request_deserializer=wire_pb2.AssignRequest.FromString,
+            response_serializer=wire_pb2.AssignReply.SerializeToString),
+        "PutStage": grpc.stream_unary_rpc_method_handler(
+            servicer.PutStage, request_deserializer=wire_pb2.StageChunk.FromString,
+            response_serializer=wire_pb2.PutStageReply.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("splitexit.wire.StageService", handlers),))
 
@@ -270,15 +424,38 @@ def _up_message(outcome: RowResult | RowError, node: Node) -> tuple[wire_pb2.Up,
 
 
 async def serve_node(node: Node, *, port: int | None = None, ready: asyncio.Event | None = None) -> None:
-    """Run ``node`` until SIGTERM or SIGINT, then drain and stop."""
+    """Run ``node`` until SIGTERM or SIGINT, then leave the registry, drain and stop.
+
+    With an etcd registry the node registers itself under a lease it keeps alive; with the embedded one the
+    entry finds it by probing the addresses in the cluster file.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await node.start(port=port)
+    registration = await _register_node(node)
     print(f"ready {node.name} {node.port}", flush=True)  # the line `splitexit up` waits for
     if ready is not None:
         ready.set()
-    await stop.wait()
-    logger.info("node %s draining %d in-flight requests", node.name, node.hop.in_flight)
-    await node.stop()
+    try:
+        await stop.wait()
+    finally:
+        if registration is not None:
+            await registration.close()  # leave first, so the coordinator routes around this node
+            await registration.registry.close()
+        logger.info("node %s draining %d in-flight requests", node.name, node.in_flight)
+        await node.stop()
+
+
+async def _register_node(node: Node) -> Registration | None:
+    spec = node.cluster.registry
+    if spec == "embedded":
+        return None
+    registry = EtcdRegistry(spec)
+    await registry.start()
+    info = describe_node(node.name, node.address, node.tier, node.incarnation, slowdown=node.spec.slowdown)
+    registration = Registration(registry, NODES + node.name, info.to_bytes(), ttl=spec.ttl)
+    await registration.start()
+    logger.info("node %s registered in etcd (lease TTL %.1f s)", node.name, spec.ttl)
+    return registration

@@ -1,18 +1,20 @@
-"""Which node runs which range of cuts, until the planner chooses (the default the cluster file implies).
+"""Which tier runs which range of cuts, until the planner chooses (the default the cluster file implies).
 
-Nodes take the chain in order. A node's stage ends where the cluster file says (``ends_at``), or by
-default at an exit: the package's exits are spread over the nodes, one per node where possible. With
-more nodes than exits, extra cuts split the most expensive remaining range at its FLOP midpoint.
+Tiers take the chain in order: the edge is tier 0, and the workers of one tier are replicas of one stage.
+Only tiers with a live node get a stage; a tier that has lost every node is left out and its neighbours
+take over its range. A tier's stage ends where the cluster file says (``ends_at``), or by default at an
+exit: the package's exits are spread over the tiers, one per tier where possible. With more tiers than
+exits, extra cuts split the most expensive remaining range at its FLOP midpoint.
 
-Entry and nodes compute the placement independently from the same package and cluster file; its
-``version`` (a hash of the package weights and the ranges) travels with every request so a node can
-refuse work planned for another layout.
+The ``version`` hashes the package's weights with the ranges, not with the replicas: a replica joining or
+leaving changes where rows go, not what any stage computes, so work in flight stays valid.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from splitexit.config import ClusterSpec
@@ -24,7 +26,8 @@ __all__ = ["Placement", "StagePlacement", "default_placement"]
 
 @dataclass(frozen=True)
 class StagePlacement:
-    node: str
+    tier: int
+    nodes: tuple[str, ...]  # the replicas serving this stage (the edge's stage: the edge alone)
     start: int | None  # cut the stage starts at (None: the model input)
     end: int | None  # cut it ends at (None: the model output)
 
@@ -34,55 +37,63 @@ class Placement:
     stages: tuple[StagePlacement, ...]
     version: int
 
-    def of(self, node: str) -> StagePlacement:
+    def stage_of(self, node: str) -> StagePlacement:
         for stage in self.stages:
-            if stage.node == node:
+            if node in stage.nodes:
                 return stage
-        raise ClusterError(f"node {node!r} has no stage in this placement (nodes: "
-                           f"{', '.join(s.node for s in self.stages)})")
+        raise ClusterError(f"node {node!r} has no stage in this placement ({self.describe()})")
 
-    def next_after(self, node: str) -> StagePlacement | None:
-        names = [s.node for s in self.stages]
-        index = names.index(node)
+    def after(self, stage: StagePlacement) -> StagePlacement | None:
+        index = self.stages.index(stage)
         return self.stages[index + 1] if index + 1 < len(self.stages) else None
+
+    def before(self, stage: StagePlacement) -> StagePlacement | None:
+        index = self.stages.index(stage)
+        return self.stages[index - 1] if index > 0 else None
 
     def describe(self) -> str:
         def cut(c: int | None, edge: str) -> str:
             return edge if c is None else f"cut {c}"
-        return " → ".join(f"{s.node}[{cut(s.start, 'input')}..{cut(s.end, 'output')}]" for s in self.stages)
+        return " → ".join(f"{'|'.join(s.nodes)}[{cut(s.start, 'input')}..{cut(s.end, 'output')}]"
+                          for s in self.stages)
 
 
-def default_placement(net: EarlyExitNet, cluster: ClusterSpec) -> Placement:
-    """Cut the net into one stage per node of ``cluster`` (see the module docstring for the rule).
+def default_placement(net: EarlyExitNet, cluster: ClusterSpec, live: Collection[str] | None = None) -> Placement:
+    """One stage per tier of ``cluster`` that has a node in ``live`` (default: every node of the file).
 
-    The version hashes the ranges with the package's weights checksum (``net.weights_sha256``, set by
-    save and load), so an entry and a node serving different packages refuse each other's batches.
+    See the module docstring for where stages end and what the version covers.
     """
-    nodes = list(cluster.nodes)
-    ends = _ends(net, cluster)
-    if len(ends) != len(nodes) - 1 or ends != sorted(set(ends)):
-        raise ClusterError(f"cannot give each of the {len(nodes)} nodes a stage: stage ends {ends} must be "
-                           f"{len(nodes) - 1} distinct cuts in forward order; fix `ends_at` in the cluster file")
+    tiers = [[n for n in members if live is None or n.name in live or n.role == "edge"]
+             for members in cluster.tiers().values()]
+    configured = [next((n.ends_at for n in members if n.ends_at is not None), None)
+                  for members in cluster.tiers().values()]
+    configured = [end for end, members in zip(configured, tiers) if members]
+    tiers = [members for members in tiers if members]
+    ends = _ends(net, configured[:-1], len(tiers))
+    if len(ends) != len(tiers) - 1 or ends != sorted(set(ends)):
+        raise ClusterError(f"cannot give each of the {len(tiers)} tiers a stage: stage ends {ends} must be "
+                           f"{len(tiers) - 1} distinct cuts in forward order; fix `ends_at` in the cluster file")
+    tier_of = cluster.tier_by_name()
     bounds: list[int | None] = [None, *ends, None]
-    stages = tuple(StagePlacement(node.name, a, b) for node, a, b in zip(nodes, bounds[:-1], bounds[1:]))
-    digest = hashlib.sha256(repr((net.weights_sha256, [(s.node, s.start, s.end) for s in stages])).encode())
+    stages = tuple(StagePlacement(tier_of[members[0].name], tuple(n.name for n in members), a, b)
+                   for members, a, b in zip(tiers, bounds[:-1], bounds[1:]))
+    digest = hashlib.sha256(repr((net.weights_sha256, [(s.tier, s.start, s.end) for s in stages])).encode())
     return Placement(stages, version=int.from_bytes(digest.digest()[:8], "big") >> 1)
 
 
-def _ends(net: EarlyExitNet, cluster: ClusterSpec) -> list[int]:
-    nodes = list(cluster.nodes)
-    wanted = len(nodes) - 1
-    explicit = [n.ends_at for n in nodes[:-1]]
+def _ends(net: EarlyExitNet, explicit: list[int | str | None], stages: int) -> list[int]:
+    """Where each stage but the last ends: the cluster file's ``ends_at``, or spread over the exits."""
+    wanted = stages - 1
     if any(e is not None for e in explicit):
         if any(e is None for e in explicit):
-            raise ClusterError("set `ends_at` on every node but the last, or on none of them")
+            raise ClusterError("set `ends_at` on every tier but the last, or on none of them")
         try:
             return [net.graph.resolve(e).id for e in explicit]  # type: ignore[arg-type]
         except CutError as exc:
             raise ClusterError(f"cluster file: {exc}") from exc
     exits = [c.id for c in net.exit_cuts]
     if len(exits) >= wanted:
-        picks = sorted({min(len(exits) - 1, math.ceil((i + 1) * (len(exits) + 1) / len(nodes)) - 1)
+        picks = sorted({min(len(exits) - 1, math.ceil((i + 1) * (len(exits) + 1) / stages) - 1)
                         for i in range(wanted)})
         if len(picks) == wanted:
             return [exits[p] for p in picks]
@@ -91,7 +102,7 @@ def _ends(net: EarlyExitNet, cluster: ClusterSpec) -> list[int]:
     while len(ends) < wanted:
         extra = _split_heaviest(net, ends)
         if extra is None:
-            raise ClusterError(f"the model has too few cut points for {len(nodes)} nodes; use fewer nodes")
+            raise ClusterError(f"the model has too few cut points for {stages} tiers; use fewer tiers")
         ends = sorted([*ends, extra])
     return ends
 

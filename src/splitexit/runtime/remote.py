@@ -50,18 +50,33 @@ class RemoteStage:
     """Sends batches to ``target`` and resolves each row's future from what comes back up."""
 
     def __init__(self, *, sender: str, target: NodeSpec, link: LinkSpec, plan_version: int, message_limit: int,
-                 credentials: NodeCredentials | None = None, token: str | None = None, seed: int = 0):
+                 credentials: NodeCredentials | None = None, token: str | None = None, seed: int = 0,
+                 counters: LinkCounters | None = None):
         self.sender, self.target, self.plan_version = sender, target, plan_version
         self.credentials = credentials
         self.metadata = ((TOKEN_HEADER, token),) if token else ()
         self.message_limit = message_limit
-        self.counters = LinkCounters()
+        self.counters = counters if counters is not None else LinkCounters()
         self._pending: dict[int, asyncio.Future] = {}
         self._link: EmulatedLink[wire_pb2.Down] = EmulatedLink(link, seed=seed)
         self._channel: grpc.aio.Channel | None = None
         self._call = None
         self._tasks: list[asyncio.Task] = []
         self._broken: str | None = None
+        self._broken_event = asyncio.Event()
+
+    @property
+    def broken(self) -> str | None:
+        """Why the stream is unusable (None while it works)."""
+        return self._broken
+
+    @property
+    def outstanding(self) -> int:
+        """Rows sent and not yet answered: the queue depth this sender sees."""
+        return len(self._pending)
+
+    async def wait_broken(self) -> None:
+        await self._broken_event.wait()
 
     async def connect(self, timeout: float = CONNECT_TIMEOUT) -> None:
         address = self.target.address or ""
@@ -170,6 +185,7 @@ class RemoteStage:
     def _fail_all(self, reason: str) -> None:
         if self._broken is None:
             self._broken = reason
+            self._broken_event.set()
             if self._pending:
                 logger.warning("%s; %d requests lose their answer", reason, len(self._pending))
         pending, self._pending = self._pending, {}

@@ -1,6 +1,6 @@
 """Messages on the wire: gRPC options, size accounting, and validating and assembling incoming batches.
 
-Nothing from the network is used before it is checked here: the plan version, the row count, the number
+Nothing from the network is used before it is checked here: the plan version (one the node serves), the row count, the number
 of tensors, chunk order and counts, and (through the codec) each tensor's dtype, shape and size against
 what this stage expects. Failures are :class:`~splitexit.errors.WireError` with a code the peer gets back.
 """
@@ -8,6 +8,7 @@ what this stage expects. Failures are :class:`~splitexit.errors.WireError` with 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -52,6 +53,7 @@ def decode_batch(batch: wire_pb2.Batch, expected: tuple[TensorInfo, ...]) -> tup
 class _Open:
     batch: wire_pb2.Batch
     parts: list[list[bytes]]
+    max_size: int
     size: int = 0
 
 
@@ -62,10 +64,9 @@ class BatchAssembler:
     batch it concerns is then dropped; the stream stays usable).
     """
 
-    def __init__(self, *, plan_version: int, expected: tuple[TensorInfo, ...], max_bytes_per_row: int):
-        self.plan_version = plan_version
-        self.expected = expected
-        self.max_bytes_per_row = max_bytes_per_row
+    def __init__(self, expect: Callable[[int], tuple[TensorInfo, ...]]):
+        """``expect(plan_version)`` gives the tensors a batch of that plan must carry, or raises WireError."""
+        self.expect = expect
         self._open: _Open | None = None
 
     def add(self, down: wire_pb2.Down) -> wire_pb2.Batch | None:
@@ -82,23 +83,20 @@ class BatchAssembler:
 
     def _start(self, batch: wire_pb2.Batch) -> wire_pb2.Batch | None:
         rows = len(batch.request_ids)
-        if batch.plan_version != self.plan_version:
-            raise WireError(f"batch planned for version {batch.plan_version}, this node serves plan "
-                            f"{self.plan_version}: entry and node disagree on the package or cluster file",
-                            code="unknown_plan")
+        expected = self.expect(batch.plan_version)
         if not 0 < rows <= MAX_ROWS:
             raise WireError(f"a batch must carry 1 to {MAX_ROWS} request ids, got {rows}", code="bad_message")
         if len(set(batch.request_ids)) != rows:
             raise WireError("request ids within a batch must be distinct", code="bad_message")
-        if len(batch.tensors) != len(self.expected):
-            raise WireError(f"this stage takes {len(self.expected)} tensors, the batch has {len(batch.tensors)}",
+        if len(batch.tensors) != len(expected):
+            raise WireError(f"this stage takes {len(expected)} tensors, the batch has {len(batch.tensors)}",
                             code="invalid_tensor")
         chunked = [t.chunks for t in batch.tensors]
         if not any(chunked):
             return batch
         if any(c > MAX_CHUNKS for c in chunked) or any(c and t.data for c, t in zip(chunked, batch.tensors)):
             raise WireError(f"chunked tensors need 1 to {MAX_CHUNKS} chunks and no inline data", code="bad_message")
-        self._open = _Open(batch, [[] for _ in batch.tensors])
+        self._open = _Open(batch, [[] for _ in batch.tensors], max_size=rows * sum(t.bytes_per_sample for t in expected))
         return None
 
     def _chunk(self, chunk: wire_pb2.Chunk) -> wire_pb2.Batch | None:
@@ -114,7 +112,7 @@ class BatchAssembler:
             raise WireError(f"chunk {chunk.index}/{chunk.count} of tensor {index} does not follow batch {key} in "
                             "order", code="bad_message")
         current.size += len(chunk.data)
-        if current.size > len(current.batch.request_ids) * self.max_bytes_per_row:
+        if current.size > current.max_size:
             self._open = None
             raise WireError(f"chunked batch {key} exceeds its size limit", code="too_large")
         current.parts[index].append(chunk.data)

@@ -191,17 +191,67 @@ class LinkBytes(_message.Message):
     def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ..., raw_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., messages: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("node", "ready", "plan_version", "queued", "in_flight", "links")
+    __slots__ = ("node", "ready", "plan_version", "queued", "in_flight", "links", "tier", "stages", "incarnation")
     NODE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     node: str
     ready: bool
     plan_version: int
     queued: int
     in_flight: int
     links: _containers.RepeatedCompositeFieldContainer[LinkBytes]
-    def __init__(self, node: _Optional[str] = ..., ready: _Optional[bool] = ..., plan_version: _Optional[int] = ..., queued: _Optional[int] = ..., in_flight: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkBytes, _Mapping]]] = ...) -> None: ...
+    tier: int
+    stages: _containers.RepeatedScalarFieldContainer[str]
+    incarnation: str
+    def __init__(self, node: _Optional[str] = ..., ready: _Optional[bool] = ..., plan_version: _Optional[int] = ..., queued: _Optional[int] = ..., in_flight: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkBytes, _Mapping]]] = ..., tier: _Optional[int] = ..., stages: _Optional[_Iterable[str]] = ..., incarnation: _Optional[str] = ...) -> None: ...
+
+class Peer(_message.Message):
+    __slots__ = ("name", "address")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class AssignRequest(_message.Message):
+    __slots__ = ("plan_version", "stage_sha256", "downstream", "codec", "upstream")
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    plan_version: int
+    stage_sha256: str
+    downstream: _containers.RepeatedCompositeFieldContainer[Peer]
+    codec: str
+    upstream: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, plan_version: _Optional[int] = ..., stage_sha256: _Optional[str] = ..., downstream: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., codec: _Optional[str] = ..., upstream: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AssignReply(_message.Message):
+    __slots__ = ("missing_stage",)
+    MISSING_STAGE_FIELD_NUMBER: _ClassVar[int]
+    missing_stage: bool
+    def __init__(self, missing_stage: _Optional[bool] = ...) -> None: ...
+
+class StageChunk(_message.Message):
+    __slots__ = ("sha256", "total_size", "data")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    total_size: int
+    data: bytes
+    def __init__(self, sha256: _Optional[str] = ..., total_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PutStageReply(_message.Message):
+    __slots__ = ("size",)
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    def __init__(self, size: _Optional[int] = ...) -> None: ...

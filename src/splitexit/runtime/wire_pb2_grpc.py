@@ -44,6 +44,16 @@ class StageServiceStub:
                 request_serializer=splitexit_dot_runtime_dot_wire__pb2.HealthRequest.SerializeToString,
                 response_deserializer=splitexit_dot_runtime_dot_wire__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Assign = channel.unary_unary(
+                '/splitexit.wire.StageService/Assign',
+                request_serializer=splitexit_dot_runtime_dot_wire__pb2.AssignRequest.SerializeToString,
+                response_deserializer=splitexit_dot_runtime_dot_wire__pb2.AssignReply.FromString,
+                _registered_method=True)
+        self.PutStage = channel.stream_unary(
+                '/splitexit.wire.StageService/PutStage',
+                request_serializer=splitexit_dot_runtime_dot_wire__pb2.StageChunk.SerializeToString,
+                response_deserializer=splitexit_dot_runtime_dot_wire__pb2.PutStageReply.FromString,
+                _registered_method=True)
 
 
 class StageServiceServicer:
@@ -61,6 +71,18 @@ class StageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Assign(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutStage(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +95,16 @@ def add_StageServiceServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=splitexit_dot_runtime_dot_wire__pb2.HealthRequest.FromString,
                     response_serializer=splitexit_dot_runtime_dot_wire__pb2.HealthReply.SerializeToString,
+            ),
+            'Assign': grpc.unary_unary_rpc_method_handler(
+                    servicer.Assign,
+                    request_deserializer=splitexit_dot_runtime_dot_wire__pb2.AssignRequest.FromString,
+                    response_serializer=splitexit_dot_runtime_dot_wire__pb2.AssignReply.SerializeToString,
+            ),
+            'PutStage': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutStage,
+                    request_deserializer=splitexit_dot_runtime_dot_wire__pb2.StageChunk.FromString,
+                    response_serializer=splitexit_dot_runtime_dot_wire__pb2.PutStageReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +161,60 @@ class StageService:
             '/splitexit.wire.StageService/Health',
             splitexit_dot_runtime_dot_wire__pb2.HealthRequest.SerializeToString,
             splitexit_dot_runtime_dot_wire__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Assign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitexit.wire.StageService/Assign',
+            splitexit_dot_runtime_dot_wire__pb2.AssignRequest.SerializeToString,
+            splitexit_dot_runtime_dot_wire__pb2.AssignReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutStage(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/splitexit.wire.StageService/PutStage',
+            splitexit_dot_runtime_dot_wire__pb2.StageChunk.SerializeToString,
+            splitexit_dot_runtime_dot_wire__pb2.PutStageReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,44 +8,62 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from splitexit.errors import DataError
+from splitexit.config import ClusterSpec, NodeSpec
+from splitexit.errors import ClusterError, DataError
 from splitexit.model.cpu import apply_threads
 from splitexit.model.data import load_dataset, split_dataset
 from splitexit.model.package import load, read_spec
 from splitexit.runtime.cluster import LocalCluster, die_with_parent, load_cluster, resolve_package
 from splitexit.runtime.entry import Entry, RequestRecord, RunResult
 from splitexit.runtime.node import Node, serve_node
+from splitexit.runtime.stage_cache import default_cache_dir
 
 __all__ = ["run_cluster", "serve", "start_cluster", "write_demo_cluster", "write_records"]
 
 
-def serve(cluster_file: Path, name: str, *, package: Path | None = None, port: int | None = None,
-          parent: int | None = None) -> None:
-    """Run one worker node until SIGTERM/SIGINT (or until ``parent`` dies, when given)."""
+def serve(cluster_file: Path, name: str, *, address: str | None = None, tier: int | None = None,
+          cache_dir: Path | None = None, port: int | None = None, parent: int | None = None) -> None:
+    """Run one worker node until SIGTERM/SIGINT (or until ``parent`` dies, when given).
+
+    A node that is not in the cluster file (one joining a running cluster) needs ``address`` and ``tier``.
+    """
     if parent is not None:
         die_with_parent(parent)
     cluster = load_cluster(cluster_file)
-    net = load(resolve_package(cluster_file, cluster, package))
-    apply_threads(net.cpu)
-    node = Node(net, cluster, name)
+    spec = _node_spec(cluster, cluster_file, name, address, tier)
+    node = Node(cluster, name, spec=spec, cache_dir=cache_dir or default_cache_dir(name))
     asyncio.run(serve_node(node, port=port))
 
 
-def start_cluster(cluster_file: Path, *, package: Path | None = None, log_dir: Path | None = None,
+def _node_spec(cluster: ClusterSpec, cluster_file: Path, name: str, address: str | None, tier: int | None) -> NodeSpec:
+    try:
+        spec = cluster.node(name)
+    except KeyError:
+        if address is None or tier is None:
+            raise ClusterError(f"node {name!r} is not in {cluster_file}; to join it to the cluster give --address "
+                               "HOST:PORT and --tier N, or add it to the file") from None
+        spec = NodeSpec(name=name, address=address, tier=tier)
+    if address is not None or tier is not None:
+        spec = NodeSpec.model_validate({**spec.model_dump(), **({"address": address} if address else {}),
+                                        **({"tier": tier} if tier else {})})
+    return spec
+
+
+def start_cluster(cluster_file: Path, *, log_dir: Path | None = None, cache_root: Path | None = None,
                   verbose: bool = False) -> LocalCluster:
     """Start every worker of the file locally and wait until all are ready (the caller stops them)."""
     cluster = load_cluster(cluster_file)
-    local = LocalCluster(cluster_file, cluster, resolve_package(cluster_file, cluster, package), log_dir=log_dir,
-                         verbose=verbose)
+    local = LocalCluster(cluster_file, cluster, log_dir=log_dir, cache_root=cache_root, verbose=verbose)
     local.start()
     return local
 
 
-def run_cluster(package: Path, cluster_file: Path, *, data: str | None = None, split: str = "test",
+def run_cluster(package: Path | None, cluster_file: Path, *, data: str | None = None, split: str = "test",
                 window: int | None = None, limit: int | None = None,
                 on_record: Callable[[RequestRecord], None] | None = None) -> RunResult:
     """Be the edge: stream a dataset split through the running cluster and collect every outcome."""
     cluster = load_cluster(cluster_file)
+    package = resolve_package(cluster_file, cluster, package)
     spec = read_spec(package)
     net = load(package)
     apply_threads(net.cpu)

@@ -1,0 +1,1 @@
+"""Membership and placement: the registry and the coordinator."""

@@ -1,0 +1,289 @@
+"""The coordinator: places stages on the live nodes, ships each node its stage once, and re-plans.
+
+It lives in the entry (the edge opens every connection, so it can reach every node). It follows the
+registry's ``nodes/`` keys — a watch for quick reactions plus a periodic re-read, which also covers a
+registry that restarted — and whenever the set of live nodes changes it:
+
+1. computes the placement over the live nodes (a tier without a live node is left out);
+2. makes sure every node has its stage file (``PutStage`` only when ``Assign`` says it is missing; the
+   node caches it on disk by sha256, so weights cross the network once per node, not per request);
+3. assigns the stages from the last tier to the first, so a stage's replicas of the next tier are ready
+   before rows arrive, then hands the entry the new plan and publishes it under ``plan``.
+
+A node that cannot be reached is left out of the next placement until it registers (or answers) again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import grpc
+
+from splitexit.config import ClusterSpec, NodeSpec
+from splitexit.errors import ClusterError
+from splitexit.model.exits import EarlyExitNet
+from splitexit.model.stage_file import sha256_hex, stage_file
+from splitexit.control.members import NODES, NodeInfo, parse_node_info
+from splitexit.runtime import wire_pb2, wire_pb2_grpc
+from splitexit.runtime.chain import link_codec, node_credentials
+from splitexit.runtime.codec import CodecSpec
+from splitexit.runtime.placement import Placement, StagePlacement, default_placement
+from splitexit.runtime.security import TOKEN_HEADER
+from splitexit.runtime.wire import grpc_options
+
+__all__ = ["Coordinator", "PlanChange"]
+
+logger = logging.getLogger(__name__)
+
+RESYNC_INTERVAL = 2.0
+SETTLE = 0.05
+CONTROL_TIMEOUT = 30.0
+#: Stage files travel in pieces of at most this size (less when the cluster's message limit is lower).
+UPLOAD_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class PlanChange:
+    """A placement the coordinator installed, and why (for the run report)."""
+
+    time: float
+    placement: Placement
+    reason: str
+
+
+@dataclass
+class _Control:
+    channel: grpc.aio.Channel
+    stub: wire_pb2_grpc.StageServiceStub
+    address: str
+
+
+@dataclass
+class _State:
+    members: dict[str, NodeInfo] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)  # consecutive failed assignments per node
+    excluded_until: dict[str, float] = field(default_factory=dict)  # backed-off nodes (loop time)
+
+    def live(self, now: float) -> set[str]:
+        return {name for name in self.members if self.excluded_until.get(name, 0.0) <= now}
+
+
+class Coordinator:
+    """Keeps the chain placed on the live nodes; ``on_plan`` installs each placement at the edge."""
+
+    def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, registry,  # noqa: ANN001 - a control.registry.Registry
+                 on_plan: Callable[[Placement, list[NodeSpec], CodecSpec | None], Awaitable[None]]):
+        self.net, self.cluster, self.registry = net, cluster, registry
+        self.on_plan = on_plan
+        self.edge = cluster.edge
+        self.placement: Placement | None = None
+        self.changes: list[PlanChange] = []
+        self.stage_bytes: dict[str, int] = {}  # stage-file bytes shipped, per node
+        self._state = _State()
+        self._controls: dict[str, _Control] = {}
+        self._stage_files: dict[tuple[int | None, int | None], tuple[str, bytes]] = {}
+        self._codecs: dict[tuple[int, str], CodecSpec] = {}
+        self._dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._credentials = node_credentials(cluster, self.edge.name)
+        token = cluster.security.token
+        self._metadata = ((TOKEN_HEADER, token),) if token else ()
+
+    async def start(self, *, wait: float = 30.0) -> None:
+        """Place the chain once every tier of the cluster file has a live node (or fail after ``wait`` s)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            await self._read_members()
+            missing = self._missing_tiers()
+            if not missing:
+                break
+            if loop.time() >= deadline:
+                names = "; ".join(f"tier {t}: {', '.join(n)}" for t, n in missing.items())
+                raise ClusterError(f"no node of {names} is up after {wait:.0f} s. Start them with `splitexit up "
+                                   "--cluster FILE` or `splitexit node --cluster FILE --name NAME`.")
+            await asyncio.sleep(0.2)
+        await self._replan("start")
+        self._tasks = [loop.create_task(self._watch(), name="coordinator-watch"),
+                       loop.create_task(self._resync(), name="coordinator-resync"),
+                       loop.create_task(self._follow(), name="coordinator-replan")]
+
+    def _missing_tiers(self) -> dict[int, list[str]]:
+        live = set(self._state.members)
+        return {tier: [n.name for n in members] for tier, members in self.cluster.tiers().items()
+                if tier > 0 and not live & {n.name for n in members}}
+
+    async def _read_members(self) -> bool:
+        """Re-read the registrations; True if the set of live nodes (or an address) changed."""
+        entries = await self.registry.items(NODES)
+        members = {info.name: info for key, value in entries.items()
+                   if (info := parse_node_info(key, value)) is not None}
+        changed = members != self._state.members
+        if changed:
+            for name, info in members.items():  # a node that (re)registered gets a fresh chance
+                if self._state.members.get(name) != info:
+                    self._state.excluded_until.pop(name, None)
+            self._state.members = members
+        return changed
+
+    async def _watch(self) -> None:
+        async for _ in self.registry.watch(NODES):
+            if await self._read_members():
+                self._dirty.set()
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(RESYNC_INTERVAL)
+            now = asyncio.get_running_loop().time()
+            if any(until <= now for until in self._state.excluded_until.values()):
+                self._state.excluded_until = {n: u for n, u in self._state.excluded_until.items() if u > now}
+                self._dirty.set()  # a backed-off node's wait is over: try it again
+            try:
+                if await self._read_members():
+                    self._dirty.set()
+            except Exception as exc:  # noqa: BLE001 - the registry may be restarting; serving goes on
+                logger.warning("coordinator: cannot read the registry (%s); keeping the current plan", exc)
+
+    async def _follow(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(SETTLE)  # let a burst of changes (a node and its lease) settle into one plan
+            self._dirty.clear()
+            try:
+                await self._replan("membership changed")
+            except Exception:  # noqa: BLE001 - keep coordinating; the next change or resync tries again
+                logger.exception("coordinator: re-planning failed; keeping the current plan")
+
+    def _cluster_with_members(self) -> ClusterSpec:
+        """The cluster file plus nodes that joined without being in it, with registered addresses."""
+        members = self._state.members
+        nodes = [self.edge]
+        for node in self.cluster.nodes[1:]:
+            info = members.get(node.name)
+            nodes.append(node.model_copy(update={"address": info.address}) if info else node)
+        known = {n.name for n in nodes}
+        nodes += [info.spec() for name, info in sorted(members.items()) if name not in known]
+        return self.cluster.model_copy(update={"nodes": tuple(nodes)})
+
+    async def _replan(self, reason: str) -> None:
+        state = self._state
+        while True:
+            cluster = self._cluster_with_members()
+            now = asyncio.get_running_loop().time()
+            placement = default_placement(self.net, cluster, state.live(now))
+            failed = await self._assign_all(placement, cluster)
+            for name in placement.stages[0].nodes + tuple(n for s in placement.stages[1:] for n in s.nodes):
+                if name not in failed:
+                    state.failures.pop(name, None)
+            if not failed:
+                break
+            for name in failed:  # back off: 1 s, 2 s, 4 s, ... up to a minute
+                state.failures[name] = state.failures.get(name, 0) + 1
+                state.excluded_until[name] = now + min(60.0, 2.0 ** (state.failures[name] - 1))
+            reason = f"{', '.join(sorted(failed))} unreachable"
+        first = placement.after(placement.stages[0])
+        peers = [cluster.node(n) for n in first.nodes] if first else []
+        await self.on_plan(placement, peers, self._codec(placement.stages[0], peers, cluster))
+        if self.placement is None or placement != self.placement:
+            self.changes.append(PlanChange(time.time(), placement, reason))
+            logger.info("plan %d (%s): %s", placement.version, reason, placement.describe())
+        self.placement = placement
+        document = {"version": placement.version, "stages": [
+            {"tier": s.tier, "nodes": list(s.nodes), "start": s.start, "end": s.end} for s in placement.stages]}
+        try:
+            await self.registry.put("plan", json.dumps(document).encode())
+        except Exception as exc:  # noqa: BLE001 - publishing is informational; serving must not stop for it
+            logger.warning("coordinator: cannot publish the plan (%s)", exc)
+
+    async def _assign_all(self, placement: Placement, cluster: ClusterSpec) -> set[str]:
+        """Assign every worker its stage, last tier first; the names of nodes that could not be reached."""
+        failed: set[str] = set()
+        stages = list(placement.stages)
+        for stage in reversed(stages[1:]):
+            after = placement.after(stage)
+            before = placement.before(stage)
+            peers = [cluster.node(n) for n in after.nodes] if after else []
+            sha, data = self._stage_file(stage)
+            request = wire_pb2.AssignRequest(
+                plan_version=placement.version, stage_sha256=sha,
+                downstream=[wire_pb2.Peer(name=p.name, address=p.address or "") for p in peers],
+                upstream=list(before.nodes) if before else [])
+            results = await asyncio.gather(*(self._assign(cluster.node(name), request, data, stage, peers, cluster)
+                                             for name in stage.nodes))
+            failed |= {name for name, ok in zip(stage.nodes, results) if not ok}
+        return failed
+
+    async def _assign(self, node: NodeSpec, request: wire_pb2.AssignRequest, data: bytes, stage: StagePlacement,
+                      peers: list[NodeSpec], cluster: ClusterSpec) -> bool:
+        assign = wire_pb2.AssignRequest()
+        assign.CopyFrom(request)
+        codec = self._codec(stage, peers, cluster, sender=node.name)
+        assign.codec = codec.name if codec is not None else ""
+        control = self._control(node)
+        try:
+            reply = await control.stub.Assign(assign, metadata=self._metadata, timeout=CONTROL_TIMEOUT)
+            if reply.missing_stage:
+                await self._upload(node, control, request.stage_sha256, data)
+                reply = await control.stub.Assign(assign, metadata=self._metadata, timeout=CONTROL_TIMEOUT)
+            return not reply.missing_stage
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ClusterError(f"node {node.name} refused its stage: {exc.details()}") from exc
+            logger.warning("coordinator: cannot reach %s at %s (%s: %s)", node.name, node.address, exc.code().name,
+                           exc.details())
+            return False
+
+    async def _upload(self, node: NodeSpec, control: _Control, sha: str, data: bytes) -> None:
+        size = max(1, min(UPLOAD_CHUNK, self.cluster.message_limit - (64 << 10)))
+
+        async def chunks():  # noqa: ANN202
+            for offset in range(0, len(data), size):
+                yield wire_pb2.StageChunk(sha256=sha, total_size=len(data), data=data[offset:offset + size])
+
+        await control.stub.PutStage(chunks(), metadata=self._metadata, timeout=CONTROL_TIMEOUT)
+        self.stage_bytes[node.name] = self.stage_bytes.get(node.name, 0) + len(data)
+        logger.info("shipped stage %s… (%d bytes) to %s", sha[:12], len(data), node.name)
+
+    def _stage_file(self, stage: StagePlacement) -> tuple[str, bytes]:
+        key = (stage.start, stage.end)
+        if key not in self._stage_files:
+            data = stage_file(self.net, stage.start, stage.end)
+            self._stage_files[key] = (sha256_hex(data), data)
+        return self._stage_files[key]
+
+    def _codec(self, stage: StagePlacement, peers: list[NodeSpec], cluster: ClusterSpec, *,
+               sender: str | None = None) -> CodecSpec | None:
+        """The codec for rows leaving ``stage``: the file's link from the sender to the first replica."""
+        if stage.end is None or not peers:
+            return None
+        link = cluster.link(sender or stage.nodes[0], peers[0].name)
+        key = (stage.end, link.codec)
+        if key not in self._codecs:
+            self._codecs[key] = link_codec(self.net, stage.end, link)
+        return self._codecs[key]
+
+    def _control(self, node: NodeSpec) -> _Control:
+        address = node.address or ""
+        control = self._controls.get(node.name)
+        if control is None or control.address != address:
+            options = grpc_options(self.cluster.message_limit)
+            if self._credentials is not None:
+                channel = grpc.aio.secure_channel(address, self._credentials.channel(),
+                                                  options=[*options, ("grpc.ssl_target_name_override", node.name)])
+            else:
+                channel = grpc.aio.insecure_channel(address, options=options)
+            control = _Control(channel, wire_pb2_grpc.StageServiceStub(channel), address)
+            self._controls[node.name] = control
+        return control
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for control in self._controls.values():
+            await control.channel.close()

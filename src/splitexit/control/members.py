@@ -1,0 +1,151 @@
+"""What a node tells the registry about itself, and the prober that registers nodes on one machine.
+
+With etcd, each node registers ``nodes/<name>`` itself, under a lease it keeps alive. With the embedded
+registry (one machine, no etcd) the nodes cannot reach the entry's in-process registry, so
+:class:`HealthProber` registers them on their behalf: every node of the cluster file that answers its
+Health call is put under a short lease, renewed by each answer, and dropped when answers stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+
+import grpc
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from splitexit.config import ClusterSpec, NodeSpec
+from splitexit.runtime import wire_pb2, wire_pb2_grpc
+from splitexit.runtime.security import TOKEN_HEADER, NodeCredentials
+from splitexit.runtime.wire import grpc_options
+
+__all__ = ["HealthProber", "NodeInfo", "NODES", "describe_node", "parse_node_info"]
+
+logger = logging.getLogger(__name__)
+
+#: Registry prefix of node registrations.
+NODES = "nodes/"
+PROBE_INTERVAL = 0.5
+PROBE_TTL = 1.5
+
+
+class NodeInfo(BaseModel):
+    """A node's registration (JSON in the registry; validated when read, since anyone with access may write)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    address: str = Field(max_length=256)
+    tier: int = Field(ge=1, le=64)
+    cores: int = Field(0, ge=0)
+    memory_bytes: int = Field(0, ge=0)
+    speed_gflops: float = Field(0.0, ge=0, description="measured float32 matmul speed, slowdown included")
+    incarnation: str = Field("", max_length=64, description="random per process start (a restart is a new member)")
+
+    def spec(self) -> NodeSpec:
+        return NodeSpec(name=self.name, address=self.address, tier=self.tier)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+def parse_node_info(key: str, value: bytes) -> NodeInfo | None:
+    try:
+        info = NodeInfo.model_validate(json.loads(value))
+    except (ValueError, ValidationError) as exc:
+        logger.warning("ignoring registry entry %s: not a valid node registration (%s)", key, exc)
+        return None
+    if key != NODES + info.name:
+        logger.warning("ignoring registry entry %s: it names node %s", key, info.name)
+        return None
+    return info
+
+
+def describe_node(name: str, address: str, tier: int, incarnation: str, slowdown: float = 1.0) -> NodeInfo:
+    """This machine's registration, with its float32 matmul speed measured for about 50 ms."""
+    a = torch.randn(256, 256)
+    a @ a  # warm-up
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < 0.05:
+        a @ a
+        runs += 1
+    seconds = (time.perf_counter() - started) * slowdown
+    pages = os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return NodeInfo(name=name, address=address, tier=tier, incarnation=incarnation, cores=os.cpu_count() or 0,
+                    memory_bytes=pages * os.sysconf("SC_PAGE_SIZE") if pages else 0,
+                    speed_gflops=round(2 * 256 ** 3 * runs / seconds / 1e9, 2))
+
+
+class HealthProber:
+    """Registers the cluster file's workers in an (embedded) registry while they answer Health calls."""
+
+    def __init__(self, cluster: ClusterSpec, registry, credentials: NodeCredentials | None = None):  # noqa: ANN001
+        self.cluster, self.registry, self.credentials = cluster, registry, credentials
+        self._leases: dict[str, int] = {}
+        self._infos: dict[str, NodeInfo] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._wake: dict[str, asyncio.Event] = {}
+
+    async def start(self) -> None:
+        tiers = self.cluster.tier_by_name()
+        for node in self.cluster.nodes[1:]:
+            self._wake[node.name] = asyncio.Event()
+            self._tasks.append(asyncio.get_running_loop().create_task(self._probe(node, tiers[node.name])))
+
+    def suspect(self, name: str) -> None:
+        """Probe ``name`` now (a stream to it broke)."""
+        if name in self._wake:
+            self._wake[name].set()
+
+    async def _probe(self, node: NodeSpec, tier: int) -> None:
+        address = node.address or ""
+        options = grpc_options(self.cluster.message_limit)
+        if self.credentials is not None:
+            channel = grpc.aio.secure_channel(address, self.credentials.channel(),
+                                              options=[*options, ("grpc.ssl_target_name_override", node.name)])
+        else:
+            channel = grpc.aio.insecure_channel(address, options=options)
+        stub = wire_pb2_grpc.StageServiceStub(channel)
+        token = self.cluster.security.token
+        metadata = ((TOKEN_HEADER, token),) if token else ()
+        try:
+            while True:
+                try:
+                    reply = await stub.Health(wire_pb2.HealthRequest(), metadata=metadata, timeout=PROBE_TTL)
+                except grpc.aio.AioRpcError:
+                    reply = None
+                info = NodeInfo(name=node.name, address=address, tier=tier, incarnation=reply.incarnation[:64]) \
+                    if reply is not None and reply.ready else None
+                await self._record(node.name, info)
+                wake = self._wake[node.name]
+                try:
+                    await asyncio.wait_for(wake.wait(), PROBE_INTERVAL)
+                except asyncio.TimeoutError:
+                    pass
+                wake.clear()
+        finally:
+            await channel.close()
+
+    async def _record(self, name: str, info: NodeInfo | None) -> None:
+        """Keep ``name`` registered while it answers; a new incarnation (a restart) re-puts its entry."""
+        lease = self._leases.get(name)
+        if info is None:
+            if lease is not None:
+                del self._leases[name]
+                self._infos.pop(name, None)
+                await self.registry.revoke(lease)
+            return
+        if lease is None or self._infos.get(name) != info or not await self.registry.keep_alive(lease):
+            if lease is None or not await self.registry.keep_alive(lease):
+                self._leases[name] = await self.registry.grant(PROBE_TTL)
+            self._infos[name] = info
+            await self.registry.put(NODES + name, info.to_bytes(), lease=self._leases[name])
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

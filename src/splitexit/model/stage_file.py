@@ -1,0 +1,148 @@
+"""Stage files: the part of a package one node needs, shipped once and addressed by its sha256.
+
+A stage file is safetensors bytes: the weights of the segments and exit heads between two cuts, with
+the package's model.yaml and the two cuts in its metadata. A node rebuilds the model from that spec out of
+code it already has (a built-in, a torchvision name, or a ``module:factory`` it was told to trust), loads
+these weights into the stage's part and runs only that part; the rest keeps its initial weights and is
+never called. Nothing is unpickled and no code travels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch
+import yaml
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from splitexit.config import PackageSpec, describe_validation_error
+from splitexit.errors import IntegrityError, PackageError
+from splitexit.model.exits import EarlyExitNet
+from splitexit.model.package import apply_spec_settings, package_spec, rebuild
+from splitexit.model.stages import Stage
+from splitexit.model.zoo import is_import_spec
+
+__all__ = ["LoadedStage", "load_stage_file", "sha256_hex", "stage_file"]
+
+STAGE_FORMAT = "splitexit.stage/1"
+_BACKBONE = "backbone."
+_HEADS = "heads."
+
+
+@dataclass(frozen=True)
+class LoadedStage:
+    net: EarlyExitNet
+    stage: Stage
+    spec: PackageSpec
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def stage_file(net: EarlyExitNet, start: int | None, end: int | None) -> bytes:
+    """The weights (and spec) a node needs to run ``net.stage(start, end)``."""
+    if net.source is None:
+        raise PackageError("nodes rebuild the model by name, so this net needs one: build it with "
+                           "EarlyExitNet.from_model(..., source=ModelSource(name=...)) or load it from a package")
+    stage = net.stage(start, end)
+    tensors = {}
+    for part in stage.parts:
+        for key, value in part.segment.state_dict().items():  # type: ignore[attr-defined]
+            tensors[_BACKBONE + key] = value.detach().contiguous()
+    for index in _head_indices(net, stage):
+        for key, value in net.heads[index].state_dict().items():
+            tensors[f"{_HEADS}{index}.{key}"] = value.detach().contiguous()
+    spec = package_spec(net, weights_sha256=net.weights_sha256 or _state_sha256(net))
+    metadata = {"format": STAGE_FORMAT, "spec": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=True),
+                "start": _cut_text(start), "end": _cut_text(end)}
+    return save_tensors(tensors, metadata=metadata)
+
+
+def load_stage_file(data: bytes, *, sha256: str, trusted_models: Collection[str] = ()) -> LoadedStage:
+    """Verify ``data`` against ``sha256``, rebuild the model and load the stage's weights.
+
+    A ``module:factory`` model is built only if it is in ``trusted_models``: the bytes come from the network,
+    and must not choose which of the node's code gets imported.
+    """
+    if sha256_hex(data) != sha256:
+        raise IntegrityError(f"stage file does not match its sha256 {sha256[:12]}…: it was corrupted or replaced "
+                             "in transit; the node refuses it")
+    try:
+        tensors = load_tensors(data)
+        metadata = _metadata(data)
+    except (SafetensorError, ValueError) as exc:
+        raise PackageError(f"stage file {sha256[:12]}… is not readable safetensors: {exc}") from exc
+    if metadata.get("format") != STAGE_FORMAT:
+        raise PackageError(f"stage file {sha256[:12]}… has format {metadata.get('format')!r}, expected {STAGE_FORMAT}")
+    try:
+        spec = PackageSpec.model_validate(yaml.safe_load(metadata.get("spec", "")))
+        start, end = _cut_value(metadata.get("start", "")), _cut_value(metadata.get("end", ""))
+    except (ValidationError, yaml.YAMLError, ValueError) as exc:
+        detail = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+        raise PackageError(f"stage file {sha256[:12]}… carries an invalid spec: {detail}") from exc
+    name = spec.model.name
+    if is_import_spec(name) and name not in trusted_models:
+        raise PackageError(f"stage file {sha256[:12]}… asks for the user model {name!r}, which this node does not "
+                           "trust; start the node with `--trust-model " + name + "` if it should run it")
+    net = rebuild(spec, where=f"stage file {sha256[:12]}…")
+    stage = net.stage(start, end)
+    _load_stage_weights(net, stage, tensors, sha256)
+    apply_spec_settings(net, spec)
+    return LoadedStage(net, net.stage(start, end), spec)
+
+
+def _load_stage_weights(net: EarlyExitNet, stage: Stage, tensors: dict, sha256: str) -> None:
+    needed = {_BACKBONE + k for part in stage.parts for k in part.segment.state_dict()}  # type: ignore[attr-defined]
+    needed |= {f"{_HEADS}{i}.{k}" for i in _head_indices(net, stage) for k in net.heads[i].state_dict()}
+    if set(tensors) != needed:
+        missing, extra = sorted(needed - set(tensors)), sorted(set(tensors) - needed)
+        raise PackageError(f"stage file {sha256[:12]}… does not fit its stage (missing {missing[:3]}, unexpected "
+                           f"{extra[:3]}): was it written by another splitexit or model version?")
+    backbone = {k.removeprefix(_BACKBONE): v for k, v in tensors.items() if k.startswith(_BACKBONE)}
+    heads = {k.removeprefix(_HEADS): v for k, v in tensors.items() if k.startswith(_HEADS)}
+    for module, state in ((net.graph.graph_module, backbone), (net.heads, heads)):
+        current = module.state_dict()
+        for key, value in state.items():
+            if current[key].shape != value.shape or current[key].dtype != value.dtype:
+                raise PackageError(f"stage file {sha256[:12]}…: {key} is {tuple(value.shape)} {value.dtype}, the "
+                                   f"model has {tuple(current[key].shape)} {current[key].dtype}")
+        module.load_state_dict(state, strict=False)
+
+
+def _state_sha256(net: EarlyExitNet) -> str:
+    """A checksum of the weights of a net that was never saved (packages record their file's checksum)."""
+    digest = hashlib.sha256()
+    for module in (net.graph.graph_module, net.heads):
+        for key, value in sorted(module.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(value.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _head_indices(net: EarlyExitNet, stage: Stage) -> list[int]:
+    return [i for i in stage.exits if i < net.num_exits - 1]
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The safetensors header's ``__metadata__`` (its format: 8-byte little-endian length, then JSON)."""
+    if len(data) < 8:
+        raise ValueError("too short")
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    return dict(header.get("__metadata__") or {})
+
+
+def _cut_text(cut: int | None) -> str:
+    return "" if cut is None else str(cut)
+
+
+def _cut_value(text: str) -> int | None:
+    return None if text == "" else int(text)

@@ -1,0 +1,132 @@
+"""The replicas of the next stage as one :class:`~splitexit.runtime.hop.Downstream`.
+
+Each batch goes to the live replica holding the fewest unanswered rows (its queue depth as this sender
+sees it). A replica whose stream breaks has already failed its unanswered rows with ``node_unavailable``
+(the entry resubmits them); the set stops sending to it and reconnects in the background with exponential
+backoff, so a node that keeps failing is tried less and less often. With no live replica a batch fails at
+once with ``no_route``, which the entry also retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable, Sequence
+
+from splitexit.config import ClusterSpec, NodeSpec
+from splitexit.errors import NodeUnavailableError
+from splitexit.runtime.hop import RowError, Stamp
+from splitexit.runtime.remote import LinkCounters, RemoteStage
+from splitexit.runtime.security import NodeCredentials
+
+__all__ = ["ReplicaSet"]
+
+logger = logging.getLogger(__name__)
+
+#: Reconnection waits double from the first to the last value.
+BACKOFF_FIRST, BACKOFF_MAX = 0.25, 8.0
+RECONNECT_TIMEOUT = 2.0
+
+
+class ReplicaSet:
+    """Streams from ``sender`` to every replica of the next stage, and the choice among them."""
+
+    def __init__(self, *, sender: str, cluster: ClusterSpec, plan_version: int,
+                 credentials: NodeCredentials | None = None, on_broken: Callable[[str], None] | None = None):
+        self.sender, self.cluster, self.plan_version = sender, cluster, plan_version
+        self.credentials = credentials
+        self.on_broken = on_broken
+        self.counters: dict[str, LinkCounters] = {}
+        self._remotes: dict[str, RemoteStage] = {}
+        self._peers: dict[str, NodeSpec] = {}
+        self._keepers: dict[str, asyncio.Task] = {}
+
+    async def update(self, peers: Sequence[NodeSpec], *, wait: bool = True) -> None:
+        """Serve exactly ``peers`` from now on: connect to new ones, close the ones that left.
+
+        With ``wait`` this returns once every new peer has connected or failed its first attempt.
+        """
+        wanted = {p.name: p for p in peers}
+        for name in [n for n in self._peers if n not in wanted or wanted[n].address != self._peers[n].address]:
+            await self._drop(name)
+        first_attempts = []
+        for name, peer in wanted.items():
+            if name not in self._peers:
+                self._peers[name] = peer
+                attempt = asyncio.get_running_loop().create_future()
+                self._keepers[name] = asyncio.get_running_loop().create_task(self._keep(peer, attempt),
+                                                                             name=f"replica-{name}")
+                first_attempts.append(attempt)
+        if wait and first_attempts:
+            await asyncio.gather(*first_attempts)
+
+    @property
+    def live(self) -> list[str]:
+        return [name for name, remote in self._remotes.items() if not remote.broken]
+
+    async def send(self, ids: Sequence[int], tensors: object, trace: list[Stamp]) -> list[asyncio.Future]:
+        live = [r for r in self._remotes.values() if not r.broken]
+        if not live:
+            loop = asyncio.get_running_loop()
+            futures = [loop.create_future() for _ in ids]
+            names = ", ".join(self._peers) or "none assigned"
+            for request_id, future in zip(ids, futures):
+                future.set_result(RowError(request_id, "no_route", f"no replica of the next stage is reachable "
+                                                                    f"({names})", self.sender))
+            return futures
+        target = min(live, key=lambda r: r.outstanding)
+        return await target.send(ids, tensors, trace)  # type: ignore[arg-type]
+
+    async def _keep(self, peer: NodeSpec, first_attempt: asyncio.Future) -> None:
+        """Hold a connection to ``peer`` for as long as it is a peer, reconnecting with backoff."""
+        delay = BACKOFF_FIRST
+        counters = self.counters.setdefault(peer.name, LinkCounters())
+        while True:
+            remote = RemoteStage(sender=self.sender, target=peer, link=self.cluster.link(self.sender, peer.name),
+                                 plan_version=self.plan_version, message_limit=self.cluster.message_limit,
+                                 credentials=self.credentials, token=self.cluster.security.token, counters=counters)
+            try:
+                await remote.connect(timeout=RECONNECT_TIMEOUT)
+            except NodeUnavailableError as exc:
+                logger.info("%s: %s; retrying in %.2f s", self.sender, exc, delay)
+            else:
+                self._remotes[peer.name] = remote
+                delay = BACKOFF_FIRST
+                if not first_attempt.done():
+                    first_attempt.set_result(True)
+                await remote.wait_broken()
+                logger.warning("%s lost %s: %s", self.sender, peer.name, remote.broken)
+                if self.on_broken is not None:
+                    self.on_broken(peer.name)
+                await remote.close()
+            if not first_attempt.done():
+                first_attempt.set_result(False)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _drop(self, name: str) -> None:
+        self._peers.pop(name, None)
+        keeper = self._keepers.pop(name, None)
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+        remote = self._remotes.pop(name, None)
+        if remote is not None:
+            await remote.close()
+
+    async def health_links(self) -> dict[tuple[str, str], LinkCounters]:
+        """Byte counters of this set's links and, through Health, of every link further down."""
+        links = {(self.sender, name): counters for name, counters in self.counters.items()}
+        for remote in [r for r in self._remotes.values() if not r.broken]:
+            try:
+                reply = await remote.health()
+            except NodeUnavailableError:  # counters are a nicety; a report without them is still right
+                continue
+            for link in reply.links:
+                links[(link.source, link.target)] = LinkCounters(link.raw_bytes, link.wire_bytes, link.messages,
+                                                                 link.rows)
+        return links
+
+    async def close(self) -> None:
+        for name in list(self._peers):
+            await self._drop(name)

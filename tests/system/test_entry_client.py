@@ -27,7 +27,7 @@ def test_submit_and_run_through_local_node_processes(tmp_path: Path) -> None:
         scores = [torch.softmax(o / 0.2, 1).amax(1) for o in net(x)[:-1]]
     net.set_policy(ExitPolicy(temperatures=(0.2,) * net.num_exits,
                               thresholds=tuple(float(s.median()) for s in scores)))
-    package = save(net, tmp_path / "pkg")
+    save(net, tmp_path / "pkg")
     cluster_file = tmp_path / "cluster.yaml"
     cluster_file.write_text(yaml.safe_dump({
         "package": "pkg",  # relative to the cluster file
@@ -36,7 +36,7 @@ def test_submit_and_run_through_local_node_processes(tmp_path: Path) -> None:
                   {"name": "cloud2", "address": f"127.0.0.1:{free_port()}"}]}))
     cluster = load_cluster(cluster_file)
     expected = net.infer(x)
-    with LocalCluster(cluster_file, cluster, package, log_dir=tmp_path) as local:
+    with LocalCluster(cluster_file, cluster, log_dir=tmp_path, cache_root=tmp_path / "stages") as local:
         assert set(local.processes) == {"cloud1", "cloud2"}
         with EntryClient(net, cluster) as client:
             one = client.submit(x[3], label=7).result(timeout=30)

@@ -15,7 +15,7 @@ from splitexit import EarlyExitNet, ExitPolicy, ModelSource, build_model, save
 from splitexit.runtime import wire_pb2
 from splitexit.runtime.cluster import LocalCluster, load_cluster
 from splitexit.runtime.codec import parse_codec
-from splitexit.runtime.placement import default_placement
+from splitexit.runtime.entry import Entry
 from splitexit.runtime.wire import encode_tensors, grpc_options
 from support import free_port
 
@@ -52,25 +52,31 @@ def test_ten_thousand_fuzzed_messages(tmp_path: Path) -> None:
     net = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8),
                                   source=ModelSource(name="digits_cnn", num_classes=10)).eval()
     net.set_policy(ExitPolicy(temperatures=(1.0,) * net.num_exits, thresholds=(2.0,) * len(net.exit_cuts)))
-    package = save(net, tmp_path / "pkg")
+    save(net, tmp_path / "pkg")
     cluster_file = tmp_path / "cluster.yaml"
     cluster_file.write_text(yaml.safe_dump({"package": "pkg", "nodes": [
         {"name": "edge", "role": "edge", "ends_at": net.exit_cuts[0].id},
         {"name": "cloud1", "address": f"127.0.0.1:{free_port()}"}]}))
     cluster = load_cluster(cluster_file)
-    placement = default_placement(net, cluster)
-    first = placement.stages[0]
     good_input = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        activation = net.graph.segment(None, first.end)(good_input)
+        activation = net.graph.segment(None, net.exit_cuts[0].id)(good_input)
         expected = int(net(good_input)[-1].argmax(1))
     tensors = encode_tensors(activation, parse_codec("raw"))
 
-    def good(request_id: int) -> bytes:
-        return wire_pb2.Down(batch=wire_pb2.Batch(plan_version=placement.version, request_ids=[request_id],
-                                                  tensors=tensors)).SerializeToString()
-
     async def attack(pid: int) -> tuple[int, int, dict[int, int]]:
+        entry = Entry(net, cluster)  # its coordinator ships and assigns cloud1's stage
+        await entry.start()
+        try:
+            return await fuzz(pid, entry.placement.version)
+        finally:
+            await entry.close()
+
+    async def fuzz(pid: int, version: int) -> tuple[int, int, dict[int, int]]:
+        def good(request_id: int) -> bytes:
+            return wire_pb2.Down(batch=wire_pb2.Batch(plan_version=version, request_ids=[request_id],
+                                                      tensors=tensors)).SerializeToString()
+
         rng = random.Random(7)
         answers: dict[int, int] = {}
         async with grpc.aio.insecure_channel(cluster.node("cloud1").address, options=grpc_options(1 << 26)) as channel:
@@ -83,6 +89,7 @@ def test_ten_thousand_fuzzed_messages(tmp_path: Path) -> None:
                         answers[result.request_id] = result.prediction
 
             reader = asyncio.get_running_loop().create_task(read())
+            await call.write(wire_pb2.Down(hello=wire_pb2.Hello(sender="edge")).SerializeToString())
             template = good(1)
             warm = None
             for i in range(FUZZED):
@@ -97,7 +104,7 @@ def test_ten_thousand_fuzzed_messages(tmp_path: Path) -> None:
             await asyncio.wait_for(reader, 30)
         return warm or 0, rss_kib(pid), answers
 
-    with LocalCluster(cluster_file, cluster, package, log_dir=tmp_path) as local:
+    with LocalCluster(cluster_file, cluster, log_dir=tmp_path, cache_root=tmp_path / "stages") as local:
         pid = local.processes["cloud1"].pid
         warm, final, answers = asyncio.run(attack(pid))
         assert local.processes["cloud1"].poll() is None, "the node died"

@@ -14,12 +14,13 @@ import yaml
 from torch.utils.data import TensorDataset
 
 from splitexit import ClusterError, EarlyExitNet, ExitPolicy, build_model
+from splitexit.config import ModelSource
 from splitexit.runtime import wire_pb2, wire_pb2_grpc
 from splitexit.runtime.cluster import load_cluster
 from splitexit.runtime.entry import Entry
 from splitexit.runtime.node import Node
 from splitexit.runtime.security import TOKEN_HEADER, NodeCredentials, init_ca, issue_certificate
-from support import free_port
+from support import free_port, start_nodes, stop_nodes
 
 TOKEN = "correct-horse-battery-staple"
 SRC = Path(__file__).resolve().parents[2] / "src" / "splitexit"
@@ -29,7 +30,8 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "splitexit"
 @pytest.fixture(scope="module")
 def net() -> EarlyExitNet:
     torch.manual_seed(0)
-    net = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8)).eval()
+    net = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8),
+                                  source=ModelSource(name="digits_cnn")).eval()
     net.set_policy(ExitPolicy(temperatures=(1.0,) * net.num_exits, thresholds=(2.0,) * len(net.exit_cuts)))
     return net
 
@@ -71,12 +73,23 @@ async def health(address: str, credentials: grpc.ChannelCredentials | None, toke
             return exc.code().name
 
 
-async def scenario(net: EarlyExitNet, cluster_file: Path, pki: tuple[Path, Path]) -> dict[str, object]:
+async def assign(address: str, credentials: grpc.ChannelCredentials, token: str, target: str) -> str:
+    """'ok' or the gRPC status name the node answered a stage assignment with."""
+    options = [("grpc.ssl_target_name_override", target)]
+    async with grpc.aio.secure_channel(address, credentials, options=options) as channel:
+        try:
+            await wire_pb2_grpc.StageServiceStub(channel).Assign(
+                wire_pb2.AssignRequest(plan_version=1, stage_sha256="0" * 64), metadata=((TOKEN_HEADER, token),),
+                timeout=5)
+            return "ok"
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+
+
+async def scenario(net: EarlyExitNet, cluster_file: Path, pki: tuple[Path, Path], cache: Path) -> dict[str, object]:
     cluster_dir, intruder_dir = pki
     cluster = load_cluster(cluster_file)
-    nodes = [Node(net, cluster, n.name) for n in reversed(cluster.nodes[1:])]
-    for node in nodes:
-        await node.start()
+    nodes = await start_nodes(cluster, cache)
     address = cluster.node("cloud1").address
     edge = NodeCredentials.load(cluster_dir, "edge").channel()
     outcome: dict[str, object] = {
@@ -86,6 +99,10 @@ async def scenario(net: EarlyExitNet, cluster_file: Path, pki: tuple[Path, Path]
         "wrong neighbour": await health(address, NodeCredentials.load(cluster_dir, "cloud2").channel(), TOKEN),
         "wrong token": await health(address, edge, "not-the-token-at-all"),
         "no token": await health(address, edge, None),
+        "assignment from a worker": await assign(cluster.node("cloud2").address,
+                                                 NodeCredentials.load(cluster_dir, "cloud1").channel(), TOKEN,
+                                                 "cloud2"),
+        "assignment from the edge": await assign(address, edge, TOKEN, "cloud1"),
     }
     entry = Entry(net, cluster)
     try:
@@ -96,20 +113,21 @@ async def scenario(net: EarlyExitNet, cluster_file: Path, pki: tuple[Path, Path]
         outcome["expected"] = net.infer(x).prediction.tolist()
     finally:
         await entry.close()
-        for node in reversed(nodes):
-            await node.stop(grace=2)
+        await stop_nodes(nodes)
     return outcome
 
 
 def test_only_the_upstream_node_with_the_token_gets_in(net: EarlyExitNet, pki: tuple[Path, Path], tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="splitexit.runtime.node")
-    outcome = asyncio.run(scenario(net, secure_cluster(tmp_path, pki[0]), pki))
+    outcome = asyncio.run(scenario(net, secure_cluster(tmp_path, pki[0]), pki, tmp_path / "stages"))
     assert outcome["edge with token"] == "ok"
     assert outcome["no certificate"] == "UNAVAILABLE"  # the TLS handshake fails before any call
     assert outcome["foreign CA"] == "UNAVAILABLE"
     assert outcome["wrong neighbour"] == "PERMISSION_DENIED"
     assert outcome["wrong token"] == outcome["no token"] == "UNAUTHENTICATED"
+    assert outcome["assignment from a worker"] == "PERMISSION_DENIED"  # only the edge's coordinator assigns
+    assert outcome["assignment from the edge"] == "ok"  # (an unknown stage: the reply asks for the file)
     assert outcome["predictions"] == outcome["expected"], "the secured chain must still answer correctly"
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert any("wrong token" in m for m in refusals) and any("certificate names" in m for m in refusals)
@@ -119,7 +137,7 @@ def test_plain_text_outside_loopback_is_refused(net: EarlyExitNet, tmp_path: Pat
     path = tmp_path / "open.yaml"
     path.write_text(yaml.safe_dump({"nodes": [{"name": "edge", "role": "edge"},
                                               {"name": "cloud1", "address": f"0.0.0.0:{free_port()}"}]}))
-    node = Node(net, load_cluster(path), "cloud1")
+    node = Node(load_cluster(path), "cloud1", cache_dir=tmp_path / "stages")
     with pytest.raises(ClusterError, match="security"):
         asyncio.run(node.start())
 

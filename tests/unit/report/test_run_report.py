@@ -19,7 +19,7 @@ from splitexit.runtime.remote import LinkCounters
 
 
 def placement(edge: str = "edge", cloud: str = "cloud1") -> Placement:
-    return Placement(stages=(StagePlacement(edge, None, 6), StagePlacement(cloud, 6, None)), version=1)
+    return Placement(stages=(StagePlacement(0, (edge,), None, 6), StagePlacement(1, (cloud,), 6, None)), version=1)
 
 
 def record(index: int, *, exit_: int | None, node: str, prediction: int | None, label: int | None,

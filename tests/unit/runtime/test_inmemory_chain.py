@@ -37,7 +37,7 @@ def build_chain(net: EarlyExitNet, workers: int, batching: BatchingSpec) -> Hop:
     placement = default_placement(net, cluster(workers))
     hop = None
     for stage in reversed(placement.stages):
-        hop = Hop(stage.node, StageExecutor(net.stage(stage.start, stage.end), batching=batching), hop)
+        hop = Hop(stage.nodes[0], StageExecutor(net.stage(stage.start, stage.end), batching=batching), hop)
     return hop  # type: ignore[return-value]
 
 

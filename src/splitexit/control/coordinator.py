@@ -83,7 +83,7 @@ class Coordinator:
         self.edge = cluster.edge
         self.placement: Placement | None = None
         self.changes: list[PlanChange] = []
-        self.stage_bytes: dict[str, int] = {}  # stage-file bytes shipped, per node
+        self.shipments: list[tuple[str, str, int]] = []  # (node, stage sha256, bytes) for every upload
         self._state = _State()
         self._controls: dict[str, _Control] = {}
         self._stage_files: dict[tuple[int | None, int | None], tuple[str, bytes]] = {}
@@ -112,6 +112,20 @@ class Coordinator:
         self._tasks = [loop.create_task(self._watch(), name="coordinator-watch"),
                        loop.create_task(self._resync(), name="coordinator-resync"),
                        loop.create_task(self._follow(), name="coordinator-replan")]
+
+    def node_broke(self, name: str) -> None:
+        """A stream to ``name`` broke: re-plan without it now, rather than when its lease runs out. It is
+        tried again after its back-off, or as soon as it registers anew (a restart)."""
+        state = self._state
+        if name in state.members and name not in state.excluded_until:
+            self._exclude(name)
+            self._dirty.set()
+
+    def _exclude(self, name: str) -> None:
+        """Leave ``name`` out for 1 s, 2 s, 4 s, ... (up to a minute) after each consecutive failure."""
+        state = self._state
+        state.failures[name] = state.failures.get(name, 0) + 1
+        state.excluded_until[name] = asyncio.get_running_loop().time() + min(60.0, 2.0 ** (state.failures[name] - 1))
 
     def _missing_tiers(self) -> dict[int, list[str]]:
         live = set(self._state.members)
@@ -177,14 +191,13 @@ class Coordinator:
             now = asyncio.get_running_loop().time()
             placement = default_placement(self.net, cluster, state.live(now))
             failed = await self._assign_all(placement, cluster)
-            for name in placement.stages[0].nodes + tuple(n for s in placement.stages[1:] for n in s.nodes):
-                if name not in failed:
+            for stage in placement.stages[1:]:
+                for name in set(stage.nodes) - failed:
                     state.failures.pop(name, None)
             if not failed:
                 break
-            for name in failed:  # back off: 1 s, 2 s, 4 s, ... up to a minute
-                state.failures[name] = state.failures.get(name, 0) + 1
-                state.excluded_until[name] = now + min(60.0, 2.0 ** (state.failures[name] - 1))
+            for name in failed:
+                self._exclude(name)
             reason = f"{', '.join(sorted(failed))} unreachable"
         first = placement.after(placement.stages[0])
         peers = [cluster.node(n) for n in first.nodes] if first else []
@@ -246,7 +259,7 @@ class Coordinator:
                 yield wire_pb2.StageChunk(sha256=sha, total_size=len(data), data=data[offset:offset + size])
 
         await control.stub.PutStage(chunks(), metadata=self._metadata, timeout=CONTROL_TIMEOUT)
-        self.stage_bytes[node.name] = self.stage_bytes.get(node.name, 0) + len(data)
+        self.shipments.append((node.name, sha, len(data)))
         logger.info("shipped stage %s… (%d bytes) to %s", sha[:12], len(data), node.name)
 
     def _stage_file(self, stage: StagePlacement) -> tuple[str, bytes]:

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from splitexit.config import EtcdSpec
 from splitexit.errors import RegistryUnavailableError
@@ -66,21 +66,38 @@ class WatchEvent:
 class Registry(Protocol):
     """A key-value store with leases and watches; values are bytes (callers put JSON)."""
 
-    async def start(self) -> None: ...
-    async def close(self) -> None: ...
-    async def put(self, key: str, value: bytes, *, lease: int | None = None) -> None: ...
+    async def start(self) -> None:
+        """Connect; RegistryUnavailableError if the registry cannot be reached within a timeout."""
+
+    async def close(self) -> None:
+        """Disconnect; every watch ends."""
+
+    async def put(self, key: str, value: bytes, *, lease: int | None = None) -> None:
+        """Set ``key``; under ``lease`` it is deleted when the lease ends (a gone lease is an error)."""
+
     async def get(self, key: str) -> bytes | None: ...
-    async def items(self, prefix: str) -> dict[str, bytes]: ...
+
+    async def items(self, prefix: str) -> dict[str, bytes]:
+        """Every key under ``prefix`` with its value."""
+
     async def delete(self, key: str) -> None: ...
-    async def grant(self, ttl: float) -> int: ...
-    async def keep_alive(self, lease: int) -> bool: ...
-    async def revoke(self, lease: int) -> None: ...
-    def watch(self, prefix: str) -> AsyncIterator[WatchEvent]: ...
+
+    async def grant(self, ttl: float) -> int:
+        """A new lease that lives ``ttl`` seconds unless refreshed."""
+
+    async def keep_alive(self, lease: int) -> bool:
+        """Refresh ``lease`` once; False if it no longer exists (expired or revoked)."""
+
+    async def revoke(self, lease: int) -> None:
+        """End ``lease`` now, deleting its keys; a lease that is already gone is fine."""
+
+    def watch(self, prefix: str) -> AsyncIterator[WatchEvent]:
+        """Changes under ``prefix`` after the last state this registry saw; survives registry restarts."""
 
 
 def open_registry(spec: Literal["embedded"] | EtcdSpec) -> Registry:
     """The registry a cluster file's ``registry:`` names (not started yet)."""
-    return EmbeddedRegistry() if spec == "embedded" else EtcdRegistry(spec)  # type: ignore[arg-type]
+    return EtcdRegistry(spec) if isinstance(spec, EtcdSpec) else EmbeddedRegistry()
 
 
 # ---------------------------------------------------------------------------------------------- embedded
@@ -107,7 +124,8 @@ class EmbeddedRegistry:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="registry-sweeper")
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="registry-sweeper")
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -214,6 +232,7 @@ class EtcdRegistry:
         self.connect_timeout, self.call_timeout = connect_timeout, call_timeout
         self._client: Etcd3Client | None = None
         self._revision = 0  # highest revision any response showed us
+        self._password: str | None = None
         self._login_lock = asyncio.Lock()
         self._closed = False
 
@@ -223,9 +242,14 @@ class EtcdRegistry:
 
     async def start(self) -> None:
         """Connect and check that we may read our prefix; retry for ``connect_timeout`` s while etcd is down."""
-        from etcd3aio import Etcd3Client
+        try:
+            from etcd3aio import Etcd3Client
+        except ImportError as exc:
+            raise RegistryUnavailableError("the etcd registry needs the etcd3aio package (Python >= 3.11): "
+                                           "`pip install etcd3aio`, or use `registry: embedded`") from exc
 
         credentials = self._tls_files()
+        self._password = self._read_password() if self.spec.user else None
         targets, server_name = await self._ipv4_targets()
         self._client = Etcd3Client(targets, watch_reconnect_backoff_seconds=RETRY_DELAY,
                                    watch_max_reconnect_backoff_seconds=WATCH_RETRY_CAP,
@@ -233,27 +257,34 @@ class EtcdRegistry:
         self._client._manager.grpc_options.extend(_GRPC_RECONNECT)  # no public hook for channel options
         await self._client.connect()
         deadline = time.monotonic() + self.connect_timeout
+        telling: BaseException | None = None  # the last failure that says more than "no answer in time"
         while True:
             try:
                 await asyncio.wait_for(self._probe(), max(0.1, deadline - time.monotonic()))
                 return
             except Exception as exc:  # noqa: BLE001 - retry what may pass by itself, report the rest
+                if not isinstance(exc, asyncio.TimeoutError):
+                    telling = exc
                 if _unreachable(exc) and time.monotonic() < deadline:
-                    await asyncio.sleep(0.2)
+                    await asyncio.sleep(RETRY_DELAY)
                     continue
                 await self.close()
                 if isinstance(exc, RegistryUnavailableError):
                     raise
                 if _unreachable(exc):
+                    detail = _detail(telling or exc)
                     raise RegistryUnavailableError(f"cannot reach etcd at {self._where} within "
-                                                   f"{self.connect_timeout:g} s ({_detail(exc)}): "
-                                                   f"{_FIX_ENDPOINT}") from exc
-                raise self._translate(exc, "connect") from exc
+                                                   f"{self.connect_timeout:g} s ({detail}): {_hint(detail)}") from exc
+                raise self._translate(exc, f"read {self.spec.prefix}*") from exc
 
     async def _probe(self) -> None:
+        """One quick attempt (start() retries): log in if we have a user, then read our prefix."""
+        client = self._started()
         if self.spec.user:
-            await self._login()
-        await self._started().kv.get(self.spec.prefix, limit=1, keys_only=True)
+            response = await client.auth.authenticate(self.spec.user, self._password or "", max_attempts=1)
+            client.set_token(response.token)
+        reply = await client.kv.get(self.spec.prefix, limit=1, keys_only=True, max_attempts=1)
+        self._seen(reply.header.revision)  # so that a watch has a revision to start from
 
     async def close(self) -> None:
         self._closed = True
@@ -261,7 +292,8 @@ class EtcdRegistry:
             await self._client.close()
 
     async def put(self, key: str, value: bytes, *, lease: int | None = None) -> None:
-        response = await self._call(f"put {key}", lambda: self._started().kv.put(self._key(key), value, lease=lease or 0))
+        response = await self._call(f"put {key}",
+                                    lambda: self._started().kv.put(self._key(key), value, lease=lease or 0))
         self._seen(response.header.revision)
 
     async def get(self, key: str) -> bytes | None:
@@ -273,7 +305,8 @@ class EtcdRegistry:
         from etcd3aio import prefix_range_end
 
         start = self._key(prefix)
-        response = await self._call(f"read {prefix}*", lambda: self._started().kv.get(start, prefix_range_end(start)))
+        response = await self._call(f"read {prefix}*",
+                                    lambda: self._started().kv.get(start, prefix_range_end(start)))
         self._seen(response.header.revision)
         return {self._relative(kv.key): bytes(kv.value) for kv in response.kvs}
 
@@ -308,8 +341,8 @@ class EtcdRegistry:
                 raise  # NOT_FOUND: it is gone already, which is what we wanted
 
     def watch(self, prefix: str) -> AsyncIterator[WatchEvent]:
-        # from the revision after the last one we saw; 0 (= now) before we have seen any
-        return self._watch(prefix, self._revision + 1 if self._revision else 0)
+        # from the revision after the last one we saw (start() saw one), not from whenever the stream opens
+        return self._watch(prefix, self._revision + 1)
 
     async def _watch(self, prefix: str, start: int) -> AsyncIterator[WatchEvent]:
         from etcd3aio import prefix_range_end
@@ -327,8 +360,6 @@ class EtcdRegistry:
                                 start = response.compact_revision
                             break
                         relogged = False
-                        if not start:
-                            start = response.header.revision + 1
                         for event in response.events:
                             start = event.kv.mod_revision + 1
                             deleted = event.type == 1  # mvccpb.Event.DELETE
@@ -349,10 +380,10 @@ class EtcdRegistry:
                     if _stale_token(exc):
                         await self._relogin()
 
-    async def _after_cancel(self, prefix: str, response: object, relogged: bool) -> bool:
+    async def _after_cancel(self, prefix: str, response: Any, relogged: bool) -> bool:
         """etcd ended a watch: compaction (resume from the oldest revision left) or a stale token (log in)."""
-        reason = getattr(response, "cancel_reason", "")
-        if getattr(response, "compact_revision", 0):
+        reason = response.cancel_reason
+        if response.compact_revision:
             logger.error("watch of %s: etcd compacted the history it needed; changes may have been lost", prefix)
             return relogged
         if self.spec.user and not relogged and "permission denied" in reason:
@@ -378,18 +409,16 @@ class EtcdRegistry:
         raise AssertionError("unreachable")
 
     async def _relogin(self) -> None:
+        client = self._started()
         async with self._login_lock:
             try:
-                await asyncio.wait_for(self._login(), self.call_timeout)
+                response = await asyncio.wait_for(
+                    client.auth.authenticate(self.spec.user or "", self._password or ""), self.call_timeout)
             except Exception as exc:  # noqa: BLE001
                 raise self._translate(exc, "log in") from exc
+            client.set_token(response.token)
 
-    async def _login(self) -> None:
-        client = self._started()
-        response = await client.auth.authenticate(self.spec.user or "", self._password())
-        client.set_token(response.token)
-
-    def _password(self) -> str:
+    def _read_password(self) -> str:
         if self.spec.password is not None:
             return self.spec.password
         try:
@@ -432,10 +461,8 @@ class EtcdRegistry:
         """Our error for a foreign one: what failed, at which endpoint, and what to do."""
         detail = _detail(exc)
         if _unreachable(exc):
-            hint = _FIX_ENDPOINT
-            if any(word in detail.lower() for word in ("ssl", "tls", "handshake", "socket closed", "certificate")):
-                hint = "check `registry.tls` in the cluster file (etcd's CA, and a client certificate it trusts)"
-            return RegistryUnavailableError(f"cannot reach etcd at {self._where} to {action} ({detail}): {hint}")
+            return RegistryUnavailableError(f"cannot reach etcd at {self._where} to {action} ({detail}): "
+                                            f"{_hint(detail)}")
         if "authentication failed" in detail:
             return RegistryUnavailableError(f"etcd at {self._where} rejected user {self.spec.user!r} ({detail}): "
                                             "check `registry.user` and `password`/`password_file` in the cluster file")
@@ -476,6 +503,14 @@ def _detail(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "no answer in time"
     return str(exc) or type(exc).__name__
+
+
+def _hint(detail: str) -> str:
+    """What to do when etcd cannot be reached: fix TLS if the handshake failed, else start or point at one."""
+    if any(word in detail.lower() for word in ("ssl", "tls", "handshake", "socket closed", "certificate", "verification")):
+        return ("check `registry.tls` in the cluster file: `ca` must have signed etcd's certificate, which must "
+                "name the host in `registry.etcd`, and etcd must trust the client certificate")
+    return _FIX_ENDPOINT
 
 
 def _unreachable(exc: BaseException) -> bool:
@@ -567,5 +602,5 @@ class Registration:
                     failing, delay = True, RETRY_DELAY
                 continue
             if failing:
-                logger.warning("refreshed %s in the registry again", self.key)
+                logger.info("refreshed %s in the registry again", self.key)
             failing, delay = False, self.ttl / 3

@@ -120,8 +120,15 @@ def summarize(result: RunResult) -> RunReport:
         plan_changes=tuple({"time": change.time, "version": change.placement.version,
                             "placement": change.placement.describe(), "reason": change.reason}
                            for change in result.plan_changes),
-        stage_bytes=dict(result.stage_bytes),
+        stage_bytes=_stage_bytes(result.stage_shipments),
     )
+
+
+def _stage_bytes(shipments: list[tuple[str, str, int]]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for node, _, size in shipments:
+        totals[node] = totals.get(node, 0) + size
+    return totals
 
 
 def write_report(report: RunReport, records: list[RequestRecord], out_dir: Path) -> dict[str, Path]:

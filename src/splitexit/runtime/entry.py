@@ -75,7 +75,7 @@ class RunResult:
     links: dict[str, LinkCounters]
     placement: Placement
     plan_changes: list[PlanChange] = field(default_factory=list)
-    stage_bytes: dict[str, int] = field(default_factory=dict)  # stage-file bytes shipped to each node
+    stage_shipments: list[tuple[str, str, int]] = field(default_factory=list)  # (node, stage sha256, bytes)
 
 
 class Entry:
@@ -131,6 +131,9 @@ class Entry:
             self._retired.append(asyncio.get_running_loop().create_task(_close_when_idle(old)))
 
     def _broken(self, name: str) -> None:
+        """The stream to a first-tier node broke: route around it now (its rows are being resubmitted)."""
+        if self.coordinator is not None:
+            self.coordinator.node_broke(name)
         if self._prober is not None:
             self._prober.suspect(name)
 
@@ -186,7 +189,7 @@ class Entry:
         coordinator = self.coordinator
         return RunResult(sorted(records, key=lambda r: r.index), wall, await self.links(), self.placement,
                          plan_changes=list(coordinator.changes) if coordinator else [],
-                         stage_bytes=dict(coordinator.stage_bytes) if coordinator else {})
+                         stage_shipments=list(coordinator.shipments) if coordinator else [])
 
     async def links(self) -> dict[str, LinkCounters]:
         """Byte counters of every link of the chain (the nodes report theirs through Health)."""

@@ -40,6 +40,7 @@ class ReplicaSet:
         self._remotes: dict[str, RemoteStage] = {}
         self._peers: dict[str, NodeSpec] = {}
         self._keepers: dict[str, asyncio.Task] = {}
+        self._retry_now: dict[str, asyncio.Event] = {}
 
     async def update(self, peers: Sequence[NodeSpec], *, wait: bool = True) -> None:
         """Serve exactly ``peers`` from now on: connect to new ones, close the ones that left.
@@ -51,8 +52,11 @@ class ReplicaSet:
             await self._drop(name)
         first_attempts = []
         for name, peer in wanted.items():
-            if name not in self._peers:
+            if name in self._peers:
+                self._retry_now[name].set()  # re-announced (it may have restarted): skip the rest of its backoff
+            else:
                 self._peers[name] = peer
+                self._retry_now[name] = asyncio.Event()
                 attempt = asyncio.get_running_loop().create_future()
                 self._keepers[name] = asyncio.get_running_loop().create_task(self._keep(peer, attempt),
                                                                              name=f"replica-{name}")
@@ -101,11 +105,17 @@ class ReplicaSet:
                 await remote.close()
             if not first_attempt.done():
                 first_attempt.set_result(False)
-            await asyncio.sleep(delay)
+            retry_now = self._retry_now[peer.name]
+            try:
+                await asyncio.wait_for(retry_now.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            retry_now.clear()
             delay = min(delay * 2, BACKOFF_MAX)
 
     async def _drop(self, name: str) -> None:
         self._peers.pop(name, None)
+        self._retry_now.pop(name, None)
         keeper = self._keepers.pop(name, None)
         if keeper is not None:
             keeper.cancel()

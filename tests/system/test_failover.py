@@ -1,0 +1,125 @@
+"""Nodes come and go under load, with a real etcd: no request is lost or answered twice.
+
+An edge (this process) and three worker processes: w1 alone in tier 1, w2 and w3 replicas of tier 2. While
+2000 inputs stream through, one worker is SIGKILLed; it is restarted a little later, and a fourth worker
+(not in the cluster file) joins tier 2. Every input must get exactly one answer, equal to the model's own,
+the first resubmitted request must be answered within the lease TTL + 2 s of the kill, and the restarted
+and the new worker must take load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.utils.data import TensorDataset
+
+from splitexit import EarlyExitNet, ExitPolicy, ModelSource, build_model
+from splitexit.control.etcd_server import DevEtcd
+from splitexit.runtime.cluster import LocalCluster, load_cluster
+from splitexit.runtime.entry import Entry, RequestRecord
+from support import free_port
+
+pytestmark = pytest.mark.slow
+
+REQUESTS = 2000
+TTL = 2.0
+RATE = 100  # inputs per second: 2000 take 20 s
+JOIN_AT, KILL_AT = 1.0, 4.0  # seconds into the run
+
+
+def failover_net() -> EarlyExitNet:
+    torch.manual_seed(0)
+    net = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8),
+                                  source=ModelSource(name="digits_cnn", num_classes=10)).eval()
+    x = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        scores = [torch.softmax(o / 0.2, 1).amax(1) for o in net(x)[:-1]]
+    net.set_policy(ExitPolicy(temperatures=(0.2,) * net.num_exits,
+                              thresholds=tuple(float(s.quantile(0.9)) for s in scores)))
+    return net
+
+
+def write_cluster(path: Path, etcd: DevEtcd) -> Path:
+    link = {"latency": "20ms"}  # paces the run so that the kill, the restart and the join all happen mid-run
+    path.write_text(yaml.safe_dump({
+        "registry": {"etcd": [etcd.endpoint], "ttl": TTL},
+        "nodes": [{"name": "edge", "role": "edge"},
+                  {"name": "w1", "address": f"127.0.0.1:{free_port()}"},
+                  {"name": "w2", "address": f"127.0.0.1:{free_port()}", "tier": 2},
+                  {"name": "w3", "address": f"127.0.0.1:{free_port()}", "tier": 2}],
+        "links": [{"from": "edge", "to": "w1", **link}, {"from": "w1", "to": "w2", **link},
+                  {"from": "w1", "to": "w3", **link},
+                  {"from": "edge", "to": "w2", **link}, {"from": "edge", "to": "w3", **link}],  # while w1 is down
+        "batching": {"max_batch": 8, "max_wait": "1ms"},
+        "window": 16}))
+    return path
+
+
+async def churn(net: EarlyExitNet, cluster_file: Path, local: LocalCluster, victim: str,
+                dataset: TensorDataset) -> tuple[list[RequestRecord], list[tuple[str, str, int]], float, float]:
+    """Send the dataset at RATE inputs/s; start w4 and kill ``victim`` mid-run, then restart it. Returns the
+    records, the stage shipments, the time of the kill and the time both workers were up again."""
+    entry = Entry(net, load_cluster(cluster_file))
+    killed_at = rejoined_at = 0.0
+
+    async def disturb() -> None:
+        nonlocal killed_at, rejoined_at
+        await asyncio.sleep(JOIN_AT)
+        local.launch("w4", "--address", f"127.0.0.1:{free_port()}", "--tier", "2")
+        await asyncio.sleep(KILL_AT - JOIN_AT)
+        os.kill(local.processes[victim].pid, signal.SIGKILL)
+        killed_at = time.time()
+        await asyncio.to_thread(local.processes[victim].wait)
+        local.launch(victim)  # same name, same address: it rejoins with its cached stage
+        await asyncio.gather(asyncio.to_thread(local.wait_ready, victim), asyncio.to_thread(local.wait_ready, "w4"))
+        rejoined_at = time.time()
+
+    await entry.start()
+    try:
+        disturber = asyncio.get_running_loop().create_task(disturb())
+        requests = []
+        for index, (x, label) in enumerate(dataset):  # paced, so the run outlasts the kill, restart and join
+            requests.append(asyncio.get_running_loop().create_task(entry.infer(x, index=index, label=int(label))))
+            await asyncio.sleep(1 / RATE)
+        records = await asyncio.gather(*requests)
+        await disturber
+        return records, list(entry.coordinator.shipments), killed_at, rejoined_at  # type: ignore[union-attr]
+    finally:
+        await entry.close()
+
+
+@pytest.mark.parametrize("victim", ["w1", "w2"])
+def test_sigkill_of_a_worker_loses_nothing(victim: str, tmp_path: Path) -> None:
+    net = failover_net()
+    x = torch.randn(REQUESTS, 1, 8, 8, generator=torch.Generator().manual_seed(9))
+    expected = net.infer(x).prediction.tolist()
+    dataset = TensorDataset(x, torch.tensor(expected))
+    with DevEtcd(tmp_path / "etcd") as etcd:
+        cluster_file = write_cluster(tmp_path / "cluster.yaml", etcd)
+        with LocalCluster(cluster_file, load_cluster(cluster_file), log_dir=tmp_path,
+                          cache_root=tmp_path / "stages") as local:
+            records, shipments, killed_at, rejoined_at = asyncio.run(churn(net, cluster_file, local, victim,
+                                                                           dataset))
+    records = sorted(records, key=lambda r: r.index)
+    assert [r.index for r in records] == list(range(REQUESTS)), "one record per input"
+    assert len({r.request_id for r in records}) == REQUESTS, "no request answered twice"
+    assert [r.error for r in records if r.error] == []
+    assert [r.prediction for r in records] == expected, "answers must equal the model's own"
+    resubmitted = [r for r in records if r.attempts > 1]
+    assert resubmitted, "the kill should have caught requests in flight"
+    first = min(r.finished for r in resubmitted)
+    assert first - killed_at <= TTL + 2, f"first resubmitted answer {first - killed_at:.2f} s after the kill"
+    late = {r.node for r in records if r.finished > rejoined_at + 1}
+    assert late, "the run should go on well after the restart (make it longer)"
+    assert victim in late, "the restarted worker must take load again"
+    assert "w4" in late, "the worker that joined mid-run must take load"
+    shipped = [(node, sha) for node, sha, _ in shipments]
+    assert len(shipped) == len(set(shipped)), f"a stage file crossed the network twice: {shipped}"
+    assert {node for node, _ in shipped} == {"w1", "w2", "w3", "w4"}

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test test-unit bench proto clean
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -c 'import sys; sys.exit("splitexit needs Python >= 3.10, found " + sys.version.split()[0]) if sys.version_info < (3, 10) else None'
+	$(PYTHON) -c 'import sys; sys.exit("splitexit needs Python >= 3.11, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/cascade.py
 	$(BIN)/python bench/codecs.py
 	$(BIN)/python bench/transport.py
+	$(BIN)/python bench/failover.py
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Isrc --python_out=src --grpc_python_out=src --pyi_out=src \

@@ -183,6 +183,218 @@ def models() -> None:
 
 
 @app.command()
+def profile(
+    package: Path = typer.Argument(..., help="Package directory"),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help="Also show each node's compute (its "
+                                                                        "slowdown) and the links of this file"),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset (default: the one used for training)"),
+    batch_sizes: str = typer.Option("1,8", help="Batch sizes to time every segment and head at"),
+    codecs: Optional[str] = typer.Option(None, help="Codecs to measure per cut, comma-separated "
+                                                    "(default: raw, fp16, int8, each plain, +lz4, +zstd)"),
+    repeats: int = typer.Option(15, help="Timed runs per measurement (after warm-up)"),
+    force: bool = typer.Option(False, "--force", help="Measure again even if profile.json is up to date"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Time every segment and head, and the bytes and codec time per cut; saved as PACKAGE/profile.json."""
+    from splitexit.plan.profile import DEFAULT_CODECS
+    from splitexit.plan.workflow import profile_package
+
+    with _user_errors():
+        sizes = _int_list(batch_sizes, "--batch-sizes")
+        names = _names(codecs) if codecs else list(DEFAULT_CODECS)
+        with _progress(as_json) as progress:
+            task = progress.add_task("profiling", total=None)
+            summary = profile_package(package, cluster_file=cluster, data=data, batch_sizes=sizes, codecs=names,
+                                      repeats=repeats, force=force,
+                                      progress=lambda what, done, total: progress.update(
+                                          task, completed=done, total=total, description=f"profiling {what}"))
+    if as_json:
+        _json({"profile": str(summary.path), "reused_timing": summary.reused_timing,
+               "reused_exits": summary.reused_exits, **summary.profile.to_json()})
+        return
+    for renderable in _profile_tables(summary):
+        out.print(renderable)
+    state = "reused" if summary.reused_timing and summary.reused_exits else "measured"
+    out.print(f"{state} {summary.path}; next: splitexit plan {package} --cluster CLUSTER.yaml")
+
+
+@app.command()
+def plan(
+    package: Path = typer.Argument(..., help="Package directory"),
+    cluster: Path = typer.Option(..., "--cluster", "-c", help="Cluster file: nodes, slowdowns, links, batching"),
+    objective: Optional[str] = typer.Option(None, help="latency (expected, exit-aware), throughput (bottleneck) or "
+                                                       "deadline (best accuracy within --deadline); default: "
+                                                       "deadline if --deadline is given, else latency"),
+    deadline: Optional[str] = typer.Option(None, help="Latency budget for --objective deadline, e.g. 50ms"),
+    top: int = typer.Option(5, help="Candidates to show"),
+    codecs: Optional[str] = typer.Option(None, help="Only these codecs (comma-separated), e.g. raw,raw+lz4 "
+                                                    "for lossless links"),
+    keep_exits: bool = typer.Option(False, "--keep-exits", help="Keep every calibrated exit active (what the "
+                                                                "runtime serves today) instead of choosing"),
+    edge_must_compute: bool = typer.Option(False, "--edge-must-compute",
+                                           help="Never leave the edge without a stage (cloud-only is still shown)"),
+    write: Optional[Path] = typer.Option(None, "--write", help="Write the cluster file that serves the best plan"),
+    sweep: bool = typer.Option(False, "--sweep-bandwidth", help="Plot predicted latency (throughput for "
+                                                                "--objective throughput) against uplink bandwidth"),
+    sweep_out: Path = typer.Option(Path("bandwidth-sweep.png"), help="Where --sweep-bandwidth writes its PNG"),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset (default: the one used for training)"),
+    reprofile: bool = typer.Option(False, "--reprofile", help="Measure the profile again first"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Choose cuts, active exits and codecs for a cluster: the best plans, and edge-only and cloud-only."""
+    from splitexit.plan.planner import Objective
+    from splitexit.plan.workflow import plan_package, sweep_bandwidth, write_plan
+    from splitexit.units import parse_duration
+
+    with _user_errors():
+        try:
+            budget = parse_duration(deadline) if deadline is not None else None
+        except ValueError as exc:
+            raise ConfigError(f"--deadline: {exc}") from None
+        goal = Objective(kind=objective or ("deadline" if budget is not None else "latency"),  # type: ignore[arg-type]
+                         deadline=budget)
+        with _progress(as_json) as progress:
+            task = progress.add_task("profile", total=None)
+            summary = plan_package(package, cluster, objective=goal, top=top,
+                                   codecs=_names(codecs) if codecs else None, keep_exits=keep_exits,
+                                   edge_may_skip=not edge_must_compute, data=data, force_profile=reprofile,
+                                   progress=lambda what, done, total: progress.update(
+                                       task, completed=done, total=total, description=f"profiling {what}"))
+        result = summary.result
+        written = write_plan(cluster, summary.cluster, result.best, write, package) if write else None
+        swept = sweep_bandwidth(summary.profile.profile, summary.topology, goal, sweep_out,
+                                codecs=_names(codecs) if codecs else None,
+                                edge_may_skip=not edge_must_compute)[0] if sweep else None
+    if as_json:
+        _json({"objective": goal.kind, "deadline_ms": budget * 1e3 if budget is not None else None,
+               "profile": str(summary.profile.path), "best": result.best.to_dict(),
+               "candidates": [p.to_dict() for p in result.candidates],
+               "edge_only": result.edge_only.to_dict(), "cloud_only": result.cloud_only.to_dict(),
+               "as_configured": summary.configured.to_dict() if summary.configured else None,
+               "speedup": {"edge_only": result.speedup(result.edge_only),
+                           "cloud_only": result.speedup(result.cloud_only)},
+               "written": str(written) if written else None, "sweep": str(swept) if swept else None})
+        return
+    out.print(_plan_table(summary))
+    if written is not None:
+        note = " (its edge computes nothing: the runtime must support `ends_at: input`)" \
+            if not result.best.edge_computes else ""
+        out.print(f"wrote {written}{note}; serve it with: splitexit up --cluster {written}")
+    if swept is not None:
+        out.print(f"bandwidth sweep: {swept}")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}: write positive integers separated by commas, e.g. 1,8") from None
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip().lower() for part in text.split(",") if part.strip()]
+
+
+def _profile_tables(summary):  # noqa: ANN001, ANN202 - a ProfileSummary; rich renderables
+    from rich.table import Table
+
+    profile, m = summary.profile, summary.profile.timing
+    sizes = m.batch_sizes
+    tiers = summary.topology.tiers if summary.topology is not None else ()
+    scales = sorted({t.compute_scale for t in tiers if t.compute_scale != 1})
+
+    def where(cut: object, edge: str) -> str:
+        return edge if cut is None else f"cut {cut}"
+
+    segments = Table(title=f"Compute on {m.measured_on} (median ms per call; IQR)", title_justify="left")
+    for column in ("segment", "MFLOPs", *(f"batch {b}" for b in sizes), *(f"batch 1 ×{s:g}" for s in scales)):
+        segments.add_column(column, justify="left" if column == "segment" else "right")
+    for s in m.segments:
+        cells = [f"{s.seconds[b].median * 1e3:.3f} ({s.seconds[b].iqr * 1e3:.3f})" for b in sizes]
+        segments.add_row(f"{where(s.start, 'input')} → {where(s.end, 'output')}", f"{s.flops / 1e6:.2f}", *cells,
+                         *(f"{s.at(1) * k * 1e3:.3f}" for k in scales))
+    for h in m.heads:
+        final = h.cut is None
+        segments.add_row(f"exit {h.exit} {'(final: scoring)' if final else f'head at cut {h.cut}'}", "",
+                         *(f"{h.seconds[b].median * 1e3:.3f} ({h.seconds[b].iqr * 1e3:.3f})" for b in sizes),
+                         *(f"{h.at(1) * k * 1e3:.3f}" for k in scales))
+    segments.caption = (f"per stage: +{m.stage_call_at(1) * 1e3:.3f} ms routing, +{m.idle_penalty.median * 1e3:.3f} ms "
+                        f"after idling; per part +{m.call_overhead.median * 1e3:.4f} ms call")
+    codecs = list(m.transfers[0].codecs)
+    transfer = Table(title="Bytes per sample on the wire (encode + decode µs)", title_justify="left")
+    for column in ("crossing", "raw bytes", *codecs):
+        transfer.add_column(column, justify="left" if column == "crossing" else "right")
+    for t in m.transfers:
+        transfer.add_row("input" if t.cut is None else f"cut {t.cut}", str(t.raw_bytes),
+                         *(f"{c.bytes:.0f} ({(c.encode_s + c.decode_s) * 1e6:.0f})" for c in t.codecs.values()))
+    usable = profile.exits.usable()
+    exits = Table(title=f"Exits on {profile.exits.samples} calibration samples (every calibrated exit active)",
+                  title_justify="left")
+    for column in ("exit", "cut", "exit rate", "right if answered here"):
+        exits.add_column(column, justify="right")
+    rates = profile.exits.exit_rates(usable)
+    for i, rate in enumerate(rates):
+        cut = profile.exit_cuts[i] if i < len(profile.exit_cuts) else "output"
+        exits.add_row(str(i), str(cut), f"{rate:.1%}", f"{profile.exits.correct[i].mean():.2%}")
+    exits.caption = f"cascade accuracy {profile.exits.accuracy(usable):.2%}"
+    renderables = [segments, transfer, exits]
+    if summary.topology is not None:
+        links = Table(title="Links (from the cluster file; measured figures plug in later)", title_justify="left")
+        for column in ("link", "bandwidth", "latency", "jitter", "loss"):
+            links.add_column(column, justify="left" if column == "link" else "right")
+        for a, b, link in zip(tiers, tiers[1:], summary.topology.links):
+            width = "unlimited" if link.bandwidth is None else f"{link.bandwidth / 1e6:g} Mbit/s"
+            links.add_row(f"{a.name} → {b.name}", width, f"{link.latency * 1e3:g} ms", f"{link.jitter * 1e3:g} ms",
+                          f"{link.loss:.1%}")
+        renderables.append(links)
+    return renderables
+
+
+def _plan_table(summary):  # noqa: ANN001, ANN202 - a PlanSummary; a rich table
+    from rich.table import Table
+    from rich.text import Text
+
+    result = summary.result
+    goal = result.objective
+    title = f"Plans for {goal.kind}" + (f" within {goal.deadline * 1e3:g} ms" if goal.deadline else "")
+    table = Table(title=title, title_justify="left")
+    for column in ("", "stages", "exits", "codecs", "latency ms", "inputs/s", "bytes/input", "accuracy"):
+        table.add_column(column, justify="left" if column in ("", "stages", "exits", "codecs") else "right")
+
+    def row(label: str, p) -> None:  # noqa: ANN001 - a Plan
+        stages = " ".join(f"{'|'.join(s.nodes)}[{'in' if s.start is None else s.start}..{'out' if s.end is None else s.end}]"
+                          for s in p.stages)
+        if p.skipped:
+            stages += f" (skips {', '.join(p.skipped)})"
+        exits = ",".join(map(str, p.active_exits)) or "-"
+        codecs = " / ".join(l.codec for l in p.links) or "-"
+        sent = " / ".join(_size(b) for b in p.bytes_per_input) or "-"
+        latency = f"{p.latency_ms:.2f}" + ("" if p.meets_deadline else " ✗")
+        table.add_row(label, Text(stages), exits, codecs, latency, f"{p.throughput_per_s:.1f}", sent, f"{p.accuracy:.2%}")
+
+    for rank, p in enumerate(result.candidates, 1):
+        row("best" if rank == 1 else f"#{rank}", p)
+    table.add_section()
+    row("edge-only", result.edge_only)
+    row("cloud-only", result.cloud_only)
+    if summary.configured is not None:
+        row("as configured", summary.configured)
+    better = "higher throughput" if goal.kind == "throughput" else "faster"
+    table.caption = (f"best: {result.speedup(result.edge_only):.2f}× {better} than edge-only, "
+                     f"{result.speedup(result.cloud_only):.2f}× than cloud-only · bottleneck: {result.best.bottleneck}\n"
+                     "one request at a time (window 1); exits: active early exits (the final one always answers; "
+                     "the runtime does not apply this choice yet)")
+    return table
+
+
+def _size(value: float) -> str:
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value:.0f} B"
+
+
+@app.command()
 def demo(
     workdir: Path = typer.Option(DEMO_DIR, help="Where the demo keeps its package and cluster file between runs"),
     fresh: bool = typer.Option(False, help="Retrain even if a package from an earlier run exists"),

@@ -56,9 +56,9 @@ class Watcher:
         async for event in events:
             self.events.append(event)
 
-    async def wait_for(self, event: WatchEvent, timeout: float = 5.0) -> float:
-        """Seconds until ``event`` arrived (at once if it already had)."""
-        return await _eventually(lambda: event in self.events, timeout, f"no {event} in {self.events}")
+    async def wait_for(self, event: WatchEvent, timeout: float = 5.0, *, since: int = 0) -> float:
+        """Seconds until ``event`` arrived as event number ``since`` or later (at once if it already had)."""
+        return await _eventually(lambda: event in self.events[since:], timeout, f"no {event} in {self.events}")
 
     async def close(self) -> None:
         self._task.cancel()
@@ -143,14 +143,14 @@ def test_registration_and_watch_survive_an_etcd_restart_and_crash() -> None:
         await watcher.wait_for(WatchEvent("put", "nodes/after-crash", b"y"))
         assert WatchEvent("delete", "nodes/w1", None) not in watcher.events  # never lapsed
 
+        mark = len(watcher.events)
         await coordinator.revoke(registration.lease)  # lease lost: the registration puts its key again
-        await watcher.wait_for(WatchEvent("delete", "nodes/w1", None))
-        count = watcher.events.count(WatchEvent("put", "nodes/w1", b"w1"))
-        await _eventually(lambda: watcher.events.count(WatchEvent("put", "nodes/w1", b"w1")) > count, TTL,
-                          "nodes/w1 was not registered again")
+        await watcher.wait_for(WatchEvent("delete", "nodes/w1", None), since=mark)
+        await watcher.wait_for(WatchEvent("put", "nodes/w1", b"w1"), timeout=TTL, since=mark)
 
+        mark = len(watcher.events)
         await registration.close()  # revokes: the key goes at once
-        await watcher.wait_for(WatchEvent("delete", "nodes/w1", None), timeout=1)
+        await watcher.wait_for(WatchEvent("delete", "nodes/w1", None), timeout=1, since=mark)
         assert await coordinator.get("nodes/w1") is None
         await watcher.close()
         await node.close()
@@ -178,7 +178,15 @@ def test_tls_with_client_certificates(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
 
     async def main(server: DevEtcd) -> None:
-        registry = await _started(_spec(server, tls=EtcdTLS(ca=str(ca), cert=str(client_cert), key=str(client_key))))
+        cluster_file = tmp_path / "conf" / "cluster.yaml"  # TLS paths are relative to the cluster file
+        cluster_file.parent.mkdir()
+        cluster_file.write_text(yaml.safe_dump({
+            "nodes": [{"name": "edge", "role": "edge"}],
+            "registry": {"etcd": server.endpoint,
+                         "tls": {"ca": "../ca.pem", "cert": "../edge.pem", "key": "../edge.key"}}}))
+        spec = load_cluster(cluster_file).registry
+        assert isinstance(spec, EtcdSpec) and Path(spec.tls.ca).resolve() == ca.resolve()  # type: ignore[union-attr]
+        registry = await _started(spec)
         watcher = Watcher(registry.watch("nodes/"))
         await registry.put("nodes/a", b"1")
         assert await registry.get("nodes/a") == b"1"

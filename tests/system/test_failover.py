@@ -123,3 +123,47 @@ def test_sigkill_of_a_worker_loses_nothing(victim: str, tmp_path: Path) -> None:
     shipped = [(node, sha) for node, sha, _ in shipments]
     assert len(shipped) == len(set(shipped)), f"a stage file crossed the network twice: {shipped}"
     assert {node for node, _ in shipped} == {"w1", "w2", "w3", "w4"}
+
+
+def test_an_etcd_restart_mid_run_loses_nothing(tmp_path: Path) -> None:
+    net = failover_net()
+    x = torch.randn(500, 1, 8, 8, generator=torch.Generator().manual_seed(10))
+    expected = net.infer(x).prediction.tolist()
+
+    async def run(cluster_file: Path, etcd: DevEtcd) -> list[RequestRecord]:
+        entry = Entry(net, load_cluster(cluster_file))
+        await entry.start()
+        try:
+            requests = []
+            for index in range(len(x)):
+                requests.append(asyncio.get_running_loop().create_task(entry.infer(x[index], index=index)))
+                await asyncio.sleep(1 / RATE)
+                if index == 150:
+                    await asyncio.to_thread(etcd.restart)
+            return await asyncio.gather(*requests)
+        finally:
+            await entry.close()
+
+    with DevEtcd(tmp_path / "etcd") as etcd:
+        cluster_file = write_cluster(tmp_path / "cluster.yaml", etcd)
+        with LocalCluster(cluster_file, load_cluster(cluster_file), log_dir=tmp_path,
+                          cache_root=tmp_path / "stages") as local:
+            records = asyncio.run(run(cluster_file, etcd))
+            assert all(p.poll() is None for p in local.processes.values()), "a node died with etcd"
+    assert [r.error for r in records if r.error] == []
+    assert [r.prediction for r in sorted(records, key=lambda r: r.index)] == expected
+
+
+def test_unreachable_etcd_at_start_is_a_clear_error(tmp_path: Path) -> None:
+    from splitexit.errors import RegistryUnavailableError
+
+    port = free_port()
+    cluster_file = tmp_path / "cluster.yaml"
+    cluster_file.write_text(yaml.safe_dump({"registry": {"etcd": [f"127.0.0.1:{port}"]},
+                                            "nodes": [{"name": "edge", "role": "edge"},
+                                                      {"name": "w1", "address": f"127.0.0.1:{free_port()}"}]}))
+    entry = Entry(failover_net(), load_cluster(cluster_file))
+    started = time.monotonic()
+    with pytest.raises(RegistryUnavailableError, match=f"127.0.0.1:{port}"):
+        asyncio.run(entry.start())
+    assert time.monotonic() - started < 15

@@ -26,13 +26,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
+
+import grpc
+from etcd3aio import Etcd3Client, EtcdConnectionError, EtcdTransientError, EtcdUnauthenticatedError, prefix_range_end
 
 from splitexit.config import EtcdSpec
 from splitexit.errors import RegistryUnavailableError
-
-if TYPE_CHECKING:
-    from etcd3aio import Etcd3Client
 
 __all__ = ["EmbeddedRegistry", "EtcdRegistry", "Registration", "Registry", "WatchEvent", "open_registry"]
 
@@ -242,12 +242,6 @@ class EtcdRegistry:
 
     async def start(self) -> None:
         """Connect and check that we may read our prefix; retry for ``connect_timeout`` s while etcd is down."""
-        try:
-            from etcd3aio import Etcd3Client
-        except ImportError as exc:
-            raise RegistryUnavailableError("the etcd registry needs the etcd3aio package (Python >= 3.11): "
-                                           "`pip install etcd3aio`, or use `registry: embedded`") from exc
-
         credentials = self._tls_files()
         self._password = self._read_password() if self.spec.user else None
         targets, server_name = await self._ipv4_targets()
@@ -302,8 +296,6 @@ class EtcdRegistry:
         return bytes(response.kvs[0].value) if response.kvs else None
 
     async def items(self, prefix: str) -> dict[str, bytes]:
-        from etcd3aio import prefix_range_end
-
         start = self._key(prefix)
         response = await self._call(f"read {prefix}*",
                                     lambda: self._started().kv.get(start, prefix_range_end(start)))
@@ -331,8 +323,6 @@ class EtcdRegistry:
         return await self._call(f"refresh lease {lease}", once)
 
     async def revoke(self, lease: int) -> None:
-        import grpc
-
         try:
             await self._call(f"revoke lease {lease}", lambda: self._started().lease.revoke(lease))
         except RegistryUnavailableError as exc:
@@ -345,8 +335,6 @@ class EtcdRegistry:
         return self._watch(prefix, self._revision + 1)
 
     async def _watch(self, prefix: str, start: int) -> AsyncIterator[WatchEvent]:
-        from etcd3aio import prefix_range_end
-
         key = self._key(prefix)
         delay, relogged = RETRY_DELAY, False
         while not self._closed:
@@ -495,8 +483,6 @@ class EtcdRegistry:
 
 def _detail(exc: BaseException) -> str:
     """The most telling text of a foreign error (a gRPC status's details, not its debug string)."""
-    import grpc
-
     for error in (exc, exc.__cause__):
         if isinstance(error, grpc.aio.AioRpcError):
             return f"{error.code().name}: {error.details()}"
@@ -515,9 +501,6 @@ def _hint(detail: str) -> str:
 
 def _unreachable(exc: BaseException) -> bool:
     """True for errors that may pass by themselves: no connection, no answer in time (also as our cause)."""
-    import grpc
-    from etcd3aio import EtcdConnectionError, EtcdTransientError
-
     for error in (exc, exc.__cause__):
         if isinstance(error, (EtcdConnectionError, EtcdTransientError, asyncio.TimeoutError)):
             return True
@@ -529,8 +512,6 @@ def _unreachable(exc: BaseException) -> bool:
 
 def _stale_token(exc: BaseException) -> bool:
     """etcd no longer knows our auth token (it restarted, or the token expired)."""
-    from etcd3aio import EtcdUnauthenticatedError
-
     return isinstance(exc, EtcdUnauthenticatedError) or "invalid auth token" in _detail(exc)
 
 

@@ -247,6 +247,19 @@ class BatchingSpec(_Model):
         return parse_duration(value)  # type: ignore[arg-type]
 
 
+class RetryPolicy(_Model):
+    """How the entry sends a request again when its route failed (a node died holding it, or no route yet)."""
+
+    first_wait: float = Field(0.02, gt=0, description="seconds before the first resend; doubles each time")
+    max_wait: float = Field(1.0, gt=0, description="longest wait between two sends")
+    timeout: float = Field(60.0, gt=0, description="after this long the request is reported as failed")
+
+    @field_validator("first_wait", "max_wait", "timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)  # type: ignore[arg-type]
+
+
 class SecuritySpec(_Model):
     """Who may talk to a node. Without ``tls`` nodes speak plain text, which they allow on loopback only."""
 

@@ -10,7 +10,8 @@ registry that restarted — and whenever the set of live nodes changes it:
 3. assigns the stages from the last tier to the first, so a stage's replicas of the next tier are ready
    before rows arrive, then hands the entry the new plan and publishes it under ``plan``.
 
-A node that cannot be reached is left out of the next placement until it registers (or answers) again.
+A node that cannot be reached, or whose stream broke, is left out with a growing back-off
+(``runtime/failover.py``) until it registers anew or its back-off runs out.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import grpc
@@ -28,6 +29,7 @@ from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.errors import ClusterError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stage_file import sha256_hex, stage_file
+from splitexit.runtime.failover import NodeBans
 from splitexit.control.members import NODES, NodeInfo, parse_node_info
 from splitexit.runtime import wire_pb2, wire_pb2_grpc
 from splitexit.runtime.chain import link_codec, node_credentials
@@ -63,16 +65,6 @@ class _Control:
     address: str
 
 
-@dataclass
-class _State:
-    members: dict[str, NodeInfo] = field(default_factory=dict)
-    failures: dict[str, int] = field(default_factory=dict)  # consecutive failed assignments per node
-    excluded_until: dict[str, float] = field(default_factory=dict)  # backed-off nodes (loop time)
-
-    def live(self, now: float) -> set[str]:
-        return {name for name in self.members if self.excluded_until.get(name, 0.0) <= now}
-
-
 class Coordinator:
     """Keeps the chain placed on the live nodes; ``on_plan`` installs each placement at the edge."""
 
@@ -84,7 +76,8 @@ class Coordinator:
         self.placement: Placement | None = None
         self.changes: list[PlanChange] = []
         self.shipments: list[tuple[str, str, int]] = []  # (node, stage sha256, bytes) for every upload
-        self._state = _State()
+        self.members: dict[str, NodeInfo] = {}
+        self.bans = NodeBans()
         self._controls: dict[str, _Control] = {}
         self._stage_files: dict[tuple[int | None, int | None], tuple[str, bytes]] = {}
         self._codecs: dict[tuple[int, str], CodecSpec] = {}
@@ -115,20 +108,14 @@ class Coordinator:
 
     def node_broke(self, name: str) -> None:
         """A stream to ``name`` broke: re-plan without it now, rather than when its lease runs out. It is
-        tried again after its back-off, or as soon as it registers anew (a restart)."""
-        state = self._state
-        if name in state.members and name not in state.excluded_until:
-            self._exclude(name)
+        tried again after its back-off (:class:`~splitexit.runtime.failover.NodeBans`), or as soon as it
+        registers anew (a restart)."""
+        if name in self.members and not self.bans.banned(name):
+            self.bans.fail(name)
             self._dirty.set()
 
-    def _exclude(self, name: str) -> None:
-        """Leave ``name`` out for 1 s, 2 s, 4 s, ... (up to a minute) after each consecutive failure."""
-        state = self._state
-        state.failures[name] = state.failures.get(name, 0) + 1
-        state.excluded_until[name] = asyncio.get_running_loop().time() + min(60.0, 2.0 ** (state.failures[name] - 1))
-
     def _missing_tiers(self) -> dict[int, list[str]]:
-        live = set(self._state.members)
+        live = set(self.members)
         return {tier: [n.name for n in members] for tier, members in self.cluster.tiers().items()
                 if tier > 0 and not live & {n.name for n in members}}
 
@@ -137,12 +124,12 @@ class Coordinator:
         entries = await self.registry.items(NODES)
         members = {info.name: info for key, value in entries.items()
                    if (info := parse_node_info(key, value)) is not None}
-        changed = members != self._state.members
+        changed = members != self.members
         if changed:
             for name, info in members.items():  # a node that (re)registered gets a fresh chance
-                if self._state.members.get(name) != info:
-                    self._state.excluded_until.pop(name, None)
-            self._state.members = members
+                if self.members.get(name) != info:
+                    self.bans.succeed(name)
+            self.members = members
         return changed
 
     async def _watch(self) -> None:
@@ -153,9 +140,7 @@ class Coordinator:
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(RESYNC_INTERVAL)
-            now = asyncio.get_running_loop().time()
-            if any(until <= now for until in self._state.excluded_until.values()):
-                self._state.excluded_until = {n: u for n, u in self._state.excluded_until.items() if u > now}
+            if self.bans.lapsed():
                 self._dirty.set()  # a backed-off node's wait is over: try it again
             try:
                 if await self._read_members():
@@ -175,7 +160,7 @@ class Coordinator:
 
     def _cluster_with_members(self) -> ClusterSpec:
         """The cluster file plus nodes that joined without being in it, with registered addresses."""
-        members = self._state.members
+        members = self.members
         nodes = [self.edge]
         for node in self.cluster.nodes[1:]:
             info = members.get(node.name)
@@ -185,19 +170,17 @@ class Coordinator:
         return self.cluster.model_copy(update={"nodes": tuple(nodes)})
 
     async def _replan(self, reason: str) -> None:
-        state = self._state
         while True:
             cluster = self._cluster_with_members()
-            now = asyncio.get_running_loop().time()
-            placement = default_placement(self.net, cluster, state.live(now))
+            placement = default_placement(self.net, cluster, self.bans.allowed(set(self.members)))
             failed = await self._assign_all(placement, cluster)
             for stage in placement.stages[1:]:
                 for name in set(stage.nodes) - failed:
-                    state.failures.pop(name, None)
+                    self.bans.succeed(name)
             if not failed:
                 break
             for name in failed:
-                self._exclude(name)
+                self.bans.fail(name)
             reason = f"{', '.join(sorted(failed))} unreachable"
         first = placement.after(placement.stages[0])
         peers = [cluster.node(n) for n in first.nodes] if first else []

@@ -32,6 +32,7 @@ from splitexit.model.zoo import is_import_spec
 __all__ = ["LoadedStage", "load_stage_file", "sha256_hex", "stage_file"]
 
 STAGE_FORMAT = "splitexit.stage/1"
+_METADATA = "splitexit"
 _BACKBONE = "backbone."
 _HEADS = "heads."
 
@@ -61,9 +62,11 @@ def stage_file(net: EarlyExitNet, start: int | None, end: int | None) -> bytes:
         for key, value in net.heads[index].state_dict().items():
             tensors[f"{_HEADS}{index}.{key}"] = value.detach().contiguous()
     spec = package_spec(net, weights_sha256=net.weights_sha256 or _state_sha256(net))
-    metadata = {"format": STAGE_FORMAT, "spec": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=True),
-                "start": _cut_text(start), "end": _cut_text(end)}
-    return save_tensors(tensors, metadata=metadata)
+    # One metadata entry: safetensors keeps metadata in a hash map, so several entries come out in any order
+    # and the same stage would get a different sha256 each time.
+    about = {"format": STAGE_FORMAT, "spec": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=True),
+             "start": _cut_text(start), "end": _cut_text(end)}
+    return save_tensors(tensors, metadata={_METADATA: json.dumps(about, sort_keys=True)})
 
 
 def load_stage_file(data: bytes, *, sha256: str, trusted_models: Collection[str] = ()) -> LoadedStage:
@@ -91,7 +94,7 @@ def load_stage_file(data: bytes, *, sha256: str, trusted_models: Collection[str]
     name = spec.model.name
     if is_import_spec(name) and name not in trusted_models:
         raise PackageError(f"stage file {sha256[:12]}… asks for the user model {name!r}, which this node does not "
-                           "trust; start the node with `--trust-model " + name + "` if it should run it")
+                           f"trust; list it under `trusted_models:` in the cluster file if the nodes should build it")
     net = rebuild(spec, where=f"stage file {sha256[:12]}…")
     stage = net.stage(start, end)
     _load_stage_weights(net, stage, tensors, sha256)
@@ -137,7 +140,10 @@ def _metadata(data: bytes) -> dict[str, str]:
         raise ValueError("too short")
     (length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + length])
-    return dict(header.get("__metadata__") or {})
+    about = json.loads((header.get("__metadata__") or {}).get(_METADATA, "{}"))
+    if not isinstance(about, dict) or not all(isinstance(v, str) for v in about.values()):
+        raise ValueError("its metadata is not a mapping of strings")
+    return about
 
 
 def _cut_text(cut: int | None) -> str:

@@ -747,6 +747,8 @@ def apply_plan(cluster: ClusterSpec, plan: Plan) -> ClusterSpec:
 
 
 def _composed_link(source: str, target: str, specs: Sequence[LinkSpec], codec: str) -> dict[str, object]:
+    if len(specs) == 1:  # neighbours already: the file's own link, with the plan's codec
+        return specs[0].model_copy(update={"codec": codec}).model_dump(mode="json", by_alias=True, exclude_none=True)
     link: dict[str, object] = {"from": source, "to": target, "codec": codec}
     widths = [s.bandwidth for s in specs if s.bandwidth is not None]
     if widths:

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.control.coordinator import Coordinator, PlanChange
+from splitexit.runtime.failover import Backoff
 from splitexit.control.members import HealthProber
 from splitexit.control.registry import EmbeddedRegistry, Registry, open_registry
 from splitexit.errors import ConfigError
@@ -46,8 +47,6 @@ T = TypeVar("T")
 BREAKDOWN = ("edge_compute", "encode", "link", "queue", "remote_compute", "decode")
 #: Outcomes that say "this route failed", not "this input is bad": the entry sends the input again.
 RETRYABLE = frozenset({"node_unavailable", "no_route", "unknown_plan"})
-RETRY_TIMEOUT = 60.0
-RETRY_FIRST_WAIT, RETRY_MAX_WAIT = 0.02, 1.0
 
 
 @dataclass(frozen=True)
@@ -82,11 +81,12 @@ class Entry:
     """Runs the edge's stage of the current plan here and sends what stays unconfident down the chain."""
 
     def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, *, window: int | None = None,
-                 registry: Registry | None = None, retry_timeout: float = RETRY_TIMEOUT, start_timeout: float = 30.0):
+                 registry: Registry | None = None, start_timeout: float = 30.0):
         self.net, self.cluster = net, cluster
         self.window = window or cluster.window
         self.name = cluster.edge.name
-        self.retry_timeout, self.start_timeout = retry_timeout, start_timeout
+        self.start_timeout = start_timeout
+        self.retry = Backoff(cluster.retry.first_wait, cluster.retry.max_wait)
         self.registry = registry
         self._own_registry = registry is None
         self.coordinator: Coordinator | None = None
@@ -155,17 +155,15 @@ class Entry:
     async def _answer(self, request_id: int, sample: torch.Tensor, started: float
                       ) -> tuple[RowResult | RowError, int]:
         """Send until the request is answered, or fails for a reason a retry cannot fix, or time runs out."""
-        wait = RETRY_FIRST_WAIT
         for attempt in itertools.count(1):
             (future,) = await self._hop.send([request_id], (sample,), [])  # type: ignore[union-attr]
             outcome = await future
             if not isinstance(outcome, RowError) or outcome.code not in RETRYABLE \
-                    or time.time() - started > self.retry_timeout:
+                    or time.time() - started > self.cluster.retry.timeout:
                 return outcome, attempt
             if attempt == 1:
                 logger.info("request %d: %s at %s; sending it again", request_id, outcome.code, outcome.node)
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, RETRY_MAX_WAIT)
+            await asyncio.sleep(self.retry.delay(attempt))
         raise AssertionError("unreachable")
 
     async def run(self, dataset: Dataset, *, on_record: Callable[[RequestRecord], None] | None = None) -> RunResult:

@@ -14,6 +14,7 @@ import logging
 from typing import Callable, Sequence
 
 from splitexit.config import ClusterSpec, NodeSpec
+from splitexit.runtime.failover import Backoff
 from splitexit.errors import NodeUnavailableError
 from splitexit.runtime.hop import RowError, Stamp
 from splitexit.runtime.remote import LinkCounters, RemoteStage
@@ -23,8 +24,8 @@ __all__ = ["ReplicaSet"]
 
 logger = logging.getLogger(__name__)
 
-#: Reconnection waits double from the first to the last value.
-BACKOFF_FIRST, BACKOFF_MAX = 0.25, 8.0
+#: Waits between attempts to reconnect to a replica whose stream broke.
+RECONNECT = Backoff(first=0.25, cap=8.0)
 RECONNECT_TIMEOUT = 2.0
 
 
@@ -83,7 +84,7 @@ class ReplicaSet:
 
     async def _keep(self, peer: NodeSpec, first_attempt: asyncio.Future) -> None:
         """Hold a connection to ``peer`` for as long as it is a peer, reconnecting with backoff."""
-        delay = BACKOFF_FIRST
+        failures = 0
         counters = self.counters.setdefault(peer.name, LinkCounters())
         while True:
             remote = RemoteStage(sender=self.sender, target=peer, link=self.cluster.link(self.sender, peer.name),
@@ -92,10 +93,11 @@ class ReplicaSet:
             try:
                 await remote.connect(timeout=RECONNECT_TIMEOUT)
             except NodeUnavailableError as exc:
-                logger.info("%s: %s; retrying in %.2f s", self.sender, exc, delay)
+                failures += 1
+                logger.info("%s: %s; retrying in %.2f s", self.sender, exc, RECONNECT.delay(failures))
             else:
                 self._remotes[peer.name] = remote
-                delay = BACKOFF_FIRST
+                failures = 1
                 if not first_attempt.done():
                     first_attempt.set_result(True)
                 await remote.wait_broken()
@@ -107,11 +109,10 @@ class ReplicaSet:
                 first_attempt.set_result(False)
             retry_now = self._retry_now[peer.name]
             try:
-                await asyncio.wait_for(retry_now.wait(), delay)
+                await asyncio.wait_for(retry_now.wait(), RECONNECT.delay(failures))
             except asyncio.TimeoutError:
                 pass
             retry_now.clear()
-            delay = min(delay * 2, BACKOFF_MAX)
 
     async def _drop(self, name: str) -> None:
         self._peers.pop(name, None)

@@ -1,0 +1,58 @@
+"""Stage files: what a node is shipped rebuilds exactly the stage, and nothing altered or untrusted loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitexit import EarlyExitNet, ExitPolicy, ModelSource, build_model
+from splitexit.errors import IntegrityError, PackageError
+from splitexit.model.stage_file import load_stage_file, sha256_hex, stage_file
+
+
+@pytest.fixture(scope="module")
+def net() -> EarlyExitNet:
+    torch.manual_seed(0)
+    net = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8),
+                                  source=ModelSource(name="digits_cnn")).eval()
+    net.set_policy(ExitPolicy(temperatures=(0.5,) * net.num_exits, thresholds=(0.3,) * len(net.exit_cuts)))
+    return net
+
+
+def test_a_shipped_stage_computes_exactly_what_the_original_does(net: EarlyExitNet) -> None:
+    start, end = net.exit_cuts[0].id, None
+    data = stage_file(net, start, end)
+    loaded = load_stage_file(data, sha256=sha256_hex(data))
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        (activation,) = net.segment_between(None, start)(x)
+        want = net.stage(start, end).run((activation,))
+        got = loaded.stage.run((activation,))
+    torch.testing.assert_close(got.logits, want.logits)
+    assert got.rows.tolist() == want.rows.tolist() and got.exit.tolist() == want.exit.tolist()
+    assert loaded.net.policy == net.policy
+
+
+def test_a_stage_file_holds_only_its_stage_and_is_deterministic(net: EarlyExitNet) -> None:
+    first, second = net.exit_cuts[0].id, net.exit_cuts[1].id
+    middle = stage_file(net, first, second)
+    whole = stage_file(net, None, None)
+    assert len(middle) < len(whole) / 2, "the middle stage should not carry the other stages' weights"
+    assert stage_file(net, first, second) == middle, "same stage, same bytes: the sha256 names it"
+
+
+def test_altered_bytes_are_refused(net: EarlyExitNet) -> None:
+    data = bytearray(stage_file(net, None, net.exit_cuts[0].id))
+    sha = sha256_hex(bytes(data))
+    data[-5] ^= 0xFF
+    with pytest.raises(IntegrityError, match="sha256"):
+        load_stage_file(bytes(data), sha256=sha)
+
+
+def test_an_untrusted_user_model_is_not_built(net: EarlyExitNet) -> None:
+    torch.manual_seed(0)
+    user = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8),
+                                   source=ModelSource(name="some_module:factory")).eval()
+    data = stage_file(user, None, user.exit_cuts[0].id)
+    with pytest.raises(PackageError, match="trusted_models"):
+        load_stage_file(data, sha256=sha256_hex(data))

@@ -355,6 +355,7 @@ class ClusterSpec(_Model):
     security: SecuritySpec = SecuritySpec()
     registry: Literal["embedded"] | EtcdSpec = Field("embedded", description="where nodes register: `embedded` "
                                                      "(in the entry's process, one machine) or an etcd")
+    retry: RetryPolicy = RetryPolicy()
     trusted_models: tuple[str, ...] = Field((), description="`module:factory` models nodes may build from the stage "
                                                             "files they are sent (built-ins and torchvision always)")
 

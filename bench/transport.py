@@ -314,7 +314,8 @@ def stage_times(net: EarlyExitNet, cluster: ClusterSpec, slowdowns: dict[str, fl
     result = {}
     for part in placement.stages:
         stage = net.stage(part.start, part.end)
-        slowdown = 1.0 if slowdowns is None else slowdowns[part.node]
+        (name,) = part.nodes
+        slowdown = 1.0 if slowdowns is None else slowdowns[name]
         samples = []
         with torch.inference_mode():
             for i in range(runs + 5):
@@ -325,7 +326,7 @@ def stage_times(net: EarlyExitNet, cluster: ClusterSpec, slowdowns: dict[str, fl
                     time.sleep(compute * (slowdown - 1))
                 if i >= 5:
                     samples.append(time.perf_counter() - started)
-        result[part.node] = statistics.median(samples)
+        result[name] = statistics.median(samples)
         tensors = out.forward
     return result
 
@@ -344,7 +345,7 @@ def _instrument(busy: dict[str, list[float]], name: str, executor) -> None:  # n
 
 
 async def _drive(entry: Entry, dataset: TensorDataset, busy: dict[str, list[float]]):  # noqa: ANN202
-    await entry.start()
+    """The entry is started (and instrumented); warm up, then time the dataset."""
     await entry.run(TensorDataset(*(t[:32] for t in dataset.tensors)))  # warm-up, untimed
     for samples in busy.values():
         samples.clear()
@@ -361,19 +362,23 @@ async def run_in_process(net: EarlyExitNet, cluster: ClusterSpec, dataset: Tenso
                          ) -> tuple[float, list[str], int, dict[str, float]]:
     """All three nodes in this process. Inputs per second over ``dataset``, the nodes that answered, the
     number of errors, and each stage's median batch time inside the pipeline (slowdown included)."""
-    nodes = [Node(net, cluster, n.name) for n in reversed(cluster.nodes[1:])]
-    for node in nodes:  # last first: each connects to its next node
-        await node.start()
-    entry = Entry(net, cluster)
-    busy: dict[str, list[float]] = {}
-    for name, executor in [("edge", entry.hop.executor), *((n.name, n.hop.executor) for n in nodes)]:
-        _instrument(busy, name, executor)
-    try:
-        result = await _drive(entry, dataset, busy)
-    finally:
-        await entry.close()
-        for node in reversed(nodes):
-            await node.stop(grace=2)
+    with tempfile.TemporaryDirectory(prefix="splitexit-bench-stages-") as cache:
+        nodes = [Node(cluster, n.name, cache_dir=Path(cache) / n.name) for n in cluster.nodes[1:]]
+        for node in nodes:
+            await node.start()
+        entry = Entry(net, cluster)
+        try:
+            await entry.start()  # its coordinator assigns the nodes their stages
+            version = entry.placement.version
+            busy: dict[str, list[float]] = {}
+            for name, executor in [("edge", entry.hop.executor),  # type: ignore[union-attr]
+                                   *((n.name, n.plans[version].hop.executor) for n in nodes)]:
+                _instrument(busy, name, executor)
+            result = await _drive(entry, dataset, busy)
+        finally:
+            await entry.close()
+            for node in nodes:
+                await node.stop(grace=2)
     return _summary(result, dataset, busy)
 
 
@@ -383,7 +388,7 @@ def run_processes(net: EarlyExitNet, package: Path, slowdowns: dict[str, float],
     ``run_in_process``; only the edge's batch time can be timed from here."""
     for attempt in range(3):  # a node that dies before it is ready: show its log, try again on fresh ports
         cluster_file, cluster = write_cluster_file(workdir, package, slowdowns)
-        local = LocalCluster(cluster_file, cluster, package, log_dir=workdir)
+        local = LocalCluster(cluster_file, cluster, log_dir=workdir, cache_root=workdir / "stages")
         try:
             local.start()
             break
@@ -398,8 +403,9 @@ def run_processes(net: EarlyExitNet, package: Path, slowdowns: dict[str, float],
         async def go():  # noqa: ANN202
             entry = Entry(net, cluster)
             busy: dict[str, list[float]] = {}
-            _instrument(busy, "edge", entry.hop.executor)
             try:
+                await entry.start()
+                _instrument(busy, "edge", entry.hop.executor)  # type: ignore[union-attr]
                 return _summary(await _drive(entry, dataset, busy), dataset, busy)
             finally:
                 await entry.close()

@@ -267,7 +267,9 @@ def plan(
                                 edge_may_skip=not edge_must_compute)[0] if sweep else None
     if as_json:
         _json({"objective": goal.kind, "deadline_ms": budget * 1e3 if budget is not None else None,
-               "profile": str(summary.profile.path), "best": result.best.to_dict(),
+               "profile": str(summary.profile.path),
+               "profile_reused": summary.profile.reused_timing and summary.profile.reused_exits,
+               "best": result.best.to_dict(),
                "candidates": [p.to_dict() for p in result.candidates],
                "edge_only": result.edge_only.to_dict(), "cloud_only": result.cloud_only.to_dict(),
                "as_configured": summary.configured.to_dict() if summary.configured else None,

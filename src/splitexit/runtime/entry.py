@@ -103,6 +103,11 @@ class Entry:
             raise RuntimeError("call `await entry.start()` first")
         return self.coordinator.placement
 
+    @property
+    def hop(self) -> Hop | None:
+        """The edge's hop of the current plan (None before :meth:`start`)."""
+        return self._hop
+
     async def start(self) -> None:
         """Join the registry, wait until every tier has a live node, and place the chain."""
         self._slots = asyncio.Semaphore(self.window)

@@ -1,4 +1,4 @@
-"""Hand-built profiles and topologies: the planner is pure, so its tests need no model and no clock."""
+"""Hand-built profiles and topologies for the planner tests: the planner is pure, so no model and no clock."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import yaml
-from conftest import chain, synthetic_profile
+from synthetic import chain, synthetic_profile
 
 from splitexit.config import ClusterSpec
 from splitexit.errors import ConfigError

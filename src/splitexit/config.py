@@ -202,6 +202,25 @@ class NodeSpec(_Model):
         return self
 
 
+class LinkChange(_Model):
+    """From ``at`` seconds after a link first carried a message in this process, it has this bandwidth and/or
+    latency: experiments with a network that changes mid-run (the planner is not told; it must measure)."""
+
+    at: float = Field(ge=0, description="seconds; YAML takes 5s")
+    bandwidth: float | None = Field(None, description="bits per second from then on (unset: unchanged)")
+    latency: float | None = Field(None, ge=0, description="one-way seconds from then on (unset: unchanged)")
+
+    @field_validator("at", "latency", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float | None:
+        return None if value is None else parse_duration(value)  # type: ignore[arg-type]
+
+    @field_validator("bandwidth", mode="before")
+    @classmethod
+    def _bandwidth(cls, value: object) -> float | None:
+        return None if value is None else parse_bandwidth(value)  # type: ignore[arg-type]
+
+
 class LinkSpec(_Model):
     """One hop between neighbours, emulated inside the sender when any of its effects is set."""
 
@@ -214,11 +233,19 @@ class LinkSpec(_Model):
     jitter: float = Field(0.0, ge=0, description="seconds of uniform random extra latency")
     loss: float = Field(0.0, ge=0, lt=1, description="fraction of messages that need a retransmission")
     codec: str = Field(DEFAULT_CODEC, description="raw, fp16, bf16, int8, int8c, +lz4/+zstd, or auto")
+    changes: tuple[LinkChange, ...] = Field((), description="emulated changes over time, in order of `at`")
 
     @field_validator("codec")
     @classmethod
     def _known_codec(cls, value: str) -> str:
         return _check_codec(value)
+
+    @field_validator("changes")
+    @classmethod
+    def _in_order(cls, value: tuple[LinkChange, ...]) -> tuple[LinkChange, ...]:
+        if [c.at for c in value] != sorted(c.at for c in value):
+            raise ValueError("link changes must be listed in order of `at`")
+        return value
 
     @field_validator("bandwidth", mode="before")
     @classmethod
@@ -232,7 +259,18 @@ class LinkSpec(_Model):
 
     @property
     def emulated(self) -> bool:
-        return self.bandwidth is not None or self.latency > 0 or self.jitter > 0 or self.loss > 0
+        return (self.bandwidth is not None or self.latency > 0 or self.jitter > 0 or self.loss > 0
+                or bool(self.changes))
+
+    def conditions(self, elapsed: float) -> tuple[float | None, float]:
+        """Bandwidth and latency ``elapsed`` seconds after the link started, with its changes applied."""
+        bandwidth, latency = self.bandwidth, self.latency
+        for change in self.changes:
+            if change.at > elapsed:
+                break
+            bandwidth = change.bandwidth if change.bandwidth is not None else bandwidth
+            latency = change.latency if change.latency is not None else latency
+        return bandwidth, latency
 
 
 class BatchingSpec(_Model):

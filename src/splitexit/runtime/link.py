@@ -24,6 +24,9 @@ Semantics (the arithmetic lives in :class:`LinkSchedule`, which never sleeps and
   RTTVAR, and never below Linux's ``TCP_RTO_MIN`` of 200 ms, i.e. ``max(0.2, 2 * latency + 4 * jitter)``.
   The resent copy is not serialised again: TCP resends a lost segment, not the whole message, so its
   bandwidth cost is small next to the timeout.
+* **Changes.** A spec's ``changes`` switch bandwidth and latency at given times, counted from the first
+  message any link with that source and target carried in this process (so a link re-opened for a new
+  plan keeps the same timeline).
 * **Randomness.** ``rng.random()`` is drawn for loss only when ``loss > 0`` and ``rng.uniform(0, jitter)``
   only when ``jitter > 0``, in that order, so a seed reproduces a run exactly.
 * **Queue bound.** At most ``max_queued`` messages (default :data:`DEFAULT_MAX_QUEUED`) are between
@@ -74,6 +77,9 @@ DEFAULT_MAX_QUEUED = 64
 """Messages between ``put`` and ``get``: four times the default request window, room for chunked tensors."""
 
 T = TypeVar("T")
+
+#: When each (source, target) link first carried a message in this process: the origin of its ``changes``.
+_ORIGINS: dict[tuple[str, str], float] = {}
 
 
 def retransmission_timeout(latency: float, jitter: float) -> float:
@@ -208,6 +214,8 @@ class EmulatedLink(Generic[T]):
                 return
             loop = asyncio.get_running_loop()
             now = loop.time()
+            if self.spec is not None and self.spec.changes:
+                self._follow_changes(self.spec, now)
             sent = self._schedule.schedule(nbytes, now)
             self.stats.busy_seconds += self._schedule.serialisation_time(nbytes)
             self.stats.retransmissions += sent.retransmitted
@@ -220,6 +228,15 @@ class EmulatedLink(Generic[T]):
             self._pending_puts -= 1
             if self._pending_puts == 0:
                 self._changed.set()  # a put cancelled while waiting for room may let the consumer finish
+
+    def _follow_changes(self, spec: LinkSpec, now: float) -> None:
+        origin = _ORIGINS.setdefault((spec.source, spec.target), now)
+        bandwidth, latency = spec.conditions(now - origin)
+        schedule = self._schedule
+        if (bandwidth, latency) != (schedule.bandwidth, schedule.latency):  # type: ignore[union-attr]
+            logger.info("link %s -> %s now emulates %s bit/s, %.1f ms", spec.source, spec.target, bandwidth,
+                        latency * 1e3)
+            schedule.bandwidth, schedule.latency = bandwidth, latency  # type: ignore[union-attr]
 
     async def get(self) -> T:
         """The next message, no earlier than its delivery time; :class:`StopAsyncIteration` once closed and drained."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,6 +25,7 @@ from splitexit.errors import NodeUnavailableError
 from splitexit.runtime import wire_pb2, wire_pb2_grpc
 from splitexit.runtime.hop import RowError, RowResult, Stamp, stamp
 from splitexit.runtime.link import EmulatedLink
+from splitexit.runtime.meter import ThroughputMeter
 from splitexit.runtime.security import TOKEN_HEADER, NodeCredentials
 from splitexit.runtime.wire import grpc_options, raw_size
 
@@ -57,6 +59,7 @@ class RemoteStage:
         self.metadata = ((TOKEN_HEADER, token),) if token else ()
         self.message_limit = message_limit
         self.counters = counters if counters is not None else LinkCounters()
+        self.meter = ThroughputMeter()
         self._pending: dict[int, asyncio.Future] = {}
         self._link: EmulatedLink[wire_pb2.Down] = EmulatedLink(link, seed=seed)
         self._channel: grpc.aio.Channel | None = None
@@ -115,7 +118,9 @@ class RemoteStage:
             size = message.ByteSize()
             self.counters.wire_bytes += size
             self.counters.messages += 1
+            started = time.monotonic()
             await self._link.put(message, size)
+            self.meter.busy("link", started, time.monotonic(), size)
         self.counters.rows += len(ids)
         self.counters.raw_bytes += sum(raw_size(t) for t in tensors)
         return futures
@@ -152,7 +157,9 @@ class RemoteStage:
     async def _write_forever(self) -> None:
         try:
             async for message in self._link:
+                started = time.monotonic()
                 await self._call.write(message)  # type: ignore[union-attr]
+                self.meter.busy("grpc", started, time.monotonic())
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             self._fail_all(f"writing to {self.target.name} failed: {_describe(exc)}")
 

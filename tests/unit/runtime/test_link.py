@@ -300,3 +300,15 @@ def test_counters_count_retransmissions():
 
 async def _collect(link: EmulatedLink[str]) -> list[str]:
     return [message async for message in link]
+
+
+def test_link_changes_apply_from_their_time_on() -> None:
+    spec = LinkSpec.model_validate({"from": "edge", "to": "cloud1", "bandwidth": "100Mbit", "latency": "10ms",
+                                    "changes": [{"at": "5s", "bandwidth": "2Mbit"}, {"at": "9s", "latency": "50ms"}]})
+    assert spec.emulated
+    assert spec.conditions(0.0) == (100e6, 0.010)
+    assert spec.conditions(4.99) == (100e6, 0.010)
+    assert spec.conditions(5.0) == (2e6, 0.010)
+    assert spec.conditions(60.0) == (2e6, 0.050)
+    with pytest.raises(ValueError, match="order"):
+        LinkSpec.model_validate({"from": "a", "to": "b", "changes": [{"at": "2s"}, {"at": "1s"}]})

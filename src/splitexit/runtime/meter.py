@@ -1,0 +1,47 @@
+"""How fast a link really is, measured by the sender while it sends (for re-planning).
+
+The sender records, per message, its size and the time the link was busy with *it*: from when it could
+start (after the message before it) to when it was handed on, in each of two lanes — putting it on the
+emulated link (its serialisation time there) and writing it to gRPC (the time flow control held the write
+on a real link). Bytes are counted once, in the first lane. Over a sliding window
+that gives the throughput the link delivers while it is in use, whatever its configured bandwidth.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable
+
+__all__ = ["ThroughputMeter"]
+
+#: Seconds of recent messages the estimate covers.
+WINDOW = 2.0
+#: Below this much busy time in the window the link is too idle (or too fast) to measure.
+MIN_BUSY = 0.005
+
+
+class ThroughputMeter:
+    def __init__(self, *, window: float = WINDOW, clock: Callable[[], float] = time.monotonic):
+        self.window, self.clock = window, clock
+        self._samples: deque[tuple[float, int, float]] = deque()  # (when, bytes, busy seconds)
+        self._free_at: dict[str, float] = {}
+
+    def busy(self, lane: str, started: float, finished: float, nbytes: int = 0) -> None:
+        """A message held ``lane`` from ``started`` (or when the lane was free) to ``finished``."""
+        busy = max(0.0, finished - max(started, self._free_at.get(lane, 0.0)))
+        self._free_at[lane] = max(self._free_at.get(lane, 0.0), finished)
+        self._samples.append((finished, nbytes, busy))
+        self._trim(finished)
+
+    def bandwidth(self) -> float | None:
+        """Bits per second over the window while busy; None when there is too little to tell."""
+        self._trim(self.clock())
+        busy = sum(s[2] for s in self._samples)
+        if busy < MIN_BUSY:
+            return None
+        return 8 * sum(s[1] for s in self._samples) / busy
+
+    def _trim(self, now: float) -> None:
+        while self._samples and self._samples[0][0] < now - self.window:
+            self._samples.popleft()

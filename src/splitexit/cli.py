@@ -320,8 +320,9 @@ def _profile_tables(summary):  # noqa: ANN001, ANN202 - a ProfileSummary; rich r
         segments.add_row(f"exit {h.exit} {'(final: scoring)' if final else f'head at cut {h.cut}'}", "",
                          *(f"{h.seconds[b].median * 1e3:.3f} ({h.seconds[b].iqr * 1e3:.3f})" for b in sizes),
                          *(f"{h.at(1) * k * 1e3:.3f}" for k in scales))
-    segments.caption = (f"per stage: +{m.stage_call_at(1) * 1e3:.3f} ms routing, +{m.idle_penalty.median * 1e3:.3f} ms "
-                        f"after idling; per part +{m.call_overhead.median * 1e3:.4f} ms call")
+    idle = ", ".join(f"{gap * 1e3:g} ms: ×{factor:.2f}" for gap, factor in sorted(m.idle_factors.items()))
+    segments.caption = (f"per stage +{m.stage_call_at(1) * 1e3:.3f} ms routing, per part +{m.call_overhead.median * 1e3:.4f} "
+                        f"ms call; after idling ({idle})")
     codecs = list(m.transfers[0].codecs)
     transfer = Table(title="Bytes per sample on the wire (encode + decode µs)", title_justify="left")
     for column in ("crossing", "raw bytes", *codecs):

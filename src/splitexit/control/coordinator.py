@@ -83,6 +83,7 @@ class Coordinator:
         self._codecs: dict[tuple[int, str], CodecSpec] = {}
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._publishing: asyncio.Task | None = None
         self._credentials = node_credentials(cluster, self.edge.name)
         token = cluster.security.token
         self._metadata = ((TOKEN_HEADER, token),) if token else ()
@@ -191,9 +192,13 @@ class Coordinator:
         self.placement = placement
         document = {"version": placement.version, "stages": [
             {"tier": s.tier, "nodes": list(s.nodes), "start": s.start, "end": s.end} for s in placement.stages]}
+        self._publishing = asyncio.get_running_loop().create_task(self._publish(json.dumps(document).encode()))
+
+    async def _publish(self, document: bytes) -> None:
+        """Put the plan in the registry for people and tools to read; serving never waits for it."""
         try:
-            await self.registry.put("plan", json.dumps(document).encode())
-        except Exception as exc:  # noqa: BLE001 - publishing is informational; serving must not stop for it
+            await self.registry.put("plan", document)
+        except Exception as exc:  # noqa: BLE001 - informational; the registry may be restarting
             logger.warning("coordinator: cannot publish the plan (%s)", exc)
 
     async def _assign_all(self, placement: Placement, cluster: ClusterSpec) -> set[str]:
@@ -278,7 +283,7 @@ class Coordinator:
         return control
 
     async def close(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *([self._publishing] if self._publishing else [])]:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for control in self._controls.values():

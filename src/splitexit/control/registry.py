@@ -383,18 +383,26 @@ class EtcdRegistry:
 
     # ---- plumbing
     async def _call(self, action: str, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run one etcd call within ``call_timeout``; log in again once if etcd no longer knows our token."""
-        for attempt in (1, 2):
+        """Run one etcd call, retrying while etcd is unreachable for up to ``call_timeout`` (a restart takes
+        about a second); log in again once if etcd no longer knows our token."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.call_timeout
+        relogged = False
+        wait = RETRY_DELAY
+        while True:
             try:
-                return await asyncio.wait_for(operation(), self.call_timeout)
+                return await asyncio.wait_for(operation(), max(0.1, deadline - loop.time()))
             except RegistryUnavailableError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every foreign error is translated here
-                if attempt == 1 and self.spec.user and _stale_token(exc):
+                if not relogged and self.spec.user and _stale_token(exc):
+                    relogged = True
                     await self._relogin()
                     continue
-                raise self._translate(exc, action) from exc
-        raise AssertionError("unreachable")
+                if not _unreachable(exc) or loop.time() + wait >= deadline:
+                    raise self._translate(exc, action) from exc
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 1.0)
 
     async def _relogin(self) -> None:
         client = self._started()

@@ -130,8 +130,8 @@ class RuntimeCosts:
 
     max_batch: int = 8
     max_wait: float = 0.002  # seconds a lone request waits at each stage for company (if max_batch > 1)
-    stage_overhead: float = 0.0004  # handing a batch to the stage's worker thread and back, per stage visited
-    message_overhead: float = 0.0006  # building, writing, reading and decoding one gRPC message, per link direction
+    stage_overhead: float = 0.0006  # handing a batch to the stage's worker thread and back, per stage visited
+    message_overhead: float = 0.00075  # building, writing, reading and decoding one gRPC message, per link direction
     header_bytes: int = 24  # a batch message around its tensors (plan version, request id, framing)
     stamp_bytes: int = 28  # one (node, event, time) trace stamp
     stamps_first_hop: int = 5  # stamps the edge's batch carries (queued, compute, encode, sent)
@@ -360,11 +360,9 @@ class _Costs:
         return self._cached(("reach", tuple(active)), build)  # type: ignore[return-value]
 
     # ---- compute
-    def compute(self, tier: int, active: Sequence[int], q: np.ndarray, batch: int, *, idle: bool) -> np.ndarray:
-        """Expected seconds per input of a stage (a, b] on ``tier`` (slowdown included); inf where a >= b.
-
-        ``batch`` rows per call; ``idle``: each call follows an idle worker (one request at a time).
-        """
+    def compute(self, tier: int, active: Sequence[int], q: np.ndarray, batch: int) -> np.ndarray:
+        """Expected warm seconds per input of a stage (a, b] on ``tier`` (slowdown included); inf where a >= b,
+        at ``batch`` rows per call."""
         m, K, N = self.machines[tier], self.K, self.N
         scale = self.topology.tiers[tier].compute_scale
         c0 = m.call_overhead.median / batch
@@ -383,23 +381,24 @@ class _Costs:
         a = np.arange(N)[:, None]
         b = np.arange(N)[None, :]
         inner = part_incl[np.maximum(b - 1, 0)] - part_incl[a]
-        call = (m.stage_call_at(batch) + (m.idle_penalty.median if idle else 0.0)) / batch
+        call = m.stage_call_at(batch) / batch
         value = prefix[b] - prefix[a] + (c0 + call) * q[a] + np.where(b - 1 > a, inner, 0.0) + head_incl[b] - head_incl[a]
         value = value + np.where(b == K + 1, final, 0.0)
         return np.where(b > a, value * scale, np.inf)
 
-    def stage_latency(self, tier: int, active: Sequence[int], q: np.ndarray) -> np.ndarray:
+    def stage_latency(self, tier: int, active: Sequence[int], q: np.ndarray, factor: float) -> np.ndarray:
+        """Expected seconds per input of stage (a, b] one request at a time: compute after idling, plus waits."""
         costs = self.topology.costs
         fixed = q[:, None] * (costs.wait() + costs.stage_overhead)
-        return self._cached(("latency", tier, tuple(active)),  # type: ignore[return-value]
-                            lambda: self.compute(tier, active, q, 1, idle=True) + fixed)
+        return self._cached(("latency", tier, tuple(active), factor),  # type: ignore[return-value]
+                            lambda: self.compute(tier, active, q, 1) * factor + fixed)
 
     def stage_load(self, tier: int, active: Sequence[int], q: np.ndarray) -> np.ndarray:
         costs = self.topology.costs
         batch = costs.max_batch
         fixed = q[:, None] * costs.stage_overhead / batch
         return self._cached(("load", tier, tuple(active)),  # type: ignore[return-value]
-                            lambda: (self.compute(tier, active, q, batch, idle=False) + fixed)
+                            lambda: (self.compute(tier, active, q, batch) + fixed)
                             / len(self.topology.tiers[tier].nodes))
 
     # ---- links: arrays over (position, codec); inf at the output (nothing crosses it)
@@ -438,6 +437,9 @@ def _visited(tiers: Sequence[int]) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------ predict
+Factors = Mapping[int, float]  # tier -> how much slower its batch-1 compute runs after idling (>= 1)
+
+
 def predict(profile: Profile, topology: Topology, stages: Sequence[tuple[int, int | None, int | None]],
             active_exits: Iterable[int], codecs: Sequence[str], *, objective: Objective = Objective(),
             label: str = "") -> Plan:
@@ -446,62 +448,118 @@ def predict(profile: Profile, topology: Topology, stages: Sequence[tuple[int, in
     ``stages`` are ``(tier, start, end)`` for the tiers that compute, in chain order, covering the model
     from input (None) to output (None) without gaps. ``codecs`` has one entry per used link: the input
     link first when tier 0 is not among the stages, then one between consecutive stages.
+
+    A worker that idles between requests computes slower (``MachineProfile.idle_factors``), and how long it
+    idles depends on the latency being predicted: the factors are found by fixed-point iteration, starting
+    from the coldest (largest) factor.
     """
-    costs_model = _Costs(profile, topology, list(dict.fromkeys(codecs)) or None)
-    K = costs_model.K
-    position = {None: 0, **{cut: i + 1 for i, cut in enumerate(profile.cuts)}}
-    spans = []
-    for tier, start, end in stages:
-        a, b = position.get(start), K + 1 if end is None else position.get(end)
-        if a is None or b is None:
-            raise ConfigError(f"stage {start}..{end} uses a cut that is not a candidate: {list(profile.cuts)}")
-        spans.append((tier, a, b))
-    tiers = [t for t, _, _ in spans]
-    if (not spans or spans[0][1] != 0 or spans[-1][2] != K + 1 or any(x[2] != y[1] for x, y in zip(spans, spans[1:]))
-            or any(a >= b for _, a, b in spans) or tiers != sorted(set(tiers))
-            or not 0 <= tiers[0] or tiers[-1] >= len(topology.tiers)):
-        raise ConfigError(f"stages {list(stages)} must cover input to output in forward order on distinct tiers")
+    candidate = _Candidate.of(profile, topology, stages, active_exits, codecs)
+    costs = _Costs(profile, topology, list(dict.fromkeys(codecs)) or None)
+    factors = _coldest(costs, candidate.tiers)
+    for _ in range(MAX_FIXED_POINT):
+        plan_, gaps = _evaluate(costs, candidate, factors, objective, label)
+        updated = _factors(costs, gaps)
+        if _settled(updated, factors):
+            break
+        factors = updated
+    return plan_
+
+
+#: Rounds of the idle-factor fixed point (factors settle in two or three: they saturate after ~10 ms idle).
+MAX_FIXED_POINT = 8
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    spans: tuple[tuple[int, int, int], ...]  # (tier, start position, end position) of the computing tiers
+    active: tuple[int, ...]
+    codecs: tuple[str, ...]
+
+    @property
+    def tiers(self) -> list[int]:
+        return [t for t, _, _ in self.spans]
+
+    @classmethod
+    def of(cls, profile: Profile, topology: Topology, stages: Sequence[tuple[int, int | None, int | None]],
+           active_exits: Iterable[int], codecs: Sequence[str]) -> "_Candidate":
+        K = len(profile.cuts)
+        position = {None: 0, **{cut: i + 1 for i, cut in enumerate(profile.cuts)}}
+        spans = []
+        for tier, start, end in stages:
+            a, b = position.get(start), K + 1 if end is None else position.get(end)
+            if a is None or b is None:
+                raise ConfigError(f"stage {start}..{end} uses a cut that is not a candidate: {list(profile.cuts)}")
+            spans.append((tier, a, b))
+        tiers = [t for t, _, _ in spans]
+        if (not spans or spans[0][1] != 0 or spans[-1][2] != K + 1
+                or any(x[2] != y[1] for x, y in zip(spans, spans[1:])) or any(a >= b for _, a, b in spans)
+                or tiers != sorted(set(tiers)) or not 0 <= tiers[0] or tiers[-1] >= len(topology.tiers)):
+            raise ConfigError(f"stages {list(stages)} must cover input to output in forward order on distinct tiers")
+        links = len(_visited(tiers)) - 1
+        if len(codecs) != links:
+            raise ConfigError(f"{links} links need {links} codecs, got {list(codecs)}")
+        active = tuple(sorted(set(active_exits)))
+        early = profile.exits.early_exits
+        if any(not 0 <= j < early for j in active):
+            raise ConfigError(f"active exits {list(active)} must be early exits 0..{early - 1}")
+        return cls(tuple(spans), active, tuple(codecs))
+
+
+def _coldest(costs: _Costs, tiers: Iterable[int]) -> dict[int, float]:
+    return {t: costs.machines[t].idle_factor(math.inf) for t in tiers}
+
+
+def _factors(costs: _Costs, gaps: Mapping[int, float]) -> dict[int, float]:
+    return {t: costs.machines[t].idle_factor(gap) for t, gap in gaps.items()}
+
+
+def _settled(a: Factors, b: Factors) -> bool:
+    return all(math.isclose(a[t], b[t], rel_tol=1e-9, abs_tol=1e-12) for t in a)
+
+
+def _evaluate(costs: _Costs, candidate: _Candidate, factors: Factors, objective: Objective,
+              label: str) -> tuple[Plan, dict[int, float]]:
+    """The plan's predictions for given idle factors, and each computing tier's idle time between requests."""
+    profile, topology = costs.profile, costs.topology
+    K = costs.K
+    spans, active, codecs = candidate.spans, candidate.active, candidate.codecs
+    tiers = candidate.tiers
     visited = _visited(tiers)
-    if len(codecs) != len(visited) - 1:
-        raise ConfigError(f"{len(visited) - 1} links need {len(visited) - 1} codecs, got {list(codecs)}")
-    active = tuple(sorted(set(active_exits)))
-    early = profile.exits.early_exits
-    if any(not 0 <= j < early for j in active):
-        raise ConfigError(f"active exits {list(active)} must be early exits 0..{early - 1}")
     rt = topology.costs
     table = profile.exits
     leave = table.route(active)
-    exit_pos = costs_model.exit_position
-    q = costs_model.reach(active)
+    exit_pos = costs.exit_position
+    q = costs.reach(active)
     # Latency, one sample at a time: walk its path, pay what it meets, stop where it is answered.
     hops = list(zip(visited, visited[1:]))
-    starts = [0] if tiers[0] == 0 else []  # positions where the computing tiers' stages start, in order
     latencies = np.zeros(table.samples)
-    per_exit: dict[int, float] = {}
-    for j in range(early + 1):
+    busy = dict.fromkeys(tiers, 0.0)  # expected seconds each tier's worker computes per input
+    for j in range(table.early_exits + 1):
         answer = exit_pos[j]
+        share = float(np.mean(leave == j))
         total, up = 0.0, 0.0
         if tiers[0] != 0:  # the edge sends the input as it is
-            total += _down(costs_model, 0, tiers[0], 0, 0, codecs[0])
-            up += _up(costs_model, 0, tiers[0], 0)
+            total += _down(costs, 0, tiers[0], 0, 0, codecs[0])
+            up += _up(costs, 0, tiers[0], 0)
         for index, (tier, a, b) in enumerate(spans):
-            total += _stage_path(costs_model, tier, a, b, answer, active) + rt.wait() + rt.stage_overhead
+            compute = _stage_path(costs, tier, a, b, answer, active) * factors[tier]
+            busy[tier] += share * compute
+            total += compute + rt.wait() + rt.stage_overhead
             if answer <= b:
                 break
             hop = visited.index(tier)
             nxt = spans[index + 1][0]
-            total += _down(costs_model, tier, nxt, b, hop, codecs[hop])
-            up += _up(costs_model, tier, nxt, hop)
-        per_exit[j] = total + up
-    for j, value in per_exit.items():
-        latencies[leave == j] = value
+            total += _down(costs, tier, nxt, b, hop, codecs[hop])
+            up += _up(costs, tier, nxt, hop)
+        latencies[leave == j] = total + up
     latency = float(latencies.mean())
+    # One request at a time, a tier reached by a fraction q of requests is called every latency / q seconds.
+    gaps = {t: max(0.0, latency / q[a] - busy[t] / q[a]) if q[a] > 0 else math.inf for t, a, _ in spans}
     # Throughput: every resource's busy time per input.
     loads: dict[str, float] = {}
     batch = rt.max_batch
     for tier, a, b in spans:
-        name = "|".join(topology.tiers[tier].nodes)
-        loads[f"compute on {name}"] = float(costs_model.stage_load(tier, active, q)[a, b])
+        loads[f"compute on {topology.tiers[tier].name}"] = float(costs.stage_load(tier, active, q)[a, b])
     if tiers[0] != 0:
         loads[f"compute on {topology.tiers[0].name}"] = 0.0
     links = []
@@ -510,8 +568,8 @@ def predict(profile: Profile, topology: Topology, stages: Sequence[tuple[int, in
         codec = codecs[hop]
         link = topology.link(u, v)
         send, receive = topology.tiers[u], topology.tiers[v]
-        transfer = costs_model._transfer[u][codec][p]
-        decode = costs_model._transfer[v][codec][p].decode_s * receive.codec_scale
+        transfer = costs._transfer[u][codec][p]
+        decode = costs._transfer[v][codec][p].decode_s * receive.codec_scale
         loads[f"compute on {send.name}"] += q[p] * transfer.encode_s * send.codec_scale / len(send.nodes)
         replicas = len(receive.nodes)
         batched = transfer.bytes + rt.down_bytes(hop) / batch
@@ -528,20 +586,21 @@ def predict(profile: Profile, topology: Topology, stages: Sequence[tuple[int, in
                                  None if b == K + 1 else profile.cuts[b - 1]) for t, a, b in spans)
     used = set(tiers)
     skipped = tuple(n for t in topology.tiers if t.index not in used for n in t.nodes)
-    return Plan(objective=objective.kind, stages=planned, links=tuple(links), skipped=skipped, active_exits=active,
-                latency_ms=latency * 1e3, throughput_per_s=throughput, accuracy=table.accuracy(active),
-                exit_rates=table.exit_rates(active), bottleneck=bottleneck,
-                deadline_ms=objective.deadline * 1e3 if objective.deadline is not None else None, label=label)
+    result = Plan(objective=objective.kind, stages=planned, links=tuple(links), skipped=skipped, active_exits=active,
+                  latency_ms=latency * 1e3, throughput_per_s=throughput, accuracy=table.accuracy(active),
+                  exit_rates=table.exit_rates(active), bottleneck=bottleneck,
+                  deadline_ms=objective.deadline * 1e3 if objective.deadline is not None else None, label=label)
+    return result, gaps
 
 
 def _stage_path(costs: _Costs, tier: int, a: int, b: int, answer: int, active: Sequence[int]) -> float:
-    """Compute seconds (slowdown included) a sample answered at position ``answer`` spends in stage (a, b]."""
+    """Warm compute seconds (slowdown included) a sample answered at position ``answer`` spends in stage (a, b]."""
     m = costs.machines[tier]
     c0 = m.call_overhead.median
     stop = min(b, answer)
     seconds = sum(max(m.segments[s].at(1) - c0, 0.0) for s in range(a, stop))
     parts = 1 + sum(1 for e in costs.exit_at if a < e < stop)
-    seconds += c0 * parts + m.stage_call_at(1) + m.idle_penalty.median
+    seconds += c0 * parts + m.stage_call_at(1)
     seconds += sum(m.heads[j].at(1) for j in active if a < costs.exit_position[j] <= stop)
     if stop == costs.K + 1:
         seconds += m.heads[-1].at(1)
@@ -573,15 +632,17 @@ class _Choice:
 
 
 def _solve(costs: _Costs, tiers: Sequence[int], active: Sequence[int], *, kind: str,
-           cap: float | None = None) -> _Choice | None:
-    """Best bounds and codecs for one class. ``kind``: "latency" (sum) or "load" (max); ``cap`` bounds every
-    load (the throughput tie-break: least latency among candidates whose bottleneck is at most ``cap``)."""
+           factors: Factors | None = None, cap: float | None = None) -> _Choice | None:
+    """Best bounds and codecs for one class. ``kind``: "latency" (sum) or "load" (max); ``factors``: each
+    tier's idle factor (latency only; default 1); ``cap`` bounds every load (the throughput tie-break: least
+    latency among candidates whose bottleneck is at most ``cap``)."""
     q = costs.reach(active)
     N, K = costs.N, costs.K
     visited = _visited(tiers)
     limit = np.inf if cap is None else cap * (1 + _TOLERANCE) + 1e-15
     loads = {t: costs.stage_load(t, active, q) for t in tiers} if kind == "load" or cap is not None else {}
-    stages = {t: costs.stage_latency(t, active, q) for t in tiers} if kind == "latency" else {}
+    stages = {t: costs.stage_latency(t, active, q, (factors or {}).get(t, 1.0)) for t in tiers} \
+        if kind == "latency" else {}
     combine = np.add if kind == "latency" else np.maximum
     value = np.full(N, np.inf)
     trace: list[tuple[np.ndarray, np.ndarray]] = []
@@ -661,13 +722,8 @@ def plan(profile: Profile, topology: Topology, objective: Objective = Objective(
     count = len(topology.tiers)
     classes = [tiers for r in range(1, count + 1) for tiers in itertools.combinations(range(count), r)
                if edge_may_skip or tiers[0] == 0]
-    plans: list[Plan] = []
-    for tiers in classes:
-        for active in sets:
-            choice = _best_choice(costs, tiers, active, objective.kind)
-            if choice is not None:
-                plans.append(predict(profile, topology, _stages_of(profile, choice), active, choice.codecs,
-                                     objective=objective))
+    plans = [p for tiers in classes for active in sets
+             for p in [_class_best(costs, tiers, active, objective)] if p is not None]
     if not plans:
         raise ConfigError("no candidate plan exists for this profile and cluster")
     ranked = sorted(plans, key=lambda p: _rank(p, objective))
@@ -676,9 +732,7 @@ def plan(profile: Profile, topology: Topology, objective: Objective = Objective(
     def baseline(tiers: tuple[int, ...], label: str) -> Plan:
         own = [p for p in ranked if tuple(s.tier for s in p.stages) == tiers]
         if not own:  # the edge-only class always exists; cloud-only is searched even when edges may not skip
-            own = [predict(profile, topology, _stages_of(profile, c), c_active, c.codecs, objective=objective)
-                   for c_active in sets
-                   for c in [_best_choice(costs, tiers, c_active, objective.kind)] if c is not None]
+            own = [p for active in sets for p in [_class_best(costs, tiers, active, objective)] if p is not None]
             own.sort(key=lambda p: _rank(p, objective))
         return replace(own[0], label=label)
 
@@ -686,13 +740,33 @@ def plan(profile: Profile, topology: Topology, objective: Objective = Objective(
                       edge_only=baseline((0,), "edge-only"), cloud_only=baseline((count - 1,), "cloud-only"))
 
 
-def _best_choice(costs: _Costs, tiers: Sequence[int], active: Sequence[int], kind: str) -> _Choice | None:
+def _class_best(costs: _Costs, tiers: Sequence[int], active: Sequence[int], objective: Objective) -> Plan | None:
+    """The best plan of one class. The DP is exact for given idle factors; the factors depend on the latency
+    of the plan chosen, so the DP runs again with the factors of its last choice until they settle."""
+    factors = _coldest(costs, tiers)
+    result = None
+    for _ in range(MAX_FIXED_POINT):
+        choice = _best_choice(costs, tiers, active, objective.kind, factors)
+        if choice is None:
+            return None
+        candidate = _Candidate.of(costs.profile, costs.topology, _stages_of(costs.profile, choice), active,
+                                  choice.codecs)
+        result, gaps = _evaluate(costs, candidate, factors, objective, "")
+        updated = _factors(costs, gaps)
+        if _settled(updated, factors):
+            break
+        factors = updated
+    return result
+
+
+def _best_choice(costs: _Costs, tiers: Sequence[int], active: Sequence[int], kind: str,
+                 factors: Factors) -> _Choice | None:
     if kind == "throughput":
         bottleneck = _solve(costs, tiers, active, kind="load")
         if bottleneck is None:
             return None
-        return _solve(costs, tiers, active, kind="latency", cap=bottleneck.value) or bottleneck
-    return _solve(costs, tiers, active, kind="latency")
+        return _solve(costs, tiers, active, kind="latency", factors=factors, cap=bottleneck.value) or bottleneck
+    return _solve(costs, tiers, active, kind="latency", factors=factors)
 
 
 def _rank(p: Plan, objective: Objective) -> tuple[float, ...]:

@@ -83,8 +83,9 @@ WARMUP = 3
 DEFAULT_REPEATS = 15
 #: Calibration inputs whose activations are encoded per cut and codec (one message of one sample each).
 CODEC_SAMPLES = 8
-#: Seconds a stage idles before the timed call that measures :attr:`MachineProfile.idle_penalty`.
-IDLE_GAP = 0.005
+#: Idle times (seconds) after which a cold run of the whole model is timed, for :attr:`MachineProfile.idle_factors`.
+IDLE_GAPS = (0.001, 0.003, 0.01, 0.03)
+IDLE_REPEATS = 15
 
 Progress = Callable[[str, int, int], None]
 
@@ -181,13 +182,30 @@ class MachineProfile:
     batch_sizes: tuple[int, ...]
     call_overhead: Timing  # calling a segment that does nothing: paid once per part a stage runs
     stage_call: Mapping[int, Timing]  # per batch size: what Stage.run adds to its segments and heads
-    idle_penalty: Timing  # extra seconds of a stage's first call after the worker idled (window 1)
+    #: idle seconds before a call -> how much slower it runs than back to back (caches and cores go cold; on
+    #: this project's VMs a 10 ms pause made digits_cnn 1.9x slower, ResNet-18 1.0x)
+    idle_factors: Mapping[float, float]
     segments: tuple[SegmentTiming, ...]  # len(cuts) + 1, in order
     heads: tuple[HeadTiming, ...]  # one per exit, the final one last
     transfers: tuple[CutTransfer, ...]  # the input first, then one per candidate cut
 
     def stage_call_at(self, batch: int) -> float:
         return _at_batch(self.stage_call, batch)
+
+    def idle_factor(self, gap: float) -> float:
+        """The slow-down of a call that follows ``gap`` idle seconds: linear in log(gap) between measured gaps."""
+        if not self.idle_factors:
+            return 1.0
+        gaps = sorted(self.idle_factors)
+        if gap <= gaps[0]:
+            return self.idle_factors[gaps[0]]
+        if gap >= gaps[-1]:
+            return self.idle_factors[gaps[-1]]
+        for low, high in zip(gaps, gaps[1:]):
+            if low <= gap <= high:
+                w = math.log(gap / low) / math.log(high / low)
+                return self.idle_factors[low] + w * (self.idle_factors[high] - self.idle_factors[low])
+        return self.idle_factors[gaps[-1]]  # unreachable
 
     def transfer(self, cut: int | None) -> CutTransfer:
         for transfer in self.transfers:
@@ -298,7 +316,7 @@ def _timings_from_json(data: Mapping[str, Mapping[str, float]]) -> dict[int, Tim
 def _machine_json(m: MachineProfile) -> dict[str, object]:
     return {"key": dict(m.key), "measured_on": m.measured_on, "batch_sizes": list(m.batch_sizes),
             "call_overhead": _timing_json(m.call_overhead), "stage_call": _timings_json(m.stage_call),
-            "idle_penalty": _timing_json(m.idle_penalty),
+            "idle_factors": {repr(g): f for g, f in sorted(m.idle_factors.items())},
             "segments": [{"start": s.start, "end": s.end, "flops": s.flops, "seconds": _timings_json(s.seconds)}
                          for s in m.segments],
             "heads": [{"exit": h.exit, "cut": h.cut, "seconds": _timings_json(h.seconds)} for h in m.heads],
@@ -313,7 +331,7 @@ def _machine_from_json(data: Mapping[str, object]) -> MachineProfile:
         batch_sizes=tuple(data["batch_sizes"]),  # type: ignore[arg-type]
         call_overhead=Timing(**data["call_overhead"]),  # type: ignore[arg-type]
         stage_call=_timings_from_json(data["stage_call"]),  # type: ignore[arg-type]
-        idle_penalty=Timing(**data["idle_penalty"]),  # type: ignore[arg-type]
+        idle_factors={float(g): float(f) for g, f in dict(data["idle_factors"]).items()},  # type: ignore[call-overload]
         segments=tuple(SegmentTiming(s["start"], s["end"], s["flops"], _timings_from_json(s["seconds"]))
                        for s in data["segments"]),  # type: ignore[attr-defined]
         heads=tuple(HeadTiming(h["exit"], h["cut"], _timings_from_json(h["seconds"])) for h in data["heads"]),  # type: ignore[attr-defined]
@@ -514,13 +532,21 @@ def measure_timing(net: EarlyExitNet, inputs: torch.Tensor, cuts: Sequence[int],
             whole = _clock_calls(lambda: last.run(batch), warmup=warmup, repeats=repeats)
             parts = segments[-1].seconds[size].median + heads[-1].seconds[size].median
             stage_call[size] = Timing(*(max(0.0, t - parts) for t in (whole.median, whole.q1, whole.q3)))
-        # A stage called after its worker idled (one request at a time) runs slower than back to back.
-        first = net.stage(None, order[0] if order else None)
-        single = (x[:1],)
-        warm = _clock_calls(lambda: first.run(single), warmup=warmup, repeats=max(repeats, 20))
-        cold = _clock_calls(lambda: (time.sleep(IDLE_GAP), _timed(lambda: first.run(single)))[1],
-                            warmup=0, repeats=max(repeats, 20), timer=True)
-        idle = Timing(*(max(0.0, c - warm.median) for c in (cold.median, cold.q1, cold.q3)))
+        # One request at a time, a worker idles between calls, and a call after a pause runs slower than back to
+        # back: the whole model, segment by segment, timed after each pause length and compared.
+        chain = [net.segment_between(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+        def run_chain() -> None:
+            values: object = (x[:1],)
+            for segment in chain:
+                values = segment(*values)  # type: ignore[misc]
+
+        warm = _clock_calls(run_chain, warmup=warmup, repeats=max(repeats, IDLE_REPEATS)).median
+        idle_factors = {}
+        for gap in IDLE_GAPS:
+            cold = _clock_calls(lambda: (time.sleep(gap), _timed(run_chain))[1], warmup=1,
+                                repeats=IDLE_REPEATS, timer=True).median
+            idle_factors[gap] = max(1.0, cold / warm)
     transfers = []
     for cut in bounds[:-1]:
         values = activations[cut]
@@ -533,7 +559,7 @@ def measure_timing(net: EarlyExitNet, inputs: torch.Tensor, cuts: Sequence[int],
         tick(f"codecs at {'input' if cut is None else f'cut {cut}'}")
     key = timing_key(net, order, batch_sizes=sizes, codecs=[s.name for s in specs], repeats=repeats)
     return MachineProfile(key=key, measured_on=f"local {platform.node()}", batch_sizes=sizes,
-                          call_overhead=overhead, stage_call=stage_call, idle_penalty=idle,
+                          call_overhead=overhead, stage_call=stage_call, idle_factors=idle_factors,
                           segments=tuple(segments), heads=tuple(heads),
                           transfers=tuple(transfers))
 

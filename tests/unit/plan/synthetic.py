@@ -39,7 +39,7 @@ def synthetic_profile(seed: int, *, cuts: int = 4, exits: tuple[int, ...] = (1, 
     machine = MachineProfile(key={}, measured_on="hand-built", batch_sizes=(1, 8),
                              call_overhead=Timing.fixed(float(rng.uniform(0, 2e-5))),
                              stage_call={1: Timing.fixed(4e-5), 8: Timing.fixed(5e-5)},
-                             idle_penalty=Timing.fixed(1e-4), segments=segments, heads=heads,
+                             idle_factors={0.01: 1.0}, segments=segments, heads=heads,
                              transfers=tuple(transfers))
     confident = rng.random((len(exits), samples)) < rng.uniform(0.2, 0.7, (len(exits), 1))
     correct = rng.random((len(exits) + 1, samples)) < np.linspace(0.7, 0.95, len(exits) + 1)[:, None]

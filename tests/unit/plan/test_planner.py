@@ -176,7 +176,7 @@ def test_latency_adds_up_by_hand_for_a_two_tier_split() -> None:
     result = predict(profile, topology, [(0, None, cut), (1, cut, None)], (0,), ["raw"])
     early = float(profile.exits.confident[0].mean())
     c0 = m.call_overhead.median
-    fixed = m.stage_call_at(1) + m.idle_penalty.median + c0
+    fixed = m.stage_call_at(1) + c0
 
     def segs(a: int, b: int) -> float:
         return sum(max(m.segments[s].at(1) - c0, 0.0) for s in range(a, b))
@@ -289,3 +289,35 @@ links:
     assert all(l.bandwidth == 10e6 for l in served.links)
     with pytest.raises(ConfigError, match="tier"):
         apply_plan(ClusterSpec.model_validate(yaml.safe_load(CLUSTER)), chosen)
+
+
+def test_idle_workers_compute_slower_and_the_factor_follows_the_predicted_latency() -> None:
+    from dataclasses import replace
+
+    flat = synthetic_profile(8)
+    cold = replace(flat, timing=replace(flat.timing, idle_factors={0.0001: 1.2, 0.01: 2.0}))
+    m = cold.timing
+    assert m.idle_factor(0.00001) == 1.2 and m.idle_factor(1.0) == 2.0
+    assert math.isclose(m.idle_factor(0.001), 1.6), "linear in log(idle time)"
+
+    # Edge only, no waiting: the worker idles ~1 ms between requests, so it is only a little cold.
+    near = chain((4.0, 1.0, 1.0), (LinkEstimate(1e9, 0.0002), LinkEstimate(1e9, 0.0001)))
+    near = replace(near, costs=replace(near.costs, max_wait=0.0005))
+    edge_only = [(0, None, None)]
+    quick, base = predict(cold, near, edge_only, (), []), predict(flat, near, edge_only, (), [])
+    assert 1.2 < (quick.latency_ms - base.latency_ms) / (base.latency_ms - 0.9) + 1 < 2.0
+
+    # Behind a 50 ms link every worker idles for 100 ms or more: fully cold, compute costs twice its warm time.
+    far = chain((4.0, 1.0, 1.0), (LinkEstimate(1e9, 0.05), LinkEstimate(1e9, 0.001)))
+    no_compute = replace(far, tiers=tuple(replace(t, compute_scale=1e-12) for t in far.tiers))
+    split = [(0, None, cold.cuts[0]), (1, cold.cuts[0], None)]
+    slow, warm = predict(cold, far, split, (), ["raw"]), predict(flat, far, split, (), ["raw"])
+    transport = predict(flat, no_compute, split, (), ["raw"])
+    assert math.isclose(slow.latency_ms - warm.latency_ms, warm.latency_ms - transport.latency_ms, rel_tol=1e-6)
+
+    for topology in (near, far):  # the planner's fixed point lands where predict's does
+        result = plan(cold, topology, top=100)
+        for candidate in result.candidates:
+            stages = [(s.tier, s.start, s.end) for s in candidate.stages]
+            again = predict(cold, topology, stages, candidate.active_exits, [l.codec for l in candidate.links])
+            assert math.isclose(again.latency_ms, candidate.latency_ms, rel_tol=1e-6), candidate.describe()

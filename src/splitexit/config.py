@@ -188,7 +188,8 @@ class NodeSpec(_Model):
     slowdown: float = Field(1.0, ge=1.0, description="stretch compute time by this factor (emulate a slow device)")
     tier: int | None = Field(None, ge=1, description="position in the chain (workers of one tier are replicas); "
                                                     "default: one after the previous node's")
-    ends_at: int | str | None = Field(None, description="cut (id or module) where this node's stage ends")
+    ends_at: int | str | None = Field(None, description="cut (id or module) where this node's stage ends; "
+                                                        "`input` on the edge: send the input unprocessed")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (0: any free)")
 
     @model_validator(mode="after")

@@ -307,3 +307,16 @@ def test_nodes_serve_prometheus_metrics(net: EarlyExitNet, inputs: TensorDataset
     received = [line for line in text.splitlines() if line.startswith('splitexit_requests_total{node="cloud1"}')]
     assert received and float(received[0].split()[-1]) > 0
     assert 'splitexit_in_flight{node="cloud1"}' in text
+
+
+def test_an_edge_that_ends_at_the_input_ships_it_unprocessed(net: EarlyExitNet, inputs: TensorDataset,
+                                                            tmp_path: Path) -> None:
+    base = make_cluster(1)
+    cluster = ClusterSpec.model_validate({**base.model_dump(by_alias=True), "nodes": [
+        {**base.nodes[0].model_dump(), "ends_at": "input"}, base.nodes[1].model_dump()]})
+    result = asyncio.run(run_chain(net, cluster, inputs, tmp_path))
+    expected = net.infer(inputs.tensors[0])
+    records = sorted(result.records, key=lambda r: r.index)
+    assert [r.prediction for r in records] == expected.prediction.tolist()
+    assert {r.node for r in records} == {"cloud1"}, "the edge computes nothing: cloud-only"
+    assert result.links["edge->cloud1"].raw_bytes == len(inputs) * 8 * 8 * 4, "the input itself crossed"

@@ -17,7 +17,7 @@ from torch import nn
 from splitexit.config import CpuSettings, ExitPolicy, ModelSource
 from splitexit.errors import ConfigError, CutError, ModelError
 from splitexit.model.flops import flops_per_sample
-from splitexit.model.graph import CutPoint, ModelGraph, trace_model
+from splitexit.model.graph import CutPoint, ModelGraph, TensorInfo, trace_model
 from splitexit.model.heads import build_head, confidence_function
 from splitexit.model.stages import Stage
 
@@ -197,6 +197,11 @@ class EarlyExitNet(nn.Module):
         if key not in self._stages:
             self._stages[key] = Stage(self, start, end)
         return self._stages[key]
+
+    @property
+    def input_info(self) -> TensorInfo:
+        """The model input, per sample, as it crosses the wire when the edge forwards it unprocessed."""
+        return TensorInfo("input", tuple(self.input_shape), self.input_dtype)
 
     def segment_between(self, start: int | None, end: int | None) -> torch.nn.Module:
         """The graph segment between two cuts, shared with the net's own segments where they coincide."""

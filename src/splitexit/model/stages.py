@@ -1,6 +1,9 @@
 """A stage: the compute for one contiguous range of an early-exit net, with per-row routing.
 
 A stage runs from cut ``start`` (``None``: the model input) to cut ``end`` (``None``: the model output).
+:data:`INPUT` as a cut means "before any layer": a stage ending there computes nothing and forwards the
+input itself (an edge that ships its input to the cloud), and a stage starting there takes the input
+from the wire.
 Every exit whose cut lies in ``(start, end]`` is evaluated inside it: confident rows are answered there
 and only the others run on, compacted. Whatever is left at ``end`` is handed back to be forwarded to the
 next stage. ``EarlyExitNet.infer`` is the stage from ``None`` to ``None``; a chain of stages over the
@@ -23,7 +26,10 @@ from splitexit.model.heads import checked_scores, confidence_function
 if TYPE_CHECKING:
     from splitexit.model.exits import EarlyExitNet
 
-__all__ = ["Stage", "StageOutput"]
+__all__ = ["INPUT", "Stage", "StageOutput"]
+
+#: The cut before any layer: where a stage that forwards the raw input ends.
+INPUT = -1
 
 Confidence = Callable[[torch.Tensor], torch.Tensor]
 
@@ -51,12 +57,21 @@ class Stage:
     """Segments and exits of ``net`` between two cuts; call :meth:`run` under inference mode."""
 
     def __init__(self, net: "EarlyExitNet", start: int | None, end: int | None):
+        if end == INPUT:
+            if start not in (None, INPUT):
+                raise CutError(f"only a stage that starts at the input can end there; got cut {start}")
+            self.net, self.start, self.end = net, None, INPUT
+            self.parts, self.exits = [], []
+            self.input_tensors, self.output_tensors = None, (net.input_info,)
+            return
+        from_wire = start == INPUT
+        start = None if from_wire else start
         if start is not None and end is not None and end <= start:
             raise CutError(f"a stage must end after it starts; got cuts {start} to {end}")
         for cut in (start, end):
             if cut is not None:
                 net.graph.cut(cut)
-        self.net, self.start, self.end = net, start, end
+        self.net, self.start, self.end = net, (INPUT if from_wire else start), end
         inside = [(i, c.id) for i, c in enumerate(net.exit_cuts)
                   if (start is None or c.id > start) and (end is None or c.id <= end)]
         exit_at = {cut: i for i, cut in inside}
@@ -65,7 +80,8 @@ class Stage:
         self.parts = [_Part(net.segment_between(a, b), exit_at.get(b) if b is not None else net.num_exits - 1)
                       for a, b in zip(edges[:-1], edges[1:])]
         self.exits = [i for i, _ in inside] + ([net.num_exits - 1] if end is None else [])
-        self.input_tensors = (net.graph.crossing_info(start) if start is not None else None)
+        self.input_tensors = (net.graph.crossing_info(start) if start is not None
+                              else (net.input_info,) if from_wire else None)
         self.output_tensors = (net.graph.crossing_info(end) if end is not None else None)
 
     def run(self, inputs: tuple[torch.Tensor, ...], confidence: Confidence | None = None) -> StageOutput:

@@ -82,10 +82,11 @@ class LinkEstimate:
     jitter: float = 0.0
     loss: float = 0.0
     origin: str = "cluster file"
+    emulated: bool = False  # delayed by the runtime's emulation (its sleeps wake late: RuntimeCosts.emulation_overhead)
 
     @classmethod
     def from_spec(cls, spec: LinkSpec) -> "LinkEstimate":
-        return cls(spec.bandwidth, spec.latency, spec.jitter, spec.loss, origin="cluster file")
+        return cls(spec.bandwidth, spec.latency, spec.jitter, spec.loss, origin="cluster file", emulated=spec.emulated)
 
     @classmethod
     def compose(cls, links: Sequence["LinkEstimate"]) -> "LinkEstimate":
@@ -95,7 +96,7 @@ class LinkEstimate:
         widths = [l.bandwidth for l in links if l.bandwidth is not None]
         return cls(bandwidth=min(widths) if widths else None, latency=sum(l.latency for l in links),
                    jitter=sum(l.jitter for l in links), loss=1.0 - math.prod(1.0 - l.loss for l in links),
-                   origin=" + ".join(sorted({l.origin for l in links})))
+                   origin=" + ".join(sorted({l.origin for l in links})), emulated=any(l.emulated for l in links))
 
     def delay(self) -> float:
         """Expected seconds from the end of serialisation to delivery."""
@@ -132,6 +133,7 @@ class RuntimeCosts:
     max_wait: float = 0.002  # seconds a lone request waits at each stage for company (if max_batch > 1)
     stage_overhead: float = 0.0006  # handing a batch to the stage's worker thread and back, per stage visited
     message_overhead: float = 0.00075  # building, writing, reading and decoding one gRPC message, per link direction
+    emulation_overhead: float = 0.0008  # per message on an emulated link: its asyncio sleeps wake late
     header_bytes: int = 24  # a batch message around its tensors (plan version, request id, framing)
     stamp_bytes: int = 28  # one (node, event, time) trace stamp
     stamps_first_hop: int = 5  # stamps the edge's batch carries (queued, compute, encode, sent)
@@ -140,6 +142,10 @@ class RuntimeCosts:
 
     def wait(self) -> float:
         return self.max_wait if self.max_batch > 1 else 0.0
+
+    def per_message(self, link: LinkEstimate) -> float:
+        """Software seconds one message costs on ``link``, besides codecs, serialisation and propagation."""
+        return self.message_overhead + (self.emulation_overhead if link.emulated else 0.0)
 
     def down_bytes(self, hop: int) -> float:
         """Message bytes beyond the tensors on the ``hop``-th link of a request's path (0: from the edge)."""
@@ -423,7 +429,7 @@ class _Costs:
                 enc = out[p].encode_s * send.codec_scale
                 dec = into[p].decode_s * receive.codec_scale
                 latency[p, ci] = q[p] * (enc + dec + link.serialisation(wire) + link.serialisation(up)
-                                         + 2 * (link.delay() + costs.message_overhead))
+                                         + 2 * (link.delay() + costs.per_message(link)))
                 encode[p, ci] = q[p] * enc / len(send.nodes)
                 batched = out[p].bytes + costs.down_bytes(hop) / costs.max_batch
                 loads[p, ci] = q[p] * max(link.serialisation(batched) / replicas,
@@ -613,13 +619,13 @@ def _down(costs: _Costs, u: int, v: int, p: int, hop: int, codec: str) -> float:
     out = costs._transfer[u][codec][p]
     into = costs._transfer[v][codec][p]
     return (out.encode_s * costs.topology.tiers[u].codec_scale + into.decode_s * costs.topology.tiers[v].codec_scale
-            + link.serialisation(out.bytes + rt.down_bytes(hop)) + link.delay() + rt.message_overhead)
+            + link.serialisation(out.bytes + rt.down_bytes(hop)) + link.delay() + rt.per_message(link))
 
 
 def _up(costs: _Costs, u: int, v: int, hop: int) -> float:
     rt = costs.topology.costs
     link = costs.topology.link(u, v)
-    return link.serialisation(rt.up_bytes(hop, costs.profile.num_classes)) + link.delay() + rt.message_overhead
+    return link.serialisation(rt.up_bytes(hop, costs.profile.num_classes)) + link.delay() + rt.per_message(link)
 
 
 # ------------------------------------------------------------------------------------------ the DP

@@ -13,7 +13,7 @@ import torch
 
 from splitexit.config import ClusterSpec, LinkSpec, NodeSpec
 from splitexit.model.exits import EarlyExitNet
-from splitexit.model.stages import Stage
+from splitexit.model.stages import INPUT, Stage
 from splitexit.runtime.codec import CodecSpec, choose_codec, parse_codec
 from splitexit.runtime.hop import Hop
 from splitexit.runtime.replicas import ReplicaSet
@@ -33,6 +33,8 @@ def link_codec(net: EarlyExitNet, cut: int, link: LinkSpec) -> CodecSpec:
         return parse_codec(link.codec)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(AUTO_CODEC_SAMPLES, *net.input_shape, generator=generator).to(net.input_dtype)
+    if cut == INPUT:
+        return choose_codec([x], link.bandwidth)
     with torch.inference_mode():
         activations = net.segment_between(None, cut)(net._prepare(x))
     return choose_codec(list(activations), link.bandwidth)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from splitexit.config import ClusterSpec
 from splitexit.errors import ClusterError, CutError
 from splitexit.model.exits import EarlyExitNet
+from splitexit.model.stages import INPUT
 
 __all__ = ["Placement", "StagePlacement", "default_placement"]
 
@@ -88,7 +89,7 @@ def _ends(net: EarlyExitNet, explicit: list[int | str | None], stages: int) -> l
         if any(e is None for e in explicit):
             raise ClusterError("set `ends_at` on every tier but the last, or on none of them")
         try:
-            return [net.graph.resolve(e).id for e in explicit]  # type: ignore[arg-type]
+            return [INPUT if e == "input" else net.graph.resolve(e).id for e in explicit]  # type: ignore[arg-type]
         except CutError as exc:
             raise ClusterError(f"cluster file: {exc}") from exc
     exits = [c.id for c in net.exit_cuts]

@@ -229,6 +229,10 @@ def test_topology_comes_from_the_cluster_file_and_measured_links_plug_in() -> No
     assert [t.nodes for t in topology.tiers] == [("edge",), ("cloud1",), ("cloud2",)]
     assert [t.compute_scale for t in topology.tiers] == [8.0, 1.0, 1.0]
     assert topology.links[0].bandwidth == 20e6 and topology.links[0].latency == 0.01
+    assert topology.links[0].emulated and topology.link(0, 2).emulated, "emulated links pay for late-waking sleeps"
+    costs = topology.costs
+    assert costs.per_message(topology.links[0]) == costs.message_overhead + costs.emulation_overhead
+    assert costs.per_message(LinkEstimate(1e9, 0.001)) == costs.message_overhead
     assert topology.costs.max_batch == 4 and topology.costs.max_wait == 0.003
     measured = LinkEstimate(5e6, 0.03, origin="measured")
     plugged = topology_from_cluster(cluster, measured_links={("edge", "cloud1"): measured})

@@ -33,14 +33,17 @@ from splitexit.runtime.failover import NodeBans
 from splitexit.control.members import NODES, NodeInfo, parse_node_info
 from splitexit.runtime import wire_pb2, wire_pb2_grpc
 from splitexit.runtime.chain import link_codec, node_credentials
-from splitexit.runtime.codec import CodecSpec
+from splitexit.runtime.codec import CodecSpec, parse_codec
 from splitexit.runtime.placement import Placement, StagePlacement, default_placement
 from splitexit.runtime.security import TOKEN_HEADER
 from splitexit.runtime.wire import grpc_options
 
-__all__ = ["Coordinator", "PlanChange"]
+__all__ = ["Coordinator", "Layout", "PlanChange"]
 
 logger = logging.getLogger(__name__)
+
+#: Chooses the placement for the cluster (with joined nodes) over the given live nodes.
+Layout = Callable[[ClusterSpec, set[str]], Placement]
 
 RESYNC_INTERVAL = 2.0
 SETTLE = 0.05
@@ -69,9 +72,12 @@ class Coordinator:
     """Keeps the chain placed on the live nodes; ``on_plan`` installs each placement at the edge."""
 
     def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, registry,  # noqa: ANN001 - a control.registry.Registry
-                 on_plan: Callable[[Placement, list[NodeSpec], CodecSpec | None], Awaitable[None]]):
+                 on_plan: Callable[[Placement, list[NodeSpec], CodecSpec | None], Awaitable[None]], *,
+                 layout: Layout | None = None):
         self.net, self.cluster, self.registry = net, cluster, registry
         self.on_plan = on_plan
+        self.layout: Layout = layout or (lambda live_cluster, live: default_placement(net, live_cluster, live))
+        self._reason: str | None = None
         self.edge = cluster.edge
         self.placement: Placement | None = None
         self.changes: list[PlanChange] = []
@@ -79,7 +85,7 @@ class Coordinator:
         self.members: dict[str, NodeInfo] = {}
         self.bans = NodeBans()
         self._controls: dict[str, _Control] = {}
-        self._stage_files: dict[tuple[int | None, int | None], tuple[str, bytes]] = {}
+        self._stage_files: dict[tuple[int | None, int | None, frozenset[int]], tuple[str, bytes]] = {}
         self._codecs: dict[tuple[int, str], CodecSpec] = {}
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -149,13 +155,19 @@ class Coordinator:
             except Exception as exc:  # noqa: BLE001 - the registry may be restarting; serving goes on
                 logger.warning("coordinator: cannot read the registry (%s); keeping the current plan", exc)
 
+    def request_replan(self, reason: str) -> None:
+        """Place the chain again soon (the layout's inputs changed, e.g. a link measured slower)."""
+        self._reason = reason
+        self._dirty.set()
+
     async def _follow(self) -> None:
         while True:
             await self._dirty.wait()
             await asyncio.sleep(SETTLE)  # let a burst of changes (a node and its lease) settle into one plan
             self._dirty.clear()
+            reason, self._reason = self._reason or "membership changed", None
             try:
-                await self._replan("membership changed")
+                await self._replan(reason)
             except Exception:  # noqa: BLE001 - keep coordinating; the next change or resync tries again
                 logger.exception("coordinator: re-planning failed; keeping the current plan")
 
@@ -173,7 +185,7 @@ class Coordinator:
     async def _replan(self, reason: str) -> None:
         while True:
             cluster = self._cluster_with_members()
-            placement = default_placement(self.net, cluster, self.bans.allowed(set(self.members)))
+            placement = self.layout(cluster, self.bans.allowed(set(self.members)))
             failed = await self._assign_all(placement, cluster)
             for stage in placement.stages[1:]:
                 for name in set(stage.nodes) - failed:
@@ -185,7 +197,7 @@ class Coordinator:
             reason = f"{', '.join(sorted(failed))} unreachable"
         first = placement.after(placement.stages[0])
         peers = [cluster.node(n) for n in first.nodes] if first else []
-        await self.on_plan(placement, peers, self._codec(placement.stages[0], peers, cluster))
+        await self.on_plan(placement, peers, self._codec(placement, placement.stages[0], peers, cluster))
         if self.placement is None or placement != self.placement:
             self.changes.append(PlanChange(time.time(), placement, reason))
             logger.info("plan %d (%s): %s", placement.version, reason, placement.describe())
@@ -209,21 +221,21 @@ class Coordinator:
             after = placement.after(stage)
             before = placement.before(stage)
             peers = [cluster.node(n) for n in after.nodes] if after else []
-            sha, data = self._stage_file(stage)
+            sha, data = self._stage_file(stage, placement.disabled_exits)
             request = wire_pb2.AssignRequest(
                 plan_version=placement.version, stage_sha256=sha,
                 downstream=[wire_pb2.Peer(name=p.name, address=p.address or "") for p in peers],
                 upstream=list(before.nodes) if before else [])
-            results = await asyncio.gather(*(self._assign(cluster.node(name), request, data, stage, peers, cluster)
+            results = await asyncio.gather(*(self._assign(cluster.node(name), request, data,
+                                                          self._codec(placement, stage, peers, cluster, sender=name))
                                              for name in stage.nodes))
             failed |= {name for name, ok in zip(stage.nodes, results) if not ok}
         return failed
 
-    async def _assign(self, node: NodeSpec, request: wire_pb2.AssignRequest, data: bytes, stage: StagePlacement,
-                      peers: list[NodeSpec], cluster: ClusterSpec) -> bool:
+    async def _assign(self, node: NodeSpec, request: wire_pb2.AssignRequest, data: bytes,
+                      codec: CodecSpec | None) -> bool:
         assign = wire_pb2.AssignRequest()
         assign.CopyFrom(request)
-        codec = self._codec(stage, peers, cluster, sender=node.name)
         assign.codec = codec.name if codec is not None else ""
         control = self._control(node)
         try:
@@ -250,18 +262,22 @@ class Coordinator:
         self.shipments.append((node.name, sha, len(data)))
         logger.info("shipped stage %s… (%d bytes) to %s", sha[:12], len(data), node.name)
 
-    def _stage_file(self, stage: StagePlacement) -> tuple[str, bytes]:
-        key = (stage.start, stage.end)
+    def _stage_file(self, stage: StagePlacement, disabled: frozenset[int]) -> tuple[str, bytes]:
+        key = (stage.start, stage.end, disabled)
         if key not in self._stage_files:
-            data = stage_file(self.net, stage.start, stage.end)
+            data = stage_file(self.net, stage.start, stage.end, disabled_exits=disabled)
             self._stage_files[key] = (sha256_hex(data), data)
         return self._stage_files[key]
 
-    def _codec(self, stage: StagePlacement, peers: list[NodeSpec], cluster: ClusterSpec, *,
+    def _codec(self, placement: Placement, stage: StagePlacement, peers: list[NodeSpec], cluster: ClusterSpec, *,
                sender: str | None = None) -> CodecSpec | None:
-        """The codec for rows leaving ``stage``: the file's link from the sender to the first replica."""
+        """The codec for rows leaving ``stage``: the placement's (a plan's), else the file's link from the
+        sender to the first replica."""
         if stage.end is None or not peers:
             return None
+        chosen = placement.codec_after(stage)
+        if chosen:
+            return parse_codec(chosen)
         link = cluster.link(sender or stage.nodes[0], peers[0].name)
         key = (stage.end, link.codec)
         if key not in self._codecs:

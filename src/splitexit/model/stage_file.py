@@ -22,14 +22,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from splitexit.config import PackageSpec, describe_validation_error
+from splitexit.config import NEVER, ExitPolicy, PackageSpec, describe_validation_error
 from splitexit.errors import IntegrityError, PackageError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.package import apply_spec_settings, package_spec, rebuild
 from splitexit.model.stages import Stage
 from splitexit.model.zoo import is_import_spec
 
-__all__ = ["LoadedStage", "load_stage_file", "sha256_hex", "stage_file"]
+__all__ = ["LoadedStage", "load_stage_file", "sha256_hex", "stage_file", "without_exits"]
 
 STAGE_FORMAT = "splitexit.stage/1"
 _METADATA = "splitexit"
@@ -48,8 +48,10 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def stage_file(net: EarlyExitNet, start: int | None, end: int | None) -> bytes:
-    """The weights (and spec) a node needs to run ``net.stage(start, end)``."""
+def stage_file(net: EarlyExitNet, start: int | None, end: int | None, *,
+               disabled_exits: Collection[int] = ()) -> bytes:
+    """The weights (and spec) a node needs to run ``net.stage(start, end)``; ``disabled_exits`` are written
+    as never firing, so the node does not even run their heads."""
     if net.source is None:
         raise PackageError("nodes rebuild the model by name, so this net needs one: build it with "
                            "EarlyExitNet.from_model(..., source=ModelSource(name=...)) or load it from a package")
@@ -62,6 +64,8 @@ def stage_file(net: EarlyExitNet, start: int | None, end: int | None) -> bytes:
         for key, value in net.heads[index].state_dict().items():
             tensors[f"{_HEADS}{index}.{key}"] = value.detach().contiguous()
     spec = package_spec(net, weights_sha256=net.weights_sha256 or _state_sha256(net))
+    if disabled_exits:
+        spec = spec.model_copy(update={"policy": without_exits(net.policy, disabled_exits)})
     # One metadata entry: safetensors keeps metadata in a hash map, so several entries come out in any order
     # and the same stage would get a different sha256 each time.
     about = {"format": STAGE_FORMAT, "spec": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=True),
@@ -118,6 +122,12 @@ def _load_stage_weights(net: EarlyExitNet, stage: Stage, tensors: dict, sha256: 
                 raise PackageError(f"stage file {sha256[:12]}…: {key} is {tuple(value.shape)} {value.dtype}, the "
                                    f"model has {tuple(current[key].shape)} {current[key].dtype}")
         module.load_state_dict(state, strict=False)
+
+
+def without_exits(policy: ExitPolicy, disabled: Collection[int]) -> ExitPolicy:
+    """``policy`` with the given early exits never firing (a plan that leaves them out)."""
+    return policy.model_copy(update={"thresholds": tuple(NEVER if i in disabled else t
+                                                         for i, t in enumerate(policy.thresholds))})
 
 
 def _state_sha256(net: EarlyExitNet) -> str:

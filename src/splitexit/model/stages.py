@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from splitexit.config import ExitPolicy
 from splitexit.errors import CutError
 from splitexit.model.heads import checked_scores, confidence_function
 
@@ -56,7 +57,9 @@ class _Part:
 class Stage:
     """Segments and exits of ``net`` between two cuts; call :meth:`run` under inference mode."""
 
-    def __init__(self, net: "EarlyExitNet", start: int | None, end: int | None):
+    def __init__(self, net: "EarlyExitNet", start: int | None, end: int | None, *,
+                 policy: ExitPolicy | None = None):
+        self.policy = policy  # None: the net's own (read at every batch, so calibration shows at once)
         if end == INPUT:
             if start not in (None, INPUT):
                 raise CutError(f"only a stage that starts at the input can end there; got cut {start}")
@@ -86,7 +89,8 @@ class Stage:
 
     def run(self, inputs: tuple[torch.Tensor, ...], confidence: Confidence | None = None) -> StageOutput:
         """Route a batch through the stage. ``inputs`` are the tensors crossing ``start``, batch first."""
-        net, policy = self.net, self.net.policy
+        net = self.net
+        policy = self.policy or net.policy
         score = confidence or confidence_function(policy.confidence)
         batch = inputs[0].shape[0]
         rows = torch.arange(batch)

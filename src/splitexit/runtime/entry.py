@@ -25,12 +25,14 @@ import torch
 from torch.utils.data import Dataset
 
 from splitexit.config import ClusterSpec, NodeSpec
-from splitexit.control.coordinator import Coordinator, PlanChange
+from splitexit.control.coordinator import Coordinator, Layout, PlanChange
 from splitexit.runtime.failover import Backoff
 from splitexit.control.members import HealthProber
 from splitexit.control.registry import EmbeddedRegistry, Registry, open_registry
 from splitexit.errors import ConfigError
 from splitexit.model.exits import EarlyExitNet
+from splitexit.model.stage_file import without_exits
+from splitexit.model.stages import Stage
 from splitexit.runtime.chain import node_credentials, stage_hop
 from splitexit.runtime.codec import CodecSpec
 from splitexit.runtime.hop import Hop, RowError, RowResult, Stamp
@@ -81,13 +83,14 @@ class Entry:
     """Runs the edge's stage of the current plan here and sends what stays unconfident down the chain."""
 
     def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, *, window: int | None = None,
-                 registry: Registry | None = None, start_timeout: float = 30.0):
+                 registry: Registry | None = None, layout: Layout | None = None, start_timeout: float = 30.0):
         self.net, self.cluster = net, cluster
         self.window = window or cluster.window
         self.name = cluster.edge.name
         self.start_timeout = start_timeout
         self.retry = Backoff(cluster.retry.first_wait, cluster.retry.max_wait)
         self.registry = registry
+        self.layout = layout  # None: the cluster file's placement (see runtime/placement.py)
         self._own_registry = registry is None
         self.coordinator: Coordinator | None = None
         self._prober: HealthProber | None = None
@@ -117,7 +120,8 @@ class Entry:
         if isinstance(self.registry, EmbeddedRegistry):  # nodes cannot register themselves: probe them
             self._prober = HealthProber(self.cluster, self.registry, node_credentials(self.cluster, self.name))
             await self._prober.start()
-        self.coordinator = Coordinator(self.net, self.cluster, self.registry, on_plan=self._install)
+        self.coordinator = Coordinator(self.net, self.cluster, self.registry, on_plan=self._install,
+                                       layout=self.layout)
         await self.coordinator.start(wait=self.start_timeout)
 
     async def _install(self, placement: Placement, peers: list[NodeSpec], codec: CodecSpec | None) -> None:
@@ -127,8 +131,11 @@ class Entry:
                 await self._hop.downstream.update(peers, wait=False)  # type: ignore[attr-defined]
             return
         first = placement.stages[0]
-        hop = stage_hop(self.net.stage(first.start, first.end), node=self.cluster.edge, cluster=self.cluster,
-                        plan_version=placement.version, codec=codec, on_broken=self._broken)
+        stage = Stage(self.net, first.start, first.end,
+                      policy=without_exits(self.net.policy, placement.disabled_exits)) \
+            if placement.disabled_exits else self.net.stage(first.start, first.end)
+        hop = stage_hop(stage, node=self.cluster.edge, cluster=self.cluster, plan_version=placement.version,
+                        codec=codec, on_broken=self._broken)
         if hop.downstream is not None:
             await hop.downstream.update(peers)  # type: ignore[attr-defined]
         old, self._hop, self._version = self._hop, hop, placement.version

@@ -22,7 +22,7 @@ from splitexit.errors import ClusterError, CutError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stages import INPUT
 
-__all__ = ["Placement", "StagePlacement", "default_placement"]
+__all__ = ["Placement", "StagePlacement", "default_placement", "versioned"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,12 @@ class StagePlacement:
 class Placement:
     stages: tuple[StagePlacement, ...]
     version: int
+    codecs: tuple[str | None, ...] = ()  # per stage, its outgoing link's codec (empty: the cluster file's)
+    disabled_exits: frozenset[int] = frozenset()  # early exits not evaluated (their heads do not run)
+    label: str = ""  # where the placement came from, for logs and the report
+
+    def codec_after(self, stage: StagePlacement) -> str | None:
+        return self.codecs[self.stages.index(stage)] if self.codecs else None
 
     def stage_of(self, node: str) -> StagePlacement:
         for stage in self.stages:
@@ -55,8 +61,15 @@ class Placement:
     def describe(self) -> str:
         def cut(c: int | None, edge: str) -> str:
             return edge if c is None else f"cut {c}"
-        return " → ".join(f"{'|'.join(s.nodes)}[{cut(s.start, 'input')}..{cut(s.end, 'output')}]"
-                          for s in self.stages)
+        def end(c: int | None) -> str:
+            return "input" if c == INPUT else cut(c, "output")
+        route = " → ".join(f"{'|'.join(s.nodes)}[{cut(s.start if s.start != INPUT else None, 'input')}..{end(s.end)}]"
+                           for s in self.stages)
+        if self.codecs:
+            route += " (codecs " + ", ".join(c for c in self.codecs if c) + ")"
+        if self.disabled_exits:
+            route += f" (exits {', '.join(map(str, sorted(self.disabled_exits)))} off)"
+        return route
 
 
 def default_placement(net: EarlyExitNet, cluster: ClusterSpec, live: Collection[str] | None = None) -> Placement:
@@ -78,8 +91,18 @@ def default_placement(net: EarlyExitNet, cluster: ClusterSpec, live: Collection[
     bounds: list[int | None] = [None, *ends, None]
     stages = tuple(StagePlacement(tier_of[members[0].name], tuple(n.name for n in members), a, b)
                    for members, a, b in zip(tiers, bounds[:-1], bounds[1:]))
-    digest = hashlib.sha256(repr((net.weights_sha256, [(s.tier, s.start, s.end) for s in stages])).encode())
-    return Placement(stages, version=int.from_bytes(digest.digest()[:8], "big") >> 1)
+    return versioned(net, stages, label="cluster file")
+
+
+def versioned(net: EarlyExitNet, stages: tuple[StagePlacement, ...], *, codecs: tuple[str | None, ...] = (),
+              disabled_exits: frozenset[int] = frozenset(), label: str = "") -> Placement:
+    """A placement whose version hashes what its stages compute (weights, ranges, codecs, exits)."""
+    if stages and stages[0].end == INPUT:  # the next stage takes the input from the wire
+        stages = (stages[0], *(StagePlacement(s.tier, s.nodes, INPUT if i == 0 else s.start, s.end)
+                               for i, s in enumerate(stages[1:])))
+    layout = ([(s.tier, s.start, s.end) for s in stages], codecs, sorted(disabled_exits))
+    digest = hashlib.sha256(repr((net.weights_sha256, layout)).encode())
+    return Placement(stages, int.from_bytes(digest.digest()[:8], "big") >> 1, codecs, disabled_exits, label)
 
 
 def _ends(net: EarlyExitNet, explicit: list[int | str | None], stages: int) -> list[int]:

@@ -242,17 +242,11 @@ def plan(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Choose cuts, active exits and codecs for a cluster: the best plans, and edge-only and cloud-only."""
-    from splitexit.plan.planner import Objective
     from splitexit.plan.workflow import plan_package, sweep_bandwidth, write_plan
-    from splitexit.units import parse_duration
 
     with _user_errors():
-        try:
-            budget = parse_duration(deadline) if deadline is not None else None
-        except ValueError as exc:
-            raise ConfigError(f"--deadline: {exc}") from None
-        goal = Objective(kind=objective or ("deadline" if budget is not None else "latency"),  # type: ignore[arg-type]
-                         deadline=budget)
+        goal = _objective(objective, deadline)
+        budget = goal.deadline
         with _progress(as_json) as progress:
             task = progress.add_task("profile", total=None)
             summary = plan_package(package, cluster, objective=goal, top=top,
@@ -486,13 +480,35 @@ def run(
     results: Optional[Path] = typer.Option(None, "--out", help="Write one JSON line per input here"),
     report_dir: Optional[Path] = typer.Option(None, "--report", help="Write report.json, report.html and plots here"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object"),
+    objective: Optional[str] = typer.Option(None, help="What the planner optimises: latency, throughput or "
+                                                       "deadline (with --deadline); default latency"),
+    deadline: Optional[str] = typer.Option(None, help="Latency budget for --objective deadline, e.g. 50ms"),
+    planned: bool = typer.Option(True, "--plan/--no-plan", help="Let the planner place the model (default), or "
+                                                                "use the cluster file's `ends_at` layout"),
+    replan: bool = typer.Option(True, "--replan/--no-replan", help="Re-plan when measured links make another "
+                                                                   "plan better"),
 ) -> None:
     """Be the edge: stream a dataset through the cluster and report accuracy, exits, latency and bytes."""
     from splitexit.runtime.workflow import run_cluster
 
     with _user_errors():
-        result = run_cluster(package, cluster, data=data, split=split, window=window, limit=limit)
+        goal = _objective(objective, deadline) if planned else None
+        result = run_cluster(package, cluster, data=data, split=split, window=window, limit=limit, objective=goal,
+                             replan=replan)
     _show_run(result, results=results, report_dir=report_dir, as_json=as_json)
+
+
+def _objective(objective: Optional[str], deadline: Optional[str]):  # noqa: ANN202 - plan.planner.Objective
+    """--objective and --deadline as the planner's Objective (deadline when only --deadline is given)."""
+    from splitexit.plan.planner import Objective
+    from splitexit.units import parse_duration
+
+    try:
+        budget = parse_duration(deadline) if deadline is not None else None
+    except ValueError as exc:
+        raise ConfigError(f"--deadline: {exc}") from None
+    return Objective(kind=objective or ("deadline" if budget is not None else "latency"),  # type: ignore[arg-type]
+                     deadline=budget)
 
 
 def _show_run(result, *, results: Optional[Path], report_dir: Optional[Path], as_json: bool) -> None:  # noqa: ANN001

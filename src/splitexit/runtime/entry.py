@@ -38,6 +38,7 @@ from splitexit.runtime.codec import CodecSpec
 from splitexit.runtime.hop import Hop, RowError, RowResult, Stamp
 from splitexit.runtime.placement import Placement
 from splitexit.runtime.remote import LinkCounters
+from splitexit.runtime.replan import PlannedLayout, Replanner
 
 __all__ = ["Entry", "EntryClient", "RequestRecord", "RunResult"]
 
@@ -83,7 +84,8 @@ class Entry:
     """Runs the edge's stage of the current plan here and sends what stays unconfident down the chain."""
 
     def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, *, window: int | None = None,
-                 registry: Registry | None = None, layout: Layout | None = None, start_timeout: float = 30.0):
+                 registry: Registry | None = None, layout: Layout | None = None, replan: bool = True,
+                 start_timeout: float = 30.0):
         self.net, self.cluster = net, cluster
         self.window = window or cluster.window
         self.name = cluster.edge.name
@@ -91,6 +93,8 @@ class Entry:
         self.retry = Backoff(cluster.retry.first_wait, cluster.retry.max_wait)
         self.registry = registry
         self.layout = layout  # None: the cluster file's placement (see runtime/placement.py)
+        self.replan = replan  # with a PlannedLayout: re-plan when measured links make another plan better
+        self._replanning: asyncio.Task | None = None
         self._own_registry = registry is None
         self.coordinator: Coordinator | None = None
         self._prober: HealthProber | None = None
@@ -123,6 +127,14 @@ class Entry:
         self.coordinator = Coordinator(self.net, self.cluster, self.registry, on_plan=self._install,
                                        layout=self.layout)
         await self.coordinator.start(wait=self.start_timeout)
+        if isinstance(self.layout, PlannedLayout) and self.replan:
+            replanner = Replanner(self.layout, self.coordinator.request_replan, self._bandwidths)
+            self._replanning = asyncio.get_running_loop().create_task(replanner.run(), name="replanner")
+
+    def _bandwidths(self) -> dict[tuple[str, str], float]:
+        """What the edge's links to the next tier delivered lately (the links the edge itself sends on)."""
+        downstream = self._hop.downstream if self._hop is not None else None
+        return downstream.bandwidths() if downstream is not None else {}  # type: ignore[attr-defined]
 
     async def _install(self, placement: Placement, peers: list[NodeSpec], codec: CodecSpec | None) -> None:
         """Serve ``placement``'s first stage from now on; a hop of an older plan finishes its work, then closes."""
@@ -209,6 +221,8 @@ class Entry:
         return {f"{a}->{b}": counters for (a, b), counters in sorted(links.items())}
 
     async def close(self) -> None:
+        if self._replanning is not None:
+            self._replanning.cancel()
         if self.coordinator is not None:
             await self.coordinator.close()
         if self._prober is not None:

@@ -65,7 +65,7 @@ class Placement:
             return "input" if c == INPUT else cut(c, "output")
         route = " → ".join(f"{'|'.join(s.nodes)}[{cut(s.start if s.start != INPUT else None, 'input')}..{end(s.end)}]"
                            for s in self.stages)
-        if self.codecs:
+        if any(self.codecs):
             route += " (codecs " + ", ".join(c for c in self.codecs if c) + ")"
         if self.disabled_exits:
             route += f" (exits {', '.join(map(str, sorted(self.disabled_exits)))} off)"

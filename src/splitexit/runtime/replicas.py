@@ -125,6 +125,15 @@ class ReplicaSet:
         if remote is not None:
             await remote.close()
 
+    def bandwidths(self) -> dict[tuple[str, str], float]:
+        """Bits per second each live replica's link delivered lately, where there was enough traffic to tell."""
+        measured = {}
+        for name, remote in self._remotes.items():
+            bandwidth = remote.meter.bandwidth() if not remote.broken else None
+            if bandwidth is not None:
+                measured[(self.sender, name)] = bandwidth
+        return measured
+
     async def health_links(self) -> dict[tuple[str, str], LinkCounters]:
         """Byte counters of this set's links and, through Health, of every link further down."""
         links = {(self.sender, name): counters for name, counters in self.counters.items()}

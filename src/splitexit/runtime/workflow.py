@@ -15,7 +15,10 @@ from splitexit.model.data import load_dataset, split_dataset
 from splitexit.model.package import load, read_spec
 from splitexit.runtime.cluster import LocalCluster, die_with_parent, load_cluster, resolve_package
 from splitexit.runtime.entry import Entry, RequestRecord, RunResult
+from splitexit.plan.planner import Objective
+from splitexit.plan.workflow import profile_package
 from splitexit.runtime.node import Node, serve_node
+from splitexit.runtime.replan import PlannedLayout, file_codecs
 from splitexit.runtime.stage_cache import default_cache_dir
 
 __all__ = ["run_cluster", "serve", "start_cluster", "write_demo_cluster", "write_records"]
@@ -59,9 +62,14 @@ def start_cluster(cluster_file: Path, *, log_dir: Path | None = None, cache_root
 
 
 def run_cluster(package: Path | None, cluster_file: Path, *, data: str | None = None, split: str = "test",
-                window: int | None = None, limit: int | None = None,
-                on_record: Callable[[RequestRecord], None] | None = None) -> RunResult:
-    """Be the edge: stream a dataset split through the running cluster and collect every outcome."""
+                window: int | None = None, limit: int | None = None, objective: Objective | None = Objective(),
+                replan: bool = True, on_record: Callable[[RequestRecord], None] | None = None) -> RunResult:
+    """Be the edge: stream a dataset split through the running cluster and collect every outcome.
+
+    With an ``objective`` the planner places the model (profiling the package first if it has no
+    profile yet) and, with ``replan``, places it again when measured links make another plan better;
+    with ``objective=None`` the cluster file's layout (``ends_at``, or exits spread over the tiers) is used.
+    """
     cluster = load_cluster(cluster_file)
     package = resolve_package(cluster_file, cluster, package)
     spec = read_spec(package)
@@ -75,8 +83,13 @@ def run_cluster(package: Path | None, cluster_file: Path, *, data: str | None = 
         from torch.utils.data import Subset
         dataset = Subset(dataset, range(min(limit, len(dataset))))  # type: ignore[arg-type]
 
+    layout = None
+    if objective is not None:
+        profile = profile_package(package, data=data).profile
+        layout = PlannedLayout(net, profile, objective, codecs=file_codecs(cluster))
+
     async def go() -> RunResult:
-        entry = Entry(net, cluster, window=window)
+        entry = Entry(net, cluster, window=window, layout=layout, replan=replan)
         try:
             await entry.start()
             return await entry.run(dataset, on_record=on_record)

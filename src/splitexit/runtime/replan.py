@@ -1,0 +1,151 @@
+"""Placements chosen by the planner, from measurements, and chosen again while the entry runs.
+
+:class:`PlannedLayout` is the coordinator's layout when the planner decides: it plans the model on the
+live nodes with the link figures last measured (the cluster file's until then). :class:`Replanner` runs
+beside the entry: every ``interval`` it reads what the senders measured on their links, predicts the
+current plan and the best plan under those figures, and when the best one has been better by
+``margin`` for ``hold`` seconds, asks the coordinator to re-plan, saying why. Nodes keep the previous
+plan's stages, so requests sent under it finish; the report lists every switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+from typing import Callable, Mapping
+
+from splitexit.config import ClusterSpec
+from splitexit.model.exits import EarlyExitNet
+from splitexit.model.stages import INPUT
+from splitexit.plan.planner import LinkEstimate, Objective, Plan, plan, predict, topology_from_cluster
+from splitexit.plan.profile import Profile
+from splitexit.runtime.placement import Placement, StagePlacement, versioned
+
+__all__ = ["PlannedLayout", "Replanner", "file_codecs", "placement_from_plan"]
+
+logger = logging.getLogger(__name__)
+
+#: Re-plan when another plan is predicted this much faster ...
+MARGIN = 0.2
+#: ... for this many seconds in a row, checking this often.
+HOLD, INTERVAL = 1.0, 0.5
+#: A measured bandwidth this close to the one planned with is not news.
+SAME_BANDWIDTH = 0.25
+
+
+def placement_from_plan(net: EarlyExitNet, cluster: ClusterSpec, chosen: Plan) -> Placement:
+    """The runtime placement that serves ``chosen`` (its ranges, codecs and active exits)."""
+    tier_of = cluster.tier_by_name()
+    stages: list[StagePlacement] = []
+    if not chosen.edge_computes:  # cloud-only: the edge forwards the input itself
+        stages.append(StagePlacement(0, (cluster.edge.name,), None, INPUT))
+    stages += [StagePlacement(tier_of[s.nodes[0]], s.nodes, s.start, s.end) for s in chosen.stages]
+    codecs = tuple(link.codec for link in chosen.links) + (None,)
+    disabled = frozenset(range(len(net.exit_cuts))) - set(chosen.active_exits)
+    return versioned(net, tuple(stages), codecs=codecs, disabled_exits=disabled,
+                     label=f"planned for {chosen.objective}")
+
+
+def file_codecs(cluster: ClusterSpec) -> tuple[str, ...] | None:
+    """The codecs the planner may choose from: those the cluster file names (and raw), or any when it names
+    none or says ``auto``. A file that says ``raw`` everywhere gets exact answers, planned or not."""
+    named = {link.codec for link in cluster.links} | {cluster.codec}
+    if "auto" in named or named == {"raw"} and not cluster.links:
+        return None
+    return tuple(sorted(named | {"raw"}))
+
+
+def _live(cluster: ClusterSpec, live: set[str]) -> ClusterSpec:
+    return cluster.model_copy(update={"nodes": tuple(n for n in cluster.nodes if n.role == "edge" or n.name in live)})
+
+
+class PlannedLayout:
+    """The coordinator's layout when the planner chooses (see the module docstring)."""
+
+    def __init__(self, net: EarlyExitNet, profile: Profile, objective: Objective = Objective(), *,
+                 codecs: tuple[str, ...] | None = None):
+        self.net, self.profile, self.objective, self.codecs = net, profile, objective, codecs
+        self.measured: dict[tuple[str, str], LinkEstimate] = {}
+        self.cluster: ClusterSpec | None = None  # the live cluster last planned for
+        self.current: Plan | None = None
+
+    def __call__(self, cluster: ClusterSpec, live: set[str]) -> Placement:
+        self.cluster = _live(cluster, live)
+        self.current = self.best()
+        logger.info("planned (%s): %s, predicted %.1f ms", self.objective.kind, self.current.describe(),
+                    self.current.latency_ms)
+        return placement_from_plan(self.net, self.cluster, self.current)
+
+    def best(self) -> Plan:
+        return plan(self.profile, self._topology(), self.objective, codecs=self.codecs).best
+
+    def predicted_current(self) -> Plan:
+        """The current plan's prediction under the latest measurements."""
+        chosen = self.current
+        assert chosen is not None, "plan before predicting"
+        stages = [(s.tier, s.start, s.end) for s in chosen.stages]
+        return predict(self.profile, self._topology(), stages, chosen.active_exits,
+                       [link.codec for link in chosen.links], objective=self.objective)
+
+    def _topology(self):  # noqa: ANN202 - plan.planner.Topology
+        assert self.cluster is not None
+        return topology_from_cluster(self.cluster, measured_links=self.measured)
+
+
+class Replanner:
+    """Feeds measured link bandwidths to a :class:`PlannedLayout` and asks for a new plan when it pays."""
+
+    def __init__(self, layout: PlannedLayout, request_replan: Callable[[str], None],
+                 measure: Callable[[], Mapping[tuple[str, str], float]], *, margin: float = MARGIN,
+                 hold: float = HOLD, interval: float = INTERVAL):
+        self.layout, self.request_replan, self.measure = layout, request_replan, measure
+        self.margin, self.hold, self.interval = margin, hold, interval
+        self._better_since: float | None = None
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.check(time.monotonic())
+            except Exception:  # noqa: BLE001 - a failed check must not stop serving; the next one tries again
+                logger.exception("re-planning check failed")
+
+    def check(self, now: float) -> str | None:
+        """One look at the measurements; returns the reason when it asked for a new plan."""
+        layout = self.layout
+        if layout.cluster is None or layout.current is None:
+            return None
+        news = self._take_measurements()
+        current = layout.predicted_current()
+        best = layout.best()
+        if best.latency_ms >= current.latency_ms * (1 - self.margin) or best.describe() == current.describe():
+            self._better_since = None
+            return None
+        if self._better_since is None:
+            self._better_since = now
+        if now - self._better_since < self.hold:
+            return None
+        self._better_since = None
+        reason = (f"{news or 'measured links'}: the current plan is now predicted at {current.latency_ms:.1f} ms, "
+                  f"{best.describe()} at {best.latency_ms:.1f} ms")
+        logger.info("re-planning: %s", reason)
+        self.request_replan(reason)
+        return reason
+
+    def _take_measurements(self) -> str:
+        """Record measured bandwidths that differ from what was planned with; describe the news."""
+        layout = self.layout
+        news = []
+        for (source, target), bandwidth in self.measure().items():
+            planned = layout.measured.get((source, target))
+            if planned is None:
+                spec = layout.cluster.link(source, target)  # type: ignore[union-attr]
+                planned = LinkEstimate.from_spec(spec)
+            if planned.bandwidth is not None and abs(bandwidth - planned.bandwidth) <= SAME_BANDWIDTH * planned.bandwidth:
+                continue
+            layout.measured[(source, target)] = replace(planned, bandwidth=bandwidth, origin="measured")
+            was = "unlimited" if planned.bandwidth is None else f"{planned.bandwidth / 1e6:.1f} Mbit/s"
+            news.append(f"{source}->{target} measured {bandwidth / 1e6:.1f} Mbit/s (was {was})")
+        return "; ".join(news)

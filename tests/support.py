@@ -25,3 +25,21 @@ async def start_nodes(cluster, cache_root):  # noqa: ANN001, ANN201 - ClusterSpe
 async def stop_nodes(nodes) -> None:  # noqa: ANN001
     for node in nodes:
         await node.stop(grace=2)
+
+
+def digits_net(exit_quantile: float = 0.6):  # noqa: ANN201 - EarlyExitNet
+    """digits_cnn with random weights and thresholds at ``exit_quantile`` of each exit's confidence on
+    random inputs: about ``1 - exit_quantile`` of the rows leave at every early exit."""
+    import torch
+
+    from splitexit import EarlyExitNet, ExitPolicy, ModelSource, build_model
+
+    torch.manual_seed(0)
+    net = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8),
+                                  source=ModelSource(name="digits_cnn", num_classes=10)).eval()
+    x = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        scores = [torch.softmax(o / 0.2, 1).amax(1) for o in net(x)[:-1]]
+    net.set_policy(ExitPolicy(temperatures=(0.2,) * net.num_exits,
+                              thresholds=tuple(float(s.quantile(exit_quantile)) for s in scores)))
+    return net

@@ -273,9 +273,8 @@ def plan(
         return
     out.print(_plan_table(summary))
     if written is not None:
-        note = " (its edge computes nothing: the runtime must support `ends_at: input`)" \
-            if not result.best.edge_computes else ""
-        out.print(f"wrote {written}{note}; serve it with: splitexit up --cluster {written}")
+        out.print(f"wrote {written}; serve exactly this layout with `splitexit run --no-plan --cluster {written}` "
+                  "(`splitexit run` plans by itself)")
     if swept is not None:
         out.print(f"bandwidth sweep: {swept}")
 
@@ -379,8 +378,7 @@ def _plan_table(summary):  # noqa: ANN001, ANN202 - a PlanSummary; a rich table
     better = "higher throughput" if goal.kind == "throughput" else "faster"
     table.caption = (f"best: {result.speedup(result.edge_only):.2f}× {better} than edge-only, "
                      f"{result.speedup(result.cloud_only):.2f}× than cloud-only · bottleneck: {result.best.bottleneck}\n"
-                     "one request at a time (window 1); exits: active early exits (the final one always answers; "
-                     "the runtime does not apply this choice yet)")
+                     "one request at a time (window 1); exits: active early exits (the final one always answers)")
     return table
 
 

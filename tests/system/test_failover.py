@@ -20,11 +20,11 @@ import torch
 import yaml
 from torch.utils.data import TensorDataset
 
-from splitexit import EarlyExitNet, ExitPolicy, ModelSource, build_model
+from splitexit import EarlyExitNet
 from splitexit.control.etcd_server import DevEtcd
 from splitexit.runtime.cluster import LocalCluster, load_cluster
 from splitexit.runtime.entry import Entry, RequestRecord
-from support import free_port
+from support import digits_net, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -32,18 +32,6 @@ REQUESTS = 2000
 TTL = 2.0
 RATE = 100  # inputs per second: 2000 take 20 s
 JOIN_AT, KILL_AT = 1.0, 4.0  # seconds into the run
-
-
-def failover_net() -> EarlyExitNet:
-    torch.manual_seed(0)
-    net = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8),
-                                  source=ModelSource(name="digits_cnn", num_classes=10)).eval()
-    x = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        scores = [torch.softmax(o / 0.2, 1).amax(1) for o in net(x)[:-1]]
-    net.set_policy(ExitPolicy(temperatures=(0.2,) * net.num_exits,
-                              thresholds=tuple(float(s.quantile(0.9)) for s in scores)))
-    return net
 
 
 def write_cluster(path: Path, etcd: DevEtcd) -> Path:
@@ -97,7 +85,7 @@ async def churn(net: EarlyExitNet, cluster_file: Path, local: LocalCluster, vict
 
 @pytest.mark.parametrize("victim", ["w1", "w2"])
 def test_sigkill_of_a_worker_loses_nothing(victim: str, tmp_path: Path) -> None:
-    net = failover_net()
+    net = digits_net(exit_quantile=0.9)
     x = torch.randn(REQUESTS, 1, 8, 8, generator=torch.Generator().manual_seed(9))
     expected = net.infer(x).prediction.tolist()
     dataset = TensorDataset(x, torch.tensor(expected))
@@ -126,7 +114,7 @@ def test_sigkill_of_a_worker_loses_nothing(victim: str, tmp_path: Path) -> None:
 
 
 def test_an_etcd_restart_mid_run_loses_nothing(tmp_path: Path) -> None:
-    net = failover_net()
+    net = digits_net(exit_quantile=0.9)
     x = torch.randn(500, 1, 8, 8, generator=torch.Generator().manual_seed(10))
     expected = net.infer(x).prediction.tolist()
 
@@ -162,7 +150,7 @@ def test_unreachable_etcd_at_start_is_a_clear_error(tmp_path: Path) -> None:
     cluster_file.write_text(yaml.safe_dump({"registry": {"etcd": [f"127.0.0.1:{port}"]},
                                             "nodes": [{"name": "edge", "role": "edge"},
                                                       {"name": "w1", "address": f"127.0.0.1:{free_port()}"}]}))
-    entry = Entry(failover_net(), load_cluster(cluster_file))
+    entry = Entry(digits_net(exit_quantile=0.9), load_cluster(cluster_file))
     started = time.monotonic()
     with pytest.raises(RegistryUnavailableError, match=f"127.0.0.1:{port}"):
         asyncio.run(entry.start())

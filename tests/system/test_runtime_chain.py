@@ -16,7 +16,7 @@ from splitexit.runtime import wire_pb2, wire_pb2_grpc
 from splitexit.runtime.codec import parse_codec
 from splitexit.runtime.entry import Entry
 from splitexit.runtime.wire import encode_tensors, grpc_options
-from support import free_port, start_nodes, stop_nodes
+from support import digits_net, free_port, start_nodes, stop_nodes
 
 import grpc
 
@@ -31,19 +31,6 @@ def make_cluster(workers: int, *, codec: str = "raw", max_batch: int = 8, window
     return ClusterSpec.model_validate(yaml.safe_load(yaml.safe_dump({
         "nodes": nodes, "links": links, "batching": {"max_batch": max_batch, "max_wait": "1ms"},
         "window": window, "message_limit": message_limit})))
-
-
-def digits_net() -> EarlyExitNet:
-    """Random-weight digits net whose thresholds make rows leave at every exit."""
-    torch.manual_seed(0)
-    net = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8),
-                                  source=ModelSource(name="digits_cnn")).eval()
-    x = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        scores = [torch.softmax(o / 0.2, 1).amax(1) for o in net(x)[:-1]]
-    net.set_policy(ExitPolicy(temperatures=(0.2,) * net.num_exits,
-                              thresholds=tuple(float(s.quantile(0.6)) for s in scores)))
-    return net
 
 
 @pytest.fixture(scope="module")

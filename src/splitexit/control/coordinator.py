@@ -35,8 +35,8 @@ from splitexit.runtime import wire_pb2, wire_pb2_grpc
 from splitexit.runtime.chain import link_codec, node_credentials
 from splitexit.runtime.codec import CodecSpec, parse_codec
 from splitexit.runtime.placement import Placement, StagePlacement, default_placement
-from splitexit.runtime.security import TOKEN_HEADER
-from splitexit.runtime.wire import grpc_options
+from splitexit.runtime.remote import open_channel
+from splitexit.runtime.security import token_metadata
 
 __all__ = ["Coordinator", "Layout", "PlanChange"]
 
@@ -91,8 +91,7 @@ class Coordinator:
         self._tasks: list[asyncio.Task] = []
         self._publishing: asyncio.Task | None = None
         self._credentials = node_credentials(cluster, self.edge.name)
-        token = cluster.security.token
-        self._metadata = ((TOKEN_HEADER, token),) if token else ()
+        self._metadata = token_metadata(cluster.security.token)
 
     async def start(self, *, wait: float = 30.0) -> None:
         """Place the chain once every tier of the cluster file has a live node (or fail after ``wait`` s)."""
@@ -288,12 +287,7 @@ class Coordinator:
         address = node.address or ""
         control = self._controls.get(node.name)
         if control is None or control.address != address:
-            options = grpc_options(self.cluster.message_limit)
-            if self._credentials is not None:
-                channel = grpc.aio.secure_channel(address, self._credentials.channel(),
-                                                  options=[*options, ("grpc.ssl_target_name_override", node.name)])
-            else:
-                channel = grpc.aio.insecure_channel(address, options=options)
+            channel = open_channel(address, node.name, self._credentials, self.cluster.message_limit)
             control = _Control(channel, wire_pb2_grpc.StageServiceStub(channel), address)
             self._controls[node.name] = control
         return control

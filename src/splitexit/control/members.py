@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.runtime import wire_pb2, wire_pb2_grpc
-from splitexit.runtime.security import TOKEN_HEADER, NodeCredentials
-from splitexit.runtime.wire import grpc_options
+from splitexit.runtime.remote import open_channel
+from splitexit.runtime.security import NodeCredentials, token_metadata
 
 __all__ = ["HealthProber", "NodeInfo", "NODES", "describe_node", "parse_node_info"]
 
@@ -103,15 +103,9 @@ class HealthProber:
 
     async def _probe(self, node: NodeSpec, tier: int) -> None:
         address = node.address or ""
-        options = grpc_options(self.cluster.message_limit)
-        if self.credentials is not None:
-            channel = grpc.aio.secure_channel(address, self.credentials.channel(),
-                                              options=[*options, ("grpc.ssl_target_name_override", node.name)])
-        else:
-            channel = grpc.aio.insecure_channel(address, options=options)
+        channel = open_channel(address, node.name, self.credentials, self.cluster.message_limit)
         stub = wire_pb2_grpc.StageServiceStub(channel)
-        token = self.cluster.security.token
-        metadata = ((TOKEN_HEADER, token),) if token else ()
+        metadata = token_metadata(self.cluster.security.token)
         try:
             while True:
                 try:

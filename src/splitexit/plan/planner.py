@@ -132,6 +132,7 @@ class RuntimeCosts:
     max_batch: int = 8
     max_wait: float = 0.002  # seconds a lone request waits at each stage for company (if max_batch > 1)
     stage_overhead: float = 0.0006  # handing a batch to the stage's worker thread and back, per stage visited
+    compute_overhead: float = 0.00015  # the runtime's own work inside a stage's timed compute (slowed with it)
     message_overhead: float = 0.00075  # building, writing, reading and decoding one gRPC message, per link direction
     emulation_overhead: float = 0.0008  # per message on an emulated link: its asyncio sleeps wake late
     header_bytes: int = 24  # a batch message around its tensors (plan version, request id, framing)
@@ -395,7 +396,8 @@ class _Costs:
     def stage_latency(self, tier: int, active: Sequence[int], q: np.ndarray, factor: float) -> np.ndarray:
         """Expected seconds per input of stage (a, b] one request at a time: compute after idling, plus waits."""
         costs = self.topology.costs
-        fixed = q[:, None] * (costs.wait() + costs.stage_overhead)
+        slowed = costs.compute_overhead * self.topology.tiers[tier].compute_scale
+        fixed = q[:, None] * (costs.wait() + costs.stage_overhead + slowed)
         return self._cached(("latency", tier, tuple(active), factor),  # type: ignore[return-value]
                             lambda: self.compute(tier, active, q, 1) * factor + fixed)
 
@@ -539,7 +541,7 @@ def _evaluate(costs: _Costs, candidate: _Candidate, factors: Factors, objective:
     # Latency, one sample at a time: walk its path, pay what it meets, stop where it is answered.
     hops = list(zip(visited, visited[1:]))
     latencies = np.zeros(table.samples)
-    busy = dict.fromkeys(tiers, 0.0)  # expected seconds each tier's worker computes per input
+    busy = dict.fromkeys(tiers, 0.0)  # expected seconds each tier's worker really computes per input
     for j in range(table.early_exits + 1):
         answer = exit_pos[j]
         share = float(np.mean(leave == j))
@@ -548,8 +550,10 @@ def _evaluate(costs: _Costs, candidate: _Candidate, factors: Factors, objective:
             total += _down(costs, 0, tiers[0], 0, 0, codecs[0])
             up += _up(costs, 0, tiers[0], 0)
         for index, (tier, a, b) in enumerate(spans):
-            compute = _stage_path(costs, tier, a, b, answer, active) * factors[tier]
-            busy[tier] += share * compute
+            compute = (_stage_path(costs, tier, a, b, answer, active) * factors[tier]
+                       + rt.compute_overhead * topology.tiers[tier].compute_scale)
+            # the emulation sleeps away the slowdown: the worker idles through it too
+            busy[tier] += share * compute / topology.tiers[tier].compute_scale
             total += compute + rt.wait() + rt.stage_overhead
             if answer <= b:
                 break

@@ -6,9 +6,10 @@ never pickle). It has two parts, each with its own key, so each is reused until 
 * **timing** (key: the package's weights sha256, torch version, memory format and thread count, batch
   sizes, codecs, candidate cuts, repeats and this machine): per-segment latency between consecutive
   candidate cuts and per-head latency at every batch size (warm-up, then median and interquartile range
-  of ``repeats`` runs), the cost of calling one segment (:attr:`MachineProfile.call_overhead`), and per
-  cut and codec the wire bytes per sample and the encode / decode time, measured on real activations of
-  calibration inputs.
+  of ``repeats`` runs), the cost of calling one segment (:attr:`MachineProfile.call_overhead`) and what
+  ``Stage.run`` adds (:attr:`MachineProfile.stage_call`), how much slower the model runs in a worker
+  thread woken after 1-30 ms idle (:attr:`MachineProfile.idle_factors`), and per cut and codec the wire
+  bytes per sample and the encode / decode time, measured on real activations of calibration inputs.
 * **exits** (key: the weights sha256, the exit policy and the data split): for every calibration sample,
   which early exits are confident and which exits answer correctly. The planner routes these samples
   exactly as :class:`~splitexit.model.stages.Stage` would for any set of active exits.
@@ -31,6 +32,7 @@ import math
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -537,16 +539,19 @@ def measure_timing(net: EarlyExitNet, inputs: torch.Tensor, cuts: Sequence[int],
         chain = [net.segment_between(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
         def run_chain() -> None:
-            values: object = (x[:1],)
-            for segment in chain:
-                values = segment(*values)  # type: ignore[misc]
+            with torch.inference_mode():  # per thread: the worker below needs its own
+                values: object = (x[:1],)
+                for segment in chain:
+                    values = segment(*values)  # type: ignore[misc]
 
         warm = _clock_calls(run_chain, warmup=warmup, repeats=max(repeats, IDLE_REPEATS)).median
         idle_factors = {}
-        for gap in IDLE_GAPS:
-            cold = _clock_calls(lambda: (time.sleep(gap), _timed(run_chain))[1], warmup=1,
-                                repeats=IDLE_REPEATS, timer=True).median
-            idle_factors[gap] = max(1.0, cold / warm)
+        # Like the runtime's stage executor: the call runs in a worker thread woken after the pause.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitexit-profile") as worker:
+            for gap in IDLE_GAPS:
+                cold = _clock_calls(lambda: (time.sleep(gap), worker.submit(_timed, run_chain).result())[1],
+                                    warmup=1, repeats=IDLE_REPEATS, timer=True).median
+                idle_factors[gap] = max(1.0, cold / warm)
     transfers = []
     for cut in bounds[:-1]:
         values = activations[cut]

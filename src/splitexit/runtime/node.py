@@ -181,8 +181,9 @@ class Node:
             loaded = await asyncio.get_running_loop().run_in_executor(
                 self._decoder, lambda: load_stage_file(data, sha256=sha256,
                                                        trusted_models=self.cluster.trusted_models))
-            if not self._loaded:
+            if not self._loaded:  # the package's thread count, here and in the decoder's thread
                 apply_threads(loaded.net.cpu)
+                await asyncio.get_running_loop().run_in_executor(self._decoder, apply_threads, loaded.net.cpu)
             self._loaded[sha256] = loaded
         return self._loaded[sha256]
 

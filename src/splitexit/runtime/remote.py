@@ -26,10 +26,10 @@ from splitexit.runtime import wire_pb2, wire_pb2_grpc
 from splitexit.runtime.hop import RowError, RowResult, Stamp, stamp
 from splitexit.runtime.link import EmulatedLink
 from splitexit.runtime.meter import ThroughputMeter
-from splitexit.runtime.security import TOKEN_HEADER, NodeCredentials
+from splitexit.runtime.security import NodeCredentials, token_metadata
 from splitexit.runtime.wire import grpc_options, raw_size
 
-__all__ = ["LinkCounters", "RemoteStage"]
+__all__ = ["LinkCounters", "RemoteStage", "open_channel"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class RemoteStage:
                  counters: LinkCounters | None = None):
         self.sender, self.target, self.plan_version = sender, target, plan_version
         self.credentials = credentials
-        self.metadata = ((TOKEN_HEADER, token),) if token else ()
+        self.metadata = token_metadata(token)
         self.message_limit = message_limit
         self.counters = counters if counters is not None else LinkCounters()
         self.meter = ThroughputMeter()
@@ -83,13 +83,7 @@ class RemoteStage:
 
     async def connect(self, timeout: float = CONNECT_TIMEOUT) -> None:
         address = self.target.address or ""
-        options = grpc_options(self.message_limit)
-        if self.credentials is not None:  # the server must prove it is the node named in the cluster file
-            self._channel = grpc.aio.secure_channel(address, self.credentials.channel(),
-                                                    options=[*options, ("grpc.ssl_target_name_override",
-                                                                        self.target.name)])
-        else:
-            self._channel = grpc.aio.insecure_channel(address, options=options)
+        self._channel = open_channel(address, self.target.name, self.credentials, self.message_limit)
         try:
             await asyncio.wait_for(self._channel.channel_ready(), timeout)
         except asyncio.TimeoutError as exc:
@@ -218,6 +212,16 @@ class RemoteStage:
         if self._channel is not None:
             await self._channel.close()
         self._fail_all(f"the connection to {self.target.name} was closed")
+
+
+def open_channel(address: str, name: str, credentials: NodeCredentials | None, message_limit: int
+                 ) -> grpc.aio.Channel:
+    """A channel to node ``name`` at ``address``; with TLS the server must prove it is that node."""
+    options = grpc_options(message_limit)
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, credentials.channel(),
+                                   options=[*options, ("grpc.ssl_target_name_override", name)])
 
 
 def _describe(error: BaseException) -> str:

@@ -114,6 +114,11 @@ class NodeCredentials:
                                             certificate_chain=self.cert)
 
 
+def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that presents the cluster token (none without one)."""
+    return ((TOKEN_HEADER, token),) if token else ()
+
+
 def token_matches(metadata: object, expected: str | None) -> bool:
     """True when no token is configured, or the call carries exactly the expected one (constant time)."""
     if not expected:

@@ -188,8 +188,9 @@ def test_latency_adds_up_by_hand_for_a_two_tier_split() -> None:
     up = costs.up_bytes(0, 10) * 8 / 1e7 + 0.01
     cloud = segs(3, 5) + fixed + m.heads[-1].at(1)
     stage = costs.max_wait + costs.stage_overhead
-    expected = early * (edge_early + stage) + (1 - early) * (
-        edge_late + stage + down + up + 2 * costs.message_overhead + cloud + stage)
+    edge_stage, cloud_stage = stage + 4.0 * costs.compute_overhead, stage + costs.compute_overhead
+    expected = early * (edge_early + edge_stage) + (1 - early) * (
+        edge_late + edge_stage + down + up + 2 * costs.message_overhead + cloud + cloud_stage)
     assert math.isclose(result.latency_ms, expected * 1e3, rel_tol=1e-9)
     assert math.isclose(result.exit_rates[0], early)
     assert math.isclose(result.bytes_per_input[0], (1 - early) * (transfer.bytes + costs.down_bytes(0)))
@@ -313,6 +314,7 @@ def test_idle_workers_compute_slower_and_the_factor_follows_the_predicted_latenc
 
     # Behind a 50 ms link every worker idles for 100 ms or more: fully cold, compute costs twice its warm time.
     far = chain((4.0, 1.0, 1.0), (LinkEstimate(1e9, 0.05), LinkEstimate(1e9, 0.001)))
+    far = replace(far, costs=replace(far.costs, compute_overhead=0.0))  # the runtime's share is not slowed by idling
     no_compute = replace(far, tiers=tuple(replace(t, compute_scale=1e-12) for t in far.tiers))
     split = [(0, None, cold.cuts[0]), (1, cold.cuts[0], None)]
     slow, warm = predict(cold, far, split, (), ["raw"]), predict(flat, far, split, (), ["raw"])

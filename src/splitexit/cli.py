@@ -27,6 +27,8 @@ out = Console()
 err = Console(stderr=True)
 
 DEMO_DIR = Path(".splitexit-cache/demo")
+#: Seconds into the demo's run when its emulated uplink drops (see runtime.workflow.write_demo_cluster).
+DEMO_DROP_AFTER = 1
 DEMO_EPOCHS = 30
 
 
@@ -394,8 +396,10 @@ def demo(
     workdir: Path = typer.Option(DEMO_DIR, help="Where the demo keeps its package and cluster file between runs"),
     fresh: bool = typer.Option(False, help="Retrain even if a package from an earlier run exists"),
 ) -> None:
-    """The whole story on one machine: train (or reuse), calibrate, evaluate, then serve edge → cloud1 → cloud2."""
+    """The whole story on one machine: train (or reuse), calibrate, evaluate, plan, then serve edge → cloud1 →
+    cloud2 while the uplink degrades, and watch the entry re-plan."""
     from splitexit.model.workflow import calibrate_package, evaluate_package, train_package
+    from splitexit.plan.workflow import plan_package
     from splitexit.report.console import calibration_table, eval_table
     from splitexit.runtime.workflow import run_cluster, start_cluster, write_demo_cluster
 
@@ -413,8 +417,10 @@ def demo(
         out.print(calibration_table(calibrate_package(package, max_drop=0.01)))
         out.rule("3. evaluate in one process on the held-out test split")
         out.print(eval_table(evaluate_package(package), title="digits_cnn with early exits"))
-        cluster_file = write_demo_cluster(workdir / "cluster.yaml", package)
-        out.rule(f"4. serve it: edge (8x slower) → cloud1 → cloud2, emulated links ({cluster_file})")
+        cluster_file = write_demo_cluster(workdir / "cluster.yaml", package, drop_after=DEMO_DROP_AFTER)
+        out.rule(f"4. plan: edge (16x slower) → cloud1 → cloud2 over a 50 Mbit/s, 2 ms uplink ({cluster_file})")
+        out.print(_plan_table(plan_package(package, cluster_file)))
+        out.rule(f"5. serve the plan; {DEMO_DROP_AFTER} s in, the uplink drops to 0.2 Mbit/s: watch the entry re-plan")
         local = start_cluster(cluster_file, log_dir=workdir, cache_root=workdir / "stages")
         try:
             result = run_cluster(package, cluster_file)

@@ -16,6 +16,7 @@ from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stages import INPUT, Stage
 from splitexit.runtime.codec import CodecSpec, choose_codec, parse_codec
 from splitexit.runtime.hop import Hop
+from splitexit.runtime.remote import LinkCounters
 from splitexit.runtime.replicas import ReplicaSet
 from splitexit.runtime.security import NodeCredentials
 from splitexit.runtime.stage import StageExecutor
@@ -47,7 +48,8 @@ def node_credentials(cluster: ClusterSpec, name: str) -> NodeCredentials | None:
 
 
 def stage_hop(stage: Stage, *, node: NodeSpec, cluster: ClusterSpec, plan_version: int, codec: CodecSpec | None,
-              on_broken: Callable[[str], None] | None = None) -> Hop:
+              on_broken: Callable[[str], None] | None = None, counters: dict[str, LinkCounters] | None = None
+              ) -> Hop:
     """``node``'s hop for one plan: the stage executor, and the next stage's replicas (unconnected) unless
     the stage ends at the model output."""
     replicas = None
@@ -57,6 +59,7 @@ def stage_hop(stage: Stage, *, node: NodeSpec, cluster: ClusterSpec, plan_versio
             raise ValueError("a stage that forwards rows needs the codec of its outgoing link")
         encode = lambda tensors: encode_tensors(tensors, codec)  # noqa: E731
         replicas = ReplicaSet(sender=node.name, cluster=cluster, plan_version=plan_version,
-                              credentials=node_credentials(cluster, node.name), on_broken=on_broken)
+                              credentials=node_credentials(cluster, node.name), on_broken=on_broken,
+                              counters=counters)
     executor = StageExecutor(stage, batching=cluster.batching, slowdown=node.slowdown, encode=encode, name=node.name)
     return Hop(node.name, executor, replicas)

@@ -101,6 +101,7 @@ class Entry:
         self._hop: Hop | None = None
         self._version = 0
         self._retired: list[asyncio.Task] = []
+        self._sent: dict[str, LinkCounters] = {}  # bytes the edge sent to each peer, over every plan
         self._ids = itertools.count(1)
         self._slots: asyncio.Semaphore | None = None
 
@@ -147,7 +148,7 @@ class Entry:
                       policy=without_exits(self.net.policy, placement.disabled_exits)) \
             if placement.disabled_exits else self.net.stage(first.start, first.end)
         hop = stage_hop(stage, node=self.cluster.edge, cluster=self.cluster, plan_version=placement.version,
-                        codec=codec, on_broken=self._broken)
+                        codec=codec, on_broken=self._broken, counters=self._sent)
         if hop.downstream is not None:
             await hop.downstream.update(peers)  # type: ignore[attr-defined]
         old, self._hop, self._version = self._hop, hop, placement.version
@@ -214,10 +215,11 @@ class Entry:
                          stage_shipments=list(coordinator.shipments) if coordinator else [])
 
     async def links(self) -> dict[str, LinkCounters]:
-        """Byte counters of every link of the chain (the nodes report theirs through Health)."""
-        if self._hop is None or self._hop.downstream is None:
-            return {}
-        links = await self._hop.downstream.health_links()  # type: ignore[attr-defined]
+        """Byte counters of every link of the chain: the edge's own over every plan; those further down as the
+        current plan's nodes report them through Health."""
+        links = {(self.name, peer): counters for peer, counters in self._sent.items()}
+        if self._hop is not None and self._hop.downstream is not None:
+            links.update(await self._hop.downstream.health_links())  # type: ignore[attr-defined]
         return {f"{a}->{b}": counters for (a, b), counters in sorted(links.items())}
 
     async def close(self) -> None:

@@ -33,11 +33,13 @@ class ReplicaSet:
     """Streams from ``sender`` to every replica of the next stage, and the choice among them."""
 
     def __init__(self, *, sender: str, cluster: ClusterSpec, plan_version: int,
-                 credentials: NodeCredentials | None = None, on_broken: Callable[[str], None] | None = None):
+                 credentials: NodeCredentials | None = None, on_broken: Callable[[str], None] | None = None,
+                 counters: dict[str, LinkCounters] | None = None):
         self.sender, self.cluster, self.plan_version = sender, cluster, plan_version
         self.credentials = credentials
         self.on_broken = on_broken
-        self.counters: dict[str, LinkCounters] = {}
+        #: Bytes sent to each peer; pass the same dict to the next plan's set to count across plans.
+        self.counters: dict[str, LinkCounters] = counters if counters is not None else {}
         self._remotes: dict[str, RemoteStage] = {}
         self._peers: dict[str, NodeSpec] = {}
         self._keepers: dict[str, asyncio.Task] = {}

@@ -107,12 +107,13 @@ def write_records(records: list[RequestRecord], path: Path) -> None:
             handle.write(json.dumps(asdict(record)) + "\n")
 
 
-def write_demo_cluster(path: Path, package: Path) -> Path:
-    """A 3-node cluster on free loopback ports: a slow edge, a 20 Mbit/s uplink, a fast datacentre hop.
+def write_demo_cluster(path: Path, package: Path, *, drop_after: float = 1.0) -> Path:
+    """A 3-node cluster on free loopback ports: a slow edge (16x), a 50 Mbit/s uplink with 2 ms latency that
+    drops to 0.2 Mbit/s ``drop_after`` seconds into the run, and a fast datacentre hop. One request at a time
+    (window 1), the case the planner's latency model describes.
 
-    The edge runs only the first block, so every input crosses the uplink (int8+zstd); cloud1 holds both
-    early exits and cloud2 the rest. Where cuts *should* go is the planner's job; this layout shows the
-    whole chain at work.
+    At 50 Mbit/s the planner sends the input to the cloud; once the drop is measured, computing on the
+    edge is faster and the entry re-plans.
     """
     import socket
 
@@ -125,13 +126,16 @@ def write_demo_cluster(path: Path, package: Path) -> Path:
 
     spec = {
         "package": str(package.resolve()),
-        "nodes": [{"name": "edge", "role": "edge", "slowdown": 8, "ends_at": "block1"},
-                  {"name": "cloud1", "address": f"127.0.0.1:{free_port()}", "ends_at": "block3"},
+        "nodes": [{"name": "edge", "role": "edge", "slowdown": 16},
+                  {"name": "cloud1", "address": f"127.0.0.1:{free_port()}"},
                   {"name": "cloud2", "address": f"127.0.0.1:{free_port()}"}],
-        "links": [{"from": "edge", "to": "cloud1", "bandwidth": "20Mbit", "latency": "10ms", "codec": "int8+zstd"},
-                  {"from": "cloud1", "to": "cloud2", "bandwidth": "1Gbit", "latency": "1ms", "codec": "raw"}],
+        "links": [{"from": "edge", "to": "cloud1", "bandwidth": "50Mbit", "latency": "2ms", "codec": "auto",
+                   "changes": [{"at": f"{drop_after}s", "bandwidth": "0.2Mbit"}]},
+                  {"from": "edge", "to": "cloud2", "bandwidth": "50Mbit", "latency": "2ms", "codec": "auto",
+                   "changes": [{"at": f"{drop_after}s", "bandwidth": "0.2Mbit"}]},
+                  {"from": "cloud1", "to": "cloud2", "bandwidth": "1Gbit", "latency": "1ms", "codec": "auto"}],
         "batching": {"max_batch": 8, "max_wait": "2ms"},
-        "window": 16,
+        "window": 1,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -123,5 +123,7 @@ def test_tampered_package_and_bad_flags(tmp_path: Path) -> None:
 def test_demo_ends_with_the_eval_table(tmp_path: Path) -> None:
     text = ok(splitexit("demo", "--workdir", str(tmp_path / "demo"))).stdout
     assert "cascade accuracy" in text and "final" in text
+    assert "Plans for latency" in text and "edge-only" in text and "cloud-only" in text
+    assert "re-planned" in text and "edge->cloud1 measured" in text, "the uplink drop should make the entry re-plan"
     again = ok(splitexit("demo", "--workdir", str(tmp_path / "demo"))).stdout
     assert "reuse the trained package" in again

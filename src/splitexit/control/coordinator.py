@@ -23,20 +23,17 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-import grpc
-
 from splitexit.config import ClusterSpec, NodeSpec
-from splitexit.errors import ClusterError
+from splitexit.errors import ClusterError, NodeUnavailableError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stage_file import sha256_hex, stage_file
 from splitexit.runtime.failover import NodeBans
 from splitexit.control.members import NODES, NodeInfo, parse_node_info
-from splitexit.runtime import wire_pb2, wire_pb2_grpc
+from splitexit.runtime import wire_pb2
 from splitexit.runtime.chain import link_codec, node_credentials
 from splitexit.runtime.codec import CodecSpec, parse_codec
 from splitexit.runtime.placement import Placement, StagePlacement, default_placement
-from splitexit.runtime.remote import open_channel
-from splitexit.runtime.security import token_metadata
+from splitexit.runtime.control_client import NodeControl
 
 __all__ = ["Coordinator", "Layout", "PlanChange"]
 
@@ -47,9 +44,6 @@ Layout = Callable[[ClusterSpec, set[str]], Placement]
 
 RESYNC_INTERVAL = 2.0
 SETTLE = 0.05
-CONTROL_TIMEOUT = 30.0
-#: Stage files travel in pieces of at most this size (less when the cluster's message limit is lower).
-UPLOAD_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -59,13 +53,6 @@ class PlanChange:
     time: float
     placement: Placement
     reason: str
-
-
-@dataclass
-class _Control:
-    channel: grpc.aio.Channel
-    stub: wire_pb2_grpc.StageServiceStub
-    address: str
 
 
 class Coordinator:
@@ -84,14 +71,13 @@ class Coordinator:
         self.shipments: list[tuple[str, str, int]] = []  # (node, stage sha256, bytes) for every upload
         self.members: dict[str, NodeInfo] = {}
         self.bans = NodeBans()
-        self._controls: dict[str, _Control] = {}
+        self._controls: dict[str, NodeControl] = {}
         self._stage_files: dict[tuple[int | None, int | None, frozenset[int]], tuple[str, bytes]] = {}
         self._codecs: dict[tuple[int, str], CodecSpec] = {}
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._publishing: asyncio.Task | None = None
         self._credentials = node_credentials(cluster, self.edge.name)
-        self._metadata = token_metadata(cluster.security.token)
 
     async def start(self, *, wait: float = 30.0) -> None:
         """Place the chain once every tier of the cluster file has a live node (or fail after ``wait`` s)."""
@@ -233,33 +219,21 @@ class Coordinator:
 
     async def _assign(self, node: NodeSpec, request: wire_pb2.AssignRequest, data: bytes,
                       codec: CodecSpec | None) -> bool:
+        """Assign ``node`` its stage (uploading the file first if it lacks it); False if it cannot be reached."""
         assign = wire_pb2.AssignRequest()
         assign.CopyFrom(request)
         assign.codec = codec.name if codec is not None else ""
         control = self._control(node)
         try:
-            reply = await control.stub.Assign(assign, metadata=self._metadata, timeout=CONTROL_TIMEOUT)
-            if reply.missing_stage:
-                await self._upload(node, control, request.stage_sha256, data)
-                reply = await control.stub.Assign(assign, metadata=self._metadata, timeout=CONTROL_TIMEOUT)
-            return not reply.missing_stage
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise ClusterError(f"node {node.name} refused its stage: {exc.details()}") from exc
-            logger.warning("coordinator: cannot reach %s at %s (%s: %s)", node.name, node.address, exc.code().name,
-                           exc.details())
+            if not await control.assign(assign):
+                await control.put_stage(request.stage_sha256, data)
+                self.shipments.append((node.name, request.stage_sha256, len(data)))
+                logger.info("shipped stage %s… (%d bytes) to %s", request.stage_sha256[:12], len(data), node.name)
+                return await control.assign(assign)
+            return True
+        except NodeUnavailableError as exc:
+            logger.warning("coordinator: %s", exc)
             return False
-
-    async def _upload(self, node: NodeSpec, control: _Control, sha: str, data: bytes) -> None:
-        size = max(1, min(UPLOAD_CHUNK, self.cluster.message_limit - (64 << 10)))
-
-        async def chunks():  # noqa: ANN202
-            for offset in range(0, len(data), size):
-                yield wire_pb2.StageChunk(sha256=sha, total_size=len(data), data=data[offset:offset + size])
-
-        await control.stub.PutStage(chunks(), metadata=self._metadata, timeout=CONTROL_TIMEOUT)
-        self.shipments.append((node.name, sha, len(data)))
-        logger.info("shipped stage %s… (%d bytes) to %s", sha[:12], len(data), node.name)
 
     def _stage_file(self, stage: StagePlacement, disabled: frozenset[int]) -> tuple[str, bytes]:
         key = (stage.start, stage.end, disabled)
@@ -283,12 +257,11 @@ class Coordinator:
             self._codecs[key] = link_codec(self.net, stage.end, link)
         return self._codecs[key]
 
-    def _control(self, node: NodeSpec) -> _Control:
-        address = node.address or ""
+    def _control(self, node: NodeSpec) -> NodeControl:
         control = self._controls.get(node.name)
-        if control is None or control.address != address:
-            channel = open_channel(address, node.name, self._credentials, self.cluster.message_limit)
-            control = _Control(channel, wire_pb2_grpc.StageServiceStub(channel), address)
+        if control is None or control.address != (node.address or ""):
+            control = NodeControl(node, credentials=self._credentials, token=self.cluster.security.token,
+                                  message_limit=self.cluster.message_limit)
             self._controls[node.name] = control
         return control
 
@@ -297,4 +270,4 @@ class Coordinator:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for control in self._controls.values():
-            await control.channel.close()
+            await control.close()

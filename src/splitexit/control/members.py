@@ -14,14 +14,13 @@ import logging
 import os
 import time
 
-import grpc
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splitexit.config import ClusterSpec, NodeSpec
-from splitexit.runtime import wire_pb2, wire_pb2_grpc
-from splitexit.runtime.remote import open_channel
-from splitexit.runtime.security import NodeCredentials, token_metadata
+from splitexit.errors import ClusterError, NodeUnavailableError
+from splitexit.runtime.control_client import NodeControl
+from splitexit.runtime.security import NodeCredentials
 
 __all__ = ["HealthProber", "NodeInfo", "NODES", "describe_node", "parse_node_info"]
 
@@ -87,6 +86,7 @@ class HealthProber:
         self.cluster, self.registry, self.credentials = cluster, registry, credentials
         self._leases: dict[str, int] = {}
         self._infos: dict[str, NodeInfo] = {}
+        self._refused: set[str] = set()
         self._tasks: list[asyncio.Task] = []
         self._wake: dict[str, asyncio.Event] = {}
 
@@ -102,18 +102,21 @@ class HealthProber:
             self._wake[name].set()
 
     async def _probe(self, node: NodeSpec, tier: int) -> None:
-        address = node.address or ""
-        channel = open_channel(address, node.name, self.credentials, self.cluster.message_limit)
-        stub = wire_pb2_grpc.StageServiceStub(channel)
-        metadata = token_metadata(self.cluster.security.token)
+        control = NodeControl(node, credentials=self.credentials, token=self.cluster.security.token,
+                              message_limit=self.cluster.message_limit)
         try:
             while True:
                 try:
-                    reply = await stub.Health(wire_pb2.HealthRequest(), metadata=metadata, timeout=PROBE_TTL)
-                except grpc.aio.AioRpcError:
+                    reply = await control.health(timeout=PROBE_TTL)
+                except NodeUnavailableError:
                     reply = None
-                info = NodeInfo(name=node.name, address=address, tier=tier, incarnation=reply.incarnation[:64]) \
-                    if reply is not None and reply.ready else None
+                except ClusterError as exc:  # it answers, but not to us: say why once, it will not fix itself
+                    if node.name not in self._refused:
+                        logger.warning("%s", exc)
+                        self._refused.add(node.name)
+                    reply = None
+                info = NodeInfo(name=node.name, address=control.address, tier=tier,
+                                incarnation=reply.incarnation[:64]) if reply is not None and reply.ready else None
                 await self._record(node.name, info)
                 wake = self._wake[node.name]
                 try:
@@ -122,7 +125,7 @@ class HealthProber:
                     pass
                 wake.clear()
         finally:
-            await channel.close()
+            await control.close()
 
     async def _record(self, name: str, info: NodeInfo | None) -> None:
         """Keep ``name`` registered while it answers; a new incarnation (a restart) re-puts its entry."""

@@ -1,0 +1,630 @@
+"""Benchmark: does the planner choose well? Every candidate split predicted and measured, regret, speed-ups.
+
+Two packages, each served on a local 3-node chain (this process is the edge, slowed 8x; cloud1 and cloud2
+are ``splitexit node`` processes started by ``LocalCluster``; links emulated by the runtime):
+
+* **digits**: ``digits_cnn`` trained jointly with its exits on scikit-learn's digits (``--epochs``, default 5,
+  a few seconds) and calibrated with ``max_drop=0.01``, so requests leave at every exit; or an existing
+  calibrated package (``--digits-package .splitexit-cache/demo/digits_cnn``). The output says which.
+* **resnet18**: random weights, synthetic 3x224x224 inputs, exits uncalibrated (they never fire: every
+  request runs to the end).
+
+Both are saved with ``cpu.threads: 1`` (this process runs torch on 1 thread too): with three processes on a
+small box, more intra-op threads make OpenMP wait for busy cores and profile and serving disagree.
+The package is profiled once (``profile_package``, cached in its ``profile.json``); the planner's
+``RuntimeCosts`` are left as they are (this bench measures the model, it does not tune it).
+
+**Cluster, per uplink bandwidth** (1, 10, 100, 1000 Mbit/s; the worker processes are restarted for each,
+because the nodes emulate the results' way up from the file): edge -> cloud1 at the bandwidth with 10 ms
+latency; cloud1 -> cloud2 1 Gbit/s, 1 ms; edge -> cloud2 with the uplink's figures (used when cloud1 is
+skipped); ``max_batch`` 1, window 1.
+
+**Candidates.** A split is where the edge's stage ends and where cloud1's ends; cloud2 runs the rest. Both
+range over the planner's candidate cuts (``candidate_cuts``; for resnet18 a documented subset, see
+``RESNET_CUTS``) plus the input and the output, so a tier may compute nothing: edge-only, cloud-only (the
+edge sends the input to cloud2), cloud1 skipped, cloud2 skipped. Exits are fixed to the calibrated ones for
+planning (``exit_sets=[calibrated]``) and serving, so the comparison is about the split. Each candidate uses
+the planner's own best codec per link for that split: ``predict`` is evaluated for every profiled codec on
+one link with the others fixed, link after link, twice over (a link's codec only changes that link's
+additive terms, so this finds the minimum ``plan`` would; the planner's own choice is checked against it).
+
+**Prediction** is ``predict(profile, topology, stages, calibrated exits, codecs)`` with the profile's exit
+table restricted to exactly the calibration samples this bench sends (the same samples, so the exit mix of
+the prediction is the exit mix of the measurement). The planner's choice uses the whole table, as
+``splitexit plan`` does.
+
+**Measurement.** Per bandwidth one ``Entry`` (window 1, no re-planning) whose layout serves the candidate
+under test via ``placement_from_plan``; switching candidates asks its coordinator to re-plan (it assigns and
+ships the stages), then the edge sends warm-up requests that go to the deepest exit, then timed requests,
+one at a time. digits: a fixed set of calibration samples chosen so their exit mix matches the whole
+calibration split's (largest remainder). resnet18: the calibration samples in order, at least
+``min_timed`` and then more until ``budget_s`` seconds are spent or ``max_timed`` are sent. After every
+candidate is measured at a bandwidth, the planner's choice, the ``confirm`` best measured ones, edge-only
+and cloud-only are measured once more, and their two blocks pooled (this blunts the winner's curse of
+taking the minimum over many noisy means).
+
+**Checks.** (1) predicted / measured mean latency for every candidate and bandwidth, and how many lie within
+20% (0.8 <= ratio <= 1.2); (2) regret: measured mean of the planner's choice over the best measured
+candidate, minus one (aim: <= 10%); (3) measured speed-up of the choice over edge-only and cloud-only.
+
+Absolute times on a shared 2-core box move with whatever else runs; ``slowdown`` multiplies the edge's
+measured compute, so CPU contention is stretched 8x there. Run ``.venv/bin/python bench/planner.py``
+(about 15 minutes; ``--quick`` a few); ``--json PATH`` keeps every number, ``--markdown PATH`` writes the
+tables as markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+import splitexit
+from splitexit import EarlyExitNet, build_model
+from splitexit.config import ClusterSpec, DataSplit, ModelSource, TrainConfig
+from splitexit.errors import ClusterError, ConfigError
+from splitexit.model.data import load_dataset, split_dataset
+from splitexit.model.package import read_spec
+from splitexit.model.workflow import calibrate_package, train_package
+from splitexit.plan.planner import Objective, Plan, plan, predict, topology_from_cluster
+from splitexit.plan.profile import ExitTable, Profile
+from splitexit.plan.workflow import calibrated_exits, profile_package
+from splitexit.runtime.cluster import LocalCluster, load_cluster
+from splitexit.runtime.entry import Entry, RequestRecord
+from splitexit.runtime.replan import placement_from_plan
+
+SEED = 0
+BANDWIDTHS = (1.0, 10.0, 100.0, 1000.0)  # uplink Mbit/s
+EDGE_SLOWDOWN = 8
+UPLINK_LATENCY = "10ms"
+BACKBONE = {"bandwidth": "1Gbit", "latency": "1ms"}
+WITHIN = 0.2  # check 1: predicted within 20% of measured
+REGRET_AIM = 0.10  # check 2
+#: resnet18's subset of candidate cuts: the stem and the end of every residual block (full mode), the end of
+#: every stage (quick). The planner itself still plans over all of its candidate cuts; if it picks a split
+#: outside the subset, that split is measured too.
+RESNET_CUTS = ("maxpool", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0",
+               "layer4.1")
+RESNET_CUTS_QUICK = ("layer1", "layer3")
+#: digits_cnn in quick mode: a few cuts around its exits (full mode: every candidate cut).
+DIGITS_CUTS_QUICK = (2, 6, 9, 13)
+RESNET_INPUT = (3, 224, 224)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How many requests measure one candidate."""
+
+    warmup: int  # untimed, sent to the deepest exit so every stage of the chain has run
+    min_timed: int
+    max_timed: int
+    budget_s: float  # after min_timed, keep sending until this much time is spent (or max_timed)
+
+
+@dataclass(frozen=True)
+class Settings:
+    digits_cuts: tuple[int, ...] | None  # None: every candidate cut
+    resnet_cuts: tuple[str, ...]
+    digits: Sampling
+    resnet: Sampling
+    confirm: int  # best measured candidates measured once more (besides the choice, edge-only, cloud-only)
+
+
+FULL = Settings(digits_cuts=None, resnet_cuts=RESNET_CUTS, digits=Sampling(2, 10, 10, 0.0),
+                resnet=Sampling(1, 2, 4, 1.2), confirm=3)
+QUICK = Settings(digits_cuts=DIGITS_CUTS_QUICK, resnet_cuts=RESNET_CUTS_QUICK, digits=Sampling(1, 6, 6, 0.0),
+                 resnet=Sampling(1, 1, 2, 0.8), confirm=2)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# ------------------------------------------------------------------------------------------ packages
+@dataclass
+class Model:
+    """A package ready to serve and plan: the net, its profile, the calibrated exits and the inputs to send."""
+
+    name: str
+    origin: str  # how the package came about (printed)
+    path: Path
+    net: EarlyExitNet
+    profile: Profile
+    exits: tuple[int, ...]
+    inputs: list[tuple[int, torch.Tensor]]  # (calibration index, input) in the order they are sent
+    warmup: list[tuple[int, torch.Tensor]]
+    subset: tuple[int, ...]  # cuts the candidates range over
+    sampling: Sampling
+
+
+def _resave_single_thread(source: Path, target: Path) -> EarlyExitNet:
+    """Copy a package with ``cpu.threads: 1`` (memory format kept), metadata intact."""
+    spec = read_spec(source)
+    net = splitexit.load(source)
+    net.cpu = net.cpu.model_copy(update={"threads": 1})
+    splitexit.save(net, target, data=spec.data, training=spec.training, calibration=spec.calibration)
+    return splitexit.load(target).eval()
+
+
+def digits_model(workdir: Path, settings: Settings, *, epochs: int, existing: Path | None) -> Model:
+    path = workdir / "digits_cnn"
+    if existing is not None:
+        net = _resave_single_thread(existing, path)
+        origin = f"reused {existing} (copied with cpu.threads 1)"
+    else:
+        trained = workdir / "digits_trained"
+        train_package("digits_cnn", "digits", trained, config=TrainConfig(epochs=epochs, seed=SEED))
+        calibrate_package(trained, max_drop=0.01)
+        net = _resave_single_thread(trained, path)
+        origin = f"trained here: digits_cnn, joint, {epochs} epochs, calibrated max_drop 0.01"
+    exits = calibrated_exits(net)
+    if not exits:
+        raise ConfigError(f"{existing or path} has no calibrated exit; run `splitexit calibrate` on it first")
+    profile = profile_package(path).profile
+    calib = split_dataset(load_dataset("digits"), read_spec(path).data).calib
+    leave = profile.exits.route(exits)
+    chosen = _stratified(leave, settings.digits.min_timed)
+    deepest = [i for i in range(len(leave)) if leave[i] == leave.max() and i not in chosen][:settings.digits.warmup]
+    cuts = profile.cuts if settings.digits_cuts is None else settings.digits_cuts
+    return Model("digits", origin, path, net, profile, exits, [(i, calib[i][0]) for i in chosen],
+                 [(i, calib[i][0]) for i in deepest], tuple(cuts), settings.digits)
+
+
+def resnet_model(workdir: Path, settings: Settings) -> Model:
+    path = workdir / "resnet18"
+    torch.manual_seed(SEED)
+    net = EarlyExitNet.from_model(build_model("resnet18", 10).eval(), torch.zeros(1, *RESNET_INPUT),
+                                  source=ModelSource(name="resnet18", num_classes=10)).eval()
+    net.cpu = net.cpu.model_copy(update={"threads": 1})
+    dataset = f"synthetic:{'x'.join(map(str, RESNET_INPUT))}:64"
+    splitexit.save(net, path, data=DataSplit(dataset=dataset))
+    net = splitexit.load(path).eval()
+    profile = profile_package(path).profile
+    calib = split_dataset(load_dataset(dataset), read_spec(path).data).calib
+    inputs = [(i, calib[i][0]) for i in range(len(calib))]
+    cuts = tuple(net.graph.resolve(name).id for name in settings.resnet_cuts)
+    missing = [c for c in cuts if c not in profile.cuts]
+    if missing:
+        raise ConfigError(f"resnet18 cuts {missing} are not among the planner's candidate cuts {profile.cuts}")
+    return Model("resnet18", "random weights, uncalibrated exits (none fire), synthetic 3x224x224 inputs", path,
+                 net, profile, calibrated_exits(net), inputs, inputs[:settings.resnet.warmup], cuts, settings.resnet)
+
+
+def _stratified(leave: np.ndarray, count: int) -> list[int]:
+    """``count`` sample indices whose exit mix matches ``leave``'s (largest remainder), spread over each class."""
+    classes = sorted(set(leave.tolist()))
+    shares = {j: float(np.mean(leave == j)) * count for j in classes}
+    quota = {j: int(math.floor(s)) for j, s in shares.items()}
+    for j in sorted(classes, key=lambda j: quota[j] - shares[j])[:count - sum(quota.values())]:
+        quota[j] += 1
+    picks: list[int] = []
+    for j in classes:
+        members = np.flatnonzero(leave == j)
+        if quota[j]:
+            picks += sorted({int(members[k]) for k in np.linspace(0, len(members) - 1, quota[j]).round().astype(int)})
+    return sorted(picks)
+
+
+def _restricted(profile: Profile, samples: Sequence[int]) -> Profile:
+    """The profile with its exit table cut down to ``samples`` (repeats allowed): predictions for those inputs."""
+    index = np.asarray(samples, dtype=np.int64)
+    table = profile.exits
+    return replace(profile, exits=ExitTable(key=table.key, confident=table.confident[:, index],
+                                            correct=table.correct[:, index]))
+
+
+# ------------------------------------------------------------------------------------------ candidates
+@dataclass(frozen=True)
+class Split:
+    """Positions (0 = input, k + 1 = after candidate cut k, K + 1 = output) where the edge and cloud1 stop."""
+
+    edge_end: int
+    cloud1_end: int
+
+    def stages(self, profile: Profile) -> list[tuple[int, int | None, int | None]]:
+        K = len(profile.cuts)
+        cut = lambda p: None if p in (0, K + 1) else profile.cuts[p - 1]  # noqa: E731
+        stages = []
+        if self.edge_end > 0:
+            stages.append((0, None, cut(self.edge_end)))
+        if self.cloud1_end > self.edge_end:
+            stages.append((1, cut(self.edge_end), cut(self.cloud1_end)))
+        if self.cloud1_end < K + 1:
+            stages.append((2, cut(self.cloud1_end), None))
+        return stages
+
+    def label(self, profile: Profile) -> str:
+        names = ("edge", "cloud1", "cloud2")
+        show = lambda c, end: ("out" if end else "in") if c is None else str(c)  # noqa: E731
+        return " → ".join(f"{names[t]}[{show(a, False)}..{show(b, True)}]" for t, a, b in self.stages(profile))
+
+    @classmethod
+    def of(cls, chosen: Plan, profile: Profile) -> "Split":
+        K = len(profile.cuts)
+        position = {None: K + 1, **{c: i + 1 for i, c in enumerate(profile.cuts)}}
+        ends = {s.tier: position[s.end] for s in chosen.stages}
+        edge = ends.get(0, 0)
+        return cls(edge, ends.get(1, edge))
+
+
+def splits(profile: Profile, cuts: Sequence[int]) -> list[Split]:
+    K = len(profile.cuts)
+    positions = [0, *sorted(profile.cuts.index(c) + 1 for c in cuts), K + 1]
+    return [Split(e, c) for i, e in enumerate(positions) for c in positions[i:]]
+
+
+def best_codecs(profile: Profile, topology, stages, exits: Sequence[int]) -> tuple[str, ...]:  # noqa: ANN001
+    """Per link, the profiled codec with the least predicted latency (link after link, two passes)."""
+    codecs = list(profile.timing.transfers[0].codecs)
+    links = sum(1 for tier, _, _ in stages if tier != 0)
+    chosen = ["raw"] * links
+    for _ in range(2 if links > 1 else 1):
+        for link in range(links):
+            chosen[link] = min(codecs, key=lambda c: predict(profile, topology, stages, exits,
+                                                             [*chosen[:link], c, *chosen[link + 1:]]).latency_ms)
+    return tuple(chosen)
+
+
+@dataclass(eq=False)  # rows are compared (and kept in sets) by identity
+class Row:
+    """One candidate at one bandwidth: what it is, what was predicted, what was measured."""
+
+    split: Split
+    label: str
+    codecs: tuple[str, ...]
+    plan: Plan  # predict() on the whole profile (what the runtime is given)
+    latencies: list[float] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)  # calibration index of every timed request
+    blocks: int = 0
+    errors: int = 0
+    exit_mismatches: int = 0  # requests answered at another exit than the profile's table says
+    predicted_ms: float = math.nan  # for exactly the samples sent
+    extra: bool = False  # the planner's choice, outside the measured subset
+
+    @property
+    def measured_ms(self) -> float:
+        return statistics.fmean(self.latencies) if self.latencies else math.nan
+
+    @property
+    def ratio(self) -> float:
+        return self.predicted_ms / self.measured_ms if self.latencies else math.nan
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def cluster_dict(bandwidth_mbit: float) -> dict:
+    uplink = {"bandwidth": f"{bandwidth_mbit:g}Mbit", "latency": UPLINK_LATENCY}
+    return {"nodes": [{"name": "edge", "role": "edge", "slowdown": EDGE_SLOWDOWN},
+                      {"name": "cloud1", "address": f"127.0.0.1:{free_port()}"},
+                      {"name": "cloud2", "address": f"127.0.0.1:{free_port()}"}],
+            "links": [{"from": "edge", "to": "cloud1", **uplink}, {"from": "cloud1", "to": "cloud2", **BACKBONE},
+                      {"from": "edge", "to": "cloud2", **uplink}],
+            "batching": {"max_batch": 1, "max_wait": "1ms"}, "window": 1}
+
+
+def start_cluster(workdir: Path, bandwidth_mbit: float) -> tuple[LocalCluster, ClusterSpec]:
+    """The worker processes for one bandwidth; a node that dies before it is ready: its log, fresh ports."""
+    for attempt in range(3):
+        path = workdir / f"cluster-{bandwidth_mbit:g}mbit.yaml"
+        path.write_text(yaml.safe_dump(cluster_dict(bandwidth_mbit), sort_keys=False))
+        cluster = load_cluster(path)
+        local = LocalCluster(path, cluster, log_dir=workdir, cache_root=workdir / "stages")
+        try:
+            local.start()
+            return local, cluster
+        except ClusterError as exc:
+            logs = "\n".join(f"--- {log.name}:\n{log.read_text(errors='replace')[-2000:]}"
+                             for log in sorted(workdir.glob("*.log")))
+            print(f"node start failed (attempt {attempt + 1} of 3): {exc}\n{logs}", file=sys.stderr)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class _Serve:
+    """The entry's layout: whatever plan is under test."""
+
+    def __init__(self, net: EarlyExitNet, chosen: Plan):
+        self.net, self.plan = net, chosen
+
+    def __call__(self, cluster: ClusterSpec, live: set[str]):  # noqa: ANN204 - a runtime Placement
+        return placement_from_plan(self.net, cluster, self.plan)
+
+
+async def _switch(entry: Entry, layout: _Serve, cluster: ClusterSpec, row: Row) -> None:
+    want = placement_from_plan(layout.net, cluster, row.plan).version
+    if entry.placement.version == want:
+        return
+    layout.plan = row.plan
+    entry.coordinator.request_replan(f"bench: {row.label}")  # type: ignore[union-attr]
+    deadline = time.monotonic() + 60
+    while entry.placement.version != want:
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the coordinator did not switch to {row.label} within 60 s")
+        await asyncio.sleep(0.005)
+
+
+async def _measure(entry: Entry, layout: _Serve, cluster: ClusterSpec, model: Model, row: Row) -> None:
+    """One block of requests for ``row``: switch, warm up, then timed requests one at a time."""
+    await _switch(entry, layout, cluster, row)
+    for index, x in model.warmup:
+        await entry.infer(x, index=index)
+    expected = model.profile.exits.route(model.exits)
+    sampling = model.sampling
+    started = time.perf_counter()
+    sent = 0
+    while sent < sampling.max_timed and (sent < sampling.min_timed or time.perf_counter() - started < sampling.budget_s):
+        index, x = model.inputs[sent % len(model.inputs)]
+        record: RequestRecord = await entry.infer(x, index=index)
+        sent += 1
+        if record.error:
+            row.errors += 1
+            logging.getLogger(__name__).warning("%s: %s", row.label, record.error)
+            continue
+        row.latencies.append(record.latency_ms)
+        row.samples.append(index)
+        row.exit_mismatches += int(record.exit != expected[index])
+    row.blocks += 1
+
+
+async def _sweep(model: Model, cluster: ClusterSpec, rows: list[Row], must: Sequence[Row], confirm: int) -> None:
+    """Measure every row, then ``must`` and the ``confirm`` best measured rows once more, through one entry."""
+    layout = _Serve(model.net, rows[0].plan)
+    entry = Entry(model.net, cluster, window=1, layout=layout, replan=False)
+    await entry.start()
+    try:
+        for row in rows:
+            await _measure(entry, layout, cluster, model, row)
+        ranked = sorted((r for r in rows if r.latencies), key=lambda r: r.measured_ms)
+        for row in dict.fromkeys([*must[:1], *ranked[:confirm], *must[1:]]):
+            await _measure(entry, layout, cluster, model, row)
+    finally:
+        await entry.close()
+
+
+@dataclass
+class BandwidthResult:
+    bandwidth_mbit: float
+    rows: list[Row]
+    chosen: Row
+    chosen_plan: Plan  # plan()'s own best (whole profile)
+    chosen_matches_candidate: bool  # plan()'s codecs equal the per-link best found for its split
+    best: Row
+    edge_only: Row
+    cloud_only: Row
+    seconds: float
+
+    @property
+    def regret(self) -> float:
+        return self.chosen.measured_ms / self.best.measured_ms - 1
+
+
+def run_bandwidth(model: Model, bandwidth: float, workdir: Path, settings: Settings) -> BandwidthResult:
+    started = time.perf_counter()
+    local, cluster = start_cluster(workdir, bandwidth)
+    try:
+        topology = topology_from_cluster(cluster)
+        profile = model.profile
+        rows = []
+        for split in splits(profile, model.subset):
+            stages = split.stages(profile)
+            codecs = best_codecs(profile, topology, stages, model.exits)
+            rows.append(Row(split, split.label(profile), codecs,
+                            predict(profile, topology, stages, model.exits, codecs, label=split.label(profile))))
+        result = plan(profile, topology, Objective("latency"), exit_sets=[model.exits])
+        chosen_plan = result.best
+        chosen_split = Split.of(chosen_plan, profile)
+        chosen_codecs = tuple(link.codec for link in chosen_plan.links)
+        chosen = next((r for r in rows if r.split == chosen_split and r.codecs == chosen_codecs), None)
+        matches = chosen is not None
+        if chosen is None:  # outside the subset, or the DP chose other codecs than the per-link search: measure it too
+            chosen = Row(chosen_split, chosen_split.label(profile), chosen_codecs, chosen_plan, extra=True)
+            rows.append(chosen)
+        K = len(profile.cuts)
+        edge_only = next(r for r in rows if r.split == Split(K + 1, K + 1))
+        cloud_only = next(r for r in rows if r.split == Split(0, 0))
+        asyncio.run(_sweep(model, cluster, rows, [chosen, edge_only, cloud_only], settings.confirm))
+    finally:
+        local.stop()
+    for row in rows:
+        if row.samples:
+            stages = row.split.stages(profile)
+            row.predicted_ms = predict(_restricted(profile, row.samples), topology, stages, model.exits,
+                                       row.codecs).latency_ms
+    best = min((r for r in rows if r.latencies), key=lambda r: r.measured_ms)
+    return BandwidthResult(bandwidth, rows, chosen, chosen_plan, matches, best, edge_only, cloud_only,
+                           time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------------------------------ report
+def _ms(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def candidate_table(model: Model, results: list[BandwidthResult]) -> tuple[list[str], list[list[str]]]:
+    header = ["split"]
+    for r in results:
+        header += [f"{r.bandwidth_mbit:g} Mbit/s codecs", "pred ms", "meas ms", "pred/meas"]
+
+    def cells(r: BandwidthResult, row: Row | None) -> list[str]:
+        if row is None:
+            return ["", "", "", ""]
+        mark = " *" if row is r.chosen else ""
+        return [", ".join(row.codecs) or "–", _ms(row.predicted_ms), _ms(row.measured_ms) + mark,
+                f"{row.ratio:.2f}" + ("" if abs(row.ratio - 1) <= WITHIN else " ✗")]
+
+    body = []
+    for split in (row.split for row in results[0].rows if not row.extra):
+        body.append([split.label(model.profile),
+                     *(c for r in results for c in cells(r, next((x for x in r.rows if x.split == split and not x.extra),
+                                                                  None)))])
+    for r in results:  # the planner's choice when it is not one of the candidates above
+        for row in (x for x in r.rows if x.extra):
+            body.append([f"{row.label} (planner's choice at {r.bandwidth_mbit:g} Mbit/s)",
+                         *(c for other in results for c in cells(other, row if other is r else None))])
+    return header, body
+
+
+def agreement(results: list[BandwidthResult]) -> tuple[int, int, float, float]:
+    ratios = [row.ratio for r in results for row in r.rows if row.latencies]
+    inside = sum(1 for x in ratios if abs(x - 1) <= WITHIN)
+    return inside, len(ratios), min(ratios), max(ratios)
+
+
+def regret_table(results: list[BandwidthResult]) -> tuple[list[str], list[list[str]]]:
+    header = ["uplink", "planner's choice (codecs)", "pred ms", "meas ms", "measured best (codecs)", "meas ms",
+              "regret", "≤ 10%"]
+    body = []
+    for r in results:
+        c, b = r.chosen, r.best
+        body.append([f"{r.bandwidth_mbit:g} Mbit/s", f"{c.label} ({', '.join(c.codecs) or '–'})",
+                     _ms(r.chosen_plan.latency_ms), _ms(c.measured_ms),
+                     "the same" if b is c else f"{b.label} ({', '.join(b.codecs) or '–'})", _ms(b.measured_ms),
+                     f"{100 * r.regret:.1f}%", "yes" if r.regret <= REGRET_AIM else "no"])
+    return header, body
+
+
+def speedup_table(results: list[BandwidthResult]) -> tuple[list[str], list[list[str]]]:
+    header = ["uplink", "choice meas ms", "edge-only meas ms", "speed-up vs edge-only", "cloud-only (codec)",
+              "cloud-only meas ms", "speed-up vs cloud-only"]
+    body = []
+    for r in results:
+        c = r.chosen.measured_ms
+        body.append([f"{r.bandwidth_mbit:g} Mbit/s", _ms(c), _ms(r.edge_only.measured_ms),
+                     f"{r.edge_only.measured_ms / c:.2f}x", ", ".join(r.cloud_only.codecs),
+                     _ms(r.cloud_only.measured_ms), f"{r.cloud_only.measured_ms / c:.2f}x"])
+    return header, body
+
+
+def _print(console: Console, title: str, header: list[str], body: list[list[str]]) -> None:
+    table = Table(title=title, show_lines=False)
+    for column in header:
+        table.add_column(column, justify="left" if column in ("split", "uplink") else "right", overflow="fold")
+    for line in body:
+        table.add_row(*(escape(cell) for cell in line))
+    console.print(table)
+
+
+def _markdown(title: str, header: list[str], body: list[list[str]]) -> str:
+    cell = lambda text: text.replace("|", "\\|")  # noqa: E731
+    lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in line) + " |" for line in body]
+    return "\n".join(lines) + "\n"
+
+
+def row_json(row: Row) -> dict:
+    return {"split": [row.split.edge_end, row.split.cloud1_end], "label": row.label, "codecs": list(row.codecs),
+            "predicted_ms": row.predicted_ms, "predicted_whole_profile_ms": row.plan.latency_ms,
+            "measured_ms": row.measured_ms, "ratio": row.ratio, "latencies_ms": row.latencies,
+            "samples": row.samples, "blocks": row.blocks, "errors": row.errors,
+            "exit_mismatches": row.exit_mismatches, "extra": row.extra}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer candidates and requests (a few minutes)")
+    parser.add_argument("--models", default="digits,resnet18", help="comma-separated: digits, resnet18")
+    parser.add_argument("--bandwidths", default=",".join(f"{b:g}" for b in BANDWIDTHS), help="uplink Mbit/s")
+    parser.add_argument("--epochs", type=int, default=5, help="digits_cnn training epochs")
+    parser.add_argument("--digits-package", type=Path, help="a calibrated digits package to use instead of "
+                                                            "training one (e.g. .splitexit-cache/demo/digits_cnn)")
+    parser.add_argument("--json", type=Path, help="write every number here")
+    parser.add_argument("--markdown", type=Path, help="write the tables here as markdown")
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    bandwidths = [float(b) for b in args.bandwidths.split(",")]
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    console = Console(width=250)
+    started = time.perf_counter()
+    load = os.getloadavg()
+    console.print(f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPUs, torch "
+                  f"threads 1, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
+                  f"{'quick' if args.quick else 'full'} settings {settings}")
+    report: dict = {"settings": {"quick": args.quick, "bandwidths_mbit": bandwidths, "edge_slowdown": EDGE_SLOWDOWN,
+                                 "uplink_latency": UPLINK_LATENCY, "backbone": BACKBONE},
+                    "load_average_start": load, "models": {}}
+    markdown: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="splitexit-bench-planner-") as tmp:
+        workdir = Path(tmp)
+        for name in args.models.split(","):
+            t0 = time.perf_counter()
+            model = digits_model(workdir, settings, epochs=args.epochs, existing=args.digits_package) \
+                if name == "digits" else resnet_model(workdir, settings)
+            rates = model.profile.exits.exit_rates(model.exits)
+            sent_rates = _restricted(model.profile, [i for i, _ in model.inputs]).exits.exit_rates(model.exits)
+            count = len(splits(model.profile, model.subset))
+            console.rule(f"{name}: {model.origin}")
+            console.print(f"candidate cuts {list(model.profile.cuts)}; candidates range over {list(model.subset)} "
+                          f"-> {count} splits; calibrated exits {list(model.exits)} at cuts "
+                          f"{[model.profile.exit_cuts[j] for j in model.exits]}; exit rates (calibration split) "
+                          f"{[round(r, 3) for r in rates]}, of the {len(model.inputs)} inputs sent "
+                          f"{[round(r, 3) for r in sent_rates]}; package + profile in {time.perf_counter() - t0:.0f} s")
+            results = []
+            for bandwidth in bandwidths:
+                result = run_bandwidth(model, bandwidth, workdir, settings)
+                results.append(result)
+                inside, total, low, high = agreement([result])
+                errors = sum(r.errors for r in result.rows)
+                mismatches = sum(r.exit_mismatches for r in result.rows)
+                console.print(escape(f"{name} @ {bandwidth:g} Mbit/s: {len(result.rows)} candidates in {result.seconds:.0f} s; "
+                              f"within 20%: {inside}/{total} (ratios {low:.2f}-{high:.2f}); chosen "
+                              f"{result.chosen.label} ({', '.join(result.chosen.codecs) or '–'}), regret "
+                              f"{100 * result.regret:.1f}%; errors {errors}, exit mismatches {mismatches}"), highlight=False)
+            header, body = candidate_table(model, results)
+            title = (f"{name}: every candidate, predicted vs measured mean latency (* = the planner's choice, "
+                     f"✗ = off by more than 20%)")
+            _print(console, title, header, body)
+            inside, total, low, high = agreement(results)
+            summary = f"{name}: {inside} of {total} (candidate, bandwidth) pairs within 20% (ratios {low:.2f}-{high:.2f})"
+            console.print(summary, highlight=False)
+            regret_title = f"{name}: the planner's choice against the best measured candidate"
+            _print(console, regret_title, *regret_table(results))
+            speed_title = f"{name}: measured speed-up of the planner's choice"
+            _print(console, speed_title, *speedup_table(results))
+            markdown += [f"### {name}\n\n{model.origin}\n", _markdown(title, header, body), summary + "\n",
+                         _markdown(regret_title, *regret_table(results)), _markdown(speed_title, *speedup_table(results))]
+            report["models"][name] = {
+                "origin": model.origin, "cuts": list(model.profile.cuts), "subset": list(model.subset),
+                "exits": list(model.exits), "exit_rates": list(rates), "sent_exit_rates": list(sent_rates),
+                "within_20pct": inside, "pairs": total,
+                "bandwidths": [{"bandwidth_mbit": r.bandwidth_mbit, "seconds": r.seconds,
+                                "chosen": row_json(r.chosen), "chosen_plan": r.chosen_plan.to_dict(),
+                                "chosen_matches_candidate": r.chosen_matches_candidate,
+                                "best": row_json(r.best), "regret": r.regret,
+                                "speedup_vs_edge_only": r.edge_only.measured_ms / r.chosen.measured_ms,
+                                "speedup_vs_cloud_only": r.cloud_only.measured_ms / r.chosen.measured_ms,
+                                "rows": [row_json(x) for x in r.rows]} for r in results]}
+    total_s = time.perf_counter() - started
+    load = os.getloadavg()
+    report["load_average_end"], report["seconds"] = load, total_s
+    console.print(f"total {total_s:.0f} s; load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    if args.markdown:
+        args.markdown.write_text("\n".join(markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

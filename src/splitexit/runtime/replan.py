@@ -58,7 +58,11 @@ def file_codecs(cluster: ClusterSpec) -> tuple[str, ...] | None:
 
 
 def _live(cluster: ClusterSpec, live: set[str]) -> ClusterSpec:
-    return cluster.model_copy(update={"nodes": tuple(n for n in cluster.nodes if n.role == "edge" or n.name in live)})
+    """The cluster with only the live nodes, each keeping the tier it has in the full file."""
+    tier = cluster.tier_by_name()
+    nodes = tuple(n if n.role == "edge" else n.model_copy(update={"tier": tier[n.name]})
+                  for n in cluster.nodes if n.role == "edge" or n.name in live)
+    return cluster.model_copy(update={"nodes": nodes})
 
 
 class PlannedLayout:

@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/codecs.py
 	$(BIN)/python bench/transport.py
 	$(BIN)/python bench/failover.py
+	$(BIN)/python bench/planner.py
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Isrc --python_out=src --grpc_python_out=src --pyi_out=src \

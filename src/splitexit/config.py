@@ -41,6 +41,16 @@ DEFAULT_SPLIT_SEED = 0
 DEFAULT_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 
 
+def _in_series(source: str, target: str, hops: list["LinkSpec"]) -> "LinkSpec":
+    """Links one after another: the narrowest bandwidth, latencies and jitters add, losses combine; the first
+    hop's codec (the planner composes skipped tiers the same way). Their ``changes`` are not carried over."""
+    widths = [h.bandwidth for h in hops if h.bandwidth is not None]
+    kept = math.prod(1 - h.loss for h in hops)
+    return LinkSpec.model_validate({"from": source, "to": target, "bandwidth": min(widths) if widths else None,
+                                    "latency": sum(h.latency for h in hops), "jitter": sum(h.jitter for h in hops),
+                                    "loss": 1 - kept, "codec": hops[0].codec})
+
+
 def describe_validation_error(error: ValidationError) -> str:
     """Every problem pydantic found, as `where: what` pairs on one line, for messages to users."""
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in error.errors())
@@ -448,10 +458,18 @@ class ClusterSpec(_Model):
         return self.nodes[0]
 
     def link(self, source: str, target: str) -> LinkSpec:
-        """The link between two neighbours (an unemulated one with the default codec if the file has none)."""
+        """The link from ``source`` to ``target``: the file's, else (when tiers between them are skipped) the
+        links through each skipped tier's first node in series, else an unemulated one."""
         for link in self.links:
             if (link.source, link.target) == (source, target):
                 return link
+        tier = self.tier_by_name()
+        tiers = self.tiers()
+        if source in tier and target in tier and tier[target] > tier[source] + 1:
+            path = [source, *(tiers[t][0].name for t in range(tier[source] + 1, tier[target])), target]
+            hops = [self.link(a, b) for a, b in zip(path, path[1:])]
+            if any(h.emulated for h in hops):
+                return _in_series(source, target, hops)
         return LinkSpec.model_validate({"from": source, "to": target, "codec": self.codec})
 
     def node(self, name: str) -> NodeSpec:

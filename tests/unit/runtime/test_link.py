@@ -312,3 +312,17 @@ def test_link_changes_apply_from_their_time_on() -> None:
     assert spec.conditions(60.0) == (2e6, 0.050)
     with pytest.raises(ValueError, match="order"):
         LinkSpec.model_validate({"from": "a", "to": "b", "changes": [{"at": "2s"}, {"at": "1s"}]})
+
+
+def test_a_link_past_a_skipped_tier_is_the_links_in_series() -> None:
+    from splitexit.config import ClusterSpec
+
+    cluster = ClusterSpec.model_validate({
+        "nodes": [{"name": "edge", "role": "edge"}, {"name": "c1", "address": "127.0.0.1:1"},
+                  {"name": "c2", "address": "127.0.0.1:2"}],
+        "links": [{"from": "edge", "to": "c1", "bandwidth": "20Mbit", "latency": "10ms", "codec": "int8"},
+                  {"from": "c1", "to": "c2", "bandwidth": "1Gbit", "latency": "1ms", "loss": 0.5}]})
+    through = cluster.link("edge", "c2")
+    assert (through.bandwidth, through.codec) == (20e6, "int8")
+    assert through.latency == pytest.approx(0.011) and through.loss == pytest.approx(0.5)
+    assert not cluster.link("c1", "edge").emulated, "no path backwards: an unemulated default"

@@ -100,7 +100,7 @@ class Entry:
         self._prober: HealthProber | None = None
         self._hop: Hop | None = None
         self._version = 0
-        self._retired: list[asyncio.Task] = []
+        self._retired: dict[Hop, asyncio.Task] = {}  # hops of earlier plans, closing once their requests finish
         self._sent: dict[str, LinkCounters] = {}  # bytes the edge sent to each peer, over every plan
         self._ids = itertools.count(1)
         self._slots: asyncio.Semaphore | None = None
@@ -153,7 +153,7 @@ class Entry:
             await hop.downstream.update(peers)  # type: ignore[attr-defined]
         old, self._hop, self._version = self._hop, hop, placement.version
         if old is not None:
-            self._retired.append(asyncio.get_running_loop().create_task(_close_when_idle(old)))
+            self._retired[old] = asyncio.get_running_loop().create_task(_close_when_idle(old))
 
     def _broken(self, name: str) -> None:
         """The stream to a first-tier node broke: route around it now (its rows are being resubmitted)."""
@@ -229,8 +229,10 @@ class Entry:
             await self.coordinator.close()
         if self._prober is not None:
             await self._prober.close()
-        for task in self._retired:
-            task.cancel()
+        for hop, task in self._retired.items():
+            if not task.done():
+                task.cancel()
+                await hop.close()
         if self._hop is not None:
             await self._hop.close()
         if self.registry is not None and self._own_registry:

@@ -85,7 +85,7 @@ from splitexit.errors import ClusterError, ConfigError
 from splitexit.model.data import load_dataset, split_dataset
 from splitexit.model.package import read_spec
 from splitexit.model.workflow import calibrate_package, train_package
-from splitexit.plan.planner import Objective, Plan, plan, predict, topology_from_cluster
+from splitexit.plan.planner import Objective, Plan, Topology, plan, predict, topology_from_cluster
 from splitexit.plan.profile import ExitTable, Profile
 from splitexit.plan.workflow import calibrated_exits, profile_package
 from splitexit.runtime.cluster import LocalCluster, load_cluster
@@ -129,8 +129,8 @@ class Settings:
     confirm: int  # best measured candidates measured once more (besides the choice, edge-only, cloud-only)
 
 
-FULL = Settings(digits_cuts=None, resnet_cuts=RESNET_CUTS, digits=Sampling(2, 10, 10, 0.0),
-                resnet=Sampling(1, 2, 4, 1.2), confirm=3)
+FULL = Settings(digits_cuts=None, resnet_cuts=RESNET_CUTS, digits=Sampling(1, 8, 8, 0.0),
+                resnet=Sampling(1, 1, 3, 0.8), confirm=3)
 QUICK = Settings(digits_cuts=DIGITS_CUTS_QUICK, resnet_cuts=RESNET_CUTS_QUICK, digits=Sampling(1, 6, 6, 0.0),
                  resnet=Sampling(1, 1, 2, 0.8), confirm=2)
 
@@ -274,7 +274,8 @@ def splits(profile: Profile, cuts: Sequence[int]) -> list[Split]:
     return [Split(e, c) for i, e in enumerate(positions) for c in positions[i:]]
 
 
-def best_codecs(profile: Profile, topology, stages, exits: Sequence[int]) -> tuple[str, ...]:  # noqa: ANN001
+def best_codecs(profile: Profile, topology: Topology, stages: Sequence[tuple[int, int | None, int | None]],
+                exits: Sequence[int]) -> tuple[str, ...]:
     """Per link, the profiled codec with the least predicted latency (link after link, two passes)."""
     codecs = list(profile.timing.transfers[0].codecs)
     links = sum(1 for tier, _, _ in stages if tier != 0)
@@ -286,6 +287,16 @@ def best_codecs(profile: Profile, topology, stages, exits: Sequence[int]) -> tup
     return tuple(chosen)
 
 
+@dataclass
+class Block:
+    """Requests sent for one candidate in one go (after switching to it and warming up)."""
+
+    latencies: list[float] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)  # calibration index of every timed request
+    errors: int = 0
+    exit_mismatches: int = 0  # requests answered at another exit than the profile's table says
+
+
 @dataclass(eq=False)  # rows are compared (and kept in sets) by identity
 class Row:
     """One candidate at one bandwidth: what it is, what was predicted, what was measured."""
@@ -294,21 +305,33 @@ class Row:
     label: str
     codecs: tuple[str, ...]
     plan: Plan  # predict() on the whole profile (what the runtime is given)
-    latencies: list[float] = field(default_factory=list)
-    samples: list[int] = field(default_factory=list)  # calibration index of every timed request
-    blocks: int = 0
-    errors: int = 0
-    exit_mismatches: int = 0  # requests answered at another exit than the profile's table says
-    predicted_ms: float = math.nan  # for exactly the samples sent
+    blocks: list[Block] = field(default_factory=list)  # the sweep's block, and the confirmation's if any
+    predicted_ms: float = math.nan  # for exactly the samples sent in ``blocks``
+    recheck: Block | None = None  # a diagnostic block for rows off by more than 20% (not in the check)
+    recheck_predicted_ms: float = math.nan
     extra: bool = False  # the planner's choice, outside the measured subset
 
     @property
+    def latencies(self) -> list[float]:
+        return [x for block in self.blocks for x in block.latencies]
+
+    @property
+    def samples(self) -> list[int]:
+        return [x for block in self.blocks for x in block.samples]
+
+    @property
     def measured_ms(self) -> float:
-        return statistics.fmean(self.latencies) if self.latencies else math.nan
+        latencies = self.latencies
+        return statistics.fmean(latencies) if latencies else math.nan
 
     @property
     def ratio(self) -> float:
-        return self.predicted_ms / self.measured_ms if self.latencies else math.nan
+        return self.predicted_ms / self.measured_ms if self.blocks else math.nan
+
+    @property
+    def recheck_ratio(self) -> float:
+        return self.recheck_predicted_ms / statistics.fmean(self.recheck.latencies) \
+            if self.recheck and self.recheck.latencies else math.nan
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -364,40 +387,56 @@ async def _switch(entry: Entry, layout: _Serve, cluster: ClusterSpec, row: Row) 
         await asyncio.sleep(0.005)
 
 
-async def _measure(entry: Entry, layout: _Serve, cluster: ClusterSpec, model: Model, row: Row) -> None:
+async def _measure(entry: Entry, layout: _Serve, cluster: ClusterSpec, model: Model, row: Row) -> Block:
     """One block of requests for ``row``: switch, warm up, then timed requests one at a time."""
     await _switch(entry, layout, cluster, row)
     for index, x in model.warmup:
         await entry.infer(x, index=index)
     expected = model.profile.exits.route(model.exits)
     sampling = model.sampling
+    block = Block()
     started = time.perf_counter()
     sent = 0
-    while sent < sampling.max_timed and (sent < sampling.min_timed or time.perf_counter() - started < sampling.budget_s):
+    more = lambda: sent < sampling.min_timed or time.perf_counter() - started < sampling.budget_s  # noqa: E731
+    while sent < sampling.max_timed and more():
         index, x = model.inputs[sent % len(model.inputs)]
         record: RequestRecord = await entry.infer(x, index=index)
         sent += 1
         if record.error:
-            row.errors += 1
+            block.errors += 1
             logging.getLogger(__name__).warning("%s: %s", row.label, record.error)
             continue
-        row.latencies.append(record.latency_ms)
-        row.samples.append(index)
-        row.exit_mismatches += int(record.exit != expected[index])
-    row.blocks += 1
+        block.latencies.append(record.latency_ms)
+        block.samples.append(index)
+        block.exit_mismatches += int(record.exit != expected[index])
+    return block
 
 
-async def _sweep(model: Model, cluster: ClusterSpec, rows: list[Row], must: Sequence[Row], confirm: int) -> None:
-    """Measure every row, then ``must`` and the ``confirm`` best measured rows once more, through one entry."""
+def _predicted(model: Model, topology: Topology, row: Row, samples: Sequence[int]) -> float:
+    """The candidate's predicted mean latency over exactly ``samples``."""
+    return predict(_restricted(model.profile, samples), topology, row.split.stages(model.profile), model.exits,
+                   row.codecs).latency_ms
+
+
+async def _sweep(model: Model, cluster: ClusterSpec, topology: Topology, rows: list[Row], must: Sequence[Row],
+                 confirm: int) -> None:
+    """Through one entry: every row; then ``must`` and the ``confirm`` best measured rows once more; then a
+    diagnostic block for every row whose prediction is off by more than 20%."""
     layout = _Serve(model.net, rows[0].plan)
     entry = Entry(model.net, cluster, window=1, layout=layout, replan=False)
     await entry.start()
     try:
         for row in rows:
-            await _measure(entry, layout, cluster, model, row)
+            row.blocks.append(await _measure(entry, layout, cluster, model, row))
         ranked = sorted((r for r in rows if r.latencies), key=lambda r: r.measured_ms)
         for row in dict.fromkeys([*must[:1], *ranked[:confirm], *must[1:]]):
-            await _measure(entry, layout, cluster, model, row)
+            row.blocks.append(await _measure(entry, layout, cluster, model, row))
+        for row in rows:
+            row.predicted_ms = _predicted(model, topology, row, row.samples) if row.samples else math.nan
+        for row in [r for r in rows if abs(r.ratio - 1) > WITHIN]:
+            row.recheck = await _measure(entry, layout, cluster, model, row)
+            if row.recheck.samples:
+                row.recheck_predicted_ms = _predicted(model, topology, row, row.recheck.samples)
     finally:
         await entry.close()
 
@@ -413,6 +452,7 @@ class BandwidthResult:
     edge_only: Row
     cloud_only: Row
     seconds: float
+    load: float  # 1-minute load average when this bandwidth was done
 
     @property
     def regret(self) -> float:
@@ -443,17 +483,12 @@ def run_bandwidth(model: Model, bandwidth: float, workdir: Path, settings: Setti
         K = len(profile.cuts)
         edge_only = next(r for r in rows if r.split == Split(K + 1, K + 1))
         cloud_only = next(r for r in rows if r.split == Split(0, 0))
-        asyncio.run(_sweep(model, cluster, rows, [chosen, edge_only, cloud_only], settings.confirm))
+        asyncio.run(_sweep(model, cluster, topology, rows, [chosen, edge_only, cloud_only], settings.confirm))
     finally:
         local.stop()
-    for row in rows:
-        if row.samples:
-            stages = row.split.stages(profile)
-            row.predicted_ms = predict(_restricted(profile, row.samples), topology, stages, model.exits,
-                                       row.codecs).latency_ms
     best = min((r for r in rows if r.latencies), key=lambda r: r.measured_ms)
     return BandwidthResult(bandwidth, rows, chosen, chosen_plan, matches, best, edge_only, cloud_only,
-                           time.perf_counter() - started)
+                           time.perf_counter() - started, os.getloadavg()[0])
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -473,11 +508,12 @@ def candidate_table(model: Model, results: list[BandwidthResult]) -> tuple[list[
         return [", ".join(row.codecs) or "–", _ms(row.predicted_ms), _ms(row.measured_ms) + mark,
                 f"{row.ratio:.2f}" + ("" if abs(row.ratio - 1) <= WITHIN else " ✗")]
 
+    def candidate(r: BandwidthResult, split: Split) -> Row | None:
+        return next((x for x in r.rows if x.split == split and not x.extra), None)
+
     body = []
     for split in (row.split for row in results[0].rows if not row.extra):
-        body.append([split.label(model.profile),
-                     *(c for r in results for c in cells(r, next((x for x in r.rows if x.split == split and not x.extra),
-                                                                  None)))])
+        body.append([split.label(model.profile), *(c for r in results for c in cells(r, candidate(r, split)))])
     for r in results:  # the planner's choice when it is not one of the candidates above
         for row in (x for x in r.rows if x.extra):
             body.append([f"{row.label} (planner's choice at {r.bandwidth_mbit:g} Mbit/s)",
@@ -533,11 +569,73 @@ def _markdown(title: str, header: list[str], body: list[list[str]]) -> str:
 
 
 def row_json(row: Row) -> dict:
+    block = lambda b: {"latencies_ms": b.latencies, "samples": b.samples, "errors": b.errors,  # noqa: E731
+                       "exit_mismatches": b.exit_mismatches}
     return {"split": [row.split.edge_end, row.split.cloud1_end], "label": row.label, "codecs": list(row.codecs),
             "predicted_ms": row.predicted_ms, "predicted_whole_profile_ms": row.plan.latency_ms,
-            "measured_ms": row.measured_ms, "ratio": row.ratio, "latencies_ms": row.latencies,
-            "samples": row.samples, "blocks": row.blocks, "errors": row.errors,
-            "exit_mismatches": row.exit_mismatches, "extra": row.extra}
+            "measured_ms": row.measured_ms, "ratio": row.ratio, "blocks": [block(b) for b in row.blocks],
+            "recheck": block(row.recheck) if row.recheck else None, "recheck_predicted_ms": row.recheck_predicted_ms,
+            "recheck_ratio": row.recheck_ratio, "extra": row.extra}
+
+
+def recheck_table(results: list[BandwidthResult]) -> tuple[list[str], list[list[str]]]:
+    header = ["uplink", "split (codecs)", "pred ms", "meas ms", "pred/meas", "again: meas ms", "again: pred/meas"]
+    body = []
+    for r in results:
+        for row in (x for x in r.rows if x.recheck is not None):
+            again = statistics.fmean(row.recheck.latencies) if row.recheck.latencies else math.nan
+            body.append([f"{r.bandwidth_mbit:g} Mbit/s", f"{row.label} ({', '.join(row.codecs) or '–'})",
+                         _ms(row.predicted_ms), _ms(row.measured_ms), f"{row.ratio:.2f}", _ms(again),
+                         f"{row.recheck_ratio:.2f}"])
+    return header, body
+
+
+def progress_line(name: str, r: BandwidthResult) -> str:
+    inside, total, low, high = agreement([r])
+    errors = sum(b.errors for row in r.rows for b in row.blocks)
+    mismatches = sum(b.exit_mismatches for row in r.rows for b in row.blocks)
+    requests = sum(len(b.latencies) for row in r.rows for b in row.blocks)
+    note = "" if r.chosen_matches_candidate else " (measured as an extra row: not among the candidates as searched)"
+    return (f"{name} @ {r.bandwidth_mbit:g} Mbit/s: {len(r.rows)} candidates, {requests} timed requests in "
+            f"{r.seconds:.0f} s (load average {r.load:.2f}); within 20%: {inside}/{total} "
+            f"(ratios {low:.2f}-{high:.2f}); "
+            f"chosen {r.chosen.label} ({', '.join(r.chosen.codecs) or '–'}){note}, regret {100 * r.regret:.1f}%; "
+            f"errors {errors}, answered at another exit than profiled {mismatches}")
+
+
+def report_model(console: Console, model: Model, results: list[BandwidthResult]) -> tuple[str, dict]:
+    """Print the three tables (and the re-measured misses); the same as markdown, and the numbers as JSON."""
+    name = model.name
+    tables = [(f"{name}: every candidate, predicted vs measured mean latency (* = the planner's choice, ✗ = off by "
+               f"more than 20%)", *candidate_table(model, results))]
+    inside, total, low, high = agreement(results)
+    summary = f"{name}: {inside} of {total} (candidate, bandwidth) pairs within 20% (ratios {low:.2f}-{high:.2f})"
+    tables += [(f"{name}: the planner's choice against the best measured candidate", *regret_table(results)),
+               (f"{name}: measured speed-up of the planner's choice", *speedup_table(results))]
+    header, body = recheck_table(results)
+    if body:
+        tables.append((f"{name}: the pairs off by more than 20%, measured once more afterwards (diagnostic only: "
+                       f"not pooled into the check)", header, body))
+    parts = [f"### {name}\n\n{model.origin}\n"]
+    for i, (title, header, body) in enumerate(tables):
+        _print(console, title, header, body)
+        parts.append(_markdown(title, header, body))
+        if i == 0:
+            console.print(summary, highlight=False)
+            parts.append(summary + "\n")
+    rates = model.profile.exits.exit_rates(model.exits)
+    numbers = {
+        "origin": model.origin, "cuts": list(model.profile.cuts), "subset": list(model.subset),
+        "exits": list(model.exits), "exit_rates": list(rates),
+        "sent_exit_rates": list(_restricted(model.profile, [i for i, _ in model.inputs]).exits.exit_rates(model.exits)),
+        "within_20pct": inside, "pairs": total,
+        "bandwidths": [{"bandwidth_mbit": r.bandwidth_mbit, "seconds": r.seconds, "load_average": r.load,
+                        "chosen": row_json(r.chosen), "chosen_plan": r.chosen_plan.to_dict(),
+                        "chosen_matches_candidate": r.chosen_matches_candidate, "best": row_json(r.best),
+                        "regret": r.regret, "speedup_vs_edge_only": r.edge_only.measured_ms / r.chosen.measured_ms,
+                        "speedup_vs_cloud_only": r.cloud_only.measured_ms / r.chosen.measured_ms,
+                        "rows": [row_json(x) for x in r.rows]} for r in results]}
+    return "\n".join(parts), numbers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -582,39 +680,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"{[round(r, 3) for r in sent_rates]}; package + profile in {time.perf_counter() - t0:.0f} s")
             results = []
             for bandwidth in bandwidths:
-                result = run_bandwidth(model, bandwidth, workdir, settings)
-                results.append(result)
-                inside, total, low, high = agreement([result])
-                errors = sum(r.errors for r in result.rows)
-                mismatches = sum(r.exit_mismatches for r in result.rows)
-                console.print(escape(f"{name} @ {bandwidth:g} Mbit/s: {len(result.rows)} candidates in {result.seconds:.0f} s; "
-                              f"within 20%: {inside}/{total} (ratios {low:.2f}-{high:.2f}); chosen "
-                              f"{result.chosen.label} ({', '.join(result.chosen.codecs) or '–'}), regret "
-                              f"{100 * result.regret:.1f}%; errors {errors}, exit mismatches {mismatches}"), highlight=False)
-            header, body = candidate_table(model, results)
-            title = (f"{name}: every candidate, predicted vs measured mean latency (* = the planner's choice, "
-                     f"✗ = off by more than 20%)")
-            _print(console, title, header, body)
-            inside, total, low, high = agreement(results)
-            summary = f"{name}: {inside} of {total} (candidate, bandwidth) pairs within 20% (ratios {low:.2f}-{high:.2f})"
-            console.print(summary, highlight=False)
-            regret_title = f"{name}: the planner's choice against the best measured candidate"
-            _print(console, regret_title, *regret_table(results))
-            speed_title = f"{name}: measured speed-up of the planner's choice"
-            _print(console, speed_title, *speedup_table(results))
-            markdown += [f"### {name}\n\n{model.origin}\n", _markdown(title, header, body), summary + "\n",
-                         _markdown(regret_title, *regret_table(results)), _markdown(speed_title, *speedup_table(results))]
-            report["models"][name] = {
-                "origin": model.origin, "cuts": list(model.profile.cuts), "subset": list(model.subset),
-                "exits": list(model.exits), "exit_rates": list(rates), "sent_exit_rates": list(sent_rates),
-                "within_20pct": inside, "pairs": total,
-                "bandwidths": [{"bandwidth_mbit": r.bandwidth_mbit, "seconds": r.seconds,
-                                "chosen": row_json(r.chosen), "chosen_plan": r.chosen_plan.to_dict(),
-                                "chosen_matches_candidate": r.chosen_matches_candidate,
-                                "best": row_json(r.best), "regret": r.regret,
-                                "speedup_vs_edge_only": r.edge_only.measured_ms / r.chosen.measured_ms,
-                                "speedup_vs_cloud_only": r.cloud_only.measured_ms / r.chosen.measured_ms,
-                                "rows": [row_json(x) for x in r.rows]} for r in results]}
+                results.append(run_bandwidth(model, bandwidth, workdir, settings))
+                console.print(escape(progress_line(name, results[-1])), highlight=False)
+            text, report["models"][name] = report_model(console, model, results)
+            markdown.append(text)
     total_s = time.perf_counter() - started
     load = os.getloadavg()
     report["load_average_end"], report["seconds"] = load, total_s

@@ -1,4 +1,5 @@
-"""Which tier runs which range of cuts, until the planner chooses (the default the cluster file implies).
+"""Which tier runs which range of cuts: the layout the cluster file implies (`run --no-plan`), and the
+versioned placement every layout produces (the planner's comes from ``runtime/replan.py``).
 
 Tiers take the chain in order: the edge is tier 0, and the workers of one tier are replicas of one stage.
 Only tiers with a live node get a stage; a tier that has lost every node is left out and its neighbours
@@ -6,8 +7,9 @@ take over its range. A tier's stage ends where the cluster file says (``ends_at`
 exit: the package's exits are spread over the tiers, one per tier where possible. With more tiers than
 exits, extra cuts split the most expensive remaining range at its FLOP midpoint.
 
-The ``version`` hashes the package's weights with the ranges, not with the replicas: a replica joining or
-leaving changes where rows go, not what any stage computes, so work in flight stays valid.
+The ``version`` hashes the package's weights with the ranges, codecs and disabled exits, not with the
+replicas: a replica joining or leaving changes where rows go, not what any stage computes, so work in
+flight stays valid.
 """
 
 from __future__ import annotations

@@ -41,7 +41,11 @@ calibration split's (largest remainder). resnet18: the calibration samples in or
 ``min_timed`` and then more until ``budget_s`` seconds are spent or ``max_timed`` are sent. After every
 candidate is measured at a bandwidth, the planner's choice, the ``confirm`` best measured ones, edge-only
 and cloud-only are measured once more, and their two blocks pooled (this blunts the winner's curse of
-taking the minimum over many noisy means).
+taking the minimum over many noisy means). The planner plans over all its candidate cuts; if its choice is
+not one of the candidates (outside resnet18's subset, or other codecs), it is measured as an extra row.
+Finally every candidate whose prediction is off by more than 20% gets one more block, shown next to the
+first as a diagnostic (is it the model or a noisy minute?) and kept out of the check. Every request's
+breakdown from the runtime's trace (edge compute, link, remote compute, ...) goes to the JSON.
 
 **Checks.** (1) predicted / measured mean latency for every candidate and bandwidth, and how many lie within
 20% (0.8 <= ratio <= 1.2); (2) regret: measured mean of the planner's choice over the best measured
@@ -49,8 +53,8 @@ candidate, minus one (aim: <= 10%); (3) measured speed-up of the choice over edg
 
 Absolute times on a shared 2-core box move with whatever else runs; ``slowdown`` multiplies the edge's
 measured compute, so CPU contention is stretched 8x there. Run ``.venv/bin/python bench/planner.py``
-(about 15 minutes; ``--quick`` a few); ``--json PATH`` keeps every number, ``--markdown PATH`` writes the
-tables as markdown.
+(about 16 minutes on a 2-core box; ``--quick``: 4 digits cuts, 2 resnet18 cuts, fewer requests, about 3
+minutes); ``--json PATH`` keeps every number (and the profiles), ``--markdown PATH`` writes the tables.
 """
 
 from __future__ import annotations
@@ -293,6 +297,7 @@ class Block:
 
     latencies: list[float] = field(default_factory=list)
     samples: list[int] = field(default_factory=list)  # calibration index of every timed request
+    breakdowns: list[dict[str, float]] = field(default_factory=list)  # the runtime's split of each latency
     errors: int = 0
     exit_mismatches: int = 0  # requests answered at another exit than the profile's table says
 
@@ -318,6 +323,11 @@ class Row:
     @property
     def samples(self) -> list[int]:
         return [x for block in self.blocks for x in block.samples]
+
+    def part_ms(self, part: str) -> float:
+        """Mean of one part of the runtime's latency breakdown (e.g. ``edge_compute``) over the timed requests."""
+        values = [b.get(part, 0.0) for block in self.blocks for b in block.breakdowns]
+        return statistics.fmean(values) if values else math.nan
 
     @property
     def measured_ms(self) -> float:
@@ -408,6 +418,7 @@ async def _measure(entry: Entry, layout: _Serve, cluster: ClusterSpec, model: Mo
             continue
         block.latencies.append(record.latency_ms)
         block.samples.append(index)
+        block.breakdowns.append(record.breakdown_ms)
         block.exit_mismatches += int(record.exit != expected[index])
     return block
 
@@ -459,7 +470,8 @@ class BandwidthResult:
         return self.chosen.measured_ms / self.best.measured_ms - 1
 
 
-def run_bandwidth(model: Model, bandwidth: float, workdir: Path, settings: Settings) -> BandwidthResult:
+async def run_bandwidth(model: Model, bandwidth: float, workdir: Path, settings: Settings) -> BandwidthResult:
+    """Every candidate at one uplink bandwidth, on freshly started worker processes."""
     started = time.perf_counter()
     local, cluster = start_cluster(workdir, bandwidth)
     try:
@@ -483,7 +495,7 @@ def run_bandwidth(model: Model, bandwidth: float, workdir: Path, settings: Setti
         K = len(profile.cuts)
         edge_only = next(r for r in rows if r.split == Split(K + 1, K + 1))
         cloud_only = next(r for r in rows if r.split == Split(0, 0))
-        asyncio.run(_sweep(model, cluster, topology, rows, [chosen, edge_only, cloud_only], settings.confirm))
+        await _sweep(model, cluster, topology, rows, [chosen, edge_only, cloud_only], settings.confirm)
     finally:
         local.stop()
     best = min((r for r in rows if r.latencies), key=lambda r: r.measured_ms)
@@ -569,8 +581,8 @@ def _markdown(title: str, header: list[str], body: list[list[str]]) -> str:
 
 
 def row_json(row: Row) -> dict:
-    block = lambda b: {"latencies_ms": b.latencies, "samples": b.samples, "errors": b.errors,  # noqa: E731
-                       "exit_mismatches": b.exit_mismatches}
+    block = lambda b: {"latencies_ms": b.latencies, "samples": b.samples, "breakdowns_ms": b.breakdowns,  # noqa: E731
+                       "errors": b.errors, "exit_mismatches": b.exit_mismatches}
     return {"split": [row.split.edge_end, row.split.cloud1_end], "label": row.label, "codecs": list(row.codecs),
             "predicted_ms": row.predicted_ms, "predicted_whole_profile_ms": row.plan.latency_ms,
             "measured_ms": row.measured_ms, "ratio": row.ratio, "blocks": [block(b) for b in row.blocks],
@@ -590,17 +602,32 @@ def recheck_table(results: list[BandwidthResult]) -> tuple[list[str], list[list[
     return header, body
 
 
+def model_line(model: Model, seconds: float) -> str:
+    profile = model.profile
+    rates = [round(r, 3) for r in profile.exits.exit_rates(model.exits)]
+    sent = [round(r, 3) for r in _restricted(profile, [i for i, _ in model.inputs]).exits.exit_rates(model.exits)]
+    return (f"candidate cuts {list(profile.cuts)}; candidates range over {list(model.subset)} -> "
+            f"{len(splits(profile, model.subset))} splits; calibrated exits {list(model.exits)} at cuts "
+            f"{[profile.exit_cuts[j] for j in model.exits]}; exit rates (calibration split) {rates}, of the "
+            f"{len(model.inputs)} inputs sent {sent}; profiled idle factors "
+            f"{ {k: round(v, 2) for k, v in profile.timing.idle_factors.items()} }; "
+            f"package + profile in {seconds:.0f} s")
+
+
 def progress_line(name: str, r: BandwidthResult) -> str:
     inside, total, low, high = agreement([r])
     errors = sum(b.errors for row in r.rows for b in row.blocks)
     mismatches = sum(b.exit_mismatches for row in r.rows for b in row.blocks)
     requests = sum(len(b.latencies) for row in r.rows for b in row.blocks)
     note = "" if r.chosen_matches_candidate else " (measured as an extra row: not among the candidates as searched)"
+    edge = r.edge_only
     return (f"{name} @ {r.bandwidth_mbit:g} Mbit/s: {len(r.rows)} candidates, {requests} timed requests in "
             f"{r.seconds:.0f} s (load average {r.load:.2f}); within 20%: {inside}/{total} "
             f"(ratios {low:.2f}-{high:.2f}); "
             f"chosen {r.chosen.label} ({', '.join(r.chosen.codecs) or '–'}){note}, regret {100 * r.regret:.1f}%; "
-            f"errors {errors}, answered at another exit than profiled {mismatches}")
+            f"errors {errors}, answered at another exit than profiled {mismatches}; edge-only predicted "
+            f"{edge.predicted_ms:.1f} ms, measured {edge.measured_ms:.1f} ms of which edge compute (slowdown "
+            f"included) {edge.part_ms('edge_compute'):.1f} ms")
 
 
 def report_model(console: Console, model: Model, results: list[BandwidthResult]) -> tuple[str, dict]:
@@ -627,6 +654,8 @@ def report_model(console: Console, model: Model, results: list[BandwidthResult])
     numbers = {
         "origin": model.origin, "cuts": list(model.profile.cuts), "subset": list(model.subset),
         "exits": list(model.exits), "exit_rates": list(rates),
+        "idle_factors": {str(k): v for k, v in model.profile.timing.idle_factors.items()},
+        "profile": model.profile.to_json(),  # what the planner was given (segments, codecs, idle factors, exits)
         "sent_exit_rates": list(_restricted(model.profile, [i for i, _ in model.inputs]).exits.exit_rates(model.exits)),
         "within_20pct": inside, "pairs": total,
         "bandwidths": [{"bandwidth_mbit": r.bandwidth_mbit, "seconds": r.seconds, "load_average": r.load,
@@ -663,27 +692,24 @@ def main(argv: list[str] | None = None) -> int:
                                  "uplink_latency": UPLINK_LATENCY, "backbone": BACKBONE},
                     "load_average_start": load, "models": {}}
     markdown: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="splitexit-bench-planner-") as tmp:
-        workdir = Path(tmp)
-        for name in args.models.split(","):
-            t0 = time.perf_counter()
-            model = digits_model(workdir, settings, epochs=args.epochs, existing=args.digits_package) \
-                if name == "digits" else resnet_model(workdir, settings)
-            rates = model.profile.exits.exit_rates(model.exits)
-            sent_rates = _restricted(model.profile, [i for i, _ in model.inputs]).exits.exit_rates(model.exits)
-            count = len(splits(model.profile, model.subset))
-            console.rule(f"{name}: {model.origin}")
-            console.print(f"candidate cuts {list(model.profile.cuts)}; candidates range over {list(model.subset)} "
-                          f"-> {count} splits; calibrated exits {list(model.exits)} at cuts "
-                          f"{[model.profile.exit_cuts[j] for j in model.exits]}; exit rates (calibration split) "
-                          f"{[round(r, 3) for r in rates]}, of the {len(model.inputs)} inputs sent "
-                          f"{[round(r, 3) for r in sent_rates]}; package + profile in {time.perf_counter() - t0:.0f} s")
-            results = []
-            for bandwidth in bandwidths:
-                results.append(run_bandwidth(model, bandwidth, workdir, settings))
-                console.print(escape(progress_line(name, results[-1])), highlight=False)
-            text, report["models"][name] = report_model(console, model, results)
-            markdown.append(text)
+    loop = asyncio.new_event_loop()  # one loop for the whole run: grpc.aio's poller outlives a closed loop
+    try:
+        with tempfile.TemporaryDirectory(prefix="splitexit-bench-planner-") as tmp:
+            workdir = Path(tmp)
+            for name in args.models.split(","):
+                t0 = time.perf_counter()
+                model = digits_model(workdir, settings, epochs=args.epochs, existing=args.digits_package) \
+                    if name == "digits" else resnet_model(workdir, settings)
+                console.rule(f"{name}: {model.origin}")
+                console.print(model_line(model, time.perf_counter() - t0), highlight=False)
+                results = []
+                for bandwidth in bandwidths:
+                    results.append(loop.run_until_complete(run_bandwidth(model, bandwidth, workdir, settings)))
+                    console.print(escape(progress_line(name, results[-1])), highlight=False)
+                text, report["models"][name] = report_model(console, model, results)
+                markdown.append(text)
+    finally:
+        loop.close()
     total_s = time.perf_counter() - started
     load = os.getloadavg()
     report["load_average_end"], report["seconds"] = load, total_s

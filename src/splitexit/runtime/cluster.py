@@ -142,12 +142,9 @@ def _resolve_paths(cluster: ClusterSpec, path: Path) -> ClusterSpec:
     tls = str(base / security.tls) if security.tls else None
     token = security.token
     if security.token_file:
-        token_path = base / security.token_file
-        if not token_path.is_file():
-            raise ClusterError(f"{path}: token_file {token_path} does not exist")
-        token = token_path.read_text().strip()
+        token = _read_secret(path, base / security.token_file, "token_file")
         if len(token) < 16:
-            raise ClusterError(f"{token_path}: the token must be at least 16 characters")
+            raise ClusterError(f"{base / security.token_file}: the token must be at least 16 characters")
     secured = security.model_copy(update={"tls": tls, "token": token, "token_file": None})
     registry = cluster.registry
     if not isinstance(registry, str):  # an EtcdSpec
@@ -155,12 +152,16 @@ def _resolve_paths(cluster: ClusterSpec, path: Path) -> ClusterSpec:
             update={k: str(base / v) for k, v in registry.tls.model_dump().items() if v is not None})
         password = registry.password
         if registry.password_file:
-            password_path = base / registry.password_file
-            if not password_path.is_file():
-                raise ClusterError(f"{path}: registry password_file {password_path} does not exist")
-            password = password_path.read_text().strip()
+            password = _read_secret(path, base / registry.password_file, "registry password_file")
         registry = registry.model_copy(update={"tls": etcd_tls, "password": password, "password_file": None})
     return cluster.model_copy(update={"security": secured, "registry": registry})
+
+
+def _read_secret(cluster_file: Path, secret: Path, what: str) -> str:
+    """The stripped contents of a file the cluster file names for a secret."""
+    if not secret.is_file():
+        raise ClusterError(f"{cluster_file}: {what} {secret} does not exist")
+    return secret.read_text().strip()
 
 
 def resolve_package(cluster_file: Path, cluster: ClusterSpec, package: Path | None) -> Path:

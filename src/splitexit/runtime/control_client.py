@@ -12,7 +12,7 @@ import grpc
 from splitexit.config import NodeSpec
 from splitexit.errors import ClusterError, NodeUnavailableError
 from splitexit.runtime import wire_pb2, wire_pb2_grpc
-from splitexit.runtime.remote import open_channel
+from splitexit.runtime.remote import HEADER_ROOM, open_channel
 from splitexit.runtime.security import NodeCredentials, token_metadata
 
 __all__ = ["NodeControl"]
@@ -40,7 +40,7 @@ class NodeControl:
         return not reply.missing_stage
 
     async def put_stage(self, sha256: str, data: bytes) -> None:
-        size = max(1, min(UPLOAD_CHUNK, self.message_limit - (64 << 10)))
+        size = max(1, min(UPLOAD_CHUNK, self.message_limit - HEADER_ROOM))
 
         async def chunks():  # noqa: ANN202
             for offset in range(0, len(data), size):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -23,8 +24,10 @@ from splitexit.units import parse_shape
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="splitexit: early-exit, split-computing inference for any PyTorch model.")
-out = Console()
-err = Console(stderr=True)
+#: Piped output (logs, CI) gets room for the plan tables instead of rich's 80-column default.
+PIPED_WIDTH = 132
+out = Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else PIPED_WIDTH)
 
 DEMO_DIR = Path(".splitexit-cache/demo")
 #: Seconds into the demo's run when its emulated uplink drops (see runtime.workflow.write_demo_cluster).
@@ -340,9 +343,9 @@ def _profile_tables(summary):  # noqa: ANN001, ANN202 - a ProfileSummary; rich r
         links = Table(title="Links (from the cluster file; measured figures plug in later)", title_justify="left")
         for column in ("link", "bandwidth", "latency", "jitter", "loss"):
             links.add_column(column, justify="left" if column == "link" else "right")
-        for a, b, link in zip(tiers, tiers[1:], summary.topology.links):
+        for a, b, link in summary.topology.named_links():
             width = "unlimited" if link.bandwidth is None else f"{link.bandwidth / 1e6:g} Mbit/s"
-            links.add_row(f"{a.name} → {b.name}", width, f"{link.latency * 1e3:g} ms", f"{link.jitter * 1e3:g} ms",
+            links.add_row(f"{a} → {b}", width, f"{link.latency * 1e3:g} ms", f"{link.jitter * 1e3:g} ms",
                           f"{link.loss:.1%}")
         renderables.append(links)
     return renderables
@@ -401,7 +404,8 @@ def demo(
     from splitexit.model.workflow import calibrate_package, evaluate_package, train_package
     from splitexit.plan.workflow import plan_package
     from splitexit.report.console import calibration_table, eval_table
-    from splitexit.runtime.workflow import run_cluster, start_cluster, write_demo_cluster
+    from splitexit.runtime.workflow import DEMO_DROPPED, DEMO_SLOWDOWN, DEMO_UPLINK, run_cluster, start_cluster, \
+        write_demo_cluster
 
     package = workdir / "digits_cnn"
     with _user_errors():
@@ -418,9 +422,11 @@ def demo(
         out.rule("3. evaluate in one process on the held-out test split")
         out.print(eval_table(evaluate_package(package), title="digits_cnn with early exits"))
         cluster_file = write_demo_cluster(workdir / "cluster.yaml", package, drop_after=DEMO_DROP_AFTER)
-        out.rule(f"4. plan: edge (16x slower) → cloud1 → cloud2 over a 50 Mbit/s, 2 ms uplink ({cluster_file})")
+        out.rule(f"4. plan: edge ({DEMO_SLOWDOWN}x slower) → cloud1 → cloud2 over a {DEMO_UPLINK}/s, 2 ms uplink "
+                 f"({cluster_file})")
         out.print(_plan_table(plan_package(package, cluster_file)))
-        out.rule(f"5. serve the plan; {DEMO_DROP_AFTER} s in, the uplink drops to 0.2 Mbit/s: watch the entry re-plan")
+        out.rule(f"5. serve the plan; {DEMO_DROP_AFTER} s in, the uplink drops to {DEMO_DROPPED}/s: watch the entry "
+                 "re-plan")
         local = start_cluster(cluster_file, log_dir=workdir, cache_root=workdir / "stages")
         try:
             result = run_cluster(package, cluster_file)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -124,6 +125,7 @@ def test_demo_ends_with_the_eval_table(tmp_path: Path) -> None:
     text = ok(splitexit("demo", "--workdir", str(tmp_path / "demo"))).stdout
     assert "cascade accuracy" in text and "final" in text
     assert "Plans for latency" in text and "edge-only" in text and "cloud-only" in text
-    assert "re-planned" in text and "edge->cloud1 measured" in text, "the uplink drop should make the entry re-plan"
+    assert "re-planned" in text and re.search(r"edge->cloud[12] measured", text), \
+        "the uplink drop should make the entry re-plan"
     again = ok(splitexit("demo", "--workdir", str(tmp_path / "demo"))).stdout
     assert "reuse the trained package" in again

@@ -97,6 +97,18 @@ def test_four_node_chain(net: EarlyExitNet, inputs: TensorDataset, tmp_path: Pat
     assert len(result.placement.stages) == 4
 
 
+def test_replicas_share_the_load_even_one_request_at_a_time(net: EarlyExitNet, inputs: TensorDataset,
+                                                            tmp_path: Path) -> None:
+    spec = yaml.safe_load(yaml.safe_dump(make_cluster(1).model_dump(by_alias=True, mode="json")))
+    spec["nodes"] += [{"name": f"replica{i}", "address": f"127.0.0.1:{free_port()}", "tier": 1} for i in (2, 3)]
+    cluster = ClusterSpec.model_validate(spec)
+    result = asyncio.run(run_chain(net, cluster, inputs, tmp_path, window=1))
+    sent = {name: link.rows for name, link in result.links.items()}
+    assert set(sent) == {"edge->cloud1", "edge->replica2", "edge->replica3"}, sent
+    assert max(sent.values()) <= 2 * min(sent.values()), f"idle replicas should take turns: {sent}"
+    assert sorted(r.prediction for r in result.records) == sorted(net.infer(inputs.tensors[0]).prediction.tolist())
+
+
 @pytest.mark.slow
 def test_resnet18_over_three_nodes_equals_the_model(tmp_path: Path) -> None:
     torch.manual_seed(0)

@@ -233,6 +233,7 @@ class Coordinator:
             return True
         except NodeUnavailableError as exc:
             logger.warning("coordinator: %s", exc)
+            await self._forget_control(node.name)  # a restarted node gets a fresh channel, not one backing off
             return False
 
     def _stage_file(self, stage: StagePlacement, disabled: frozenset[int]) -> tuple[str, bytes]:
@@ -264,6 +265,11 @@ class Coordinator:
                                   message_limit=self.cluster.message_limit)
             self._controls[node.name] = control
         return control
+
+    async def _forget_control(self, name: str) -> None:
+        control = self._controls.pop(name, None)
+        if control is not None:
+            await control.close()
 
     async def close(self) -> None:
         for task in [*self._tasks, *([self._publishing] if self._publishing else [])]:

@@ -33,6 +33,7 @@ from etcd3aio import Etcd3Client, EtcdConnectionError, EtcdTransientError, EtcdU
 
 from splitexit.config import EtcdSpec
 from splitexit.errors import RegistryUnavailableError
+from splitexit.runtime.wire import RECONNECT_OPTIONS
 
 __all__ = ["EmbeddedRegistry", "EtcdRegistry", "Registration", "Registry", "WatchEvent", "open_registry"]
 
@@ -44,10 +45,6 @@ SWEEP_INTERVAL = 0.1
 #: First retry delay after a failed refresh or a broken watch; doubles up to the cap.
 RETRY_DELAY = 0.1
 WATCH_RETRY_CAP = 1.0
-#: gRPC's own reconnect back-off grows to 120 s by default, which would leave us blind that long after an
-#: etcd outage; cap it so a restarted etcd is seen within about a second.
-_GRPC_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                   ("grpc.max_reconnect_backoff_ms", 1000)]
 _FIX_ENDPOINT = ("start one with `splitexit etcd` (see docs/registry.md) or fix `registry.etcd` in the cluster "
                  "file")
 
@@ -248,7 +245,7 @@ class EtcdRegistry:
         self._client = Etcd3Client(targets, watch_reconnect_backoff_seconds=RETRY_DELAY,
                                    watch_max_reconnect_backoff_seconds=WATCH_RETRY_CAP,
                                    tls_server_name=server_name if credentials else None, **credentials)
-        self._client._manager.grpc_options.extend(_GRPC_RECONNECT)  # no public hook for channel options
+        self._client._manager.grpc_options.extend(RECONNECT_OPTIONS)  # no public hook for channel options
         await self._client.connect()
         deadline = time.monotonic() + self.connect_timeout
         telling: BaseException | None = None  # the last failure that says more than "no answer in time"

@@ -160,27 +160,44 @@ class RuntimeCosts:
 
 @dataclass(frozen=True)
 class Topology:
-    """The chain the planner places a model on: tiers, the link after each tier but the last, runtime costs."""
+    """The chain the planner places a model on: tiers, the links between them, runtime costs.
+
+    ``links[i]`` joins tier i and tier i + 1. A plan that skips tiers sends over ``direct[(i, j)]`` when
+    there is one (the cluster file declares that link, or the runtime measured it), as the runtime does,
+    and otherwise over the hops in between, composed in series.
+    """
 
     tiers: tuple[Tier, ...]
-    links: tuple[LinkEstimate, ...]  # links[i] joins tier i and tier i + 1
+    links: tuple[LinkEstimate, ...]
     costs: RuntimeCosts = RuntimeCosts()
+    direct: Mapping[tuple[int, int], LinkEstimate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.tiers:
             raise ConfigError("a topology needs at least the edge")
         if len(self.links) != len(self.tiers) - 1:
             raise ConfigError(f"{len(self.tiers)} tiers need {len(self.tiers) - 1} links, got {len(self.links)}")
+        if any(not 0 <= i < j - 1 < len(self.tiers) - 1 for i, j in self.direct):
+            raise ConfigError(f"direct links must skip a tier of the {len(self.tiers)}: got {sorted(self.direct)}")
 
     def link(self, source: int, target: int) -> LinkEstimate:
-        """The link from tier ``source`` to tier ``target`` (later), composed over the tiers in between."""
-        return LinkEstimate.compose(self.links[source:target])
+        """The link from tier ``source`` to tier ``target`` (later)."""
+        direct = self.direct.get((source, target))
+        return direct if direct is not None else LinkEstimate.compose(self.links[source:target])
 
-    def with_bandwidth(self, bandwidth: float | None, link: int = 0) -> "Topology":
-        """The same chain with one link's bandwidth replaced (the uplink by default): for bandwidth sweeps."""
+    def with_bandwidth(self, bandwidth: float | None, tier: int = 0) -> "Topology":
+        """The same chain with the bandwidth of every link leaving ``tier`` replaced (the edge's uplinks by
+        default): for bandwidth sweeps."""
         links = list(self.links)
-        links[link] = replace(links[link], bandwidth=bandwidth)
-        return replace(self, links=tuple(links))
+        links[tier] = replace(links[tier], bandwidth=bandwidth)
+        direct = {pair: replace(link, bandwidth=bandwidth) if pair[0] == tier else link
+                  for pair, link in self.direct.items()}
+        return replace(self, links=tuple(links), direct=direct)
+
+    def named_links(self) -> list[tuple[str, str, LinkEstimate]]:
+        """Every link the planner knows, as (from tier, to tier, figures): neighbours, then direct ones."""
+        named = [(a.name, b.name, link) for a, b, link in zip(self.tiers, self.tiers[1:], self.links)]
+        return named + [(self.tiers[i].name, self.tiers[j].name, link) for (i, j), link in sorted(self.direct.items())]
 
 
 def topology_from_cluster(cluster: ClusterSpec, *,
@@ -188,24 +205,27 @@ def topology_from_cluster(cluster: ClusterSpec, *,
                           costs: RuntimeCosts | None = None) -> Topology:
     """Tiers and links of a cluster file.
 
-    Link figures are the file's emulated bandwidth, latency, jitter and loss. **Hook for measured links:**
-    ``measured_links[(source, target)]`` (node names of neighbouring tiers), e.g. RTT and bandwidth the
-    runtime measured, replaces the file's figures for that hop. Replicated tiers are represented by their
-    first node (its link, the slowest replica's slowdown).
+    Link figures are the file's emulated bandwidth, latency, jitter and loss. ``measured_links[(source,
+    target)]`` (node names), e.g. the bandwidth the runtime measured, replaces the file's figures for that
+    link. Links past skipped tiers are kept where the file declares them or they were measured. Replicated
+    tiers are represented by their first node (its links, the slowest replica's slowdown).
     """
     groups = _tier_groups(cluster)
     tiers = tuple(Tier(i, tuple(n.name for n in members), compute_scale=max(n.slowdown for n in members))
                   for i, members in enumerate(groups))
-    links = []
-    for a, b in zip(groups, groups[1:]):
-        pair = (a[0].name, b[0].name)
-        if measured_links and pair in measured_links:
-            links.append(measured_links[pair])
-        else:
-            links.append(LinkEstimate.from_spec(cluster.link(*pair)))
+    heads = [members[0].name for members in groups]
+    measured = measured_links or {}
+    declared = {(link.source, link.target) for link in cluster.links}
+
+    def estimate(pair: tuple[str, str]) -> LinkEstimate:
+        return measured[pair] if pair in measured else LinkEstimate.from_spec(cluster.link(*pair))
+
+    links = tuple(estimate(pair) for pair in zip(heads, heads[1:]))
+    direct = {(i, j): estimate((heads[i], heads[j])) for i in range(len(heads)) for j in range(i + 2, len(heads))
+              if (heads[i], heads[j]) in declared or (heads[i], heads[j]) in measured}
     base = costs or RuntimeCosts()
     base = replace(base, max_batch=cluster.batching.max_batch, max_wait=cluster.batching.max_wait)
-    return Topology(tiers, tuple(links), base)
+    return Topology(tiers, links, base, direct)
 
 
 def _tier_groups(cluster: ClusterSpec) -> list[list[NodeSpec]]:

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -66,6 +67,7 @@ __all__ = [
     "exits_key",
     "load_profile",
     "measure_exits",
+    "measure_idle_factors",
     "measure_timing",
     "save_profile",
     "timing_key",
@@ -88,6 +90,8 @@ CODEC_SAMPLES = 8
 #: Idle times (seconds) after which a cold run of the whole model is timed, for :attr:`MachineProfile.idle_factors`.
 IDLE_GAPS = (0.001, 0.003, 0.01, 0.03)
 IDLE_REPEATS = 15
+#: Bumped whenever how timings are measured changes, so that stored timings are measured again.
+TIMING_METHOD = 2
 
 Progress = Callable[[str, int, int], None]
 
@@ -379,7 +383,7 @@ def machine_name() -> str:
 def timing_key(net: EarlyExitNet, cuts: Sequence[int], *, batch_sizes: Sequence[int], codecs: Sequence[str],
                repeats: int) -> dict[str, object]:
     """What the timing depends on; a stored timing with another key is measured again."""
-    return {"weights_sha256": net.weights_sha256, "torch": torch.__version__,
+    return {"method": TIMING_METHOD, "weights_sha256": net.weights_sha256, "torch": torch.__version__,
             "memory_format": net.cpu.memory_format, "threads": torch.get_num_threads(),
             "batch_sizes": list(batch_sizes), "codecs": list(codecs), "cuts": list(cuts), "repeats": repeats,
             "machine": machine_name()}
@@ -417,16 +421,45 @@ def candidate_cuts(net: EarlyExitNet, limit: int = MAX_CANDIDATE_CUTS) -> tuple[
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def _clock_calls(call: Callable[[], object], *, warmup: int, repeats: int, timer: bool = False) -> Timing:
-    """Time ``call`` ``repeats`` times after ``warmup`` calls; with ``timer`` the call returns its own seconds."""
+def _clock_calls(call: Callable[[], object], *, warmup: int, repeats: int) -> Timing:
+    """Time ``call`` ``repeats`` times after ``warmup`` calls."""
     for _ in range(warmup):
         call()
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        result = call()
-        samples.append(float(result) if timer else time.perf_counter() - start)  # type: ignore[arg-type]
+        call()
+        samples.append(time.perf_counter() - start)
     return Timing.of(samples)
+
+
+def measure_idle_factors(call: Callable[[], None], *, warmup: int, gaps: Sequence[float] = IDLE_GAPS,
+                  rounds: int = IDLE_REPEATS) -> dict[float, float]:
+    """How much slower ``call`` runs after each idle gap than back to back, in a worker thread as the runtime's
+    stage executor runs it.
+
+    Every round times a warm call and then, after the pause, a cold one, through the same thread, for each
+    gap in turn (rotated per round): the factor is the median of those paired ratios, so a burst of load
+    from elsewhere on the machine scales both halves of a pair instead of one side of the comparison.
+    Factors never decrease with the gap (a longer pause cannot leave the caches warmer).
+    """
+    order = tuple(gaps)
+    ratios: dict[float, list[float]] = {gap: [] for gap in order}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitexit-profile") as worker:
+        for _ in range(warmup):
+            worker.submit(call).result()
+        for turn in range(rounds):
+            start = turn % len(order)
+            for gap in order[start:] + order[:start]:
+                warm = worker.submit(_timed, call).result()  # right after the last call: warm
+                time.sleep(gap)
+                cold = worker.submit(_timed, call).result()
+                ratios[gap].append(cold / warm)
+    factors, floor = {}, 1.0
+    for gap in sorted(order):
+        floor = max(floor, statistics.median(ratios[gap]))
+        factors[gap] = floor
+    return factors
 
 
 def _timed(call: Callable[[], object]) -> float:
@@ -544,14 +577,7 @@ def measure_timing(net: EarlyExitNet, inputs: torch.Tensor, cuts: Sequence[int],
                 for segment in chain:
                     values = segment(*values)  # type: ignore[misc]
 
-        warm = _clock_calls(run_chain, warmup=warmup, repeats=max(repeats, IDLE_REPEATS)).median
-        idle_factors = {}
-        # Like the runtime's stage executor: the call runs in a worker thread woken after the pause.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitexit-profile") as worker:
-            for gap in IDLE_GAPS:
-                cold = _clock_calls(lambda: (time.sleep(gap), worker.submit(_timed, run_chain).result())[1],
-                                    warmup=1, repeats=IDLE_REPEATS, timer=True).median
-                idle_factors[gap] = max(1.0, cold / warm)
+        idle_factors = measure_idle_factors(run_chain, warmup=warmup)
     transfers = []
     for cut in bounds[:-1]:
         values = activations[cut]

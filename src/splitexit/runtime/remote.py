@@ -27,7 +27,7 @@ from splitexit.runtime.hop import RowError, RowResult, Stamp, stamp
 from splitexit.runtime.link import EmulatedLink
 from splitexit.runtime.meter import ThroughputMeter
 from splitexit.runtime.security import NodeCredentials, token_metadata
-from splitexit.runtime.wire import grpc_options, raw_size
+from splitexit.runtime.wire import RECONNECT_OPTIONS, grpc_options, raw_size
 
 __all__ = ["LinkCounters", "RemoteStage", "open_channel"]
 
@@ -217,7 +217,7 @@ class RemoteStage:
 def open_channel(address: str, name: str, credentials: NodeCredentials | None, message_limit: int
                  ) -> grpc.aio.Channel:
     """A channel to node ``name`` at ``address``; with TLS the server must prove it is that node."""
-    options = grpc_options(message_limit)
+    options = grpc_options(message_limit) + RECONNECT_OPTIONS
     if credentials is None:
         return grpc.aio.insecure_channel(address, options=options)
     return grpc.aio.secure_channel(address, credentials.channel(),

@@ -150,6 +150,6 @@ class Replanner:
             if planned.bandwidth is not None and abs(bandwidth - planned.bandwidth) <= SAME_BANDWIDTH * planned.bandwidth:
                 continue
             layout.measured[(source, target)] = replace(planned, bandwidth=bandwidth, origin="measured")
-            was = "unlimited" if planned.bandwidth is None else f"{planned.bandwidth / 1e6:.1f} Mbit/s"
-            news.append(f"{source}->{target} measured {bandwidth / 1e6:.1f} Mbit/s (was {was})")
+            was = "unlimited" if planned.bandwidth is None else f"{planned.bandwidth / 1e6:.3g} Mbit/s"
+            news.append(f"{source}->{target} measured {bandwidth / 1e6:.3g} Mbit/s (was {was})")
         return "; ".join(news)

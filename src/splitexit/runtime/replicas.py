@@ -1,7 +1,8 @@
 """The replicas of the next stage as one :class:`~splitexit.runtime.hop.Downstream`.
 
 Each batch goes to the live replica holding the fewest unanswered rows (its queue depth as this sender
-sees it). A replica whose stream breaks has already failed its unanswered rows with ``node_unavailable``
+sees it); ties, the rule under light load, go round in turn, so every replica gets its share and a
+replica that (re)joined is used at once. A replica whose stream breaks has already failed its unanswered rows with ``node_unavailable``
 (the entry resubmits them); the set stops sending to it and reconnects in the background with exponential
 backoff, so a node that keeps failing is tried less and less often. With no live replica a batch fails at
 once with ``no_route``, which the entry also retries.
@@ -44,6 +45,7 @@ class ReplicaSet:
         self._peers: dict[str, NodeSpec] = {}
         self._keepers: dict[str, asyncio.Task] = {}
         self._retry_now: dict[str, asyncio.Event] = {}
+        self._turn = 0
 
     async def update(self, peers: Sequence[NodeSpec], *, wait: bool = True) -> None:
         """Serve exactly ``peers`` from now on: connect to new ones, close the ones that left.
@@ -81,7 +83,10 @@ class ReplicaSet:
                 future.set_result(RowError(request_id, "no_route", f"no replica of the next stage is reachable "
                                                                     f"({names})", self.sender))
             return futures
-        target = min(live, key=lambda r: r.outstanding)
+        fewest = min(r.outstanding for r in live)
+        candidates = [r for r in live if r.outstanding == fewest]
+        self._turn += 1
+        target = candidates[self._turn % len(candidates)]
         return await target.send(ids, tensors, trace)  # type: ignore[arg-type]
 
     async def _keep(self, peer: NodeSpec, first_attempt: asyncio.Future) -> None:

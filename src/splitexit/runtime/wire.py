@@ -24,6 +24,11 @@ MAX_ROWS = 4096
 #: Most chunks one tensor may be split into.
 MAX_CHUNKS = 4096
 
+#: gRPC's reconnect back-off grows to 120 s by default: a channel that saw its peer go away would fail calls
+#: fast for that long after the peer came back (a restarted node, a restarted etcd). Ours retries within a
+#: second; callers keep their own, longer back-off on top.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 def grpc_options(message_limit: int) -> list[tuple[str, int]]:

@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from splitexit.plan.profile import (
     PROFILE_FILE,
     Profile,
     Timing,
+    measure_idle_factors,
     candidate_cuts,
     exits_key,
     load_profile,
@@ -192,3 +194,18 @@ def test_profile_keys_name_what_they_depend_on(net: EarlyExitNet) -> None:
     changed.set_policy(changed.policy.model_copy(update={"temperatures": (1.0,) * changed.num_exits}))
     assert exits_key(changed, DataSplit(dataset="digits"))["policy"] != key["policy"]
     assert exits_key(net, DataSplit(dataset="digits", seed=3))["split"] != key["split"]
+
+
+def test_idle_factors_compare_paired_calls_and_never_fall_with_a_longer_pause() -> None:
+    """A call that runs twice as long after more than 5 ms of rest: the factor says so from that pause on."""
+    last_finished = [0.0]
+
+    def call() -> None:
+        rested = time.perf_counter() - last_finished[0]
+        time.sleep(0.004 if rested > 0.005 else 0.002)
+        last_finished[0] = time.perf_counter()
+
+    factors = measure_idle_factors(call, warmup=1, gaps=(0.001, 0.01, 0.03), rounds=5)
+    assert list(factors) == [0.001, 0.01, 0.03]
+    assert 1.0 <= factors[0.001] < 1.4, factors
+    assert 1.6 < factors[0.01] <= factors[0.03] < 2.5, factors

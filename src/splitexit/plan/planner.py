@@ -202,16 +202,21 @@ class Topology:
 
 def topology_from_cluster(cluster: ClusterSpec, *,
                           measured_links: Mapping[tuple[str, str], LinkEstimate] | None = None,
+                          measured_slowdowns: Mapping[str, float] | None = None,
                           costs: RuntimeCosts | None = None) -> Topology:
     """Tiers and links of a cluster file.
 
     Link figures are the file's emulated bandwidth, latency, jitter and loss. ``measured_links[(source,
     target)]`` (node names), e.g. the bandwidth the runtime measured, replaces the file's figures for that
-    link. Links past skipped tiers are kept where the file declares them or they were measured. Replicated
-    tiers are represented by their first node (its links, the slowest replica's slowdown).
+    link. Links past skipped tiers are kept where the file declares them or they were measured. Likewise
+    ``measured_slowdowns[node]`` (how much slower than the profile the node was seen to compute) replaces
+    the file's ``slowdown``. Replicated tiers are represented by their first node (its links, the slowest
+    replica's slowdown).
     """
     groups = _tier_groups(cluster)
-    tiers = tuple(Tier(i, tuple(n.name for n in members), compute_scale=max(n.slowdown for n in members))
+    slowdowns = measured_slowdowns or {}
+    tiers = tuple(Tier(i, tuple(n.name for n in members),
+                       compute_scale=max(slowdowns.get(n.name, n.slowdown) for n in members))
                   for i, members in enumerate(groups))
     heads = [members[0].name for members in groups]
     measured = measured_links or {}
@@ -249,12 +254,17 @@ class Objective:
 # ------------------------------------------------------------------------------------------ outputs
 @dataclass(frozen=True)
 class PlannedStage:
-    """Tier ``tier`` runs the model from cut ``start`` to cut ``end`` (None: the input / the output)."""
+    """Tier ``tier`` runs the model from cut ``start`` to cut ``end`` (None: the input / the output).
+
+    ``compute_ms`` is the expected compute of one request that reaches the stage (slowdown and idle factor
+    included): what the runtime's trace measures between a stage's ``compute_start`` and ``compute_end``.
+    """
 
     tier: int
     nodes: tuple[str, ...]
     start: int | None
     end: int | None
+    compute_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -562,6 +572,7 @@ def _evaluate(costs: _Costs, candidate: _Candidate, factors: Factors, objective:
     hops = list(zip(visited, visited[1:]))
     latencies = np.zeros(table.samples)
     busy = dict.fromkeys(tiers, 0.0)  # expected seconds each tier's worker really computes per input
+    slowed = dict.fromkeys(tiers, 0.0)  # the same with its slowdown: what the trace shows, per input
     for j in range(table.early_exits + 1):
         answer = exit_pos[j]
         share = float(np.mean(leave == j))
@@ -574,6 +585,7 @@ def _evaluate(costs: _Costs, candidate: _Candidate, factors: Factors, objective:
                        + rt.compute_overhead * topology.tiers[tier].compute_scale)
             # the emulation sleeps away the slowdown: the worker idles through it too
             busy[tier] += share * compute / topology.tiers[tier].compute_scale
+            slowed[tier] += share * compute
             total += compute + rt.wait() + rt.stage_overhead
             if answer <= b:
                 break
@@ -613,7 +625,9 @@ def _evaluate(costs: _Costs, candidate: _Candidate, factors: Factors, objective:
     bottleneck = max(loads, key=lambda k: loads[k])
     throughput = 1.0 / loads[bottleneck] if loads[bottleneck] > 0 else math.inf
     planned = tuple(PlannedStage(t, topology.tiers[t].nodes, None if a == 0 else profile.cuts[a - 1],
-                                 None if b == K + 1 else profile.cuts[b - 1]) for t, a, b in spans)
+                                 None if b == K + 1 else profile.cuts[b - 1],
+                                 compute_ms=slowed[t] / q[a] * 1e3 if q[a] > 0 else 0.0)
+                    for t, a, b in spans)
     used = set(tiers)
     skipped = tuple(n for t in topology.tiers if t.index not in used for n in t.nodes)
     result = Plan(objective=objective.kind, stages=planned, links=tuple(links), skipped=skipped, active_exits=active,

@@ -90,8 +90,10 @@ CODEC_SAMPLES = 8
 #: Idle times (seconds) after which a cold run of the whole model is timed, for :attr:`MachineProfile.idle_factors`.
 IDLE_GAPS = (0.001, 0.003, 0.01, 0.03)
 IDLE_REPEATS = 15
+#: Calls back to back before the warm call of each pair is timed.
+WARM_RUN = 3
 #: Bumped whenever how timings are measured changes, so that stored timings are measured again.
-TIMING_METHOD = 2
+TIMING_METHOD = 3
 
 Progress = Callable[[str, int, int], None]
 
@@ -438,7 +440,8 @@ def measure_idle_factors(call: Callable[[], None], *, warmup: int, gaps: Sequenc
     """How much slower ``call`` runs after each idle gap than back to back, in a worker thread as the runtime's
     stage executor runs it.
 
-    Every round times a warm call and then, after the pause, a cold one, through the same thread, for each
+    Every round times a warm call (the last of ``WARM_RUN`` back to back: after a pause the core takes a
+    few calls to get up to speed) and then, after the pause, a cold one, through the same thread, for each
     gap in turn (rotated per round): the factor is the median of those paired ratios, so a burst of load
     from elsewhere on the machine scales both halves of a pair instead of one side of the comparison.
     Factors never decrease with the gap (a longer pause cannot leave the caches warmer).
@@ -451,7 +454,7 @@ def measure_idle_factors(call: Callable[[], None], *, warmup: int, gaps: Sequenc
         for turn in range(rounds):
             start = turn % len(order)
             for gap in order[start:] + order[:start]:
-                warm = worker.submit(_timed, call).result()  # right after the last call: warm
+                warm = worker.submit(_timed, call, WARM_RUN - 1).result()
                 time.sleep(gap)
                 cold = worker.submit(_timed, call).result()
                 ratios[gap].append(cold / warm)
@@ -462,7 +465,9 @@ def measure_idle_factors(call: Callable[[], None], *, warmup: int, gaps: Sequenc
     return factors
 
 
-def _timed(call: Callable[[], object]) -> float:
+def _timed(call: Callable[[], object], untimed_before: int = 0) -> float:
+    for _ in range(untimed_before):
+        call()
     start = time.perf_counter()
     call()
     return time.perf_counter() - start

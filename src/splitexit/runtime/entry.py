@@ -36,6 +36,7 @@ from splitexit.model.stages import Stage
 from splitexit.runtime.chain import node_credentials, stage_hop
 from splitexit.runtime.codec import CodecSpec
 from splitexit.runtime.hop import Hop, RowError, RowResult, Stamp
+from splitexit.runtime.meter import ComputeMeter
 from splitexit.runtime.placement import Placement
 from splitexit.runtime.remote import LinkCounters
 from splitexit.runtime.replan import PlannedLayout, Replanner
@@ -102,6 +103,7 @@ class Entry:
         self._version = 0
         self._retired: dict[Hop, asyncio.Task] = {}  # hops of earlier plans, closing once their requests finish
         self._sent: dict[str, LinkCounters] = {}  # bytes the edge sent to each peer, over every plan
+        self._compute = ComputeMeter()  # how long each node's stage computed per request, under this plan
         self._ids = itertools.count(1)
         self._slots: asyncio.Semaphore | None = None
 
@@ -129,7 +131,9 @@ class Entry:
                                        layout=self.layout)
         await self.coordinator.start(wait=self.start_timeout)
         if isinstance(self.layout, PlannedLayout) and self.replan:
-            replanner = Replanner(self.layout, self.coordinator.request_replan, self._bandwidths)
+            one_at_a_time = self.window == 1  # larger windows batch requests: a span is then a batch's
+            replanner = Replanner(self.layout, self.coordinator.request_replan, self._bandwidths,
+                                  measure_compute=self._compute.means if one_at_a_time else None)
             self._replanning = asyncio.get_running_loop().create_task(replanner.run(), name="replanner")
 
     def _bandwidths(self) -> dict[tuple[str, str], float]:
@@ -152,6 +156,7 @@ class Entry:
         if hop.downstream is not None:
             await hop.downstream.update(peers)  # type: ignore[attr-defined]
         old, self._hop, self._version = self._hop, hop, placement.version
+        self._compute.clear()  # stages change with the plan: their old spans say nothing about the new ones
         if old is not None:
             self._retired[old] = asyncio.get_running_loop().create_task(_close_when_idle(old))
 
@@ -175,6 +180,8 @@ class Entry:
             started = time.time()
             outcome, attempts = await self._answer(request_id, self.net._prepare(sample), started)
             finished = time.time()
+        if isinstance(outcome, RowResult):
+            self._compute.record(outcome.trace)
         return _record(outcome, index=index, label=label, started=started, finished=finished, attempts=attempts)
 
     async def _answer(self, request_id: int, sample: torch.Tensor, started: float

@@ -1,24 +1,31 @@
-"""How fast a link really is, measured by the sender while it sends (for re-planning).
+"""What the running chain really delivers, measured while it serves (for re-planning).
+
+:class:`ThroughputMeter`: how fast a link is, measured by the sender while it sends.
 
 The sender records, per message, its size and the time the link was busy with *it*: from when it could
 start (after the message before it) to when it was handed on, in each of two lanes — putting it on the
 emulated link (its serialisation time there) and writing it to gRPC (the time flow control held the write
 on a real link). Bytes are counted once, in the first lane. Over a sliding window
 that gives the throughput the link delivers while it is in use, whatever its configured bandwidth.
+
+:class:`ComputeMeter`: how long each node's stage computes per request, from the answers' traces (the
+``compute_start`` and ``compute_end`` stamps every stage adds), over the same sliding window.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Callable
+from typing import Callable, Iterable
 
-__all__ = ["ThroughputMeter"]
+__all__ = ["ComputeMeter", "ThroughputMeter"]
 
 #: Seconds of recent messages the estimate covers.
 WINDOW = 2.0
 #: Below this much busy time in the window the link is too idle (or too fast) to measure.
 MIN_BUSY = 0.005
+#: Fewer requests than this through a node in the window tell nothing about its compute.
+MIN_REQUESTS = 5
 
 
 class ThroughputMeter:
@@ -41,6 +48,38 @@ class ThroughputMeter:
         if busy < MIN_BUSY:
             return None
         return 8 * sum(s[1] for s in self._samples) / busy
+
+    def _trim(self, now: float) -> None:
+        while self._samples and self._samples[0][0] < now - self.window:
+            self._samples.popleft()
+
+
+class ComputeMeter:
+    def __init__(self, *, window: float = WINDOW, clock: Callable[[], float] = time.monotonic):
+        self.window, self.clock = window, clock
+        self._samples: deque[tuple[float, str, float]] = deque()  # (when, node, compute seconds)
+
+    def record(self, trace: Iterable[tuple[str, str, float]]) -> None:
+        """Note the compute span of every stage one answered request went through."""
+        starts: dict[str, float] = {}
+        now = self.clock()
+        for node, event, at in trace:
+            if event == "compute_start":
+                starts[node] = at
+            elif event == "compute_end" and node in starts:
+                self._samples.append((now, node, max(0.0, at - starts.pop(node))))
+        self._trim(now)
+
+    def clear(self) -> None:
+        self._samples.clear()
+
+    def means(self) -> dict[str, float]:
+        """Mean compute seconds per request of every node seen often enough in the window."""
+        self._trim(self.clock())
+        spans: dict[str, list[float]] = {}
+        for _, node, seconds in self._samples:
+            spans.setdefault(node, []).append(seconds)
+        return {node: sum(s) / len(s) for node, s in spans.items() if len(s) >= MIN_REQUESTS}
 
     def _trim(self, now: float) -> None:
         while self._samples and self._samples[0][0] < now - self.window:

@@ -1,11 +1,12 @@
 """Placements chosen by the planner, from measurements, and chosen again while the entry runs.
 
 :class:`PlannedLayout` is the coordinator's layout when the planner decides: it plans the model on the
-live nodes with the link figures last measured (the cluster file's until then). :class:`Replanner` runs
-beside the entry: every ``interval`` it reads what the senders measured on their links, predicts the
-current plan and the best plan under those figures, and when the best one has been better by
-``margin`` for ``hold`` seconds, asks the coordinator to re-plan, saying why. Nodes keep the previous
-plan's stages, so requests sent under it finish; the report lists every switch.
+live nodes with the link and compute figures last measured (the cluster file's and the profile's until
+then). :class:`Replanner` runs beside the entry: every ``interval`` it reads what the senders measured on
+their links and how long each stage computed per request, predicts the current plan and the best plan
+under those figures, and when the best one has been better by ``margin`` for ``hold`` seconds, asks the
+coordinator to re-plan, saying why. Nodes keep the previous plan's stages, so requests sent under it
+finish; the report lists every switch.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ MARGIN = 0.2
 HOLD, INTERVAL = 1.0, 0.5
 #: A measured bandwidth this close to the one planned with is not news.
 SAME_BANDWIDTH = 0.25
+#: A stage computing within this factor of its prediction is not news (predictions hold to about 20 %).
+SAME_COMPUTE = 1.5
 
 
 def placement_from_plan(net: EarlyExitNet, cluster: ClusterSpec, chosen: Plan) -> Placement:
@@ -72,6 +75,7 @@ class PlannedLayout:
                  codecs: tuple[str, ...] | None = None):
         self.net, self.profile, self.objective, self.codecs = net, profile, objective, codecs
         self.measured: dict[tuple[str, str], LinkEstimate] = {}
+        self.slowdowns: dict[str, float] = {}  # measured: how much slower than the profile each node computes
         self.cluster: ClusterSpec | None = None  # the live cluster last planned for
         self.current: Plan | None = None
 
@@ -95,16 +99,29 @@ class PlannedLayout:
 
     def _topology(self):  # noqa: ANN202 - plan.planner.Topology
         assert self.cluster is not None
-        return topology_from_cluster(self.cluster, measured_links=self.measured)
+        return topology_from_cluster(self.cluster, measured_links=self.measured, measured_slowdowns=self.slowdowns)
+
+    def slowdown(self, node: str) -> float:
+        """The node's compute slowdown planned with: measured, else the cluster file's."""
+        assert self.cluster is not None
+        return self.slowdowns.get(node, self.cluster.node(node).slowdown)
 
 
 class Replanner:
-    """Feeds measured link bandwidths to a :class:`PlannedLayout` and asks for a new plan when it pays."""
+    """Feeds measured link bandwidths and stage compute times to a :class:`PlannedLayout` and asks for a new
+    plan when it pays.
+
+    ``measure`` gives the bits per second each measured link delivered lately, ``measure_compute`` the
+    mean compute seconds per request of each node (None: compute is not measured, e.g. when batches of
+    several requests make a request's compute span incomparable with the one-at-a-time prediction).
+    """
 
     def __init__(self, layout: PlannedLayout, request_replan: Callable[[str], None],
-                 measure: Callable[[], Mapping[tuple[str, str], float]], *, margin: float = MARGIN,
+                 measure: Callable[[], Mapping[tuple[str, str], float]], *,
+                 measure_compute: Callable[[], Mapping[str, float]] | None = None, margin: float = MARGIN,
                  hold: float = HOLD, interval: float = INTERVAL):
         self.layout, self.request_replan, self.measure = layout, request_replan, measure
+        self.measure_compute = measure_compute
         self.margin, self.hold, self.interval = margin, hold, interval
         self._better_since: float | None = None
 
@@ -121,7 +138,7 @@ class Replanner:
         layout = self.layout
         if layout.cluster is None or layout.current is None:
             return None
-        news = self._take_measurements()
+        news = "; ".join(n for n in (self._take_measurements(), self._take_compute()) if n)
         current = layout.predicted_current()
         best = layout.best()
         if best.latency_ms >= current.latency_ms * (1 - self.margin) or best.describe() == current.describe():
@@ -152,4 +169,25 @@ class Replanner:
             layout.measured[(source, target)] = replace(planned, bandwidth=bandwidth, origin="measured")
             was = "unlimited" if planned.bandwidth is None else f"{planned.bandwidth / 1e6:.3g} Mbit/s"
             news.append(f"{source}->{target} measured {bandwidth / 1e6:.3g} Mbit/s (was {was})")
+        return "; ".join(news)
+
+    def _take_compute(self) -> str:
+        """Record slowdowns of nodes whose stage computes far from its prediction; describe the news."""
+        measured = self.measure_compute() if self.measure_compute is not None else {}
+        if not measured:
+            return ""
+        layout = self.layout
+        news = []
+        for stage in layout.predicted_current().stages:
+            seen = [measured[n] for n in stage.nodes if n in measured]
+            if not seen or stage.compute_ms <= 0:
+                continue
+            mean_ms = 1e3 * sum(seen) / len(seen)
+            ratio = mean_ms / stage.compute_ms
+            if 1 / SAME_COMPUTE <= ratio <= SAME_COMPUTE:
+                continue
+            for node in stage.nodes:
+                layout.slowdowns[node] = layout.slowdown(node) * ratio
+            news.append(f"{'|'.join(stage.nodes)} computed {mean_ms:.3g} ms per request, predicted "
+                        f"{stage.compute_ms:.3g} ms")
         return "; ".join(news)

@@ -1,4 +1,4 @@
-"""The sender's throughput meter measures what an emulated link really delivers."""
+"""The meters re-planning reads: what an emulated link really delivers, how long each stage computes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from splitexit.config import LinkSpec
 from splitexit.runtime.link import EmulatedLink
-from splitexit.runtime.meter import ThroughputMeter
+from splitexit.runtime.meter import MIN_REQUESTS, ComputeMeter, ThroughputMeter
 
 
 def test_busy_time_counts_each_message_once_even_when_puts_overlap() -> None:
@@ -49,3 +49,22 @@ def test_it_finds_an_emulated_links_bandwidth(bandwidth: float) -> None:
 async def _drain(link: EmulatedLink) -> None:
     async for _ in link:
         pass
+
+
+def test_compute_meter_averages_each_nodes_span_over_recent_requests() -> None:
+    now = [100.0]
+    meter = ComputeMeter(window=2.0, clock=lambda: now[0])
+
+    def answered(edge_s: float, cloud_s: float | None) -> list[tuple[str, str, float]]:
+        trace = [("edge", "queued", 0.0), ("edge", "compute_start", 1.0), ("edge", "compute_end", 1.0 + edge_s),
+                 ("edge", "encoded", 2.0)]
+        if cloud_s is not None:
+            trace += [("cloud1", "compute_start", 3.0), ("cloud1", "compute_end", 3.0 + cloud_s)]
+        return trace
+
+    for i in range(MIN_REQUESTS):
+        meter.record(answered(0.010 if i % 2 else 0.020, 0.004 if i < MIN_REQUESTS - 1 else None))
+    assert meter.means() == pytest.approx({"edge": (0.010 * (MIN_REQUESTS // 2) + 0.020 * (MIN_REQUESTS - MIN_REQUESTS // 2))
+                                           / MIN_REQUESTS}), "cloud1 saw too few requests to say"
+    now[0] += 3.0
+    assert meter.means() == {}, "old requests leave the window"

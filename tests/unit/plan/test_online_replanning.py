@@ -1,0 +1,58 @@
+"""The entry's re-planner: measured links and measured stage compute move the plan, noise does not."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from synthetic import synthetic_profile
+
+from splitexit.config import ClusterSpec
+from splitexit.runtime.replan import HOLD, PlannedLayout, Replanner
+
+CLUSTER = """
+nodes:
+  - {name: edge, role: edge, slowdown: 6}
+  - {name: cloud1, address: 127.0.0.1:50061}
+  - {name: cloud2, address: 127.0.0.1:50062}
+links:
+  - {from: edge, to: cloud1, bandwidth: 1Gbit, latency: 1ms}
+  - {from: cloud1, to: cloud2, bandwidth: 1Gbit, latency: 1ms}
+batching: {max_batch: 1}
+"""
+
+
+def planned_layout(seed: int = 2) -> PlannedLayout:
+    layout = PlannedLayout(None, synthetic_profile(seed))  # type: ignore[arg-type] - no placement is built here
+    layout.cluster = ClusterSpec.model_validate(yaml.safe_load(CLUSTER))
+    layout.current = layout.best()
+    return layout
+
+
+def replanner(layout: PlannedLayout, compute: dict[str, float]) -> tuple[Replanner, list[str]]:
+    asked: list[str] = []
+    return Replanner(layout, asked.append, dict, measure_compute=lambda: compute), asked
+
+
+def test_a_stage_that_computes_far_slower_than_predicted_moves_the_plan() -> None:
+    layout = planned_layout()
+    first = layout.current
+    assert first is not None and first.stages[-1].compute_ms > 0
+    slow = first.stages[-1]  # the cloud stage that answers last
+    measured = {node: 20 * slow.compute_ms / 1e3 for node in slow.nodes}
+    planner, asked = replanner(layout, measured)
+    assert planner.check(100.0) is None, "a better plan must stay better for the hold time first"
+    reason = planner.check(100.0 + HOLD)
+    assert reason is not None and asked == [reason]
+    assert f"{slow.nodes[0]} computed" in reason and "predicted" in reason
+    assert layout.slowdowns[slow.nodes[0]] == pytest.approx(20.0, rel=0.01)
+    assert slow.nodes[0] not in {n for s in layout.best().stages for n in s.nodes}, \
+        "the new best plan avoids the node that computes 20x slower"
+
+
+def test_compute_within_the_noise_band_changes_nothing() -> None:
+    layout = planned_layout()
+    stages = layout.current.stages  # type: ignore[union-attr]
+    measured = {s.nodes[0]: 1.3 * s.compute_ms / 1e3 for s in stages}
+    planner, asked = replanner(layout, measured)
+    assert planner.check(100.0) is None and planner.check(100.0 + HOLD) is None
+    assert layout.slowdowns == {} and asked == []

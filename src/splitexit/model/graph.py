@@ -23,6 +23,7 @@ from torch import nn
 
 from splitexit.errors import CutError, ModelError, TraceError
 from splitexit.model.flops import count_flops
+from splitexit.model.trace_guard import TRACE_GUARD
 
 __all__ = ["CutPoint", "ModelGraph", "TensorInfo", "list_cut_points", "run_chain", "trace_model"]
 
@@ -277,7 +278,8 @@ def trace_model(model: nn.Module, example_input: torch.Tensor) -> ModelGraph:
     was_training = model.training
     model.eval()
     try:
-        graph_module, tracer = _trace(model, example_input)
+        with TRACE_GUARD.exclusive():  # tracing patches every module's __call__ in the process (trace_guard.py)
+            graph_module, tracer = _trace(model, example_input)
         return ModelGraph(graph_module, example_input, tracer=tracer)
     finally:
         model.train(was_training)

@@ -124,6 +124,7 @@ class Replanner:
         self.measure_compute = measure_compute
         self.margin, self.hold, self.interval = margin, hold, interval
         self._better_since: float | None = None
+        self._news: list[str] = []  # measurements taken since another plan started to look better
 
     async def run(self) -> None:
         while True:
@@ -138,18 +139,19 @@ class Replanner:
         layout = self.layout
         if layout.cluster is None or layout.current is None:
             return None
-        news = "; ".join(n for n in (self._take_measurements(), self._take_compute()) if n)
+        self._news += [n for n in (self._take_measurements(), self._take_compute()) if n]
         current = layout.predicted_current()
         best = layout.best()
         if best.latency_ms >= current.latency_ms * (1 - self.margin) or best.describe() == current.describe():
             self._better_since = None
+            self._news = []
             return None
         if self._better_since is None:
             self._better_since = now
         if now - self._better_since < self.hold:
             return None
-        self._better_since = None
-        reason = (f"{news or 'measured links'}: the current plan is now predicted at {current.latency_ms:.1f} ms, "
+        news, self._better_since, self._news = "; ".join(self._news) or "measurements", None, []
+        reason = (f"{news}: the current plan is now predicted at {current.latency_ms:.1f} ms, "
                   f"{best.describe()} at {best.latency_ms:.1f} ms")
         logger.info("re-planning: %s", reason)
         self.request_replan(reason)

@@ -23,6 +23,7 @@ import torch
 
 from splitexit.config import BatchingSpec
 from splitexit.model.stages import Stage
+from splitexit.model.trace_guard import TRACE_GUARD
 
 __all__ = ["Answer", "StageExecutor", "StageReply"]
 
@@ -137,11 +138,13 @@ class StageExecutor(Generic[Encoded]):
 
     def _compute(self, jobs: list[_Job]) -> list[StageReply[Encoded]]:
         """Worker thread: one stage run over the concatenated jobs, then split back per job."""
-        started = time.perf_counter()
-        inputs = jobs[0].tensors if len(jobs) == 1 else tuple(torch.cat(parts) for parts in zip(*(j.tensors for j in jobs)))
-        with torch.inference_mode():
-            out = self.stage.run(inputs)
-        compute = time.perf_counter() - started
+        with TRACE_GUARD.shared():  # not while this process traces a model; the wait is not compute
+            started = time.perf_counter()
+            inputs = jobs[0].tensors if len(jobs) == 1 else \
+                tuple(torch.cat(parts) for parts in zip(*(j.tensors for j in jobs)))
+            with torch.inference_mode():
+                out = self.stage.run(inputs)
+            compute = time.perf_counter() - started
         if self.slowdown > 1:
             time.sleep(compute * (self.slowdown - 1))
             compute *= self.slowdown

@@ -124,7 +124,7 @@ class Replanner:
         self.measure_compute = measure_compute
         self.margin, self.hold, self.interval = margin, hold, interval
         self._better_since: float | None = None
-        self._news: list[str] = []  # measurements taken since another plan started to look better
+        self._news: dict[str, str] = {}  # the latest news of each link or node since another plan looked better
 
     async def run(self) -> None:
         while True:
@@ -139,28 +139,29 @@ class Replanner:
         layout = self.layout
         if layout.cluster is None or layout.current is None:
             return None
-        self._news += [n for n in (self._take_measurements(), self._take_compute()) if n]
+        self._news.update(self._take_measurements())
+        self._news.update(self._take_compute())
         current = layout.predicted_current()
         best = layout.best()
         if best.latency_ms >= current.latency_ms * (1 - self.margin) or best.describe() == current.describe():
             self._better_since = None
-            self._news = []
+            self._news = {}
             return None
         if self._better_since is None:
             self._better_since = now
         if now - self._better_since < self.hold:
             return None
-        news, self._better_since, self._news = "; ".join(self._news) or "measurements", None, []
+        news, self._better_since, self._news = "; ".join(self._news.values()) or "measurements", None, {}
         reason = (f"{news}: the current plan is now predicted at {current.latency_ms:.1f} ms, "
                   f"{best.describe()} at {best.latency_ms:.1f} ms")
         logger.info("re-planning: %s", reason)
         self.request_replan(reason)
         return reason
 
-    def _take_measurements(self) -> str:
-        """Record measured bandwidths that differ from what was planned with; describe the news."""
+    def _take_measurements(self) -> dict[str, str]:
+        """Record measured bandwidths that differ from what was planned with; the news, by link."""
         layout = self.layout
-        news = []
+        news = {}
         for (source, target), bandwidth in self.measure().items():
             planned = layout.measured.get((source, target))
             if planned is None:
@@ -170,16 +171,16 @@ class Replanner:
                 continue
             layout.measured[(source, target)] = replace(planned, bandwidth=bandwidth, origin="measured")
             was = "unlimited" if planned.bandwidth is None else f"{planned.bandwidth / 1e6:.3g} Mbit/s"
-            news.append(f"{source}->{target} measured {bandwidth / 1e6:.3g} Mbit/s (was {was})")
-        return "; ".join(news)
+            news[f"{source}->{target}"] = f"{source}->{target} measured {bandwidth / 1e6:.3g} Mbit/s (was {was})"
+        return news
 
-    def _take_compute(self) -> str:
-        """Record slowdowns of nodes whose stage computes far from its prediction; describe the news."""
+    def _take_compute(self) -> dict[str, str]:
+        """Record slowdowns of nodes whose stage computes far from its prediction; the news, by stage."""
         measured = self.measure_compute() if self.measure_compute is not None else {}
         if not measured:
-            return ""
+            return {}
         layout = self.layout
-        news = []
+        news = {}
         for stage in layout.predicted_current().stages:
             seen = [measured[n] for n in stage.nodes if n in measured]
             if not seen or stage.compute_ms <= 0:
@@ -190,6 +191,6 @@ class Replanner:
                 continue
             for node in stage.nodes:
                 layout.slowdowns[node] = layout.slowdown(node) * ratio
-            news.append(f"{'|'.join(stage.nodes)} computed {mean_ms:.3g} ms per request, predicted "
-                        f"{stage.compute_ms:.3g} ms")
-        return "; ".join(news)
+            name = "|".join(stage.nodes)
+            news[name] = f"{name} computed {mean_ms:.3g} ms per request, predicted {stage.compute_ms:.3g} ms"
+        return news

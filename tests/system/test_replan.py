@@ -120,7 +120,8 @@ def test_a_node_slower_than_planned_is_measured_and_avoided(mobilenet: tuple[Ear
                       "links": links, "batching": {"max_batch": 1}, "window": 1})
 
     first, records, changes = serve(*mobilenet, spec(1), tmp_path, nodes_spec=spec(12))
-    assert [s.nodes for s in first.stages[1:]] == [("cloud1",)], f"planned as fast, cloud1 is chosen: {first.describe()}"
+    assert [s.nodes for s in first.stages[1:]] == [("cloud1",)], \
+        f"planned as fast, cloud1 is chosen: {first.describe()}"
     switches = [c for c in changes[1:] if "cloud1 computed" in c.reason]
     assert switches, f"no re-plan after cloud1 computed slowly; plans: {[c.reason for c in changes]}"
     assert "cloud1" not in {n for s in switches[0].placement.stages for n in s.nodes}, switches[0].placement.describe()

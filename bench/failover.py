@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ import yaml
 
 from splitexit import EarlyExitNet, ExitPolicy, ModelSource, build_model
 from splitexit.control.etcd_server import DevEtcd
-from splitexit.runtime.cluster import LocalCluster, load_cluster
+from splitexit.runtime.cluster import LocalCluster, free_port, load_cluster
 from splitexit.runtime.entry import Entry, RequestRecord
 
 RATE = 100.0  # inputs per second
@@ -45,12 +44,6 @@ DURATION = 16.0  # seconds of sending
 KILL_AT = 8.0  # seconds into the run
 WINDOW = 5.0  # seconds before / after the kill compared
 TTL = 2.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def make_net() -> EarlyExitNet:

@@ -66,7 +66,6 @@ import logging
 import math
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -92,9 +91,11 @@ from splitexit.model.workflow import calibrate_package, train_package
 from splitexit.plan.planner import Objective, Plan, Topology, plan, predict, topology_from_cluster
 from splitexit.plan.profile import ExitTable, Profile
 from splitexit.plan.workflow import calibrated_exits, profile_package
-from splitexit.runtime.cluster import LocalCluster, load_cluster
+from splitexit.runtime.cluster import LocalCluster, free_port, load_cluster
 from splitexit.runtime.entry import Entry, RequestRecord
 from splitexit.runtime.replan import placement_from_plan
+
+from local_nodes import start_local_cluster
 
 SEED = 0
 BANDWIDTHS = (1.0, 10.0, 100.0, 1000.0)  # uplink Mbit/s
@@ -137,12 +138,6 @@ FULL = Settings(digits_cuts=None, resnet_cuts=RESNET_CUTS, digits=Sampling(1, 8,
                 resnet=Sampling(1, 1, 3, 0.8), confirm=3)
 QUICK = Settings(digits_cuts=DIGITS_CUTS_QUICK, resnet_cuts=RESNET_CUTS_QUICK, digits=Sampling(1, 6, 6, 0.0),
                  resnet=Sampling(1, 1, 2, 0.8), confirm=2)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 # ------------------------------------------------------------------------------------------ packages
@@ -356,22 +351,14 @@ def cluster_dict(bandwidth_mbit: float) -> dict:
 
 
 def start_cluster(workdir: Path, bandwidth_mbit: float) -> tuple[LocalCluster, ClusterSpec]:
-    """The worker processes for one bandwidth; a node that dies before it is ready: its log, fresh ports."""
-    for attempt in range(3):
+    """The worker processes for one bandwidth."""
+    def write() -> tuple[Path, ClusterSpec]:
         path = workdir / f"cluster-{bandwidth_mbit:g}mbit.yaml"
         path.write_text(yaml.safe_dump(cluster_dict(bandwidth_mbit), sort_keys=False))
-        cluster = load_cluster(path)
-        local = LocalCluster(path, cluster, log_dir=workdir, cache_root=workdir / "stages")
-        try:
-            local.start()
-            return local, cluster
-        except ClusterError as exc:
-            logs = "\n".join(f"--- {log.name}:\n{log.read_text(errors='replace')[-2000:]}"
-                             for log in sorted(workdir.glob("*.log")))
-            print(f"node start failed (attempt {attempt + 1} of 3): {exc}\n{logs}", file=sys.stderr)
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+        return path, load_cluster(path)
+
+    local, cluster, _ = start_local_cluster(write, workdir)
+    return local, cluster
 
 
 class _Serve:

@@ -69,14 +69,15 @@ import splitexit
 from splitexit import EarlyExitNet, build_model
 from splitexit.config import ClusterSpec, CpuSettings, LinkSpec, ModelSource, NodeSpec
 from splitexit.runtime import wire_pb2, wire_pb2_grpc
-from splitexit.errors import ClusterError
-from splitexit.runtime.cluster import LocalCluster, load_cluster
+from splitexit.runtime.cluster import free_port, load_cluster
 from splitexit.runtime.codec import decode, parse_codec
 from splitexit.runtime.entry import Entry
 from splitexit.runtime.node import Node
 from splitexit.runtime.placement import default_placement
 from splitexit.runtime.remote import RemoteStage
 from splitexit.runtime.wire import encode_tensors, grpc_options
+
+from local_nodes import start_local_cluster
 
 MIB = 1 << 20
 MESSAGE_LIMIT = 64 * MIB
@@ -96,12 +97,6 @@ class Settings:
 
 FULL = Settings(rounds=8, messages=25, warmup=10, pipe_rounds=3, inputs=300, calib=60)
 QUICK = Settings(rounds=3, messages=10, warmup=5, pipe_rounds=1, inputs=120, calib=30)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 # ------------------------------------------------------------------------------------------ part 1: ours
@@ -386,19 +381,8 @@ def run_processes(net: EarlyExitNet, package: Path, slowdowns: dict[str, float],
                   dataset: TensorDataset, workdir: Path) -> tuple[float, list[str], int, dict[str, float]]:
     """cloud1 and cloud2 as node processes (``LocalCluster``), the edge an ``Entry`` here. Same return as
     ``run_in_process``; only the edge's batch time can be timed from here."""
-    for attempt in range(3):  # a node that dies before it is ready: show its log, try again on fresh ports
-        cluster_file, cluster = write_cluster_file(workdir, package, slowdowns)
-        local = LocalCluster(cluster_file, cluster, log_dir=workdir, cache_root=workdir / "stages")
-        try:
-            local.start()
-            break
-        except ClusterError as exc:
-            logs = "\n".join(f"--- {log.name}:\n{log.read_text(errors='replace')[-2000:]}"
-                             for log in sorted(workdir.glob("*.log")))
-            print(f"node start failed (attempt {attempt + 1} of 3): {exc}\n{logs}", file=sys.stderr)
-            if attempt == 2:
-                raise
-    STARTS.append(attempt + 1)
+    local, cluster, attempts = start_local_cluster(lambda: write_cluster_file(workdir, package, slowdowns), workdir)
+    STARTS.append(attempts)
     try:
         async def go():  # noqa: ANN202
             entry = Entry(net, cluster)

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import socket
+from splitexit.runtime.cluster import free_port
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (good enough for tests on one machine)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+__all__ = ["digits_net", "free_port", "start_nodes", "stop_nodes"]
 
 
 async def start_nodes(cluster, cache_root):  # noqa: ANN001, ANN201 - ClusterSpec, Path -> list[Node]

@@ -14,6 +14,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,13 +27,20 @@ from pydantic import ValidationError
 from splitexit.config import ClusterSpec, describe_validation_error
 from splitexit.errors import ClusterError
 
-__all__ = ["LocalCluster", "die_with_parent", "load_cluster", "resolve_package"]
+__all__ = ["LocalCluster", "die_with_parent", "free_port", "load_cluster", "resolve_package"]
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0
 STOP_GRACE = 10.0
 _PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for clusters made up on the spot: demo, tests)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def die_with_parent(parent: int) -> None:

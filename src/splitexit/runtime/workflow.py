@@ -13,7 +13,7 @@ from splitexit.errors import ClusterError, DataError
 from splitexit.model.cpu import apply_threads
 from splitexit.model.data import load_dataset, split_dataset
 from splitexit.model.package import load, read_spec
-from splitexit.runtime.cluster import LocalCluster, die_with_parent, load_cluster, resolve_package
+from splitexit.runtime.cluster import LocalCluster, die_with_parent, free_port, load_cluster, resolve_package
 from splitexit.runtime.entry import Entry, RequestRecord, RunResult
 from splitexit.plan.planner import Objective
 from splitexit.plan.workflow import profile_package
@@ -122,14 +122,7 @@ def write_demo_cluster(path: Path, package: Path, *, drop_after: float = 1.0) ->
     link, so a plan that skips cloud1 is planned over the uplink too, and one measured drop reaches every
     plan that sends anything.
     """
-    import socket
-
     import yaml
-
-    def free_port() -> int:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            return int(probe.getsockname()[1])
 
     spec = {
         "package": str(package.resolve()),

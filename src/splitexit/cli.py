@@ -190,8 +190,8 @@ def models() -> None:
 @app.command()
 def profile(
     package: Path = typer.Argument(..., help="Package directory"),
-    cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help="Also show each node's compute (its "
-                                                                        "slowdown) and the links of this file"),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help="Also time the model on each running "
+                                                                        "worker of this file and probe its links"),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset (default: the one used for training)"),
     batch_sizes: str = typer.Option("1,8", help="Batch sizes to time every segment and head at"),
     codecs: Optional[str] = typer.Option(None, help="Codecs to measure per cut, comma-separated "
@@ -215,12 +215,16 @@ def profile(
                                           task, completed=done, total=total, description=f"profiling {what}"))
     if as_json:
         _json({"profile": str(summary.path), "reused_timing": summary.reused_timing,
-               "reused_exits": summary.reused_exits, **summary.profile.to_json()})
+               "reused_exits": summary.reused_exits, "measured_now": list(summary.measured_now),
+               **summary.profile.to_json()})
         return
     for renderable in _profile_tables(summary):
         out.print(renderable)
-    state = "reused" if summary.reused_timing and summary.reused_exits else "measured"
-    out.print(f"{state} {summary.path}; next: splitexit plan {package} --cluster CLUSTER.yaml")
+    state = "reused" if summary.reused_timing and summary.reused_exits and not summary.measured_now else "measured"
+    if cluster is not None:
+        state += f" (the cluster: {', '.join(summary.measured_now) or 'nothing new'} measured now)"
+    out.print(f"{state} {summary.path}; next: splitexit plan {package} --cluster {cluster or 'CLUSTER.yaml'}",
+              soft_wrap=True)
 
 
 @app.command()
@@ -339,16 +343,32 @@ def _profile_tables(summary):  # noqa: ANN001, ANN202 - a ProfileSummary; rich r
         exits.add_row(str(i), str(cut), f"{rate:.1%}", f"{profile.exits.correct[i].mean():.2%}")
     exits.caption = f"cascade accuracy {profile.exits.accuracy(usable):.2%}"
     renderables = [segments, transfer, exits]
+    if profile.nodes:
+        nodes = Table(title="Compute measured on the nodes (whole model, batch 1; the planner multiplies by slowdown)",
+                      title_justify="left")
+        for column in ("node", "ms", f"vs {m.measured_on}", "machine"):
+            nodes.add_column(column, justify="left" if column in ("node", "machine") else "right")
+        here = _whole_model_seconds(m)
+        for name, machine in sorted(profile.nodes.items()):
+            there = _whole_model_seconds(machine)
+            nodes.add_row(name, f"{there * 1e3:.3f}", f"×{there / here:.2f}", str(machine.key.get("machine", "")))
+        renderables.append(nodes)
     if summary.topology is not None:
-        links = Table(title="Links (from the cluster file; measured figures plug in later)", title_justify="left")
-        for column in ("link", "bandwidth", "latency", "jitter", "loss"):
-            links.add_column(column, justify="left" if column == "link" else "right")
+        links = Table(title="Links as the planner sees them (measured through the runtime where probed)",
+                      title_justify="left")
+        for column in ("link", "bandwidth", "latency", "jitter", "loss", "from", "probe round trip"):
+            links.add_column(column, justify="left" if column in ("link", "from") else "right")
         for a, b, link in summary.topology.named_links():
-            width = "unlimited" if link.bandwidth is None else f"{link.bandwidth / 1e6:g} Mbit/s"
-            links.add_row(f"{a} → {b}", width, f"{link.latency * 1e3:g} ms", f"{link.jitter * 1e3:g} ms",
-                          f"{link.loss:.1%}")
+            width = "unlimited" if link.bandwidth is None else f"{link.bandwidth / 1e6:.3g} Mbit/s"
+            probed = profile.links.get((a.split("|")[0], b.split("|")[0]))
+            links.add_row(f"{a} → {b}", width, f"{link.latency * 1e3:.3g} ms", f"{link.jitter * 1e3:g} ms",
+                          f"{link.loss:.1%}", link.origin, f"{probed.rtt * 1e3:.2f} ms" if probed else "")
         renderables.append(links)
     return renderables
+
+
+def _whole_model_seconds(machine) -> float:  # noqa: ANN001 - a MachineProfile
+    return sum(s.at(1) for s in machine.segments) + sum(h.at(1) for h in machine.heads)
 
 
 def _plan_table(summary):  # noqa: ANN001, ANN202 - a PlanSummary; a rich table

@@ -58,7 +58,7 @@ def cluster_file(package: Path) -> Path:
 
 def test_profile_then_plan_writes_a_servable_cluster_file_and_a_sweep(package: Path, cluster_file: Path,
                                                                      tmp_path: Path) -> None:
-    profiled = json.loads(ok(splitexit("profile", str(package), "--cluster", str(cluster_file), "--json")).stdout)
+    profiled = json.loads(ok(splitexit("profile", str(package), "--json")).stdout)  # this machine only
     assert Path(profiled["profile"]) == package / "profile.json" and (package / "profile.json").is_file()
     assert not profiled["reused_timing"]
     cuts = profiled["cuts"]

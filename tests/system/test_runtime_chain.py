@@ -319,3 +319,64 @@ def test_an_edge_that_ends_at_the_input_ships_it_unprocessed(net: EarlyExitNet, 
     assert [r.prediction for r in records] == expected.prediction.tolist()
     assert {r.node for r in records} == {"cloud1"}, "the edge computes nothing: cloud-only"
     assert result.links["edge->cloud1"].raw_bytes == len(inputs) * 8 * 8 * 4, "the input itself crossed"
+
+
+# --------------------------------------------------------------------------- profiling requests
+async def _profile_requests(net: EarlyExitNet, cluster: ClusterSpec, dataset: TensorDataset, cache: Path
+                            ) -> dict[str, object]:
+    from splitexit.model.stage_file import sha256_hex, stage_file
+    from splitexit.runtime.control_client import NodeControl
+
+    nodes = await start_nodes(cluster, cache)
+    entry = Entry(net, cluster)
+    control = NodeControl(cluster.node("cloud1"), credentials=None, token=None, message_limit=cluster.message_limit)
+    outcomes: dict[str, object] = {}
+    try:
+        await entry.start()
+        whole = stage_file(net, None, None)
+        cuts = [c.id for c in net.graph.cut_points]
+
+        def request(**changes: object) -> wire_pb2.ProfileRequest:
+            fields = {"stage_sha256": sha256_hex(whole), "cuts": cuts, "batch_sizes": [1, 2], "repeats": 2,
+                      **changes}
+            return wire_pb2.ProfileRequest(**fields)  # type: ignore[arg-type]
+
+        async def outcome(req: wire_pb2.ProfileRequest) -> object:
+            try:
+                return await control.profile(req)
+            except Exception as exc:  # noqa: BLE001 - the refusal is what is looked at
+                return f"{type(exc).__name__}: {exc}"
+
+        outcomes["unknown stage"] = (await outcome(request())).missing_stage  # type: ignore[union-attr]
+        served = nodes[0].plans[nodes[0].newest].sha256
+        outcomes["part of the model"] = await outcome(request(stage_sha256=served))
+        await control.put_stage(sha256_hex(whole), whole)
+        outcomes["cuts out of order"] = await outcome(request(cuts=cuts[::-1]))
+        outcomes["unknown cut"] = await outcome(request(cuts=[*cuts, 999]))
+        outcomes["huge batch"] = await outcome(request(batch_sizes=[1, 100_000]))
+        outcomes["no repeats"] = await outcome(request(repeats=0))
+        outcomes["stranger"] = await outcome(request(links=[wire_pb2.Peer(name="mallory", address="127.0.0.1:1")]))
+        outcomes["good"] = await outcome(request())
+        outcomes["still serving"] = await entry.run(dataset)
+    finally:
+        await control.close()
+        await entry.close()
+        await stop_nodes(nodes)
+    return outcomes
+
+
+def test_bad_profile_requests_are_refused_and_the_node_keeps_serving(net: EarlyExitNet, inputs: TensorDataset,
+                                                                    tmp_path: Path) -> None:
+    outcomes = asyncio.run(_profile_requests(net, make_cluster(2), inputs, tmp_path))
+    assert outcomes["unknown stage"] is True
+    for case, phrase in (("part of the model", "whole model"), ("cuts out of order", "forward order"),
+                         ("unknown cut", "cut ids of this model"), ("huge batch", "batch sizes must be 1..256"),
+                         ("no repeats", "repeats must be"), ("stranger", "not a node of this cluster")):
+        assert isinstance(outcomes[case], str) and "cloud1 refused" in outcomes[case] and phrase in outcomes[case], \
+            (case, outcomes[case])
+    good = outcomes["good"]
+    assert isinstance(good, wire_pb2.ProfileReply) and good.machine
+    assert len(good.segments) == len(net.graph.cut_points) + 1 and len(good.heads) == net.num_exits
+    assert all([b.batch for b in part.batches] == [1, 2] for part in [*good.segments, *good.heads])
+    result = outcomes["still serving"]
+    assert len(result.records) == len(inputs) and all(r.error is None for r in result.records)  # type: ignore[attr-defined]

@@ -15,8 +15,10 @@ never pickle). It has two parts, each with its own key, so each is reused until 
   exactly as :class:`~splitexit.model.stages.Stage` would for any set of active exits.
 
 The timing stands in for every node of a cluster, scaled by the node's ``slowdown`` (which is what the
-emulation does). A profile measured *on* a node can be stored under :attr:`Profile.nodes` and wins for
-that node; :attr:`MachineProfile.measured_on` says where figures come from.
+emulation does). ``splitexit profile --cluster`` also times the model *on* each node and probes each link
+through the runtime (:mod:`splitexit.plan.cluster_profile`): those timings are stored under
+:attr:`Profile.nodes` and win for their node (:attr:`MachineProfile.measured_on` says where figures come
+from), and the links under :attr:`Profile.links`.
 
 Candidate cuts are every cut point of the model, unless there are more than :data:`MAX_CANDIDATE_CUTS`:
 then the multi-tensor cuts go first (inside residual blocks they carry more bytes than the block's end),
@@ -59,6 +61,7 @@ __all__ = [
     "ExitTable",
     "HeadTiming",
     "MachineProfile",
+    "MeasuredLink",
     "Profile",
     "SegmentTiming",
     "Timing",
@@ -263,8 +266,29 @@ class ExitTable:
 
 
 @dataclass(frozen=True)
+class MeasuredLink:
+    """A link probed through the runtime: round trip and bits per second (None: too fast to tell)."""
+
+    source: str
+    target: str
+    rtt: float
+    bandwidth: float | None
+    key: Mapping[str, object]  # what the figures depend on: both ends' addresses, the file's figures for the link
+
+    def to_json(self) -> dict[str, object]:
+        return {"from": self.source, "to": self.target, "rtt_s": self.rtt, "bandwidth_bps": self.bandwidth,
+                "key": dict(self.key)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> "MeasuredLink":
+        bandwidth = data.get("bandwidth_bps")
+        return cls(str(data["from"]), str(data["to"]), float(data["rtt_s"]),  # type: ignore[arg-type]
+                   None if bandwidth is None else float(bandwidth), dict(data["key"]))  # type: ignore[arg-type,call-overload]
+
+
+@dataclass(frozen=True)
 class Profile:
-    """A model's profile: candidate cuts, the timing of this machine (and of nodes), exit outcomes."""
+    """A model's profile: candidate cuts, the timing of this machine (and of nodes), exit outcomes, links."""
 
     model: str
     cuts: tuple[int, ...]  # candidate cut ids in forward order (exit cuts included)
@@ -273,6 +297,7 @@ class Profile:
     timing: MachineProfile
     exits: ExitTable
     nodes: Mapping[str, MachineProfile] = field(default_factory=dict)  # measured on that node; wins for it
+    links: Mapping[tuple[str, str], MeasuredLink] = field(default_factory=dict)  # (from, to) node names
 
     def machine(self, node: str | None = None) -> MachineProfile:
         """The timing for ``node``: its own if one was measured there, else this machine's."""
@@ -283,6 +308,7 @@ class Profile:
                 "exit_cuts": list(self.exit_cuts), "num_classes": self.num_classes,
                 "timing": _machine_json(self.timing),
                 "nodes": {name: _machine_json(m) for name, m in self.nodes.items()},
+                "links": [link.to_json() for link in self.links.values()],
                 "exits": {"key": dict(self.exits.key), "confident": [_bits(r) for r in self.exits.confident],
                           "correct": [_bits(r) for r in self.exits.correct]}}
 
@@ -297,6 +323,8 @@ class Profile:
                    num_classes=int(data["num_classes"]),  # type: ignore[arg-type]
                    timing=_machine_from_json(data["timing"]),  # type: ignore[arg-type]
                    nodes={k: _machine_from_json(v) for k, v in dict(data.get("nodes") or {}).items()},  # type: ignore[arg-type]
+                   links={(link.source, link.target): link
+                          for link in map(MeasuredLink.from_json, data.get("links") or [])},  # type: ignore[arg-type]
                    exits=ExitTable(key=exits["key"], confident=confident,  # type: ignore[index]
                                    correct=np.array([_unbits(r) for r in exits["correct"]], dtype=bool)))  # type: ignore[index]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ from splitexit.model.cpu import apply_threads
 from splitexit.model.data import load_dataset, split_dataset
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.package import load, read_spec
+from splitexit.plan.cluster_profile import profile_cluster, stored_link_estimates
 from splitexit.plan.planner import (
     LinkEstimate,
     Objective,
@@ -65,6 +67,7 @@ class ProfileSummary:
     reused_timing: bool
     reused_exits: bool
     topology: Topology | None  # when a cluster file was given: its tiers (slowdowns) and links
+    measured_now: tuple[str, ...] = ()  # nodes and links of the cluster measured in this call (the rest reused)
 
 
 @dataclass(frozen=True)
@@ -103,13 +106,22 @@ def profile_package(package: Path, *, cluster_file: Path | None = None, data: st
     """Measure (or reuse) ``profile.json`` in the package directory; see :mod:`splitexit.plan.profile`.
 
     Each part is measured again only when its key changed (or with ``force``); the package's thread count
-    is applied first, as serving does.
+    is applied first, as serving does. With a cluster file, the cluster's running workers are profiled too,
+    and its links probed (see :mod:`splitexit.plan.cluster_profile`).
     """
-    summary, _ = _profile(package, data=data, batch_sizes=batch_sizes, codecs=codecs, repeats=repeats, force=force,
-                          progress=progress)
-    if cluster_file is not None:
-        summary = replace(summary, topology=topology_from_cluster(read_cluster(cluster_file)))
-    return summary
+    summary, net = _profile(package, data=data, batch_sizes=batch_sizes, codecs=codecs, repeats=repeats,
+                            force=force, progress=progress)
+    if cluster_file is None:
+        return summary
+    cluster = read_cluster(cluster_file)
+    if progress is not None:
+        progress("the cluster's nodes and links", 0, 1)
+    measured = asyncio.run(profile_cluster(net, summary.profile, cluster, force=force))
+    profile = replace(summary.profile, nodes=measured.nodes, links=measured.links)
+    if measured.measured:
+        save_profile(profile, summary.path)
+    topology = topology_from_cluster(cluster, measured_links=stored_link_estimates(profile, cluster))
+    return replace(summary, profile=profile, topology=topology, measured_now=measured.measured)
 
 
 def _profile(package: Path, *, data: str | None, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
@@ -146,10 +158,11 @@ def _profile(package: Path, *, data: str | None, batch_sizes: Sequence[int] = DE
         net, calibration_inputs(calib, TIMING_INPUTS), cuts, batch_sizes=sizes, codecs=codec_names,
         repeats=repeats, progress=progress)
     exits = existing.exits if reuse_exits else measure_exits(net, calib, want_exits)  # type: ignore[union-attr]
-    nodes = {k: v for k, v in existing.nodes.items() if v.key.get("weights_sha256") == net.weights_sha256} \
-        if existing is not None else {}
+    nodes = {k: replace(v, transfers=timing.transfers) for k, v in existing.nodes.items()  # bytes are this machine's
+             if v.key.get("weights_sha256") == net.weights_sha256} if existing is not None else {}
     profile = Profile(model=spec.model.name, cuts=cuts, exit_cuts=tuple(c.id for c in net.exit_cuts),
-                      num_classes=net.num_classes, timing=timing, exits=exits, nodes=nodes)
+                      num_classes=net.num_classes, timing=timing, exits=exits, nodes=nodes,
+                      links=existing.links if existing is not None else {})
     if not (reuse_timing and reuse_exits):
         save_profile(profile, path)
     return ProfileSummary(path, profile, reuse_timing, reuse_exits, None), net
@@ -169,10 +182,13 @@ def plan_package(package: Path, cluster_file: Path, *, objective: Objective = Ob
 
     ``keep_exits`` keeps every calibrated exit active (what today's runtime serves) instead of choosing.
     ``measured_links`` is where link figures measured by the runtime plug in (see
-    :func:`~splitexit.plan.planner.topology_from_cluster`); without it the file's emulated figures are used.
+    :func:`~splitexit.plan.planner.topology_from_cluster`); without it, the links ``splitexit profile
+    --cluster`` measured (while they still match the file), else the file's figures.
     """
     cluster = read_cluster(cluster_file)
     summary, net = _profile(package, data=data, force=force_profile, progress=progress)
+    if measured_links is None:
+        measured_links = stored_link_estimates(summary.profile, cluster)
     topology = topology_from_cluster(cluster, measured_links=measured_links)
     exit_sets = [calibrated_exits(net)] if keep_exits else None
     result = plan(summary.profile, topology, objective, codecs=codecs, exit_sets=exit_sets,

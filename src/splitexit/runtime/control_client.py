@@ -1,4 +1,4 @@
-"""The edge's control calls to one node: assign it a stage, upload a stage file, ask its health.
+"""The edge's control calls to one node: assign it a stage, upload a stage file, ask its health, profile it.
 
 gRPC errors stop here (as they do in `remote.py` for the data path): a node that cannot be reached raises
 :class:`~splitexit.errors.NodeUnavailableError`; one that refuses what it was sent raises
@@ -19,6 +19,8 @@ __all__ = ["NodeControl"]
 
 #: Seconds a control call may take (an upload of a large stage file included).
 CONTROL_TIMEOUT = 30.0
+#: Seconds a node may take to time the model and measure its links (ResNet-50 on a slow CPU takes minutes).
+PROFILE_TIMEOUT = 1800.0
 #: Stage files travel in pieces of at most this size (less when the message limit is lower).
 UPLOAD_CHUNK = 1 << 20
 
@@ -48,6 +50,10 @@ class NodeControl:
 
         await self._call("stage upload", self._stub.PutStage(chunks(), metadata=self._metadata,
                                                              timeout=CONTROL_TIMEOUT))
+
+    async def profile(self, request: wire_pb2.ProfileRequest) -> wire_pb2.ProfileReply:
+        return await self._call("profile request", self._stub.Profile(request, metadata=self._metadata,
+                                                                      timeout=PROFILE_TIMEOUT))
 
     async def health(self, timeout: float) -> wire_pb2.HealthReply:
         return await self._call("health call", self._stub.Health(wire_pb2.HealthRequest(), metadata=self._metadata,

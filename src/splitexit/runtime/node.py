@@ -6,7 +6,9 @@ node lacks it (``PutStage``; cached on disk by sha256). Per upstream stream: a r
 each batch (a bad one is answered with a ``RequestError`` for exactly its request ids, and the stream goes
 on), hands it to the hop of the batch's plan, and every answer — from this stage or relayed from further
 down — goes back up the same stream through the emulated link of that hop. SIGTERM stops accepting
-streams, lets in-flight requests finish, then exits.
+streams, lets in-flight requests finish, then exits. For ``splitexit profile --cluster`` a node also times
+the model on itself and measures its links (``Profile``, see :mod:`~splitexit.runtime.node_profile`) and
+answers link probes (``Probe``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from splitexit.runtime.chain import node_credentials, stage_hop
 from splitexit.runtime.codec import parse_codec
 from splitexit.runtime.hop import Hop, RowError, RowResult, stamp
 from splitexit.runtime.link import EmulatedLink
+from splitexit.runtime.node_profile import check_profile_request, machine_identity, measure_peer_links, time_model, \
+    timing_reply
 from splitexit.runtime.remote import LinkCounters
 from splitexit.runtime.security import token_matches
 from splitexit.runtime.stage_cache import StageCache
@@ -102,6 +106,7 @@ class Node:
             raise ClusterError(f"{name} is the edge; the edge runs inside `splitexit run`, not as a node")
         self.tier = cluster.tier_by_name().get(name, self.spec.tier or 1)
         self.incarnation = uuid.uuid4().hex
+        self.machine = machine_identity()
         self.cache = StageCache(cache_dir)
         self.plans: dict[int, _Served] = {}
         self.newest = 0
@@ -193,6 +198,26 @@ class Node:
             served = self.plans.pop(version)
             asyncio.get_running_loop().create_task(_close_when_idle(served))
 
+    async def profile(self, request: wire_pb2.ProfileRequest) -> wire_pb2.ProfileReply:
+        """Time the whole-model stage file the request names (if any) here, then measure the links it lists."""
+        peers = [_peer_spec(p) for p in request.links]
+        reply = wire_pb2.ProfileReply(machine=self.machine)
+        if request.stage_sha256:
+            if not self.cache.has(request.stage_sha256):
+                return wire_pb2.ProfileReply(missing_stage=True)
+            loaded = await self._load(request.stage_sha256)
+            if loaded.stage.start is not None or loaded.stage.end is not None:
+                raise WireError("profiling needs a stage file of the whole model (input to output)",
+                                code="bad_message")
+            cuts, sizes, repeats = check_profile_request(request, loaded.net)
+            logger.info("node %s times %d segments at batch sizes %s", self.name, len(cuts) + 1, sizes)
+            async with self._assigning:  # not while a stage is being loaded for a plan
+                machine = await asyncio.get_running_loop().run_in_executor(
+                    self._decoder, time_model, loaded.net, cuts, sizes, repeats)
+            reply = timing_reply(machine)
+        reply.links.extend(await measure_peer_links(self.cluster, self.name, peers))
+        return reply
+
     def upstream_allowed(self, name: str) -> bool:
         return any(name in served.upstream for served in self.plans.values())
 
@@ -235,10 +260,12 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
     def __init__(self, node: Node):
         self.node = node
 
-    async def _admit(self, context: grpc.aio.ServicerContext, what: str, *, control: bool = False) -> set[str]:
+    async def _admit(self, context: grpc.aio.ServicerContext, what: str, *, control: bool = False,
+                     member: bool = False) -> set[str]:
         """Refuse (and log) a caller without the cluster token or, with TLS, without a certificate naming a node
-        allowed to make this call: the edge for control calls, a node of the previous tier for streams.
-        Returns the names the caller's certificate carries (empty without TLS)."""
+        allowed to make this call: the edge for control calls, any node of the cluster for probes (``member``),
+        the edge or a node of the previous tier for streams. Returns the names the caller's certificate
+        carries (empty without TLS)."""
         node = self.node
         peer = context.peer()
         if not token_matches(context.invocation_metadata(), node.cluster.security.token):
@@ -249,10 +276,13 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
             return set()
         names = {n.decode() for n in (context.auth_context().get("x509_common_name") or [])}
         edge = node.cluster.edge.name
-        allowed = edge in names if control else any(n == edge or node.upstream_allowed(n) for n in names)
+        members = {n.name for n in node.cluster.nodes}
+        allowed = edge in names if control else bool(names & members) if member else \
+            any(n == edge or node.upstream_allowed(n) for n in names)
         if not allowed:
             node.metrics.rejected.labels(node=node.name, code="wrong_peer").inc()
-            expected = edge if control else "the edge or a node of the previous tier"
+            expected = edge if control else "a node of this cluster" if member else \
+                "the edge or a node of the previous tier"
             logger.warning("node %s refused a %s from %s: certificate names %s, expected %s", node.name, what,
                            peer, sorted(names) or "nobody", expected)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"only {expected} may make this call to {node.name}")
@@ -265,7 +295,7 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
         reply = wire_pb2.HealthReply(node=node.name, ready=node._accepting, plan_version=node.newest, tier=node.tier,
                                      queued=sum(s.hop.executor.queued for s in node.plans.values()),
                                      in_flight=node.in_flight, stages=node.cache.shas(),
-                                     incarnation=node.incarnation)
+                                     incarnation=node.incarnation, machine=node.machine)
         links: dict[tuple[str, str], LinkCounters] = {}
         for served in node.plans.values():
             if served.hop.downstream is not None:
@@ -300,6 +330,19 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.node.name}: {exc}")
         logger.info("node %s stored stage %s… (%d bytes)", self.node.name, sha256[:12], size)
         return wire_pb2.PutStageReply(size=size)
+
+    async def Profile(self, request: wire_pb2.ProfileRequest, context: grpc.aio.ServicerContext
+                      ) -> wire_pb2.ProfileReply:
+        await self._admit(context, "profile request", control=True)
+        try:
+            return await self.node.profile(request)
+        except (WireError, SplitExitError) as exc:
+            logger.warning("node %s refused a profile request: %s", self.node.name, exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.node.name}: {exc}")
+
+    async def Probe(self, request: wire_pb2.ProbeRequest, context: grpc.aio.ServicerContext) -> wire_pb2.ProbeReply:
+        await self._admit(context, "link probe", member=True)
+        return wire_pb2.ProbeReply(size=len(request.payload))
 
     async def Stream(self, requests, context: grpc.aio.ServicerContext):  # noqa: ANN001, ANN201 - grpc types
         names = await self._admit(context, "stream")
@@ -406,6 +449,12 @@ def _register(servicer: _Servicer, server: grpc.aio.Server) -> None:
         "PutStage": grpc.stream_unary_rpc_method_handler(
             servicer.PutStage, request_deserializer=wire_pb2.StageChunk.FromString,
             response_serializer=wire_pb2.PutStageReply.SerializeToString),
+        "Profile": grpc.unary_unary_rpc_method_handler(
+            servicer.Profile, request_deserializer=wire_pb2.ProfileRequest.FromString,
+            response_serializer=wire_pb2.ProfileReply.SerializeToString),
+        "Probe": grpc.unary_unary_rpc_method_handler(
+            servicer.Probe, request_deserializer=wire_pb2.ProbeRequest.FromString,
+            response_serializer=wire_pb2.ProbeReply.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("splitexit.wire.StageService", handlers),))
 

@@ -20,6 +20,7 @@ from typing import Callable, Mapping
 from splitexit.config import ClusterSpec
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stages import INPUT
+from splitexit.plan.cluster_profile import stored_link_estimates
 from splitexit.plan.planner import LinkEstimate, Objective, Plan, plan, predict, topology_from_cluster
 from splitexit.plan.profile import Profile
 from splitexit.runtime.placement import Placement, StagePlacement, versioned
@@ -99,7 +100,18 @@ class PlannedLayout:
 
     def _topology(self):  # noqa: ANN202 - plan.planner.Topology
         assert self.cluster is not None
-        return topology_from_cluster(self.cluster, measured_links=self.measured, measured_slowdowns=self.slowdowns)
+        return topology_from_cluster(self.cluster, measured_links=self._links(), measured_slowdowns=self.slowdowns)
+
+    def _links(self) -> dict[tuple[str, str], LinkEstimate]:
+        """Measured link figures: online (newest), else by ``splitexit profile --cluster``."""
+        assert self.cluster is not None
+        return {**stored_link_estimates(self.profile, self.cluster), **self.measured}
+
+    def link(self, source: str, target: str) -> LinkEstimate:
+        """The figures the plan was made with for one link: measured, else the cluster file's."""
+        assert self.cluster is not None
+        measured = self._links().get((source, target))
+        return measured if measured is not None else LinkEstimate.from_spec(self.cluster.link(source, target))
 
     def slowdown(self, node: str) -> float:
         """The node's compute slowdown planned with: measured, else the cluster file's."""
@@ -163,10 +175,7 @@ class Replanner:
         layout = self.layout
         news = {}
         for (source, target), bandwidth in self.measure().items():
-            planned = layout.measured.get((source, target))
-            if planned is None:
-                spec = layout.cluster.link(source, target)  # type: ignore[union-attr]
-                planned = LinkEstimate.from_spec(spec)
+            planned = layout.link(source, target)
             if planned.bandwidth is not None and abs(bandwidth - planned.bandwidth) <= SAME_BANDWIDTH * planned.bandwidth:
                 continue
             layout.measured[(source, target)] = replace(planned, bandwidth=bandwidth, origin="measured")

@@ -191,7 +191,7 @@ class LinkBytes(_message.Message):
     def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ..., raw_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., messages: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("node", "ready", "plan_version", "queued", "in_flight", "links", "tier", "stages", "incarnation")
+    __slots__ = ("node", "ready", "plan_version", "queued", "in_flight", "links", "tier", "stages", "incarnation", "machine")
     NODE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,7 @@ class HealthReply(_message.Message):
     TIER_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
     node: str
     ready: bool
     plan_version: int
@@ -210,7 +211,8 @@ class HealthReply(_message.Message):
     tier: int
     stages: _containers.RepeatedScalarFieldContainer[str]
     incarnation: str
-    def __init__(self, node: _Optional[str] = ..., ready: _Optional[bool] = ..., plan_version: _Optional[int] = ..., queued: _Optional[int] = ..., in_flight: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkBytes, _Mapping]]] = ..., tier: _Optional[int] = ..., stages: _Optional[_Iterable[str]] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    machine: str
+    def __init__(self, node: _Optional[str] = ..., ready: _Optional[bool] = ..., plan_version: _Optional[int] = ..., queued: _Optional[int] = ..., in_flight: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkBytes, _Mapping]]] = ..., tier: _Optional[int] = ..., stages: _Optional[_Iterable[str]] = ..., incarnation: _Optional[str] = ..., machine: _Optional[str] = ...) -> None: ...
 
 class Peer(_message.Message):
     __slots__ = ("name", "address")
@@ -251,6 +253,94 @@ class StageChunk(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., total_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PutStageReply(_message.Message):
+    __slots__ = ("size",)
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    def __init__(self, size: _Optional[int] = ...) -> None: ...
+
+class ProfileRequest(_message.Message):
+    __slots__ = ("stage_sha256", "cuts", "batch_sizes", "repeats", "links")
+    STAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CUTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    REPEATS_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    stage_sha256: str
+    cuts: _containers.RepeatedScalarFieldContainer[int]
+    batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    repeats: int
+    links: _containers.RepeatedCompositeFieldContainer[Peer]
+    def __init__(self, stage_sha256: _Optional[str] = ..., cuts: _Optional[_Iterable[int]] = ..., batch_sizes: _Optional[_Iterable[int]] = ..., repeats: _Optional[int] = ..., links: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ...) -> None: ...
+
+class TimingStats(_message.Message):
+    __slots__ = ("median", "q1", "q3")
+    MEDIAN_FIELD_NUMBER: _ClassVar[int]
+    Q1_FIELD_NUMBER: _ClassVar[int]
+    Q3_FIELD_NUMBER: _ClassVar[int]
+    median: float
+    q1: float
+    q3: float
+    def __init__(self, median: _Optional[float] = ..., q1: _Optional[float] = ..., q3: _Optional[float] = ...) -> None: ...
+
+class BatchTiming(_message.Message):
+    __slots__ = ("batch", "seconds")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    batch: int
+    seconds: TimingStats
+    def __init__(self, batch: _Optional[int] = ..., seconds: _Optional[_Union[TimingStats, _Mapping]] = ...) -> None: ...
+
+class PartTiming(_message.Message):
+    __slots__ = ("batches",)
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    batches: _containers.RepeatedCompositeFieldContainer[BatchTiming]
+    def __init__(self, batches: _Optional[_Iterable[_Union[BatchTiming, _Mapping]]] = ...) -> None: ...
+
+class IdleFactor(_message.Message):
+    __slots__ = ("gap_s", "factor")
+    GAP_S_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_FIELD_NUMBER: _ClassVar[int]
+    gap_s: float
+    factor: float
+    def __init__(self, gap_s: _Optional[float] = ..., factor: _Optional[float] = ...) -> None: ...
+
+class LinkFigure(_message.Message):
+    __slots__ = ("target", "rtt_s", "bandwidth_bps")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    RTT_S_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BPS_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    rtt_s: float
+    bandwidth_bps: float
+    def __init__(self, target: _Optional[str] = ..., rtt_s: _Optional[float] = ..., bandwidth_bps: _Optional[float] = ...) -> None: ...
+
+class ProfileReply(_message.Message):
+    __slots__ = ("missing_stage", "machine", "call_overhead", "stage_call", "idle_factors", "segments", "heads", "links")
+    MISSING_STAGE_FIELD_NUMBER: _ClassVar[int]
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    CALL_OVERHEAD_FIELD_NUMBER: _ClassVar[int]
+    STAGE_CALL_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FACTORS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    missing_stage: bool
+    machine: str
+    call_overhead: TimingStats
+    stage_call: _containers.RepeatedCompositeFieldContainer[BatchTiming]
+    idle_factors: _containers.RepeatedCompositeFieldContainer[IdleFactor]
+    segments: _containers.RepeatedCompositeFieldContainer[PartTiming]
+    heads: _containers.RepeatedCompositeFieldContainer[PartTiming]
+    links: _containers.RepeatedCompositeFieldContainer[LinkFigure]
+    def __init__(self, missing_stage: _Optional[bool] = ..., machine: _Optional[str] = ..., call_overhead: _Optional[_Union[TimingStats, _Mapping]] = ..., stage_call: _Optional[_Iterable[_Union[BatchTiming, _Mapping]]] = ..., idle_factors: _Optional[_Iterable[_Union[IdleFactor, _Mapping]]] = ..., segments: _Optional[_Iterable[_Union[PartTiming, _Mapping]]] = ..., heads: _Optional[_Iterable[_Union[PartTiming, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkFigure, _Mapping]]] = ...) -> None: ...
+
+class ProbeRequest(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class ProbeReply(_message.Message):
     __slots__ = ("size",)
     SIZE_FIELD_NUMBER: _ClassVar[int]
     size: int

@@ -54,6 +54,16 @@ class StageServiceStub:
                 request_serializer=splitexit_dot_runtime_dot_wire__pb2.StageChunk.SerializeToString,
                 response_deserializer=splitexit_dot_runtime_dot_wire__pb2.PutStageReply.FromString,
                 _registered_method=True)
+        self.Profile = channel.unary_unary(
+                '/splitexit.wire.StageService/Profile',
+                request_serializer=splitexit_dot_runtime_dot_wire__pb2.ProfileRequest.SerializeToString,
+                response_deserializer=splitexit_dot_runtime_dot_wire__pb2.ProfileReply.FromString,
+                _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/splitexit.wire.StageService/Probe',
+                request_serializer=splitexit_dot_runtime_dot_wire__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=splitexit_dot_runtime_dot_wire__pb2.ProbeReply.FromString,
+                _registered_method=True)
 
 
 class StageServiceServicer:
@@ -83,6 +93,18 @@ class StageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Profile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Probe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +127,16 @@ def add_StageServiceServicer_to_server(servicer, server):
                     servicer.PutStage,
                     request_deserializer=splitexit_dot_runtime_dot_wire__pb2.StageChunk.FromString,
                     response_serializer=splitexit_dot_runtime_dot_wire__pb2.PutStageReply.SerializeToString,
+            ),
+            'Profile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Profile,
+                    request_deserializer=splitexit_dot_runtime_dot_wire__pb2.ProfileRequest.FromString,
+                    response_serializer=splitexit_dot_runtime_dot_wire__pb2.ProfileReply.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=splitexit_dot_runtime_dot_wire__pb2.ProbeRequest.FromString,
+                    response_serializer=splitexit_dot_runtime_dot_wire__pb2.ProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +247,60 @@ class StageService:
             '/splitexit.wire.StageService/PutStage',
             splitexit_dot_runtime_dot_wire__pb2.StageChunk.SerializeToString,
             splitexit_dot_runtime_dot_wire__pb2.PutStageReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Profile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitexit.wire.StageService/Profile',
+            splitexit_dot_runtime_dot_wire__pb2.ProfileRequest.SerializeToString,
+            splitexit_dot_runtime_dot_wire__pb2.ProfileReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitexit.wire.StageService/Probe',
+            splitexit_dot_runtime_dot_wire__pb2.ProbeRequest.SerializeToString,
+            splitexit_dot_runtime_dot_wire__pb2.ProbeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,95 @@
+"""Measure one link through the runtime: its round trip and its bandwidth, as a stage's messages see them.
+
+A probe is a ``Probe`` call whose payload travels the way a batch would: through the sender's
+:class:`~splitexit.runtime.link.EmulatedLink` for that link (the cluster file's bandwidth, latency,
+jitter and loss), then over the real gRPC channel; the node's short reply comes back through an emulated
+link with the same figures, as results do. So a measured link includes gRPC, loopback or the real
+network, and the emulation, and nothing is assumed.
+
+Small probes give the round trip (their median). Large probes, sized to take about
+:data:`LARGE_PROBE_SECONDS` at the file's bandwidth, give the bandwidth from the extra time their extra
+bytes took: ``8 * (large - small) / (t_large - t_small)``. A link so fast that the two cannot be told
+apart has no bandwidth figure (``None``): the planner then charges no serialisation on it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from splitexit.config import LinkSpec
+from splitexit.errors import ClusterError, NodeUnavailableError
+from splitexit.runtime import wire_pb2, wire_pb2_grpc
+from splitexit.runtime.link import EmulatedLink
+from splitexit.runtime.remote import HEADER_ROOM
+
+__all__ = ["LinkFigures", "measure_link"]
+
+#: Bytes of a small probe (the round trip).
+SMALL_PROBE = 256
+#: A large probe takes about this long at the link's declared bandwidth ...
+LARGE_PROBE_SECONDS = 0.03
+#: ... within these sizes (capped further by the message limit); on a link without one, the largest.
+LARGE_PROBE_BYTES = (64 * 1024, 4 * 1024 * 1024)
+#: Probes of each size; the median counts.
+PROBES = 5
+PROBE_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class LinkFigures:
+    """What a link measured: ``rtt`` seconds (a small message down, a tiny reply up) and bits per second."""
+
+    rtt: float
+    bandwidth: float | None
+
+
+def _large_probe(link: LinkSpec, message_limit: int) -> int:
+    low, high = LARGE_PROBE_BYTES
+    high = max(low, min(high, message_limit - HEADER_ROOM))
+    if link.bandwidth is None:
+        return high
+    return int(min(high, max(low, link.bandwidth * LARGE_PROBE_SECONDS / 8)))
+
+
+async def _round_trip(stub: wire_pb2_grpc.StageServiceStub, metadata: tuple, down: EmulatedLink,
+                      up: EmulatedLink, size: int, target: str) -> float:
+    request = wire_pb2.ProbeRequest(payload=bytes(size))
+    started = time.perf_counter()
+    await down.put(request, request.ByteSize())
+    request = await down.get()
+    try:
+        reply = await stub.Probe(request, metadata=metadata, timeout=PROBE_TIMEOUT)
+    except grpc.aio.AioRpcError as exc:
+        raise NodeUnavailableError(f"probing the link to {target} failed ({exc.code().name}: {exc.details()})") \
+            from exc
+    if reply.size != size:
+        raise ClusterError(f"{target} says it received {reply.size} bytes of a {size}-byte probe; is it a "
+                           "splitexit node of this cluster?")
+    await up.put(reply, max(1, reply.ByteSize()))
+    await up.get()
+    return time.perf_counter() - started
+
+
+async def measure_link(channel: grpc.aio.Channel, link: LinkSpec, *, target: str, metadata: tuple,
+                       message_limit: int) -> LinkFigures:
+    """Probe ``link`` (to node ``target``, over ``channel``) and return its round trip and bandwidth."""
+    stub = wire_pb2_grpc.StageServiceStub(channel)
+    down: EmulatedLink[wire_pb2.ProbeRequest] = EmulatedLink(link, seed=2)
+    up: EmulatedLink[wire_pb2.ProbeReply] = EmulatedLink(link, seed=3)
+    large = _large_probe(link, message_limit)
+    try:
+        await _round_trip(stub, metadata, down, up, SMALL_PROBE, target)  # warm the channel up
+        small_times, large_times = [], []
+        for _ in range(PROBES):
+            small_times.append(await _round_trip(stub, metadata, down, up, SMALL_PROBE, target))
+            large_times.append(await _round_trip(stub, metadata, down, up, large, target))
+    finally:
+        await down.close()
+        await up.close()
+    rtt, extra = statistics.median(small_times), statistics.median(large_times) - statistics.median(small_times)
+    bandwidth = 8.0 * (large - SMALL_PROBE) / extra if extra > 0.05 * rtt and extra > 1e-4 else None
+    return LinkFigures(rtt, bandwidth)

@@ -178,21 +178,23 @@ class Entry:
         async with self._slots:
             request_id = next(self._ids)
             started = time.time()
-            outcome, attempts = await self._answer(request_id, self.net._prepare(sample), started)
+            outcome, attempts, version = await self._answer(request_id, self.net._prepare(sample), started)
             finished = time.time()
-        if isinstance(outcome, RowResult):
+        if isinstance(outcome, RowResult) and version == self._version:  # spans of an old plan's stages say nothing
             self._compute.record(outcome.trace)
         return _record(outcome, index=index, label=label, started=started, finished=finished, attempts=attempts)
 
     async def _answer(self, request_id: int, sample: torch.Tensor, started: float
-                      ) -> tuple[RowResult | RowError, int]:
-        """Send until the request is answered, or fails for a reason a retry cannot fix, or time runs out."""
+                      ) -> tuple[RowResult | RowError, int, int]:
+        """Send until the request is answered, or fails for a reason a retry cannot fix, or time runs out.
+        Returns the outcome, the attempts, and the plan version the last attempt was sent under."""
         for attempt in itertools.count(1):
+            version = self._version
             (future,) = await self._hop.send([request_id], (sample,), [])  # type: ignore[union-attr]
             outcome = await future
             if not isinstance(outcome, RowError) or outcome.code not in RETRYABLE \
                     or time.time() - started > self.cluster.retry.timeout:
-                return outcome, attempt
+                return outcome, attempt, version
             if attempt == 1:
                 logger.info("request %d: %s at %s; sending it again", request_id, outcome.code, outcome.node)
             await asyncio.sleep(self.retry.delay(attempt))

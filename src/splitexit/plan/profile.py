@@ -92,11 +92,14 @@ DEFAULT_REPEATS = 15
 CODEC_SAMPLES = 8
 #: Idle times (seconds) after which a cold run of the whole model is timed, for :attr:`MachineProfile.idle_factors`.
 IDLE_GAPS = (0.001, 0.003, 0.01, 0.03)
-IDLE_REPEATS = 15
+#: Rounds of idle-factor measurement: as many as fit in IDLE_BUDGET_S seconds, within these bounds. With 15
+#: rounds digits_cnn's factor after 3-10 ms varied by 0.3-0.4 between back-to-back profiles; with 60, by 0.06-0.15.
+IDLE_ROUNDS = (15, 60)
+IDLE_BUDGET_S = 4.0
 #: Calls back to back per round of idle-factor measurement (all but the first are warm samples).
 WARM_RUN = 3
 #: Bumped whenever how timings are measured changes, so that stored timings are measured again.
-TIMING_METHOD = 4
+TIMING_METHOD = 5
 
 Progress = Callable[[str, int, int], None]
 
@@ -464,12 +467,13 @@ def _clock_calls(call: Callable[[], object], *, warmup: int, repeats: int) -> Ti
 
 
 def measure_idle_factors(call: Callable[[], None], *, warmup: int, gaps: Sequence[float] = IDLE_GAPS,
-                         rounds: int = IDLE_REPEATS) -> dict[float, float]:
+                         rounds: int | None = None) -> dict[float, float]:
     """How much slower ``call`` runs after each idle gap than back to back, handed to a worker thread as the
     runtime's stage executor hands it a batch.
 
     Each round makes ``WARM_RUN`` calls back to back (the last ones are the warm sample) and then, for
-    every gap in turn (rotated per round), sleeps that long and makes one cold call. Interleaving the
+    every gap in turn (rotated per round), sleeps that long and makes one cold call. Without ``rounds``,
+    as many rounds as fit in :data:`IDLE_BUDGET_S` (judged from the warm-up), within :data:`IDLE_ROUNDS`. Interleaving the
     rounds spreads a noisy second over every gap alike; the factor is the median cold time over the median
     warm time, and never falls as the gap grows (a longer pause cannot leave the caches warmer). Timing each
     call as its own hand-over to the worker, like the runtime does, matters: this is what serving sees (on
@@ -480,8 +484,10 @@ def measure_idle_factors(call: Callable[[], None], *, warmup: int, gaps: Sequenc
     warm: list[float] = []
     cold: dict[float, list[float]] = {gap: [] for gap in order}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitexit-profile") as worker:
-        for _ in range(warmup):
-            worker.submit(call).result()
+        took = [worker.submit(_timed, call).result() for _ in range(max(1, warmup))]
+        if rounds is None:
+            per_round = (WARM_RUN + len(order)) * statistics.median(took) + sum(order)
+            rounds = int(min(IDLE_ROUNDS[1], max(IDLE_ROUNDS[0], IDLE_BUDGET_S / per_round)))
         for turn in range(rounds):
             warm += [worker.submit(_timed, call).result() for _ in range(WARM_RUN)][1:]
             start = turn % len(order)

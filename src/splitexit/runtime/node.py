@@ -214,6 +214,8 @@ class Node:
             async with self._assigning:  # not while a stage is being loaded for a plan
                 machine = await asyncio.get_running_loop().run_in_executor(
                     self._decoder, time_model, loaded.net, cuts, sizes, repeats)
+                if all(served.sha256 != request.stage_sha256 for served in self.plans.values()):
+                    self._loaded.pop(request.stage_sha256, None)  # the whole model: not kept in memory
             reply = timing_reply(machine)
         reply.links.extend(await measure_peer_links(self.cluster, self.name, peers))
         return reply

@@ -53,7 +53,7 @@ candidate, minus one (aim: <= 10%); (3) measured speed-up of the choice over edg
 
 Absolute times on a shared 2-core box move with whatever else runs; ``slowdown`` multiplies the edge's
 measured compute, so CPU contention is stretched 8x there. Run ``.venv/bin/python bench/planner.py``
-(about 16 minutes on a 2-core box; ``--quick``: 4 digits cuts, 2 resnet18 cuts, fewer requests, about 3
+(about 20 minutes on a 2-core box; ``--quick``: 4 digits cuts, 2 resnet18 cuts, fewer requests, about 3
 minutes); ``--json PATH`` keeps every number (and the profiles), ``--markdown PATH`` writes the tables.
 """
 

@@ -18,6 +18,7 @@ from splitexit.config import CpuSettings, ExitPolicy, ModelSource
 from splitexit.errors import ConfigError, CutError, ModelError
 from splitexit.model.flops import flops_per_sample
 from splitexit.model.graph import CutPoint, ModelGraph, TensorInfo, trace_model
+from splitexit.model.trace_guard import TRACE_GUARD
 from splitexit.model.heads import build_head, confidence_function
 from splitexit.model.stages import Stage
 
@@ -222,7 +223,7 @@ class EarlyExitNet(nn.Module):
 
 def output_classes(graph: ModelGraph, example: torch.Tensor) -> int:
     """Number of classes from the model's output on one sample; the output must be one (B, C) tensor."""
-    with torch.no_grad():
+    with torch.no_grad(), TRACE_GUARD.shared():  # runs modules: not while another thread traces
         output = graph.graph_module(example[:1])
     if not isinstance(output, torch.Tensor) or output.dim() != 2:
         kind = type(output).__name__ if not isinstance(output, torch.Tensor) else f"tensor of shape {tuple(output.shape)}"

@@ -99,7 +99,8 @@ class ModelGraph:
         self._position[self._output] = len(self._nodes)
         self._last_use = {n: max((self._position[u] for u in n.users), default=-1)
                           for n in [*self._placeholders, *self._nodes]}
-        self._node_flops, self._values = _probe(graph_module, example_input)
+        with TRACE_GUARD.shared():  # the probe runs modules: not while another thread traces (trace_guard.py)
+            self._node_flops, self._values = _probe(graph_module, example_input)
         self.total_flops = sum(self._node_flops.values())
         self.cut_points = self._find_cut_points()
         self._cut_by_id = {c.id: c for c in self.cut_points}

@@ -3,9 +3,11 @@
 torch.fx (and torch.export) patch ``torch.nn.Module.__call__`` for the whole process while they trace. A
 module that runs in another thread meanwhile is recorded instead of run and fails with ``NameError: module
 is not installed as a submodule``. A node does both at once when it loads the stage of a new plan (tracing
-the model it rebuilds) while it serves the current one. So tracing holds this guard exclusively and stage
-compute holds it shared: computations run side by side, a trace waits for them, and they wait for it (a
-waiting trace goes first, so a busy node still loads its next stage).
+the model it rebuilds) while it serves the current one. So tracing holds this guard exclusively, and whatever
+runs modules holds it shared — stage compute, the interpreter that measures a freshly traced graph's
+shapes and FLOPs, a node timing the model for `splitexit profile --cluster`: those run side by side, a
+trace waits for them, and they wait for it (a waiting trace goes first, so a busy node still loads its next
+stage). Not re-entrant: a holder must not ask again.
 """
 
 from __future__ import annotations
@@ -51,5 +53,5 @@ class SharedExclusiveLock:
                 self._condition.notify_all()
 
 
-#: Held exclusively by `graph.trace_model`, shared by `runtime.stage.StageExecutor` while a stage computes.
+#: Held exclusively by `graph.trace_model`; shared by whatever runs modules (see the module docstring).
 TRACE_GUARD = SharedExclusiveLock()

@@ -20,6 +20,7 @@ import torch
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.errors import WireError
 from splitexit.model.exits import EarlyExitNet
+from splitexit.model.trace_guard import TRACE_GUARD
 from splitexit.plan.profile import MachineProfile, Timing, machine_name, measure_timing
 from splitexit.runtime import wire_pb2
 from splitexit.runtime.chain import node_credentials
@@ -67,8 +68,9 @@ def _synthetic_inputs(net: EarlyExitNet, rows: int) -> torch.Tensor:
 
 def time_model(net: EarlyExitNet, cuts: Sequence[int], sizes: Sequence[int], repeats: int) -> MachineProfile:
     """Time every segment and head of ``net`` here (blocking: run it in a worker thread)."""
-    return measure_timing(net, _synthetic_inputs(net, max(sizes)), cuts, batch_sizes=sizes, codecs=(),
-                          repeats=repeats)
+    with TRACE_GUARD.shared():  # not while this process traces a model (trace_guard.py)
+        return measure_timing(net, _synthetic_inputs(net, max(sizes)), cuts, batch_sizes=sizes, codecs=(),
+                              repeats=repeats)
 
 
 def _stats(timing: Timing) -> wire_pb2.TimingStats:

@@ -380,3 +380,30 @@ def test_bad_profile_requests_are_refused_and_the_node_keeps_serving(net: EarlyE
     assert all([b.batch for b in part.batches] == [1, 2] for part in [*good.segments, *good.heads])
     result = outcomes["still serving"]
     assert len(result.records) == len(inputs) and all(r.error is None for r in result.records)  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- links measured further down
+async def _bandwidths_after_traffic(net: EarlyExitNet, cluster: ClusterSpec, dataset: TensorDataset, cache: Path
+                                    ) -> tuple[dict[tuple[str, str], float], list]:
+    nodes = await start_nodes(cluster, cache)
+    entry = Entry(net, cluster)
+    try:
+        await entry.start()
+        result = await entry.run(dataset)
+        return await entry.link_bandwidths(), result.records
+    finally:
+        await entry.close()
+        await stop_nodes(nodes)
+
+
+def test_the_entry_sees_what_every_link_of_the_chain_delivers(net: EarlyExitNet, inputs: TensorDataset,
+                                                               tmp_path: Path) -> None:
+    spec = make_cluster(2, window=4)
+    links = [{"from": "edge", "to": "cloud1", "bandwidth": "5Mbit"},  # slow enough that serialisation
+             {"from": "cloud1", "to": "cloud2", "bandwidth": "2Mbit"}]  # dominates an 8 kB message
+    cluster = ClusterSpec.model_validate({**spec.model_dump(by_alias=True), "links": links})
+    bandwidths, records = asyncio.run(_bandwidths_after_traffic(net, cluster, inputs, tmp_path))
+    assert {r.node for r in records} == {"edge", "cloud1", "cloud2"}, "rows crossed both links"
+    assert set(bandwidths) == {("edge", "cloud1"), ("cloud1", "cloud2")}, bandwidths
+    assert 0.5 * 5e6 <= bandwidths[("edge", "cloud1")] <= 1.05 * 5e6, bandwidths
+    assert 0.5 * 2e6 <= bandwidths[("cloud1", "cloud2")] <= 1.05 * 2e6, bandwidths  # cloud1's, through Health

@@ -96,6 +96,7 @@ class Entry:
         self.layout = layout  # None: the cluster file's placement (see runtime/placement.py)
         self.replan = replan  # with a PlannedLayout: re-plan when measured links make another plan better
         self._replanning: asyncio.Task | None = None
+        self._measured: dict[tuple[str, str], float] = {}  # every link's recent bandwidth, as last polled
         self._own_registry = registry is None
         self.coordinator: Coordinator | None = None
         self._prober: HealthProber | None = None
@@ -132,9 +133,23 @@ class Entry:
         await self.coordinator.start(wait=self.start_timeout)
         if isinstance(self.layout, PlannedLayout) and self.replan:
             one_at_a_time = self.window == 1  # larger windows batch requests: a span is then a batch's
-            replanner = Replanner(self.layout, self.coordinator.request_replan, self._bandwidths,
+            replanner = Replanner(self.layout, self.coordinator.request_replan, lambda: dict(self._measured),
                                   measure_compute=self._compute.means if one_at_a_time else None)
-            self._replanning = asyncio.get_running_loop().create_task(replanner.run(), name="replanner")
+            self._replanning = asyncio.get_running_loop().create_task(self._replan(replanner), name="replanner")
+
+    async def _replan(self, replanner: Replanner) -> None:
+        """Keep every link's recent bandwidth at hand (nodes report theirs through Health), and re-plan on it."""
+        checking = asyncio.get_running_loop().create_task(replanner.run())
+        try:
+            while True:
+                try:
+                    self._measured = await self.link_bandwidths()
+                except Exception:  # noqa: BLE001 - a failed poll must not stop serving; the next one tries again
+                    logger.exception("reading the links' bandwidths failed")
+                await asyncio.sleep(replanner.interval)
+        finally:
+            checking.cancel()
+            await asyncio.gather(checking, return_exceptions=True)
 
     def _bandwidths(self) -> dict[tuple[str, str], float]:
         """What the edge's links to the next tier delivered lately (the links the edge itself sends on)."""
@@ -228,12 +243,25 @@ class Entry:
         current plan's nodes report them through Health."""
         links = {(self.name, peer): counters for peer, counters in self._sent.items()}
         if self._hop is not None and self._hop.downstream is not None:
-            links.update(await self._hop.downstream.health_links())  # type: ignore[attr-defined]
+            reports = await self._hop.downstream.health_links()  # type: ignore[attr-defined]
+            links.update({link: report.counters for link, report in reports.items()})
         return {f"{a}->{b}": counters for (a, b), counters in sorted(links.items())}
+
+    async def link_bandwidths(self) -> dict[tuple[str, str], float]:
+        """What every link of the current plan delivered lately, bits/s: the edge's own as it measures them,
+        those further down as their senders report them through Health (links with too little recent
+        traffic are left out)."""
+        measured = self._bandwidths()
+        if self._hop is not None and self._hop.downstream is not None:
+            reports = await self._hop.downstream.health_links()  # type: ignore[attr-defined]
+            measured.update({link: r.bandwidth for link, r in reports.items()
+                             if r.bandwidth is not None and link[0] != self.name})
+        return measured
 
     async def close(self) -> None:
         if self._replanning is not None:
             self._replanning.cancel()
+            await asyncio.gather(self._replanning, return_exceptions=True)
         if self.coordinator is not None:
             await self.coordinator.close()
         if self._prober is not None:

@@ -41,7 +41,7 @@ from splitexit.runtime.hop import Hop, RowError, RowResult, stamp
 from splitexit.runtime.link import EmulatedLink
 from splitexit.runtime.node_profile import check_profile_request, machine_identity, measure_peer_links, time_model, \
     timing_reply
-from splitexit.runtime.remote import LinkCounters
+from splitexit.runtime.remote import LinkReport
 from splitexit.runtime.security import token_matches
 from splitexit.runtime.stage_cache import StageCache
 from splitexit.runtime.wire import BatchAssembler, decode_batch, grpc_options
@@ -298,13 +298,15 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
                                      queued=sum(s.hop.executor.queued for s in node.plans.values()),
                                      in_flight=node.in_flight, stages=node.cache.shas(),
                                      incarnation=node.incarnation, machine=node.machine)
-        links: dict[tuple[str, str], LinkCounters] = {}
+        links: dict[tuple[str, str], LinkReport] = {}
         for served in node.plans.values():
             if served.hop.downstream is not None:
                 links.update(await served.hop.downstream.health_links())  # type: ignore[attr-defined]
-        for (source, target), c in links.items():
+        for (source, target), link in links.items():
+            c = link.counters
             reply.links.append(wire_pb2.LinkBytes(source=source, target=target, raw_bytes=c.raw_bytes,
-                                                  wire_bytes=c.wire_bytes, messages=c.messages, rows=c.rows))
+                                                  wire_bytes=c.wire_bytes, messages=c.messages, rows=c.rows,
+                                                  bandwidth_bps=link.bandwidth or 0.0))
         return reply
 
     async def Assign(self, request: wire_pb2.AssignRequest, context: grpc.aio.ServicerContext

@@ -29,7 +29,7 @@ from splitexit.runtime.meter import ThroughputMeter
 from splitexit.runtime.security import NodeCredentials, token_metadata
 from splitexit.runtime.wire import RECONNECT_OPTIONS, grpc_options, raw_size
 
-__all__ = ["LinkCounters", "RemoteStage", "open_channel"]
+__all__ = ["LinkCounters", "LinkReport", "RemoteStage", "open_channel"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,15 @@ class LinkCounters:
     wire_bytes: int = 0
     messages: int = 0
     rows: int = 0
+
+
+@dataclass(frozen=True)
+class LinkReport:
+    """One link as its sender reports it: the byte counters, and bits per second delivered lately (None: too
+    little traffic lately to tell)."""
+
+    counters: LinkCounters
+    bandwidth: float | None
 
 
 class RemoteStage:

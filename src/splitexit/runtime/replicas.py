@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Callable, Sequence
 
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.runtime.failover import Backoff
 from splitexit.errors import NodeUnavailableError
 from splitexit.runtime.hop import RowError, Stamp
-from splitexit.runtime.remote import LinkCounters, RemoteStage
+from splitexit.runtime.remote import LinkCounters, LinkReport, RemoteStage
 from splitexit.runtime.security import NodeCredentials
 
 __all__ = ["ReplicaSet"]
@@ -141,17 +142,20 @@ class ReplicaSet:
                 measured[(self.sender, name)] = bandwidth
         return measured
 
-    async def health_links(self) -> dict[tuple[str, str], LinkCounters]:
-        """Byte counters of this set's links and, through Health, of every link further down."""
-        links = {(self.sender, name): counters for name, counters in self.counters.items()}
+    async def health_links(self) -> dict[tuple[str, str], LinkReport]:
+        """This set's links and, through Health, every link further down: byte counters and recent bandwidth."""
+        measured = self.bandwidths()
+        links = {(self.sender, name): LinkReport(counters, measured.get((self.sender, name)))
+                 for name, counters in self.counters.items()}
         for remote in [r for r in self._remotes.values() if not r.broken]:
             try:
                 reply = await remote.health()
-            except NodeUnavailableError:  # counters are a nicety; a report without them is still right
+            except NodeUnavailableError:  # a nicety; a report without these links is still right
                 continue
             for link in reply.links:
-                links[(link.source, link.target)] = LinkCounters(link.raw_bytes, link.wire_bytes, link.messages,
-                                                                 link.rows)
+                bandwidth = link.bandwidth_bps if math.isfinite(link.bandwidth_bps) and link.bandwidth_bps > 0 else None
+                links[(link.source, link.target)] = LinkReport(
+                    LinkCounters(link.raw_bytes, link.wire_bytes, link.messages, link.rows), bandwidth)
         return links
 
     async def close(self) -> None:

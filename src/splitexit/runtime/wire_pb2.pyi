@@ -175,20 +175,22 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LinkBytes(_message.Message):
-    __slots__ = ("source", "target", "raw_bytes", "wire_bytes", "messages", "rows")
+    __slots__ = ("source", "target", "raw_bytes", "wire_bytes", "messages", "rows", "bandwidth_bps")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
     WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BPS_FIELD_NUMBER: _ClassVar[int]
     source: str
     target: str
     raw_bytes: int
     wire_bytes: int
     messages: int
     rows: int
-    def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ..., raw_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., messages: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
+    bandwidth_bps: float
+    def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ..., raw_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., messages: _Optional[int] = ..., rows: _Optional[int] = ..., bandwidth_bps: _Optional[float] = ...) -> None: ...
 
 class HealthReply(_message.Message):
     __slots__ = ("node", "ready", "plan_version", "queued", "in_flight", "links", "tier", "stages", "incarnation", "machine")

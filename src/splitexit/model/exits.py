@@ -18,9 +18,9 @@ from splitexit.config import CpuSettings, ExitPolicy, ModelSource
 from splitexit.errors import ConfigError, CutError, ModelError
 from splitexit.model.flops import flops_per_sample
 from splitexit.model.graph import CutPoint, ModelGraph, TensorInfo, trace_model
-from splitexit.model.trace_guard import TRACE_GUARD
 from splitexit.model.heads import build_head, confidence_function
 from splitexit.model.stages import Stage
+from splitexit.model.trace_guard import TRACE_GUARD
 
 __all__ = ["EarlyExitNet", "InferenceResult", "ExitLocation"]
 

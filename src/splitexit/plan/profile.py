@@ -286,7 +286,8 @@ class MeasuredLink:
     def from_json(cls, data: Mapping[str, object]) -> "MeasuredLink":
         bandwidth = data.get("bandwidth_bps")
         return cls(str(data["from"]), str(data["to"]), float(data["rtt_s"]),  # type: ignore[arg-type]
-                   None if bandwidth is None else float(bandwidth), dict(data["key"]))  # type: ignore[arg-type,call-overload]
+                   None if bandwidth is None else float(bandwidth),  # type: ignore[arg-type]
+                   dict(data["key"]))  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)
@@ -473,8 +474,8 @@ def measure_idle_factors(call: Callable[[], None], *, warmup: int, gaps: Sequenc
 
     Each round makes ``WARM_RUN`` calls back to back (the last ones are the warm sample) and then, for
     every gap in turn (rotated per round), sleeps that long and makes one cold call. Without ``rounds``,
-    as many rounds as fit in :data:`IDLE_BUDGET_S` (judged from the warm-up), within :data:`IDLE_ROUNDS`. Interleaving the
-    rounds spreads a noisy second over every gap alike; the factor is the median cold time over the median
+    as many rounds as fit in :data:`IDLE_BUDGET_S` (judged from the warm-up), within :data:`IDLE_ROUNDS`.
+    Interleaving the rounds spreads a noisy second over every gap alike; the factor is the median cold time over the median
     warm time, and never falls as the gap grows (a longer pause cannot leave the caches warmer). Timing each
     call as its own hand-over to the worker, like the runtime does, matters: this is what serving sees (on
     the 2-core box, a stage slowed 8x computed 1.50x its warm time, and this measured 1.52-1.56x around the

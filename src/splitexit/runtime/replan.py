@@ -5,8 +5,8 @@ live nodes with the link and compute figures last measured (the cluster file's a
 then). :class:`Replanner` runs beside the entry: every ``interval`` it reads what the senders measured on
 their links (the edge its own, the nodes theirs through Health) and how long each stage computed per
 request, predicts the current plan and the best plan under those figures, and when the best one has been
-better by ``margin`` for ``hold`` seconds, asks the coordinator to re-plan, saying why. Nodes keep the previous plan's stages, so requests sent under it
-finish; the report lists every switch.
+better by ``margin`` for ``hold`` seconds, asks the coordinator to re-plan, saying why. Nodes keep the
+previous plan's stages, so requests sent under it finish; the report lists every switch.
 """
 
 from __future__ import annotations

@@ -32,13 +32,19 @@ from splitexit.errors import ClusterError, NodeUnavailableError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stage_file import sha256_hex, stage_file
 from splitexit.plan.planner import LinkEstimate, RuntimeCosts
-from splitexit.plan.profile import HeadTiming, MachineProfile, MeasuredLink, Profile, SegmentTiming, Timing
+from splitexit.plan.profile import (
+    DEFAULT_REPEATS,
+    HeadTiming,
+    MachineProfile,
+    MeasuredLink,
+    Profile,
+    SegmentTiming,
+    Timing,
+)
 from splitexit.runtime import wire_pb2
 from splitexit.runtime.chain import node_credentials
 from splitexit.runtime.control_client import NodeControl
 from splitexit.runtime.probe import measure_link
-from splitexit.runtime.remote import open_channel
-from splitexit.runtime.security import token_metadata
 
 __all__ = ["ClusterProfile", "links_to_measure", "node_machine", "profile_cluster", "stored_link_estimates"]
 
@@ -156,16 +162,10 @@ class _Profiler:
 
     async def edge_links(self) -> None:
         for source, target in self.stale_links(self.edge):
-            node = self.cluster.node(target)
-            channel = open_channel(_address(node), target, self.credentials, self.cluster.message_limit)
             try:
-                figures = await measure_link(channel, self.cluster.link(source, target), target=target,
-                                             metadata=token_metadata(self.cluster.security.token),
-                                             message_limit=self.cluster.message_limit)
+                figures = await measure_link(self.cluster, source, target, _address(self.cluster.node(target)))
             except NodeUnavailableError as exc:
                 raise ClusterError(f"{exc}; are the workers up (`splitexit up --cluster ...`)?") from None
-            finally:
-                await channel.close()
             self.keep_link(source, target, figures.rtt, figures.bandwidth)
 
     async def node(self, node: NodeSpec) -> None:
@@ -189,7 +189,8 @@ class _Profiler:
                 request.stage_sha256 = sha256
                 request.cuts.extend(self.profile.cuts)
                 request.batch_sizes.extend(self.profile.timing.batch_sizes)
-                request.repeats = int(self.profile.timing.key.get("repeats", 15))  # type: ignore[call-overload]
+                repeats = self.profile.timing.key.get("repeats", DEFAULT_REPEATS)
+                request.repeats = int(repeats)  # type: ignore[call-overload]
                 if sha256 not in health.stages:
                     await control.put_stage(sha256, data)
             reply = await control.profile(request)

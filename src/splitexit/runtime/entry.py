@@ -151,11 +151,6 @@ class Entry:
             checking.cancel()
             await asyncio.gather(checking, return_exceptions=True)
 
-    def _bandwidths(self) -> dict[tuple[str, str], float]:
-        """What the edge's links to the next tier delivered lately (the links the edge itself sends on)."""
-        downstream = self._hop.downstream if self._hop is not None else None
-        return downstream.bandwidths() if downstream is not None else {}  # type: ignore[attr-defined]
-
     async def _install(self, placement: Placement, peers: list[NodeSpec], codec: CodecSpec | None) -> None:
         """Serve ``placement``'s first stage from now on; a hop of an older plan finishes its work, then closes."""
         if self._hop is not None and placement.version == self._version:
@@ -251,12 +246,10 @@ class Entry:
         """What every link of the current plan delivered lately, bits/s: the edge's own as it measures them,
         those further down as their senders report them through Health (links with too little recent
         traffic are left out)."""
-        measured = self._bandwidths()
-        if self._hop is not None and self._hop.downstream is not None:
-            reports = await self._hop.downstream.health_links()  # type: ignore[attr-defined]
-            measured.update({link: r.bandwidth for link, r in reports.items()
-                             if r.bandwidth is not None and link[0] != self.name})
-        return measured
+        if self._hop is None or self._hop.downstream is None:
+            return {}
+        reports = await self._hop.downstream.health_links()  # type: ignore[attr-defined]
+        return {link: r.bandwidth for link, r in reports.items() if r.bandwidth is not None}
 
     async def close(self) -> None:
         if self._replanning is not None:

@@ -23,10 +23,7 @@ from splitexit.model.exits import EarlyExitNet
 from splitexit.model.trace_guard import TRACE_GUARD
 from splitexit.plan.profile import MachineProfile, Timing, machine_name, measure_timing
 from splitexit.runtime import wire_pb2
-from splitexit.runtime.chain import node_credentials
 from splitexit.runtime.probe import measure_link
-from splitexit.runtime.remote import open_channel
-from splitexit.runtime.security import token_metadata
 
 __all__ = ["check_profile_request", "machine_identity", "measure_peer_links", "time_model", "timing_reply"]
 
@@ -101,13 +98,7 @@ async def measure_peer_links(cluster: ClusterSpec, sender: str, peers: Sequence[
         except KeyError:
             raise WireError(f"cannot measure a link to {peer.name[:64]!r}: not a node of this cluster",
                             code="bad_message") from None
-        channel = open_channel(peer.address or "", peer.name, node_credentials(cluster, sender), cluster.message_limit)
-        try:
-            measured = await measure_link(channel, cluster.link(sender, peer.name), target=peer.name,
-                                          metadata=token_metadata(cluster.security.token),
-                                          message_limit=cluster.message_limit)
-        finally:
-            await channel.close()
+        measured = await measure_link(cluster, sender, peer.name, peer.address or "")
         figures.append(wire_pb2.LinkFigure(target=peer.name, rtt_s=measured.rtt,
                                            bandwidth_bps=measured.bandwidth or 0.0))
     return figures

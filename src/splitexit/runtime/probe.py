@@ -20,11 +20,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from splitexit.config import LinkSpec
+from splitexit.config import ClusterSpec, LinkSpec
 from splitexit.errors import ClusterError, NodeUnavailableError
 from splitexit.runtime import wire_pb2, wire_pb2_grpc
+from splitexit.runtime.chain import node_credentials
 from splitexit.runtime.link import EmulatedLink
-from splitexit.runtime.remote import HEADER_ROOM
+from splitexit.runtime.remote import HEADER_ROOM, open_channel
+from splitexit.runtime.security import token_metadata
 
 __all__ = ["LinkFigures", "measure_link"]
 
@@ -74,13 +76,16 @@ async def _round_trip(stub: wire_pb2_grpc.StageServiceStub, metadata: tuple, dow
     return time.perf_counter() - started
 
 
-async def measure_link(channel: grpc.aio.Channel, link: LinkSpec, *, target: str, metadata: tuple,
-                       message_limit: int) -> LinkFigures:
-    """Probe ``link`` (to node ``target``, over ``channel``) and return its round trip and bandwidth."""
+async def measure_link(cluster: ClusterSpec, sender: str, target: str, address: str) -> LinkFigures:
+    """Probe the cluster's link from ``sender`` (this process) to node ``target`` at ``address``: its round
+    trip and bandwidth, over a channel of its own with ``sender``'s credentials and the cluster's token."""
+    link = cluster.link(sender, target)
+    channel = open_channel(address, target, node_credentials(cluster, sender), cluster.message_limit)
     stub = wire_pb2_grpc.StageServiceStub(channel)
+    metadata = token_metadata(cluster.security.token)
     down: EmulatedLink[wire_pb2.ProbeRequest] = EmulatedLink(link, seed=2)
     up: EmulatedLink[wire_pb2.ProbeReply] = EmulatedLink(link, seed=3)
-    large = _large_probe(link, message_limit)
+    large = _large_probe(link, cluster.message_limit)
     try:
         await _round_trip(stub, metadata, down, up, SMALL_PROBE, target)  # warm the channel up
         small_times, large_times = [], []
@@ -90,6 +95,7 @@ async def measure_link(channel: grpc.aio.Channel, link: LinkSpec, *, target: str
     finally:
         await down.close()
         await up.close()
+        await channel.close()
     rtt, extra = statistics.median(small_times), statistics.median(large_times) - statistics.median(small_times)
     bandwidth = 8.0 * (large - SMALL_PROBE) / extra if extra > 0.05 * rtt and extra > 1e-4 else None
     return LinkFigures(rtt, bandwidth)

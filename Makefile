@@ -30,7 +30,7 @@ bench: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Isrc --python_out=src --grpc_python_out=src --pyi_out=src \
-		src/splitexit/runtime/wire.proto
+		src/splitexit/wire/wire.proto
 
 clean:
 	rm -rf $(VENV) .splitexit-cache build src/*.egg-info

@@ -41,7 +41,7 @@ from rich.table import Table
 import splitexit
 from splitexit.config import TrainConfig
 from splitexit.model.exits import EarlyExitNet
-from splitexit.runtime.codec import CodecSpec, decode, encode, list_codecs, parse_codec
+from splitexit.wire.codec import CodecSpec, decode, encode, list_codecs, parse_codec
 
 logger = logging.getLogger("bench.codecs")
 

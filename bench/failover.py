@@ -35,9 +35,11 @@ import torch
 import yaml
 
 from splitexit import EarlyExitNet, ExitPolicy, ModelSource, build_model
+from splitexit.config.load import load_cluster
+from splitexit.control.edge import Entry
 from splitexit.control.etcd_server import DevEtcd
-from splitexit.runtime.cluster import LocalCluster, free_port, load_cluster
-from splitexit.runtime.entry import Entry, RequestRecord
+from splitexit.control.local_cluster import LocalCluster, free_port
+from splitexit.runtime.records import RequestRecord
 
 RATE = 100.0  # inputs per second
 DURATION = 16.0  # seconds of sending

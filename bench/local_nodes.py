@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Callable
 
 from splitexit.config import ClusterSpec
+from splitexit.control.local_cluster import LocalCluster
 from splitexit.errors import ClusterError
-from splitexit.runtime.cluster import LocalCluster
 
 ATTEMPTS = 3
 

@@ -77,25 +77,33 @@ from typing import Sequence
 import numpy as np
 import torch
 import yaml
+from local_nodes import start_local_cluster
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 import splitexit
 from splitexit import EarlyExitNet, build_model
+from splitexit.app.plan import calibrated_exits, profile_package
+from splitexit.app.train import calibrate_package, train_package
 from splitexit.config import ClusterSpec, DataSplit, ModelSource, TrainConfig
+from splitexit.config.load import load_cluster
+from splitexit.control.edge import Entry
+from splitexit.control.local_cluster import LocalCluster, free_port
+from splitexit.control.replan import placement_from_plan
 from splitexit.errors import ClusterError, ConfigError
 from splitexit.model.data import load_dataset, split_dataset
 from splitexit.model.package import read_spec
-from splitexit.model.workflow import calibrate_package, train_package
-from splitexit.plan.planner import Objective, Plan, Topology, plan, predict, topology_from_cluster
+from splitexit.plan.planner import (
+    Objective,
+    Plan,
+    Topology,
+    plan,
+    predict,
+    topology_from_cluster,
+)
 from splitexit.plan.profile import ExitTable, Profile
-from splitexit.plan.workflow import calibrated_exits, profile_package
-from splitexit.runtime.cluster import LocalCluster, free_port, load_cluster
-from splitexit.runtime.entry import Entry, RequestRecord
-from splitexit.runtime.replan import placement_from_plan
-
-from local_nodes import start_local_cluster
+from splitexit.runtime.records import RequestRecord
 
 SEED = 0
 BANDWIDTHS = (1.0, 10.0, 100.0, 1000.0)  # uplink Mbit/s

@@ -61,6 +61,7 @@ from pathlib import Path
 import grpc
 import torch
 import yaml
+from local_nodes import start_local_cluster
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import TensorDataset
@@ -68,16 +69,15 @@ from torch.utils.data import TensorDataset
 import splitexit
 from splitexit import EarlyExitNet, build_model
 from splitexit.config import ClusterSpec, CpuSettings, LinkSpec, ModelSource, NodeSpec
-from splitexit.runtime import wire_pb2, wire_pb2_grpc
-from splitexit.runtime.cluster import free_port, load_cluster
-from splitexit.runtime.codec import decode, parse_codec
-from splitexit.runtime.entry import Entry
+from splitexit.config.load import load_cluster
+from splitexit.control.edge import Entry
+from splitexit.control.local_cluster import free_port
 from splitexit.runtime.node import Node
 from splitexit.runtime.placement import default_placement
 from splitexit.runtime.remote import RemoteStage
-from splitexit.runtime.wire import encode_tensors, grpc_options
-
-from local_nodes import start_local_cluster
+from splitexit.wire import wire_pb2, wire_pb2_grpc
+from splitexit.wire.codec import decode, parse_codec
+from splitexit.wire.messages import encode_tensors, grpc_options
 
 MIB = 1 << 20
 MESSAGE_LIMIT = 64 * MIB

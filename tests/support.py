@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from splitexit.runtime.cluster import free_port
+from splitexit.control.local_cluster import free_port
 
 __all__ = ["digits_net", "free_port", "start_nodes", "stop_nodes"]
 

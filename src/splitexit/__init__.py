@@ -13,6 +13,7 @@ from splitexit.config import (
     PackageSpec,
     TrainConfig,
 )
+from splitexit.control.edge import Entry, EntryClient
 from splitexit.errors import (
     CalibrationError,
     ClusterError,
@@ -33,13 +34,19 @@ from splitexit.model.cpu import tune_cpu
 from splitexit.model.data import list_datasets, load_dataset, split_dataset
 from splitexit.model.evaluate import EvalReport, evaluate
 from splitexit.model.exits import EarlyExitNet, InferenceResult
-from splitexit.model.graph import CutPoint, ModelGraph, TensorInfo, list_cut_points, trace_model
-from splitexit.model.heads import list_confidences, list_heads, register_confidence, register_head
+from splitexit.model.graph import CutPoint, ModelGraph, list_cut_points, trace_model
+from splitexit.model.heads import (
+    list_confidences,
+    list_heads,
+    register_confidence,
+    register_head,
+)
 from splitexit.model.package import load, read_spec, save
 from splitexit.model.train import TrainReport, train
 from splitexit.model.zoo import build_model, list_models, register_model
-from splitexit.runtime.entry import Entry, EntryClient, RequestRecord
 from splitexit.runtime.node import Node
+from splitexit.runtime.records import RequestRecord
+from splitexit.tensors import TensorInfo
 
 __version__ = "0.1.0"
 

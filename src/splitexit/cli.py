@@ -16,7 +16,13 @@ from typing import Iterator, Optional
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from splitexit.config import TrainConfig, describe_validation_error
 from splitexit.errors import ConfigError, PackageError, SplitExitError
@@ -88,7 +94,7 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables"),
 ) -> None:
     """Attach exit heads to a model and train them; writes a package directory."""
-    from splitexit.model.workflow import train_package
+    from splitexit.app.train import train_package
 
     with _user_errors():
         config = TrainConfig(mode=mode or ("heads" if weights else "joint"), epochs=epochs,  # type: ignore[arg-type]
@@ -122,7 +128,7 @@ def calibrate(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Fit per-exit temperatures and thresholds on the held-out calibration split."""
-    from splitexit.model.workflow import calibrate_package
+    from splitexit.app.train import calibrate_package
     from splitexit.report.console import calibration_table
 
     with _user_errors():
@@ -144,7 +150,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Per-exit accuracy, exit rates, cumulative accuracy and compute saved."""
-    from splitexit.model.workflow import evaluate_package
+    from splitexit.app.train import evaluate_package
     from splitexit.report.console import eval_table
 
     with _user_errors():
@@ -201,8 +207,8 @@ def profile(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Time every segment and head, and the bytes and codec time per cut; saved as PACKAGE/profile.json."""
+    from splitexit.app.plan import profile_package
     from splitexit.plan.profile import DEFAULT_CODECS
-    from splitexit.plan.workflow import profile_package
 
     with _user_errors():
         sizes = _int_list(batch_sizes, "--batch-sizes")
@@ -251,7 +257,7 @@ def plan(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Choose cuts, active exits and codecs for a cluster: the best plans, and edge-only and cloud-only."""
-    from splitexit.plan.workflow import plan_package, sweep_bandwidth, write_plan
+    from splitexit.app.plan import plan_package, sweep_bandwidth, write_plan
 
     with _user_errors():
         goal = _objective(objective, deadline)
@@ -421,11 +427,17 @@ def demo(
 ) -> None:
     """The whole story on one machine: train (or reuse), calibrate, evaluate, plan, then serve edge → cloud1 →
     cloud2 while the uplink degrades, and watch the entry re-plan."""
-    from splitexit.model.workflow import calibrate_package, evaluate_package, train_package
-    from splitexit.plan.workflow import plan_package
+    from splitexit.app.plan import plan_package
+    from splitexit.app.run import (
+        DEMO_DROPPED,
+        DEMO_SLOWDOWN,
+        DEMO_UPLINK,
+        run_cluster,
+        start_cluster,
+        write_demo_cluster,
+    )
+    from splitexit.app.train import calibrate_package, evaluate_package, train_package
     from splitexit.report.console import calibration_table, eval_table
-    from splitexit.runtime.workflow import DEMO_DROPPED, DEMO_SLOWDOWN, DEMO_UPLINK, run_cluster, start_cluster, \
-        write_demo_cluster
 
     package = workdir / "digits_cnn"
     with _user_errors():
@@ -468,7 +480,7 @@ def node(
                                          help="Stop when this process dies (set by `splitexit up`)"),
 ) -> None:
     """Serve as a worker until SIGTERM/Ctrl-C (then drain); the entry's coordinator sends its stage."""
-    from splitexit.runtime.workflow import serve
+    from splitexit.app.run import serve
 
     with _user_errors():
         serve(cluster, name, address=address, tier=tier, cache_dir=cache, port=port, parent=parent)
@@ -483,7 +495,7 @@ def up(
     import signal
     import threading
 
-    from splitexit.runtime.workflow import start_cluster
+    from splitexit.app.run import start_cluster
 
     with _user_errors():
         local = start_cluster(cluster, log_dir=log_dir)
@@ -519,7 +531,7 @@ def run(
                                                                    "plan better"),
 ) -> None:
     """Be the edge: stream a dataset through the cluster and report accuracy, exits, latency and bytes."""
-    from splitexit.runtime.workflow import run_cluster
+    from splitexit.app.run import run_cluster
 
     with _user_errors():
         goal = _objective(objective, deadline) if planned else None
@@ -542,9 +554,9 @@ def _objective(objective: Optional[str], deadline: Optional[str]):  # noqa: ANN2
 
 
 def _show_run(result, *, results: Optional[Path], report_dir: Optional[Path], as_json: bool) -> None:  # noqa: ANN001
+    from splitexit.app.run import write_records
     from splitexit.report.console import run_table
     from splitexit.report.run_report import summarize, write_report
-    from splitexit.runtime.workflow import write_records
 
     report = summarize(result)
     if results is not None:

@@ -8,11 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support import free_port
 from torch.utils.data import TensorDataset
 
-from splitexit import EarlyExitNet, EntryClient, ExitPolicy, ModelSource, build_model, save
-from splitexit.runtime.cluster import LocalCluster, load_cluster
-from support import free_port
+from splitexit import (
+    EarlyExitNet,
+    EntryClient,
+    ExitPolicy,
+    ModelSource,
+    build_model,
+    save,
+)
+from splitexit.config.load import load_cluster
+from splitexit.control.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
 

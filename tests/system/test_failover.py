@@ -18,13 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support import digits_net, free_port
 from torch.utils.data import TensorDataset
 
 from splitexit import EarlyExitNet
+from splitexit.config.load import load_cluster
+from splitexit.control.edge import Entry
 from splitexit.control.etcd_server import DevEtcd
-from splitexit.runtime.cluster import LocalCluster, load_cluster
-from splitexit.runtime.entry import Entry, RequestRecord
-from support import digits_net, free_port
+from splitexit.control.local_cluster import LocalCluster
+from splitexit.runtime.records import RequestRecord
 
 pytestmark = pytest.mark.slow
 

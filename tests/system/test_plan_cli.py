@@ -13,10 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from splitexit import EarlyExitNet, build_model, calibrate, load_dataset, save, split_dataset, train
-from splitexit.config import ClusterSpec, DataSplit, ModelSource, TrainConfig
 from support import free_port
+
+from splitexit import (
+    EarlyExitNet,
+    build_model,
+    calibrate,
+    load_dataset,
+    save,
+    split_dataset,
+    train,
+)
+from splitexit.config import ClusterSpec, DataSplit, ModelSource, TrainConfig
 
 pytestmark = pytest.mark.slow
 

@@ -19,19 +19,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support import free_port, start_nodes, stop_nodes
 
 from splitexit import EarlyExitNet, ModelSource, build_model, save
+from splitexit.app.plan import profile_package
 from splitexit.config import ClusterSpec, DataSplit
-from splitexit.model.stages import INPUT
 from splitexit.control.coordinator import PlanChange
+from splitexit.control.edge import Entry
+from splitexit.control.replan import PlannedLayout
+from splitexit.model.stages import INPUT
 from splitexit.plan.planner import Objective
 from splitexit.plan.profile import Profile
-from splitexit.plan.workflow import profile_package
 from splitexit.runtime import link
-from splitexit.runtime.entry import Entry, RequestRecord
 from splitexit.runtime.placement import Placement
-from splitexit.runtime.replan import PlannedLayout
-from support import free_port, start_nodes, stop_nodes
+from splitexit.runtime.records import RequestRecord
 
 pytestmark = pytest.mark.slow
 

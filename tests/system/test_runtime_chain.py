@@ -5,21 +5,19 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 import yaml
+from support import digits_net, free_port, start_nodes, stop_nodes
 from torch.utils.data import TensorDataset
 
 from splitexit import EarlyExitNet, ExitPolicy, build_model
 from splitexit.config import ClusterSpec, ModelSource
-from splitexit.runtime import wire_pb2, wire_pb2_grpc
-from splitexit.runtime.codec import parse_codec
-from splitexit.runtime.entry import Entry
-from splitexit.runtime.wire import encode_tensors, grpc_options
-from support import digits_net, free_port, start_nodes, stop_nodes
-
-import grpc
-
+from splitexit.control.edge import Entry
+from splitexit.wire import wire_pb2, wire_pb2_grpc
+from splitexit.wire.codec import parse_codec
+from splitexit.wire.messages import encode_tensors, grpc_options
 
 
 def make_cluster(workers: int, *, codec: str = "raw", max_batch: int = 8, window: int = 16,

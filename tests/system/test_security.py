@@ -11,16 +11,21 @@ import grpc
 import pytest
 import torch
 import yaml
+from support import free_port, start_nodes, stop_nodes
 from torch.utils.data import TensorDataset
 
 from splitexit import ClusterError, EarlyExitNet, ExitPolicy, build_model
 from splitexit.config import ModelSource
-from splitexit.runtime import wire_pb2, wire_pb2_grpc
-from splitexit.runtime.cluster import load_cluster
-from splitexit.runtime.entry import Entry
+from splitexit.config.load import load_cluster
+from splitexit.control.edge import Entry
 from splitexit.runtime.node import Node
-from splitexit.runtime.security import TOKEN_HEADER, NodeCredentials, init_ca, issue_certificate
-from support import free_port, start_nodes, stop_nodes
+from splitexit.runtime.security import (
+    TOKEN_HEADER,
+    NodeCredentials,
+    init_ca,
+    issue_certificate,
+)
+from splitexit.wire import wire_pb2, wire_pb2_grpc
 
 TOKEN = "correct-horse-battery-staple"
 SRC = Path(__file__).resolve().parents[2] / "src" / "splitexit"

@@ -24,16 +24,17 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from splitexit.config import ClusterSpec, NodeSpec
+from splitexit.control.members import NODES, NodeInfo, parse_node_info
 from splitexit.errors import ClusterError, NodeUnavailableError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stage_file import sha256_hex, stage_file
-from splitexit.runtime.failover import NodeBans
-from splitexit.control.members import NODES, NodeInfo, parse_node_info
-from splitexit.runtime import wire_pb2
-from splitexit.runtime.chain import link_codec, node_credentials
-from splitexit.runtime.codec import CodecSpec, parse_codec
-from splitexit.runtime.placement import Placement, StagePlacement, default_placement
+from splitexit.plan.codec_choice import link_codec
 from splitexit.runtime.control_client import NodeControl
+from splitexit.runtime.failover import NodeBans
+from splitexit.runtime.placement import Placement, StagePlacement, default_placement
+from splitexit.runtime.security import node_credentials
+from splitexit.wire import wire_pb2
+from splitexit.wire.codec import CodecSpec, parse_codec
 
 __all__ = ["Coordinator", "Layout", "PlanChange"]
 

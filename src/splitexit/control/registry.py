@@ -29,11 +29,17 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 import grpc
-from etcd3aio import Etcd3Client, EtcdConnectionError, EtcdTransientError, EtcdUnauthenticatedError, prefix_range_end
+from etcd3aio import (
+    Etcd3Client,
+    EtcdConnectionError,
+    EtcdTransientError,
+    EtcdUnauthenticatedError,
+    prefix_range_end,
+)
 
 from splitexit.config import EtcdSpec
 from splitexit.errors import RegistryUnavailableError
-from splitexit.runtime.wire import RECONNECT_OPTIONS
+from splitexit.wire.messages import RECONNECT_OPTIONS
 
 __all__ = ["EmbeddedRegistry", "EtcdRegistry", "Registration", "Registry", "WatchEvent", "open_registry"]
 

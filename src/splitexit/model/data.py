@@ -90,7 +90,9 @@ def split_dataset(data: LoadedDataset, split: DataSplit | None = None) -> Splits
 
 
 def _digits() -> Dataset:
-    from sklearn.datasets import load_digits  # bundled with scikit-learn: nothing is downloaded
+    from sklearn.datasets import (
+        load_digits,  # bundled with scikit-learn: nothing is downloaded
+    )
 
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0

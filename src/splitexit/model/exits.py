@@ -17,10 +17,11 @@ from torch import nn
 from splitexit.config import CpuSettings, ExitPolicy, ModelSource
 from splitexit.errors import ConfigError, CutError, ModelError
 from splitexit.model.flops import flops_per_sample
-from splitexit.model.graph import CutPoint, ModelGraph, TensorInfo, trace_model
+from splitexit.model.graph import CutPoint, ModelGraph, trace_model
 from splitexit.model.heads import build_head, confidence_function
 from splitexit.model.stages import Stage
 from splitexit.model.trace_guard import TRACE_GUARD
+from splitexit.tensors import TensorInfo
 
 __all__ = ["EarlyExitNet", "InferenceResult", "ExitLocation"]
 

@@ -24,8 +24,9 @@ from torch import nn
 from splitexit.errors import CutError, ModelError, TraceError
 from splitexit.model.flops import count_flops
 from splitexit.model.trace_guard import TRACE_GUARD
+from splitexit.tensors import TensorInfo
 
-__all__ = ["CutPoint", "ModelGraph", "TensorInfo", "list_cut_points", "run_chain", "trace_model"]
+__all__ = ["CutPoint", "ModelGraph", "list_cut_points", "run_chain", "trace_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,22 +42,6 @@ _ACTIVATIONS = (
 )
 _ACTIVATION_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.gelu,
                          torch.nn.functional.silu, torch.nn.functional.max_pool2d}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor crossing a cut, described per sample (the batch dimension is left out)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def bytes_per_sample(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * torch.empty((), dtype=self.dtype).element_size()
 
 
 @dataclass(frozen=True)

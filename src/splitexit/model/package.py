@@ -19,7 +19,13 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from splitexit.config import DataSplit, ExitSpec, InputSpec, PackageSpec, describe_validation_error
+from splitexit.config import (
+    DataSplit,
+    ExitSpec,
+    InputSpec,
+    PackageSpec,
+    describe_validation_error,
+)
 from splitexit.errors import IntegrityError, PackageError, SplitExitError
 from splitexit.model.exits import EarlyExitNet, output_classes
 from splitexit.model.graph import trace_model

@@ -42,8 +42,8 @@ import numpy as np
 
 from splitexit.config import ClusterSpec, LinkSpec, NodeSpec
 from splitexit.errors import ConfigError
-from splitexit.plan.profile import MachineProfile, Profile
-from splitexit.runtime.link import retransmission_timeout
+from splitexit.links import in_series, retransmission_timeout
+from splitexit.plan.profile import Profile
 
 __all__ = [
     "OBJECTIVES",
@@ -93,10 +93,8 @@ class LinkEstimate:
         """Links in series (a skipped tier): the narrowest bandwidth, latencies and jitters add, losses combine."""
         if len(links) == 1:
             return links[0]
-        widths = [l.bandwidth for l in links if l.bandwidth is not None]
-        return cls(bandwidth=min(widths) if widths else None, latency=sum(l.latency for l in links),
-                   jitter=sum(l.jitter for l in links), loss=1.0 - math.prod(1.0 - l.loss for l in links),
-                   origin=" + ".join(sorted({l.origin for l in links})), emulated=any(l.emulated for l in links))
+        return cls(*in_series(links), origin=" + ".join(sorted({link.origin for link in links})),
+                   emulated=any(link.emulated for link in links))
 
     def delay(self) -> float:
         """Expected seconds from the end of serialisation to delivery."""
@@ -868,14 +866,6 @@ def _composed_link(source: str, target: str, specs: Sequence[LinkSpec], codec: s
     if len(specs) == 1:  # neighbours already: the file's own link, with the plan's codec
         return specs[0].model_copy(update={"codec": codec}).model_dump(mode="json", by_alias=True, exclude_none=True)
     link: dict[str, object] = {"from": source, "to": target, "codec": codec}
-    widths = [s.bandwidth for s in specs if s.bandwidth is not None]
-    if widths:
-        link["bandwidth"] = min(widths)
-    for name in ("latency", "jitter"):
-        total = sum(getattr(s, name) for s in specs)
-        if total:
-            link[name] = total
-    loss = 1.0 - math.prod(1.0 - s.loss for s in specs)
-    if loss:
-        link["loss"] = loss
+    figures = in_series(specs)
+    link.update({name: value for name, value in figures._asdict().items() if value})
     return link

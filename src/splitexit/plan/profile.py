@@ -49,7 +49,7 @@ from splitexit.errors import ConfigError, PackageError
 from splitexit.model.calibrate import collect_outputs
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.heads import checked_scores, confidence_function
-from splitexit.runtime.codec import CodecSpec, decode, encode, parse_codec
+from splitexit.wire.codec import CodecSpec, decode, encode, parse_codec
 
 __all__ = [
     "DEFAULT_BATCH_SIZES",

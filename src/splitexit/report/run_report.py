@@ -32,7 +32,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from splitexit.runtime.entry import BREAKDOWN, RequestRecord, RunResult
+from splitexit.control.edge import RunResult
+from splitexit.runtime.records import BREAKDOWN, RequestRecord
 
 __all__ = ["RunReport", "summarize", "write_report"]
 

@@ -11,9 +11,9 @@ import grpc
 
 from splitexit.config import NodeSpec
 from splitexit.errors import ClusterError, NodeUnavailableError
-from splitexit.runtime import wire_pb2, wire_pb2_grpc
 from splitexit.runtime.remote import HEADER_ROOM, open_channel
 from splitexit.runtime.security import NodeCredentials, token_metadata
+from splitexit.wire import wire_pb2, wire_pb2_grpc
 
 __all__ = ["NodeControl"]
 

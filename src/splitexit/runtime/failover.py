@@ -6,7 +6,7 @@ Three parts of the system retry, all with capped exponential back-off from :clas
   assigned its stage) — 1 s, 2 s, 4 s, ... up to a minute while it keeps failing (:class:`NodeBans`);
   a node that registers anew (a restart) or is assigned successfully starts from zero again;
 - a sender reconnects to a replica whose stream broke (`runtime/replicas.py`);
-- the entry sends a request again after its route failed (`runtime/entry.py`, ``retry:`` in the cluster
+- the entry sends a request again after its route failed (`runtime/request_path.py`, ``retry:`` in the cluster
   file), until the request's retry time runs out.
 """
 

@@ -15,11 +15,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
-from splitexit.runtime.stage import StageExecutor
+from splitexit.runtime.executor import StageExecutor
 
 __all__ = ["Downstream", "Hop", "Outcome", "RowError", "RowResult", "Stamp", "stamp"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between looks at a retiring hop's unanswered rows.
+IDLE_POLL = 0.1
 
 #: (node, event, wall-clock seconds): one step of a request's trace.
 Stamp = tuple[str, str, float]
@@ -105,6 +108,13 @@ class Hop:
 
     def _done(self, _: asyncio.Future) -> None:
         self.in_flight -= 1
+
+    async def close_when_idle(self, timeout: float) -> None:
+        """Close once every row sent here is answered, or after ``timeout`` seconds (a retired plan's hop)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(IDLE_POLL)
+        await self.close()
 
     async def close(self) -> None:
         await self.executor.close()

@@ -57,21 +57,17 @@ from dataclasses import dataclass
 from typing import Generic, NamedTuple, TypeVar
 
 from splitexit.config import LinkSpec
+from splitexit.links import retransmission_timeout
 
 __all__ = [
     "DEFAULT_MAX_QUEUED",
-    "MIN_RTO",
     "EmulatedLink",
     "LinkSchedule",
     "LinkStats",
     "Transmission",
-    "retransmission_timeout",
 ]
 
 logger = logging.getLogger(__name__)
-
-MIN_RTO = 0.2
-"""Seconds; Linux's ``TCP_RTO_MIN``, the shortest time before a lost segment is resent."""
 
 DEFAULT_MAX_QUEUED = 64
 """Messages between ``put`` and ``get``: four times the default request window, room for chunked tensors."""
@@ -80,11 +76,6 @@ T = TypeVar("T")
 
 #: When each (source, target) link first carried a message in this process: the origin of its ``changes``.
 _ORIGINS: dict[tuple[str, str], float] = {}
-
-
-def retransmission_timeout(latency: float, jitter: float) -> float:
-    """RFC 6298's ``SRTT + 4 * RTTVAR`` for a steady link, floored at Linux's 200 ms minimum."""
-    return max(MIN_RTO, 2.0 * latency + 4.0 * jitter)
 
 
 class Transmission(NamedTuple):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,26 +26,29 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from pydantic import ValidationError
 
 from splitexit.config import ClusterSpec, NodeSpec, describe_validation_error
-from splitexit.control.members import NODES, describe_node
-from splitexit.control.registry import EtcdRegistry, Registration
 from splitexit.errors import ClusterError, IntegrityError, SplitExitError, WireError
 from splitexit.model.cpu import apply_threads
-from splitexit.model.graph import TensorInfo
 from splitexit.model.stage_file import LoadedStage, load_stage_file
 from splitexit.model.stages import Stage
-from splitexit.runtime import wire_pb2, wire_pb2_grpc
-from splitexit.runtime.chain import node_credentials, stage_hop
-from splitexit.runtime.codec import parse_codec
 from splitexit.runtime.hop import Hop, RowError, RowResult, stamp
 from splitexit.runtime.link import EmulatedLink
-from splitexit.runtime.node_profile import check_profile_request, machine_identity, measure_peer_links, time_model, \
-    timing_reply
+from splitexit.runtime.node_profile import (
+    check_profile_request,
+    machine_identity,
+    measure_peer_links,
+    time_model,
+    timing_reply,
+)
 from splitexit.runtime.remote import LinkReport
-from splitexit.runtime.security import token_matches
+from splitexit.runtime.security import node_credentials, token_matches
 from splitexit.runtime.stage_cache import StageCache
-from splitexit.runtime.wire import BatchAssembler, decode_batch, grpc_options
+from splitexit.runtime.stage_hop import stage_hop
+from splitexit.tensors import TensorInfo
+from splitexit.wire import wire_pb2, wire_pb2_grpc
+from splitexit.wire.codec import parse_codec
+from splitexit.wire.messages import BatchAssembler, decode_batch, grpc_options
 
-__all__ = ["Node", "serve_node"]
+__all__ = ["Node"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +198,7 @@ class Node:
         """Keep the newest plans; close older ones once their requests are done (in the background)."""
         for version in sorted(self.plans, key=lambda v: v == self.newest)[:max(0, len(self.plans) - KEEP_PLANS)]:
             served = self.plans.pop(version)
-            asyncio.get_running_loop().create_task(_close_when_idle(served))
+            asyncio.get_running_loop().create_task(served.hop.close_when_idle(DRAIN_TIMEOUT))
 
     async def profile(self, request: wire_pb2.ProfileRequest) -> wire_pb2.ProfileReply:
         """Time the whole-model stage file the request names (if any) here, then measure the links it lists."""
@@ -241,13 +243,6 @@ class Node:
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
-
-
-async def _close_when_idle(served: _Served, timeout: float = DRAIN_TIMEOUT) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while served.hop.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.1)
-    await served.hop.close()
 
 
 def _peer_spec(peer: wire_pb2.Peer) -> NodeSpec:
@@ -475,41 +470,3 @@ def _up_message(outcome: RowResult | RowError, node: Node) -> tuple[wire_pb2.Up,
         message = wire_pb2.Up(errors=[wire_pb2.RequestError(request_ids=[outcome.request_id], code=outcome.code,
                                                             message=outcome.message, node=outcome.node)])
     return message, message.ByteSize()
-
-
-async def serve_node(node: Node, *, port: int | None = None, ready: asyncio.Event | None = None) -> None:
-    """Run ``node`` until SIGTERM or SIGINT, then leave the registry, drain and stop.
-
-    With an etcd registry the node registers itself under a lease it keeps alive; with the embedded one the
-    entry finds it by probing the addresses in the cluster file.
-    """
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await node.start(port=port)
-    registration = await _register_node(node)
-    print(f"ready {node.name} {node.port}", flush=True)  # the line `splitexit up` waits for
-    if ready is not None:
-        ready.set()
-    try:
-        await stop.wait()
-    finally:
-        if registration is not None:
-            await registration.close()  # leave first, so the coordinator routes around this node
-            await registration.registry.close()
-        logger.info("node %s draining %d in-flight requests", node.name, node.in_flight)
-        await node.stop()
-
-
-async def _register_node(node: Node) -> Registration | None:
-    spec = node.cluster.registry
-    if spec == "embedded":
-        return None
-    registry = EtcdRegistry(spec)
-    await registry.start()
-    info = describe_node(node.name, node.address, node.tier, node.incarnation, slowdown=node.spec.slowdown)
-    registration = Registration(registry, NODES + node.name, info.to_bytes(), ttl=spec.ttl)
-    await registration.start()
-    logger.info("node %s registered in etcd (lease TTL %.1f s)", node.name, spec.ttl)
-    return registration

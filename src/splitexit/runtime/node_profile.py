@@ -22,8 +22,8 @@ from splitexit.errors import WireError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.trace_guard import TRACE_GUARD
 from splitexit.plan.profile import MachineProfile, Timing, machine_name, measure_timing
-from splitexit.runtime import wire_pb2
 from splitexit.runtime.probe import measure_link
+from splitexit.wire import wire_pb2
 
 __all__ = ["check_profile_request", "machine_identity", "measure_peer_links", "time_model", "timing_reply"]
 

@@ -22,11 +22,10 @@ import grpc
 
 from splitexit.config import ClusterSpec, LinkSpec
 from splitexit.errors import ClusterError, NodeUnavailableError
-from splitexit.runtime import wire_pb2, wire_pb2_grpc
-from splitexit.runtime.chain import node_credentials
 from splitexit.runtime.link import EmulatedLink
 from splitexit.runtime.remote import HEADER_ROOM, open_channel
-from splitexit.runtime.security import token_metadata
+from splitexit.runtime.security import node_credentials, token_metadata
+from splitexit.wire import wire_pb2, wire_pb2_grpc
 
 __all__ = ["LinkFigures", "measure_link"]
 

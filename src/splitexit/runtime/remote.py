@@ -22,12 +22,12 @@ import grpc
 
 from splitexit.config import LinkSpec, NodeSpec
 from splitexit.errors import NodeUnavailableError
-from splitexit.runtime import wire_pb2, wire_pb2_grpc
 from splitexit.runtime.hop import RowError, RowResult, Stamp, stamp
 from splitexit.runtime.link import EmulatedLink
 from splitexit.runtime.meter import ThroughputMeter
 from splitexit.runtime.security import NodeCredentials, token_metadata
-from splitexit.runtime.wire import RECONNECT_OPTIONS, grpc_options, raw_size
+from splitexit.wire import wire_pb2, wire_pb2_grpc
+from splitexit.wire.messages import RECONNECT_OPTIONS, grpc_options, raw_size
 
 __all__ = ["LinkCounters", "LinkReport", "RemoteStage", "open_channel"]
 

@@ -16,8 +16,8 @@ import math
 from typing import Callable, Sequence
 
 from splitexit.config import ClusterSpec, NodeSpec
-from splitexit.runtime.failover import Backoff
 from splitexit.errors import NodeUnavailableError
+from splitexit.runtime.failover import Backoff
 from splitexit.runtime.hop import RowError, Stamp
 from splitexit.runtime.remote import LinkCounters, LinkReport, RemoteStage
 from splitexit.runtime.security import NodeCredentials

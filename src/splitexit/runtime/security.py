@@ -24,9 +24,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from splitexit.config import ClusterSpec
 from splitexit.errors import ClusterError, ConfigError
 
-__all__ = ["CA_CERT", "CA_KEY", "TOKEN_HEADER", "NodeCredentials", "init_ca", "issue_certificate",
+__all__ = ["CA_CERT", "CA_KEY", "TOKEN_HEADER", "NodeCredentials", "init_ca", "issue_certificate", "node_credentials",
            "token_matches"]
 
 CA_CERT = "ca.pem"
@@ -144,3 +145,9 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
+
+
+def node_credentials(cluster: ClusterSpec, name: str) -> NodeCredentials | None:
+    """This node's TLS identity, when the cluster file asks for TLS."""
+    tls = cluster.security.tls
+    return NodeCredentials.load(Path(tls), name) if tls else None

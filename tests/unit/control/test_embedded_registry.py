@@ -6,7 +6,12 @@ import asyncio
 
 import pytest
 
-from splitexit.control.registry import EmbeddedRegistry, Registration, WatchEvent, open_registry
+from splitexit.control.registry import (
+    EmbeddedRegistry,
+    Registration,
+    WatchEvent,
+    open_registry,
+)
 from splitexit.errors import RegistryUnavailableError
 
 

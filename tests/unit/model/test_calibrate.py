@@ -7,7 +7,13 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from splitexit import CalibrationError, ConfigError, EarlyExitNet, build_model, calibrate
+from splitexit import (
+    CalibrationError,
+    ConfigError,
+    EarlyExitNet,
+    build_model,
+    calibrate,
+)
 from splitexit.model.calibrate import _ThresholdSearch, fit_temperature
 
 

@@ -7,8 +7,14 @@ import torch
 
 from splitexit.errors import ConfigError, CutError
 from splitexit.model import heads
-from splitexit.model.heads import (build_head, confidence_function, list_confidences, list_heads, register_confidence,
-                                   register_head)
+from splitexit.model.heads import (
+    build_head,
+    confidence_function,
+    list_confidences,
+    list_heads,
+    register_confidence,
+    register_head,
+)
 
 NUM_CLASSES = 7
 BATCH = 5

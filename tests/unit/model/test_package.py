@@ -9,8 +9,17 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from splitexit import (EarlyExitNet, ExitPolicy, IntegrityError, ModelSource, PackageError, build_model, load,
-                       read_spec, save)
+from splitexit import (
+    EarlyExitNet,
+    ExitPolicy,
+    IntegrityError,
+    ModelSource,
+    PackageError,
+    build_model,
+    load,
+    read_spec,
+    save,
+)
 from splitexit.model.package import SPEC_FILE, WEIGHTS_FILE, _sha256
 
 

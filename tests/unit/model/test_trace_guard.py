@@ -11,7 +11,7 @@ import torch
 from splitexit import EarlyExitNet, ModelSource, build_model
 from splitexit.model.graph import trace_model
 from splitexit.model.trace_guard import SharedExclusiveLock
-from splitexit.runtime.stage import StageExecutor
+from splitexit.runtime.executor import StageExecutor
 
 
 def test_stages_keep_computing_while_the_process_traces_models() -> None:

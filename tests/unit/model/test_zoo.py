@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitexit import ConfigError, UnknownModelError, build_model, list_models, register_model
+from splitexit import (
+    ConfigError,
+    UnknownModelError,
+    build_model,
+    list_models,
+    register_model,
+)
 
 
 def test_unknown_model_lists_the_choices() -> None:

@@ -14,12 +14,12 @@ from splitexit.config import ClusterSpec
 from splitexit.errors import ConfigError
 from splitexit.plan.planner import (
     LinkEstimate,
-    _Costs,
-    _solve,
-    _stages_of,
     Objective,
     Plan,
     Topology,
+    _Costs,
+    _solve,
+    _stages_of,
     apply_plan,
     plan,
     predict,

@@ -13,23 +13,29 @@ import numpy as np
 import pytest
 import torch
 
-from splitexit import EarlyExitNet, ExitPolicy, build_model, load_dataset, save, split_dataset
+from splitexit import (
+    EarlyExitNet,
+    ExitPolicy,
+    build_model,
+    load_dataset,
+    save,
+    split_dataset,
+)
+from splitexit.app.plan import profile_package
 from splitexit.config import DataSplit, ModelSource
+from splitexit.errors import PackageError
 from splitexit.model.heads import confidence_function
 from splitexit.plan.profile import (
     PROFILE_FILE,
-    Profile,
     Timing,
-    measure_idle_factors,
     candidate_cuts,
     exits_key,
     load_profile,
     measure_exits,
+    measure_idle_factors,
     measure_timing,
     save_profile,
 )
-from splitexit.plan.workflow import profile_package
-from splitexit.errors import PackageError
 
 FAST = {"batch_sizes": (1, 2), "codecs": ("raw", "int8+zstd"), "repeats": 3}
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from splitexit.control.edge import RunResult
 from splitexit.report.console import run_table
 from splitexit.report.run_report import RunReport, summarize, write_report
-from splitexit.runtime.entry import BREAKDOWN, RequestRecord, RunResult
 from splitexit.runtime.placement import Placement, StagePlacement
+from splitexit.runtime.records import BREAKDOWN, RequestRecord
 from splitexit.runtime.remote import LinkCounters
 
 

@@ -10,9 +10,9 @@ import yaml
 
 from splitexit import EarlyExitNet, ExitPolicy, build_model
 from splitexit.config import BatchingSpec, ClusterSpec
+from splitexit.runtime.executor import StageExecutor
 from splitexit.runtime.hop import Hop, RowError, RowResult
 from splitexit.runtime.placement import default_placement
-from splitexit.runtime.stage import StageExecutor
 
 
 def cluster(workers: int) -> ClusterSpec:

@@ -1,179 +1,16 @@
-"""Small typed models, one per concern; YAML files and CLI flags parse into these and nothing else.
-
-Every model forbids unknown keys, so a typo in a file is reported instead of silently ignored.
-"""
+"""The cluster file: nodes, links, batching, retries, security and the registry."""
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from splitexit.config.base import SpecModel
+from splitexit.links import in_series
 from splitexit.units import parse_bandwidth, parse_duration, parse_size
 
-__all__ = [
-    "describe_validation_error",
-    "BatchingSpec",
-    "ClusterSpec",
-    "CpuSettings",
-    "DataSplit",
-    "EtcdSpec",
-    "EtcdTLS",
-    "ExitPolicy",
-    "ExitSpec",
-    "InputSpec",
-    "LinkSpec",
-    "ModelSource",
-    "NodeSpec",
-    "PackageSpec",
-    "SecuritySpec",
-    "TrainConfig",
-    "PACKAGE_FORMAT",
-]
-
-#: Version tag written into every model.yaml; loading refuses anything else.
-PACKAGE_FORMAT = "splitexit.package/1"
-#: Threshold meaning "never exit here" (an uncalibrated exit).
-NEVER = math.inf
-DEFAULT_SPLIT_SEED = 0
-DEFAULT_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
-
-
-def _in_series(source: str, target: str, hops: list["LinkSpec"]) -> "LinkSpec":
-    """Links one after another: the narrowest bandwidth, latencies and jitters add, losses combine; the first
-    hop's codec (the planner composes skipped tiers the same way). Their ``changes`` are not carried over."""
-    widths = [h.bandwidth for h in hops if h.bandwidth is not None]
-    kept = math.prod(1 - h.loss for h in hops)
-    return LinkSpec.model_validate({"from": source, "to": target, "bandwidth": min(widths) if widths else None,
-                                    "latency": sum(h.latency for h in hops), "jitter": sum(h.jitter for h in hops),
-                                    "loss": 1 - kept, "codec": hops[0].codec})
-
-
-def describe_validation_error(error: ValidationError) -> str:
-    """Every problem pydantic found, as `where: what` pairs on one line, for messages to users."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in error.errors())
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ExitPolicy(_Model):
-    """How a calibrated net decides that a sample may leave at an early exit."""
-
-    confidence: str = Field("max_softmax", description="max_softmax, entropy, margin, or a registered name")
-    temperatures: tuple[float, ...] = Field(description="one per exit, the final exit included")
-    thresholds: tuple[float, ...] = Field(description="one per early exit; leave when confidence >= threshold")
-
-    @model_validator(mode="after")
-    def _lengths_agree(self) -> "ExitPolicy":
-        if len(self.temperatures) != len(self.thresholds) + 1:
-            raise ValueError(f"{len(self.thresholds)} early-exit thresholds need {len(self.thresholds) + 1} "
-                             f"temperatures (the final exit has one too), got {len(self.temperatures)}")
-        if any(not (t > 0 and math.isfinite(t)) for t in self.temperatures):
-            raise ValueError("temperatures must be positive finite numbers")
-        if any(math.isnan(t) for t in self.thresholds):
-            raise ValueError("thresholds must be numbers (use .inf for 'never exit here')")
-        return self
-
-    @classmethod
-    def uncalibrated(cls, early_exits: int, confidence: str = "max_softmax") -> "ExitPolicy":
-        """Every sample runs to the final exit until `calibrate` sets thresholds."""
-        return cls(confidence=confidence, temperatures=(1.0,) * (early_exits + 1), thresholds=(NEVER,) * early_exits)
-
-
-class ModelSource(_Model):
-    """Where the backbone comes from: a zoo name, a torchvision name, or `module:factory` / `file.py:factory`."""
-
-    name: str
-    num_classes: int | None = Field(None, ge=2)
-
-
-class InputSpec(_Model):
-    """One sample as the model takes it (no batch dimension)."""
-
-    shape: tuple[int, ...]
-    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
-
-    @field_validator("shape")
-    @classmethod
-    def _positive(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
-        if not shape or any(s <= 0 for s in shape):
-            raise ValueError(f"input shape must be non-empty and positive, got {shape}")
-        return shape
-
-
-class ExitSpec(_Model):
-    """One early exit: where it sits and which head it carries."""
-
-    cut: int = Field(ge=0, description="cut id from `splitexit cuts`")
-    after: str = Field(description="fx node just before the cut; checked on load against the traced model")
-    head: str = Field("auto", description="head builder name")
-
-
-class DataSplit(_Model):
-    """How a dataset was split into disjoint train / calibration / test parts."""
-
-    dataset: str
-    seed: int = DEFAULT_SPLIT_SEED
-    fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
-
-    @field_validator("fractions")
-    @classmethod
-    def _sum_to_one(cls, fractions: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(f"split fractions must be positive and sum to 1, got {fractions}")
-        return fractions
-
-
-class CpuSettings(_Model):
-    """The memory format and thread count that measured fastest for this model on the CPU."""
-
-    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
-    threads: int | None = Field(None, ge=1, description="None: leave torch's default")
-
-
-class TrainConfig(_Model):
-    """How exits (and optionally the backbone) are trained."""
-
-    mode: Literal["heads", "joint"] = Field("joint", description="heads: backbone frozen; joint: everything")
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    exit_weights: tuple[float, ...] | None = Field(None, description="loss weight per exit; None: all 1.0")
-    distill: float = Field(0.0, ge=0, description="weight of distillation from the final exit (0: off)")
-    distill_temperature: float = Field(3.0, gt=0)
-    seed: int = 0
-
-
-class PackageSpec(_Model):
-    """The contents of a package's model.yaml."""
-
-    format: Literal["splitexit.package/1"] = PACKAGE_FORMAT
-    model: ModelSource
-    input: InputSpec
-    exits: tuple[ExitSpec, ...]
-    policy: ExitPolicy
-    cpu: CpuSettings = CpuSettings()
-    data: DataSplit | None = None
-    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    training: dict[str, float | int | str | None] = Field(default_factory=dict)
-    calibration: dict[str, float | int | str | None] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _policy_matches_exits(self) -> "PackageSpec":
-        if len(self.policy.thresholds) != len(self.exits):
-            raise ValueError(f"policy has {len(self.policy.thresholds)} thresholds for {len(self.exits)} exits")
-        cuts = [e.cut for e in self.exits]
-        if cuts != sorted(set(cuts)):
-            raise ValueError(f"exit cuts must be distinct and increasing, got {cuts}")
-        return self
-
-
-# ------------------------------------------------------------------------------------------ cluster
 #: Codec names: an encoding (raw, fp16, bf16, int8, int8c = per-channel int8) optionally followed by +lz4
 #: or +zstd, or "auto" (measured per link against its bandwidth).
 DEFAULT_CODEC = "raw"
@@ -189,7 +26,7 @@ DEFAULT_WINDOW = 16
 DEFAULT_MESSAGE_LIMIT = 64 * 1024 * 1024
 
 
-class NodeSpec(_Model):
+class NodeSpec(SpecModel):
     """One machine of the chain. The edge runs the first stage and opens every connection."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -213,7 +50,7 @@ class NodeSpec(_Model):
         return self
 
 
-class LinkChange(_Model):
+class LinkChange(SpecModel):
     """From ``at`` seconds after a link first carried a message in this process, it has this bandwidth and/or
     latency: experiments with a network that changes mid-run (the planner is not told; it must measure)."""
 
@@ -232,7 +69,7 @@ class LinkChange(_Model):
         return None if value is None else parse_bandwidth(value)  # type: ignore[arg-type]
 
 
-class LinkSpec(_Model):
+class LinkSpec(SpecModel):
     """One hop between neighbours, emulated inside the sender when any of its effects is set."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -284,7 +121,7 @@ class LinkSpec(_Model):
         return bandwidth, latency
 
 
-class BatchingSpec(_Model):
+class BatchingSpec(SpecModel):
     """Micro-batching at every stage: wait up to ``max_wait`` for up to ``max_batch`` rows."""
 
     max_batch: int = Field(8, ge=1, le=4096)
@@ -296,7 +133,7 @@ class BatchingSpec(_Model):
         return parse_duration(value)  # type: ignore[arg-type]
 
 
-class RetryPolicy(_Model):
+class RetryPolicy(SpecModel):
     """How the entry sends a request again when its route failed (a node died holding it, or no route yet)."""
 
     first_wait: float = Field(0.02, gt=0, description="seconds before the first resend; doubles each time")
@@ -309,7 +146,7 @@ class RetryPolicy(_Model):
         return parse_duration(value)  # type: ignore[arg-type]
 
 
-class SecuritySpec(_Model):
+class SecuritySpec(SpecModel):
     """Who may talk to a node. Without ``tls`` nodes speak plain text, which they allow on loopback only."""
 
     tls: str | None = Field(None, description="directory with ca.pem and <node>.pem/.key (`splitexit certs`)")
@@ -330,7 +167,7 @@ DEFAULT_REGISTRATION_TTL = 3.0
 _HOST_PORT = re.compile(r"^([A-Za-z0-9_.-]+):([0-9]{1,5})$")
 
 
-class EtcdTLS(_Model):
+class EtcdTLS(SpecModel):
     """Files for talking TLS to etcd (relative to the cluster file)."""
 
     ca: str = Field(description="CA certificate that signed etcd's server certificate")
@@ -344,7 +181,7 @@ class EtcdTLS(_Model):
         return self
 
 
-class EtcdSpec(_Model):
+class EtcdSpec(SpecModel):
     """A real etcd as the registry: ``registry: {etcd: [10.0.0.5:2379, 10.0.0.6:2379]}``."""
 
     etcd: tuple[str, ...] = Field(min_length=1, description="endpoints as host:port; calls are spread over all of them")
@@ -386,7 +223,7 @@ class EtcdSpec(_Model):
         return self
 
 
-class ClusterSpec(_Model):
+class ClusterSpec(SpecModel):
     """A cluster file: the chain of nodes, the links between them, and how requests flow."""
 
     nodes: tuple[NodeSpec, ...]
@@ -469,7 +306,10 @@ class ClusterSpec(_Model):
             path = [source, *(tiers[t][0].name for t in range(tier[source] + 1, tier[target])), target]
             hops = [self.link(a, b) for a, b in zip(path, path[1:])]
             if any(h.emulated for h in hops):
-                return _in_series(source, target, hops)
+                figures = in_series(hops)  # the first hop's codec; the hops' `changes` are not carried over
+                return LinkSpec.model_validate({"from": source, "to": target, "bandwidth": figures.bandwidth,
+                                                "latency": figures.latency, "jitter": figures.jitter,
+                                                "loss": figures.loss, "codec": hops[0].codec})
         return LinkSpec.model_validate({"from": source, "to": target, "codec": self.codec})
 
     def node(self, name: str) -> NodeSpec:

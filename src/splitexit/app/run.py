@@ -8,17 +8,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from splitexit.app.plan import profile_package
 from splitexit.config import ClusterSpec, NodeSpec
+from splitexit.config.load import load_cluster, resolve_package
+from splitexit.control.edge import Entry, RunResult
+from splitexit.control.local_cluster import LocalCluster, die_with_parent, free_port
+from splitexit.control.replan import PlannedLayout, file_codecs
+from splitexit.control.worker import serve_node
 from splitexit.errors import ClusterError, DataError
 from splitexit.model.cpu import apply_threads
 from splitexit.model.data import load_dataset, split_dataset
 from splitexit.model.package import load, read_spec
-from splitexit.runtime.cluster import LocalCluster, die_with_parent, free_port, load_cluster, resolve_package
-from splitexit.runtime.entry import Entry, RequestRecord, RunResult
 from splitexit.plan.planner import Objective
-from splitexit.plan.workflow import profile_package
-from splitexit.runtime.node import Node, serve_node
-from splitexit.runtime.replan import PlannedLayout, file_codecs
+from splitexit.runtime.node import Node
+from splitexit.runtime.records import RequestRecord
 from splitexit.runtime.stage_cache import default_cache_dir
 
 __all__ = ["run_cluster", "serve", "start_cluster", "write_demo_cluster", "write_records"]

@@ -11,15 +11,20 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import yaml
-from pydantic import ValidationError
 
-from splitexit.config import ClusterSpec, DataSplit, describe_validation_error
-from splitexit.errors import ClusterError, ConfigError, CutError, DataError, PackageError
+from splitexit.config import ClusterSpec, DataSplit
+from splitexit.config.load import load_cluster
+from splitexit.control.cluster_profile import profile_cluster, stored_link_estimates
+from splitexit.errors import (
+    ConfigError,
+    CutError,
+    DataError,
+    PackageError,
+)
 from splitexit.model.cpu import apply_threads
 from splitexit.model.data import load_dataset, split_dataset
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.package import load, read_spec
-from splitexit.plan.cluster_profile import profile_cluster, stored_link_estimates
 from splitexit.plan.planner import (
     LinkEstimate,
     Objective,
@@ -48,7 +53,7 @@ from splitexit.plan.profile import (
 )
 
 __all__ = ["PlanSummary", "ProfileSummary", "SweepPoint", "calibrated_exits", "plan_package", "profile_package",
-           "read_cluster", "sweep_bandwidth", "write_plan"]
+           "sweep_bandwidth", "write_plan"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,18 +92,6 @@ class SweepPoint:
     cloud_only: Plan
 
 
-def read_cluster(path: Path) -> ClusterSpec:
-    """Read and validate a cluster file (the planner needs its nodes, slowdowns, links and batching)."""
-    if not path.is_file():
-        raise ClusterError(f"cluster file {path} does not exist")
-    try:
-        return ClusterSpec.model_validate(yaml.safe_load(path.read_text()) or {})
-    except yaml.YAMLError as exc:
-        raise ClusterError(f"{path} is not valid YAML: {exc}") from exc
-    except ValidationError as exc:
-        raise ClusterError(f"{path}: {describe_validation_error(exc)}") from exc
-
-
 def profile_package(package: Path, *, cluster_file: Path | None = None, data: str | None = None,
                     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, codecs: Sequence[str] = DEFAULT_CODECS,
                     repeats: int = DEFAULT_REPEATS, force: bool = False,
@@ -113,7 +106,7 @@ def profile_package(package: Path, *, cluster_file: Path | None = None, data: st
                             force=force, progress=progress)
     if cluster_file is None:
         return summary
-    cluster = read_cluster(cluster_file)
+    cluster = load_cluster(cluster_file)
     if progress is not None:
         progress("the cluster's nodes and links", 0, 1)
     measured = asyncio.run(profile_cluster(net, summary.profile, cluster, force=force))
@@ -185,7 +178,7 @@ def plan_package(package: Path, cluster_file: Path, *, objective: Objective = Ob
     :func:`~splitexit.plan.planner.topology_from_cluster`); without it, the links ``splitexit profile
     --cluster`` measured (while they still match the file), else the file's figures.
     """
-    cluster = read_cluster(cluster_file)
+    cluster = load_cluster(cluster_file)
     summary, net = _profile(package, data=data, force=force_profile, progress=progress)
     if measured_links is None:
         measured_links = stored_link_estimates(summary.profile, cluster)

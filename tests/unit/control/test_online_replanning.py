@@ -7,7 +7,7 @@ import yaml
 from synthetic import synthetic_profile
 
 from splitexit.config import ClusterSpec
-from splitexit.runtime.replan import HOLD, PlannedLayout, Replanner
+from splitexit.control.replan import HOLD, PlannedLayout, Replanner
 
 CLUSTER = """
 nodes:

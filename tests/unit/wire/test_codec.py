@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from splitexit.errors import ConfigError, WireError
-from splitexit.runtime import wire_pb2
-from splitexit.runtime.codec import (
+from splitexit.wire import wire_pb2
+from splitexit.wire.codec import (
     MAX_RANK,
     CodecSpec,
     choose_codec,

@@ -10,12 +10,8 @@ import time
 import pytest
 
 from splitexit.config import LinkSpec
-from splitexit.runtime.link import (
-    MIN_RTO,
-    EmulatedLink,
-    LinkSchedule,
-    retransmission_timeout,
-)
+from splitexit.links import MIN_RTO, retransmission_timeout
+from splitexit.runtime.link import EmulatedLink, LinkSchedule
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import yaml
 
 from splitexit import EarlyExitNet, ExitPolicy, ModelSource, build_model
 from splitexit.config import ClusterSpec
+from splitexit.control.replan import _live, file_codecs, placement_from_plan
 from splitexit.model.stages import INPUT
 from splitexit.plan.planner import PlannedLink, PlannedStage
-from splitexit.runtime.replan import _live, file_codecs, placement_from_plan
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,17 @@ from dataclasses import replace
 from typing import Callable, Mapping
 
 from splitexit.config import ClusterSpec
+from splitexit.control.cluster_profile import stored_link_estimates
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stages import INPUT
-from splitexit.plan.cluster_profile import stored_link_estimates
-from splitexit.plan.planner import LinkEstimate, Objective, Plan, plan, predict, topology_from_cluster
+from splitexit.plan.planner import (
+    LinkEstimate,
+    Objective,
+    Plan,
+    plan,
+    predict,
+    topology_from_cluster,
+)
 from splitexit.plan.profile import Profile
 from splitexit.runtime.placement import Placement, StagePlacement, versioned
 

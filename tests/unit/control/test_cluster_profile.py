@@ -7,14 +7,19 @@ from dataclasses import replace
 
 import pytest
 import yaml
+from synthetic import synthetic_profile
 
 from splitexit.config import ClusterSpec
+from splitexit.control.cluster_profile import (
+    _link_key,
+    links_to_measure,
+    node_machine,
+    stored_link_estimates,
+)
 from splitexit.errors import ClusterError
-from splitexit.plan.cluster_profile import _link_key, links_to_measure, node_machine, stored_link_estimates
 from splitexit.plan.planner import RuntimeCosts, topology_from_cluster
 from splitexit.plan.profile import MeasuredLink
 from splitexit.runtime.node_profile import timing_reply
-from synthetic import synthetic_profile
 
 CLUSTER = """
 nodes:

@@ -49,7 +49,7 @@ import torch
 import zstandard
 
 from splitexit.errors import ConfigError, WireError
-from splitexit.runtime import wire_pb2
+from splitexit.wire import wire_pb2
 
 __all__ = [
     "COMPRESSIONS",

@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 
 from splitexit.errors import WireError
-from splitexit.model.graph import TensorInfo
-from splitexit.runtime import wire_pb2
-from splitexit.runtime.codec import CodecSpec, decode, encode, raw_size
+from splitexit.tensors import TensorInfo
+from splitexit.wire import wire_pb2
+from splitexit.wire.codec import CodecSpec, decode, encode, raw_size
 
 __all__ = ["BatchAssembler", "MAX_ROWS", "decode_batch", "encode_tensors", "grpc_options", "raw_size"]
 

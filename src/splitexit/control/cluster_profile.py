@@ -41,10 +41,10 @@ from splitexit.plan.profile import (
     SegmentTiming,
     Timing,
 )
-from splitexit.runtime import wire_pb2
-from splitexit.runtime.chain import node_credentials
 from splitexit.runtime.control_client import NodeControl
 from splitexit.runtime.probe import measure_link
+from splitexit.runtime.security import node_credentials
+from splitexit.wire import wire_pb2
 
 __all__ = ["ClusterProfile", "links_to_measure", "node_machine", "profile_cluster", "stored_link_estimates"]
 

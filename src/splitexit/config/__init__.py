@@ -1,0 +1,69 @@
+"""Small typed models, one per concern; YAML files and CLI flags parse into these and nothing else.
+
+`package.py` is a model package's `model.yaml`, `cluster.py` the cluster file, `load.py` the one loader
+of cluster files. Every model forbids unknown keys, so a typo in a file is reported instead of silently
+ignored.
+"""
+
+from splitexit.config.base import SpecModel, describe_validation_error
+from splitexit.config.cluster import (
+    DEFAULT_CODEC,
+    DEFAULT_ETCD_PREFIX,
+    DEFAULT_MESSAGE_LIMIT,
+    DEFAULT_REGISTRATION_TTL,
+    DEFAULT_WINDOW,
+    BatchingSpec,
+    ClusterSpec,
+    EtcdSpec,
+    EtcdTLS,
+    LinkChange,
+    LinkSpec,
+    NodeSpec,
+    RetryPolicy,
+    SecuritySpec,
+)
+from splitexit.config.package import (
+    DEFAULT_SPLIT_FRACTIONS,
+    DEFAULT_SPLIT_SEED,
+    NEVER,
+    PACKAGE_FORMAT,
+    CpuSettings,
+    DataSplit,
+    ExitPolicy,
+    ExitSpec,
+    InputSpec,
+    ModelSource,
+    PackageSpec,
+    TrainConfig,
+)
+
+__all__ = [
+    "DEFAULT_CODEC",
+    "DEFAULT_ETCD_PREFIX",
+    "DEFAULT_MESSAGE_LIMIT",
+    "DEFAULT_REGISTRATION_TTL",
+    "DEFAULT_WINDOW",
+    "DEFAULT_SPLIT_FRACTIONS",
+    "DEFAULT_SPLIT_SEED",
+    "NEVER",
+    "PACKAGE_FORMAT",
+    "BatchingSpec",
+    "ClusterSpec",
+    "CpuSettings",
+    "DataSplit",
+    "EtcdSpec",
+    "EtcdTLS",
+    "ExitPolicy",
+    "ExitSpec",
+    "InputSpec",
+    "LinkChange",
+    "LinkSpec",
+    "ModelSource",
+    "NodeSpec",
+    "PackageSpec",
+    "RetryPolicy",
+    "SecuritySpec",
+    "SpecModel",
+    "TrainConfig",
+    "describe_validation_error",
+]

@@ -1,0 +1,195 @@
+"""The edge, wired: the request path, the registry, the health prober, the coordinator and the re-planner.
+
+:class:`Entry` is the asyncio implementation; :class:`EntryClient` is its one synchronous bridge (a
+private event loop in a thread) with ``submit(x) -> Future`` and ``run(dataset)``. The request path
+itself (resubmission, exactly-once answers) is ``runtime/request_path.py``; this module only composes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Coroutine, TypeVar
+
+import torch
+from torch.utils.data import Dataset
+
+from splitexit.config import ClusterSpec
+from splitexit.control.coordinator import Coordinator, Layout, PlanChange
+from splitexit.control.members import HealthProber
+from splitexit.control.registry import EmbeddedRegistry, Registry, open_registry
+from splitexit.control.replan import PlannedLayout, Replanner
+from splitexit.model.exits import EarlyExitNet
+from splitexit.runtime.hop import Hop
+from splitexit.runtime.placement import Placement
+from splitexit.runtime.records import RequestRecord
+from splitexit.runtime.remote import LinkCounters
+from splitexit.runtime.request_path import RequestPath
+from splitexit.runtime.security import node_credentials
+
+__all__ = ["DEFAULT_START_TIMEOUT", "Entry", "EntryClient", "RunResult"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Seconds `start()` waits for every tier to have a live node.
+DEFAULT_START_TIMEOUT = 30.0
+
+
+@dataclass
+class RunResult:
+    records: list[RequestRecord]
+    wall_s: float
+    links: dict[str, LinkCounters]
+    placement: Placement
+    plan_changes: list[PlanChange] = field(default_factory=list)
+    stage_shipments: list[tuple[str, str, int]] = field(default_factory=list)  # (node, stage sha256, bytes)
+
+
+class Entry:
+    """Runs the edge's stage of the current plan here and sends what stays unconfident down the chain."""
+
+    def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, *, window: int | None = None,
+                 registry: Registry | None = None, layout: Layout | None = None, replan: bool = True,
+                 start_timeout: float = DEFAULT_START_TIMEOUT):
+        self.net, self.cluster = net, cluster
+        self.window = window or cluster.window
+        self.name = cluster.edge.name
+        self.start_timeout = start_timeout
+        self.registry = registry
+        self.layout = layout  # None: the cluster file's placement (see runtime/placement.py)
+        self.replan = replan  # with a PlannedLayout: re-plan when measured links make another plan better
+        self.requests = RequestPath(net, cluster, window=self.window, on_broken=self._broken)
+        self._replanning: asyncio.Task | None = None
+        self._measured: dict[tuple[str, str], float] = {}  # every link's recent bandwidth, as last polled
+        self._own_registry = registry is None
+        self.coordinator: Coordinator | None = None
+        self._prober: HealthProber | None = None
+
+    @property
+    def placement(self) -> Placement:
+        if self.coordinator is None or self.coordinator.placement is None:
+            raise RuntimeError("call `await entry.start()` first")
+        return self.coordinator.placement
+
+    @property
+    def hop(self) -> Hop | None:
+        """The edge's hop of the current plan (None before :meth:`start`)."""
+        return self.requests.hop
+
+    async def start(self) -> None:
+        """Join the registry, wait until every tier has a live node, and place the chain."""
+        if self.registry is None:
+            self.registry = open_registry(self.cluster.registry)
+        await self.registry.start()
+        if isinstance(self.registry, EmbeddedRegistry):  # nodes cannot register themselves: probe them
+            self._prober = HealthProber(self.cluster, self.registry, node_credentials(self.cluster, self.name))
+            await self._prober.start()
+        self.coordinator = Coordinator(self.net, self.cluster, self.registry, on_plan=self.requests.install,
+                                       layout=self.layout)
+        await self.coordinator.start(wait=self.start_timeout)
+        if isinstance(self.layout, PlannedLayout) and self.replan:
+            one_at_a_time = self.window == 1  # larger windows batch requests: a span is then a batch's
+            replanner = Replanner(self.layout, self.coordinator.request_replan, lambda: dict(self._measured),
+                                  measure_compute=self.requests.compute.means if one_at_a_time else None)
+            self._replanning = asyncio.get_running_loop().create_task(self._replan(replanner), name="replanner")
+
+    async def _replan(self, replanner: Replanner) -> None:
+        """Keep every link's recent bandwidth at hand (nodes report theirs through Health), and re-plan on it."""
+        checking = asyncio.get_running_loop().create_task(replanner.run())
+        try:
+            while True:
+                try:
+                    self._measured = await self.link_bandwidths()
+                except Exception:  # noqa: BLE001 - a failed poll must not stop serving; the next one tries again
+                    logger.exception("reading the links' bandwidths failed")
+                await asyncio.sleep(replanner.interval)
+        finally:
+            checking.cancel()
+            await asyncio.gather(checking, return_exceptions=True)
+
+    def _broken(self, name: str) -> None:
+        """The stream to a first-tier node broke: route around it now (its rows are being resubmitted)."""
+        if self.coordinator is not None:
+            self.coordinator.node_broke(name)
+        if self._prober is not None:
+            self._prober.suspect(name)
+
+    async def infer(self, x: torch.Tensor, *, index: int = -1, label: int | None = None) -> RequestRecord:
+        """One input (with or without its batch dimension of 1), answered wherever it becomes confident."""
+        if self.coordinator is None:
+            raise RuntimeError("call `await entry.start()` first")
+        return await self.requests.infer(x, index=index, label=label)
+
+    async def run(self, dataset: Dataset, *, on_record: Callable[[RequestRecord], None] | None = None) -> RunResult:
+        """Every item of ``dataset`` ((input, label) pairs or bare inputs), ``window`` in flight at a time."""
+        started = time.perf_counter()
+        records = await self.requests.run(dataset, on_record=on_record)
+        wall = time.perf_counter() - started
+        coordinator = self.coordinator
+        return RunResult(records, wall, await self.links(), self.placement,
+                         plan_changes=list(coordinator.changes) if coordinator else [],
+                         stage_shipments=list(coordinator.shipments) if coordinator else [])
+
+    async def links(self) -> dict[str, LinkCounters]:
+        """Byte counters of every link of the chain (see :meth:`RequestPath.links`)."""
+        return await self.requests.links()
+
+    async def link_bandwidths(self) -> dict[tuple[str, str], float]:
+        """What every link of the current plan delivered lately, bits/s (see :meth:`RequestPath.link_bandwidths`)."""
+        return await self.requests.link_bandwidths()
+
+    async def close(self) -> None:
+        if self._replanning is not None:
+            self._replanning.cancel()
+            await asyncio.gather(self._replanning, return_exceptions=True)
+        if self.coordinator is not None:
+            await self.coordinator.close()
+        if self._prober is not None:
+            await self._prober.close()
+        await self.requests.close()
+        if self.registry is not None and self._own_registry:
+            await self.registry.close()
+
+
+class EntryClient:
+    """Synchronous use of an :class:`Entry`: a private event loop runs in a daemon thread."""
+
+    def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, **options: object):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="splitexit-entry", daemon=True)
+        self._thread.start()
+        self.entry = self._call(self._build(net, cluster, options))
+
+    async def _build(self, net: EarlyExitNet, cluster: ClusterSpec, options: dict) -> Entry:
+        entry = Entry(net, cluster, **options)  # type: ignore[arg-type]
+        await entry.start()
+        return entry
+
+    def _call(self, coroutine: Coroutine[object, object, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def submit(self, x: torch.Tensor, *, label: int | None = None) -> Future:
+        """Send one input; the Future resolves to its :class:`RequestRecord`."""
+        return asyncio.run_coroutine_threadsafe(self.entry.infer(x, label=label), self._loop)
+
+    def run(self, dataset: Dataset, **options: object) -> RunResult:
+        return self._call(self.entry.run(dataset, **options))  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        try:
+            self._call(self.entry.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> "EntryClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,169 @@
+"""The edge's request path: run the current plan's first stage here, send the rest on, resubmit lost work.
+
+The path owns every request until its answer arrives: it keeps the input, and when the request's rows
+were lost with a node (``node_unavailable``), found no route (``no_route``) or reached a node that has not
+got the current plan yet (``unknown_plan``), it sends the input again, under the same id, along whatever
+route has been installed by then. A request is answered exactly once; a late duplicate of an answer is
+dropped by id where it arrives.
+
+Which plan runs is decided above this module (``control/edge.py`` wires the coordinator to
+:meth:`RequestPath.install`); nothing here knows of registries or coordinators, so the path can be driven
+in one process with in-memory downstreams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from splitexit.config import ClusterSpec, NodeSpec
+from splitexit.errors import ConfigError
+from splitexit.model.exits import EarlyExitNet
+from splitexit.model.stage_file import without_exits
+from splitexit.model.stages import Stage
+from splitexit.runtime.failover import Backoff
+from splitexit.runtime.hop import Hop, RowError, RowResult
+from splitexit.runtime.meter import ComputeMeter
+from splitexit.runtime.placement import Placement
+from splitexit.runtime.records import RequestRecord, request_record
+from splitexit.runtime.remote import LinkCounters
+from splitexit.runtime.stage_hop import stage_hop
+from splitexit.wire.codec import CodecSpec
+
+__all__ = ["RETIRE_TIMEOUT", "RETRYABLE", "RequestPath"]
+
+logger = logging.getLogger(__name__)
+
+#: Outcomes that say "this route failed", not "this input is bad": the path sends the input again.
+RETRYABLE = frozenset({"node_unavailable", "no_route", "unknown_plan"})
+#: Seconds a hop of an earlier plan may keep finishing its requests before it is closed anyway.
+RETIRE_TIMEOUT = 30.0
+
+
+class RequestPath:
+    """Sends each input through the edge's hop of the current plan until it is answered."""
+
+    def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, *, window: int,
+                 on_broken: Callable[[str], None] | None = None):
+        self.net, self.cluster, self.window = net, cluster, window
+        self.name = cluster.edge.name
+        self.retry = Backoff(cluster.retry.first_wait, cluster.retry.max_wait)
+        self.compute = ComputeMeter()  # how long each node's stage computed per request, under this plan
+        self._on_broken = on_broken
+        self._hop: Hop | None = None
+        self._version = 0
+        self._retired: dict[Hop, asyncio.Task] = {}  # hops of earlier plans, closing once their requests finish
+        self._sent: dict[str, LinkCounters] = {}  # bytes the edge sent to each peer, over every plan
+        self._ids = itertools.count(1)
+        self._slots = asyncio.Semaphore(window)
+
+    @property
+    def hop(self) -> Hop | None:
+        """The edge's hop of the current plan (None before the first :meth:`install`)."""
+        return self._hop
+
+    async def install(self, placement: Placement, peers: list[NodeSpec], codec: CodecSpec | None) -> None:
+        """Serve ``placement``'s first stage from now on; a hop of an older plan finishes its work, then closes."""
+        if self._hop is not None and placement.version == self._version:
+            if self._hop.downstream is not None:
+                await self._hop.downstream.update(peers, wait=False)  # type: ignore[attr-defined]
+            return
+        first = placement.stages[0]
+        stage = Stage(self.net, first.start, first.end,
+                      policy=without_exits(self.net.policy, placement.disabled_exits)) \
+            if placement.disabled_exits else self.net.stage(first.start, first.end)
+        hop = stage_hop(stage, node=self.cluster.edge, cluster=self.cluster, plan_version=placement.version,
+                        codec=codec, on_broken=self._on_broken, counters=self._sent)
+        if hop.downstream is not None:
+            await hop.downstream.update(peers)  # type: ignore[attr-defined]
+        old, self._hop, self._version = self._hop, hop, placement.version
+        self.compute.clear()  # stages change with the plan: their old spans say nothing about the new ones
+        if old is not None:
+            self._retired[old] = asyncio.get_running_loop().create_task(old.close_when_idle(RETIRE_TIMEOUT))
+
+    async def infer(self, x: torch.Tensor, *, index: int = -1, label: int | None = None) -> RequestRecord:
+        """One input (with or without its batch dimension of 1), answered wherever it becomes confident."""
+        if self._hop is None:
+            raise RuntimeError("no plan is installed yet: call `await entry.start()` first")
+        sample = x.unsqueeze(0) if x.dim() == len(self.net.input_shape) else x
+        if tuple(sample.shape[1:]) != tuple(self.net.input_shape) or sample.shape[0] != 1:
+            raise ConfigError(f"submit one input of shape {tuple(self.net.input_shape)} at a time (got "
+                              f"{tuple(x.shape)}); use run(dataset) for many")
+        async with self._slots:
+            request_id = next(self._ids)
+            started = time.time()
+            outcome, attempts, version = await self._answer(request_id, self.net._prepare(sample), started)
+            finished = time.time()
+        if isinstance(outcome, RowResult) and version == self._version:  # spans of an old plan's stages say nothing
+            self.compute.record(outcome.trace)
+        return request_record(outcome, index=index, label=label, started=started, finished=finished,
+                              attempts=attempts)
+
+    async def _answer(self, request_id: int, sample: torch.Tensor, started: float
+                      ) -> tuple[RowResult | RowError, int, int]:
+        """Send until the request is answered, or fails for a reason a retry cannot fix, or time runs out.
+        Returns the outcome, the attempts, and the plan version the last attempt was sent under."""
+        for attempt in itertools.count(1):
+            version = self._version
+            (future,) = await self._hop.send([request_id], (sample,), [])  # type: ignore[union-attr]
+            outcome = await future
+            if not isinstance(outcome, RowError) or outcome.code not in RETRYABLE \
+                    or time.time() - started > self.cluster.retry.timeout:
+                return outcome, attempt, version
+            if attempt == 1:
+                logger.info("request %d: %s at %s; sending it again", request_id, outcome.code, outcome.node)
+            await asyncio.sleep(self.retry.delay(attempt))
+        raise AssertionError("unreachable")
+
+    async def run(self, dataset: Dataset, *, on_record: Callable[[RequestRecord], None] | None = None
+                  ) -> list[RequestRecord]:
+        """Every item of ``dataset`` ((input, label) pairs or bare inputs), ``window`` in flight at a time;
+        the records in dataset order."""
+        indices = iter(range(len(dataset)))  # type: ignore[arg-type]
+        records: list[RequestRecord] = []
+
+        async def worker() -> None:
+            """`window` of these share the index iterator, so no more than `window` inputs are ever pending."""
+            for index in indices:
+                item = dataset[index]
+                x, label = (item[0], int(item[1])) if isinstance(item, (tuple, list)) else (item, None)
+                record = await self.infer(x, index=index, label=label)
+                records.append(record)
+                if on_record is not None:
+                    on_record(record)
+
+        await asyncio.gather(*(worker() for _ in range(self.window)))
+        return sorted(records, key=lambda r: r.index)
+
+    async def links(self) -> dict[str, LinkCounters]:
+        """Byte counters of every link of the chain: the edge's own over every plan; those further down as the
+        current plan's nodes report them through Health."""
+        links = {(self.name, peer): counters for peer, counters in self._sent.items()}
+        if self._hop is not None and self._hop.downstream is not None:
+            reports = await self._hop.downstream.health_links()  # type: ignore[attr-defined]
+            links.update({link: report.counters for link, report in reports.items()})
+        return {f"{a}->{b}": counters for (a, b), counters in sorted(links.items())}
+
+    async def link_bandwidths(self) -> dict[tuple[str, str], float]:
+        """What every link of the current plan delivered lately, bits/s: the edge's own as it measures them,
+        those further down as their senders report them through Health (links with too little recent
+        traffic are left out)."""
+        if self._hop is None or self._hop.downstream is None:
+            return {}
+        reports = await self._hop.downstream.health_links()  # type: ignore[attr-defined]
+        return {link: r.bandwidth for link, r in reports.items() if r.bandwidth is not None}
+
+    async def close(self) -> None:
+        retiring: Sequence[tuple[Hop, asyncio.Task]] = list(self._retired.items())
+        for hop, task in retiring:
+            if not task.done():
+                task.cancel()
+                await hop.close()
+        if self._hop is not None:
+            await self._hop.close()

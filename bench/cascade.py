@@ -7,7 +7,8 @@ exits and calibrated (``max_drop=0.01``) on the calibration split, then timed on
     against the plain model (the original ``nn.Module``, eval mode, ``torch.inference_mode``) on the same
     batches, with the accuracy and compute fraction (FLOPs over the full model's, heads included) of both.
 (b) **What the cascade costs.** Every threshold set above any reachable confidence (2.0; confidences lie
-    in [0, 1]; temperatures kept): the heads still run and score every sample but nobody leaves early, so any time above the plain model's is pure routing
+    in [0, 1]; temperatures kept): the heads still run and score every sample but nobody leaves early, so any
+    time above the plain model's is pure routing
     overhead. Timed at batch 1 (per-sample latency), 32 and 256 (throughput); the goal is at most 1.05x.
 
 The box this runs on is shared and small, so absolute times are noise; only ratios taken in one run mean
@@ -33,9 +34,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -306,7 +307,8 @@ def print_report(throughput: RaceResult, plain: Quality, cascade: Quality, overh
     console.print(throughput_table(throughput, plain, cascade))
     console.print(overhead_table(overhead))
     console.print(f"(a) cascade/plain throughput {1 / throughput.cascade_ratio:.3f}x at compute "
-                  f"{cascade.compute_fraction:.3f} of the model, accuracy {cascade.accuracy:.4f} vs {plain.accuracy:.4f}")
+                  f"{cascade.compute_fraction:.3f} of the model, "
+                  f"accuracy {cascade.accuracy:.4f} vs {plain.accuracy:.4f}")
     for r in overhead:
         console.print(f"(b) batch {r.batch_size:>3}: cascade/plain time {r.cascade_ratio:.3f}x "
                       f"(target <= {OVERHEAD_TARGET}x)")

@@ -30,9 +30,9 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from rich.console import Console
@@ -41,7 +41,8 @@ from rich.table import Table
 import splitexit
 from splitexit.config import TrainConfig
 from splitexit.model.exits import EarlyExitNet
-from splitexit.wire.codec import CodecSpec, decode, encode, list_codecs, parse_codec
+from splitexit.wire.codec_names import CodecSpec, list_codecs, parse_codec
+from splitexit.wire.tensor_codec import decode, encode
 
 logger = logging.getLogger("bench.codecs")
 
@@ -216,7 +217,7 @@ def markdown_table(result: CutResult) -> str:
 def markdown_section(results: list[CutResult], command: str, elapsed_s: float, batch: int, load: str) -> str:
     env = environment()
     intro = (
-        "`bench/codecs.py` measures every wire codec (`splitexit.runtime.codec`) on real activations: bytes "
+        "`bench/codecs.py` measures every wire codec (`splitexit.wire.tensor_codec`) on real activations: bytes "
         "per message (the serialised protobuf `Tensor`, header included) and the ratio to `raw`, encode and "
         "decode throughput in MB/s of float32 activation, and the largest error over the largest |value|. "
         f"(a) `digits_cnn` trained jointly with its exits for {DIGITS_EPOCHS} epochs, the test split's "

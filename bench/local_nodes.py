@@ -4,8 +4,8 @@ ports when a node dies before it is ready (a port taken between choosing it and 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from splitexit.config import ClusterSpec
 from splitexit.control.local_cluster import LocalCluster

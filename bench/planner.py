@@ -70,19 +70,19 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import yaml
-from local_nodes import start_local_cluster
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 import splitexit
+from local_nodes import start_local_cluster
 from splitexit import EarlyExitNet, build_model
 from splitexit.app.plan import calibrated_exits, profile_package
 from splitexit.app.train import calibrate_package, train_package
@@ -94,15 +94,12 @@ from splitexit.control.replan import placement_from_plan
 from splitexit.errors import ClusterError, ConfigError
 from splitexit.model.data import load_dataset, split_dataset
 from splitexit.model.package import read_spec
-from splitexit.plan.planner import (
-    Objective,
-    Plan,
-    Topology,
-    plan,
-    predict,
-    topology_from_cluster,
-)
+from splitexit.plan.objective import Objective
+from splitexit.plan.prediction import predict
 from splitexit.plan.profile import ExitTable, Profile
+from splitexit.plan.result import Plan
+from splitexit.plan.search import plan
+from splitexit.plan.topology import Topology, topology_from_cluster
 from splitexit.runtime.records import RequestRecord
 
 SEED = 0
@@ -269,7 +266,7 @@ class Split:
         return " → ".join(f"{names[t]}[{show(a, False)}..{show(b, True)}]" for t, a, b in self.stages(profile))
 
     @classmethod
-    def of(cls, chosen: Plan, profile: Profile) -> "Split":
+    def of(cls, chosen: Plan, profile: Profile) -> Split:
         K = len(profile.cuts)
         position = {None: K + 1, **{c: i + 1 for i, c in enumerate(profile.cuts)}}
         ends = {s.tier: position[s.end] for s in chosen.stages}

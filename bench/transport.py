@@ -2,9 +2,10 @@
 
 (1) **Per-hop round trip** of one float32 tensor (1 MB and 4 MB) on loopback, two contenders:
 
-    * *ours*: ``encode_tensors`` (raw codec) -> ``RemoteStage._messages`` (the runtime's own builder) written on a grpc.aio bidi
+    * *ours*: ``encode_tensors`` (raw codec) -> ``wire.messages.batch_messages`` (the runtime's own builder)
+      written on a grpc.aio bidi
       stream (``grpc_options(64 MiB)``) -> a minimal ``StageService.Stream`` servicer decodes the tensor
-      with ``splitexit.runtime.codec.decode`` and yields a small ``wire_pb2.Up`` with one ``Result`` ->
+      with ``splitexit.wire.tensor_codec.decode`` and yields a small ``wire_pb2.Up`` with one ``Result`` ->
       the client reads it. Timed from before ``encode`` to after the read.
     * *tcp*: a plain blocking socket; an 8-byte length prefix and the tensor's bytes (sent from the
       tensor's memory, no copy) -> a server thread ``recv_into`` a buffer, ``torch.frombuffer`` on it,
@@ -13,8 +14,8 @@
     * *diagnostic, constructors*: the same, but the Down message is built with protobuf constructors
       (``Down(batch=Batch(tensors=...))``), as RemoteStage did before; it shows what those copies cost.
 
-    Contenders alternate over rounds (the order rotates and flips every round); each round sends ``messages`` tensors per
-    contender; p50 is the median over all messages, and the ratio ours/tcp is the median of the per-round
+    Contenders alternate over rounds (the order rotates and flips every round); each round sends ``messages``
+    tensors per contender; p50 is the median over all messages, and the ratio ours/tcp is the median of the per-round
     ratios of the p50s.
 
 (2) **3-stage pipeline throughput**: edge + cloud1 + cloud2 (real gRPC on loopback, raw codec, max_batch 1,
@@ -61,23 +62,23 @@ from pathlib import Path
 import grpc
 import torch
 import yaml
-from local_nodes import start_local_cluster
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import TensorDataset
 
 import splitexit
+from local_nodes import start_local_cluster
 from splitexit import EarlyExitNet, build_model
-from splitexit.config import ClusterSpec, CpuSettings, LinkSpec, ModelSource, NodeSpec
+from splitexit.config import ClusterSpec, CpuSettings, ModelSource
 from splitexit.config.load import load_cluster
 from splitexit.control.edge import Entry
 from splitexit.control.local_cluster import free_port
 from splitexit.runtime.node import Node
 from splitexit.runtime.placement import default_placement
-from splitexit.runtime.remote import RemoteStage
 from splitexit.wire import wire_pb2, wire_pb2_grpc
-from splitexit.wire.codec import decode, parse_codec
-from splitexit.wire.messages import encode_tensors, grpc_options
+from splitexit.wire.codec_names import parse_codec
+from splitexit.wire.messages import batch_messages, encode_tensors, grpc_options
+from splitexit.wire.tensor_codec import decode
 
 MIB = 1 << 20
 MESSAGE_LIMIT = 64 * MIB
@@ -120,9 +121,6 @@ class OursClient:
         self.call = None
         self.codec = parse_codec("raw")
         self.next_id = 1
-        self.builder = RemoteStage(sender="bench", target=NodeSpec(name="echo", address="127.0.0.1:1"),
-                                   link=LinkSpec.model_validate({"from": "bench", "to": "echo"}), plan_version=1,
-                                   message_limit=MESSAGE_LIMIT)
 
     async def start(self) -> None:
         self.server = grpc.aio.server(options=grpc_options(MESSAGE_LIMIT))
@@ -134,14 +132,14 @@ class OursClient:
         self.call = wire_pb2_grpc.StageServiceStub(self.channel).Stream()
 
     async def round_trip(self, tensor: torch.Tensor, *, copy_from: bool = False) -> float:
-        """``copy_from=True``: the message is built by ``RemoteStage._messages`` (filled in place with
+        """``copy_from=True``: the message is built by ``batch_messages`` (filled in place with
         CopyFrom), as the runtime sends it. ``False``: built with protobuf constructors (the old way), a
         diagnostic that shows what the constructor copies cost."""
         started = time.perf_counter()
         request_id, self.next_id = self.next_id, self.next_id + 1
         tensors = encode_tensors((tensor,), self.codec)
         if copy_from:
-            (down,) = self.builder._messages([request_id], tensors, [])  # exactly what RemoteStage sends
+            (down,) = batch_messages(1, [request_id], tensors, [], MESSAGE_LIMIT)  # exactly what RemoteStage sends
         else:
             down = wire_pb2.Down(batch=wire_pb2.Batch(plan_version=1, request_ids=[request_id], tensors=tensors))
         await self.call.write(down)
@@ -234,7 +232,7 @@ async def measure_hop(settings: Settings) -> list[HopRow]:
             tensor = torch.randn(size_mb * MIB // 4, generator=torch.Generator().manual_seed(SEED))
             contenders = ("ours", "copy_from", "tcp")
 
-            async def one(name: str) -> float:
+            async def one(name: str, tensor: torch.Tensor = tensor) -> float:
                 if name == "tcp":
                     return tcp.round_trip(tensor)
                 return await ours.round_trip(tensor, copy_from=name == "ours")  # "copy_from" = the old constructor path

@@ -1,10 +1,10 @@
-"""Hand-built profiles and topologies for the planner tests: the planner is pure, so no model and no clock."""
+"""Hand-built profiles, topologies and a cluster file for the planner tests: planning is pure, so no model and no
+clock."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from splitexit.plan.planner import LinkEstimate, RuntimeCosts, Tier, Topology
 from splitexit.plan.profile import (
     CodecTiming,
     CutTransfer,
@@ -15,6 +15,7 @@ from splitexit.plan.profile import (
     SegmentTiming,
     Timing,
 )
+from splitexit.plan.topology import LinkEstimate, RuntimeCosts, Tier, Topology
 
 
 def synthetic_profile(seed: int, *, cuts: int = 4, exits: tuple[int, ...] = (1, 3), samples: int = 60,
@@ -56,3 +57,16 @@ def chain(slowdowns: tuple[float, ...] = (6.0, 1.0, 1.0),
     tiers = tuple(Tier(i, tuple(name if r == 1 else f"{name}{chr(97 + k)}" for k in range(r)), compute_scale=s)
                   for i, (name, s, r) in enumerate(zip(names, slowdowns, replicas)))
     return Topology(tiers, links[:len(slowdowns) - 1], costs)
+
+
+#: A cluster file of three tiers (a slow edge and two workers) for topology and apply_plan tests.
+THREE_TIER_CLUSTER = """
+nodes:
+  - {name: edge, role: edge, slowdown: 8}
+  - {name: cloud1, address: 127.0.0.1:50061}
+  - {name: cloud2, address: 127.0.0.1:50062}
+links:
+  - {from: edge, to: cloud1, bandwidth: 20Mbit, latency: 10ms, jitter: 1ms, codec: int8+zstd}
+  - {from: cloud1, to: cloud2, bandwidth: 1Gbit, latency: 1ms, loss: 0.01}
+batching: {max_batch: 4, max_wait: 3ms}
+"""

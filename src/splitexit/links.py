@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Protocol, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 __all__ = ["MIN_RTO", "LinkFigures", "in_series", "retransmission_timeout"]
 

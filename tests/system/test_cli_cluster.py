@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from support import free_port
 
 from splitexit import load, load_dataset, read_spec, split_dataset
+from support import free_port
 
 pytestmark = pytest.mark.slow
 

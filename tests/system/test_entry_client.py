@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from support import free_port
 from torch.utils.data import TensorDataset
 
 from splitexit import (
@@ -21,6 +20,7 @@ from splitexit import (
 )
 from splitexit.config.load import load_cluster
 from splitexit.control.local_cluster import LocalCluster
+from support import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -15,14 +15,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import free_port
 
 from splitexit.config import EtcdSpec, EtcdTLS
 from splitexit.config.load import load_cluster
+from splitexit.control.etcd_registry import EtcdRegistry
 from splitexit.control.etcd_server import DevEtcd, find_etcd
-from splitexit.control.registry import EtcdRegistry, Registration, WatchEvent
+from splitexit.control.registration import Registration
+from splitexit.control.registry import WatchEvent
 from splitexit.errors import RegistryUnavailableError
 from splitexit.runtime.security import init_ca, issue_certificate
+from support import free_port
 
 TTL = 2.0
 _prefixes = itertools.count()

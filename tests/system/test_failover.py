@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from support import digits_net, free_port
 from torch.utils.data import TensorDataset
 
 from splitexit import EarlyExitNet
@@ -27,6 +26,7 @@ from splitexit.control.edge import Entry
 from splitexit.control.etcd_server import DevEtcd
 from splitexit.control.local_cluster import LocalCluster
 from splitexit.runtime.records import RequestRecord
+from support import digits_net, free_port
 
 pytestmark = pytest.mark.slow
 

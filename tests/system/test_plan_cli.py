@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from support import free_port
 
 from splitexit import (
     EarlyExitNet,
@@ -25,6 +24,7 @@ from splitexit import (
     train,
 )
 from splitexit.config import ClusterSpec, DataSplit, ModelSource, TrainConfig
+from support import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from support import free_port, start_nodes, stop_nodes
 
 from splitexit import EarlyExitNet, ModelSource, build_model, save
 from splitexit.app.plan import profile_package
@@ -28,11 +27,12 @@ from splitexit.control.coordinator import PlanChange
 from splitexit.control.edge import Entry
 from splitexit.control.replan import PlannedLayout
 from splitexit.model.stages import INPUT
-from splitexit.plan.planner import Objective
+from splitexit.plan.objective import Objective
 from splitexit.plan.profile import Profile
 from splitexit.runtime import link
 from splitexit.runtime.placement import Placement
 from splitexit.runtime.records import RequestRecord
+from support import free_port, start_nodes, stop_nodes
 
 pytestmark = pytest.mark.slow
 

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
 import yaml
-from support import digits_net, free_port, start_nodes, stop_nodes
 from torch.utils.data import TensorDataset
 
 from splitexit import EarlyExitNet, ExitPolicy, build_model
-from splitexit.config import ClusterSpec, ModelSource
+from splitexit.config import ClusterSpec, ModelSource, NodeSpec
 from splitexit.control.edge import Entry
+from splitexit.runtime.control_messages import NodeProfile
 from splitexit.wire import wire_pb2, wire_pb2_grpc
-from splitexit.wire.codec import parse_codec
+from splitexit.wire.codec_names import parse_codec
 from splitexit.wire.messages import encode_tensors, grpc_options
+from support import digits_net, free_port, start_nodes, stop_nodes
 
 
 def make_cluster(workers: int, *, codec: str = "raw", max_batch: int = 8, window: int = 16,
@@ -39,7 +41,8 @@ def net() -> EarlyExitNet:
 @pytest.fixture(scope="module")
 def inputs() -> TensorDataset:
     generator = torch.Generator().manual_seed(2)
-    return TensorDataset(torch.randn(120, 1, 8, 8, generator=generator), torch.randint(0, 10, (120,), generator=generator))
+    return TensorDataset(torch.randn(120, 1, 8, 8, generator=generator),
+                         torch.randint(0, 10, (120,), generator=generator))
 
 
 async def run_chain(net: EarlyExitNet, cluster: ClusterSpec, dataset: TensorDataset, cache: Path,
@@ -324,6 +327,7 @@ async def _profile_requests(net: EarlyExitNet, cluster: ClusterSpec, dataset: Te
                             ) -> dict[str, object]:
     from splitexit.model.stage_file import sha256_hex, stage_file
     from splitexit.runtime.control_client import NodeControl
+    from splitexit.runtime.control_messages import ProfileJob
 
     nodes = await start_nodes(cluster, cache)
     entry = Entry(net, cluster)
@@ -334,12 +338,11 @@ async def _profile_requests(net: EarlyExitNet, cluster: ClusterSpec, dataset: Te
         whole = stage_file(net, None, None)
         cuts = [c.id for c in net.graph.cut_points]
 
-        def request(**changes: object) -> wire_pb2.ProfileRequest:
-            fields = {"stage_sha256": sha256_hex(whole), "cuts": cuts, "batch_sizes": [1, 2], "repeats": 2,
-                      **changes}
-            return wire_pb2.ProfileRequest(**fields)  # type: ignore[arg-type]
+        def request(**changes: object) -> ProfileJob:
+            job = ProfileJob(stage_sha256=sha256_hex(whole), cuts=tuple(cuts), batch_sizes=(1, 2), repeats=2)
+            return replace(job, **changes)  # type: ignore[arg-type]  # each test case changes one field
 
-        async def outcome(req: wire_pb2.ProfileRequest) -> object:
+        async def outcome(req: ProfileJob) -> object:
             try:
                 return await control.profile(req)
             except Exception as exc:  # noqa: BLE001 - the refusal is what is looked at
@@ -349,11 +352,11 @@ async def _profile_requests(net: EarlyExitNet, cluster: ClusterSpec, dataset: Te
         served = nodes[0].plans[nodes[0].newest].sha256
         outcomes["part of the model"] = await outcome(request(stage_sha256=served))
         await control.put_stage(sha256_hex(whole), whole)
-        outcomes["cuts out of order"] = await outcome(request(cuts=cuts[::-1]))
-        outcomes["unknown cut"] = await outcome(request(cuts=[*cuts, 999]))
-        outcomes["huge batch"] = await outcome(request(batch_sizes=[1, 100_000]))
+        outcomes["cuts out of order"] = await outcome(request(cuts=tuple(cuts[::-1])))
+        outcomes["unknown cut"] = await outcome(request(cuts=(*cuts, 999)))
+        outcomes["huge batch"] = await outcome(request(batch_sizes=(1, 100_000)))
         outcomes["no repeats"] = await outcome(request(repeats=0))
-        outcomes["stranger"] = await outcome(request(links=[wire_pb2.Peer(name="mallory", address="127.0.0.1:1")]))
+        outcomes["stranger"] = await outcome(request(links=(NodeSpec(name="mallory", address="127.0.0.1:1"),)))
         outcomes["good"] = await outcome(request())
         outcomes["still serving"] = await entry.run(dataset)
     finally:
@@ -373,9 +376,10 @@ def test_bad_profile_requests_are_refused_and_the_node_keeps_serving(net: EarlyE
         assert isinstance(outcomes[case], str) and "cloud1 refused" in outcomes[case] and phrase in outcomes[case], \
             (case, outcomes[case])
     good = outcomes["good"]
-    assert isinstance(good, wire_pb2.ProfileReply) and good.machine
-    assert len(good.segments) == len(net.graph.cut_points) + 1 and len(good.heads) == net.num_exits
-    assert all([b.batch for b in part.batches] == [1, 2] for part in [*good.segments, *good.heads])
+    assert isinstance(good, NodeProfile) and good.machine and good.timing is not None
+    timing = good.timing
+    assert len(timing.segments) == len(net.graph.cut_points) + 1 and len(timing.heads) == net.num_exits
+    assert all([batch for batch, _ in part] == [1, 2] for part in [*timing.segments, *timing.heads])
     result = outcomes["still serving"]
     assert len(result.records) == len(inputs) and all(r.error is None for r in result.records)  # type: ignore[attr-defined]
 

@@ -11,7 +11,6 @@ import grpc
 import pytest
 import torch
 import yaml
-from support import free_port, start_nodes, stop_nodes
 from torch.utils.data import TensorDataset
 
 from splitexit import ClusterError, EarlyExitNet, ExitPolicy, build_model
@@ -26,6 +25,7 @@ from splitexit.runtime.security import (
     issue_certificate,
 )
 from splitexit.wire import wire_pb2, wire_pb2_grpc
+from support import free_port, start_nodes, stop_nodes
 
 TOKEN = "correct-horse-battery-staple"
 SRC = Path(__file__).resolve().parents[2] / "src" / "splitexit"

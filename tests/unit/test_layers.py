@@ -147,6 +147,12 @@ def test_the_checks_read_real_imports() -> None:
     known = {module_name(p) for p in source_files()}
     imports = imports_of(PACKAGE / "runtime" / "node.py", known)
     assert any(i.target.startswith("splitexit.wire") for i in imports)
-    assert part_of("splitexit.runtime.node")[1] > part_of("splitexit.wire.codec")[1]
+    assert part_of("splitexit.runtime.node")[1] > part_of("splitexit.wire.tensor_codec")[1]
     with pytest.raises(AssertionError, match="in no layer"):
         part_of("elsewhere.module")
+
+
+def test_no_module_is_over_500_lines() -> None:
+    long = [f"{path.relative_to(PACKAGE)}: {n} lines" for path in source_files()
+            if (n := path.read_text().count("\n")) > MAX_LINES]
+    assert not long, f"modules over {MAX_LINES} lines (split them by job):\n" + "\n".join(long)

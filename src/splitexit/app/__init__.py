@@ -1,1 +1,4 @@
-"""One use case per command (train, calibrate, eval, profile, plan, up, node, run, demo), for the thin CLI."""
+"""One use case per command (cuts, train, calibrate, eval, profile, plan, node, up, run, etcd, demo).
+
+Each returns results and renders nothing: `report/` renders, the CLI prints.
+"""

@@ -1,30 +1,45 @@
-"""The distributed commands end to end (node, up, run), one function each, for the thin CLI."""
+"""The distributed commands end to end (node, up, run, etcd), one function each, for the thin CLI."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import threading
+from collections.abc import Callable, Sized
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import cast
 
-from splitexit.app.plan import profile_package
+from torch.utils.data import Subset
+
+from splitexit.app.package_data import DEFAULT_SPLIT, package_dataset
+from splitexit.app.plan import DEFAULT_OBJECTIVE, profile_package
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.config.load import load_cluster, resolve_package
 from splitexit.control.edge import Entry, RunResult
-from splitexit.control.local_cluster import LocalCluster, die_with_parent, free_port
+from splitexit.control.etcd_server import DevEtcd
+from splitexit.control.local_cluster import LocalCluster, die_with_parent
 from splitexit.control.replan import PlannedLayout, file_codecs
 from splitexit.control.worker import serve_node
-from splitexit.errors import ClusterError, DataError
+from splitexit.errors import ClusterError
 from splitexit.model.cpu import apply_threads
-from splitexit.model.data import load_dataset, split_dataset
+from splitexit.model.data import split_dataset
 from splitexit.model.package import load, read_spec
-from splitexit.plan.planner import Objective
+from splitexit.plan.objective import Objective
 from splitexit.runtime.node import Node
 from splitexit.runtime.records import RequestRecord
 from splitexit.runtime.stage_cache import default_cache_dir
 
-__all__ = ["run_cluster", "serve", "start_cluster", "write_demo_cluster", "write_records"]
+__all__ = ["DEV_ETCD_DIR", "DEV_ETCD_PORT", "run_cluster", "serve", "serve_dev_etcd", "serve_local_cluster",
+           "start_cluster", "wait_for_stop", "write_records"]
+
+#: Where `splitexit etcd` keeps its data (kept between runs), and its client port on 127.0.0.1 (etcd's own;
+#: the peer port is the next one).
+DEV_ETCD_DIR = Path(".splitexit-etcd")
+DEV_ETCD_PORT = 2379
+#: How often a foreground command checks that what it serves is still alive.
+ALIVE_POLL_S = 0.5
 
 
 def serve(cluster_file: Path, name: str, *, address: str | None = None, tier: int | None = None,
@@ -64,8 +79,48 @@ def start_cluster(cluster_file: Path, *, log_dir: Path | None = None, cache_root
     return local
 
 
-def run_cluster(package: Path | None, cluster_file: Path, *, data: str | None = None, split: str = "test",
-                window: int | None = None, limit: int | None = None, objective: Objective | None = Objective(),
+def serve_local_cluster(cluster_file: Path, *, log_dir: Path | None = None,
+                        on_ready: Callable[[LocalCluster], None] | None = None) -> None:
+    """Run every worker of the file on this machine until SIGTERM or Ctrl-C, then stop them all."""
+    local = start_cluster(cluster_file, log_dir=log_dir)
+    try:
+        if on_ready is not None:
+            on_ready(local)
+        wait_for_stop()
+    finally:
+        local.stop()
+
+
+def serve_dev_etcd(data_dir: Path = DEV_ETCD_DIR, *, port: int = DEV_ETCD_PORT,
+                   on_ready: Callable[[DevEtcd], None] | None = None) -> None:
+    """Run a development etcd on 127.0.0.1 until SIGTERM or Ctrl-C; one that exits on its own is an error."""
+    server = DevEtcd(data_dir, port=port, peer_port=port + 1).start()
+    try:
+        if on_ready is not None:
+            on_ready(server)
+        stopped = wait_for_stop(lambda: server.running)
+    finally:
+        server.stop()
+    if not stopped:
+        raise ClusterError(f"etcd exited on its own; its log ends with:\n{server.log_tail()}")
+
+
+def wait_for_stop(alive: Callable[[], bool] | None = None) -> bool:
+    """Block until SIGTERM or Ctrl-C (True), or until ``alive`` says no (False); call from the main thread."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(ALIVE_POLL_S):
+            if alive is not None and not alive():
+                return False
+    except KeyboardInterrupt:
+        pass
+    return True
+
+
+def run_cluster(package: Path | None, cluster_file: Path, *, data: str | None = None, split: str = DEFAULT_SPLIT,
+                window: int | None = None, limit: int | None = None,
+                objective: Objective | None = DEFAULT_OBJECTIVE,
                 replan: bool = True, on_record: Callable[[RequestRecord], None] | None = None) -> RunResult:
     """Be the edge: stream a dataset split through the running cluster and collect every outcome.
 
@@ -78,13 +133,11 @@ def run_cluster(package: Path | None, cluster_file: Path, *, data: str | None = 
     spec = read_spec(package)
     net = load(package)
     apply_threads(net.cpu)
-    name = data or (spec.data.dataset if spec.data else None)
-    if name is None:
-        raise DataError(f"{package} records no dataset; pass --data")
-    dataset = split_dataset(load_dataset(name), spec.data).get(split)
+    loaded, data_split = package_dataset(package, net, spec.data, data)
+    dataset = split_dataset(loaded, data_split).get(split)
     if limit is not None:
-        from torch.utils.data import Subset
-        dataset = Subset(dataset, range(min(limit, len(dataset))))  # type: ignore[arg-type]
+        size = len(cast(Sized, dataset))  # every split is a Subset or ConcatDataset, both sized
+        dataset = Subset(dataset, range(min(limit, size)))
 
     layout = None
     if objective is not None:
@@ -108,36 +161,3 @@ def write_records(records: list[RequestRecord], path: Path) -> None:
     with path.open("w") as handle:
         for record in sorted(records, key=lambda r: r.index):
             handle.write(json.dumps(asdict(record)) + "\n")
-
-
-#: The demo's edge, uplink, and what the uplink drops to.
-DEMO_SLOWDOWN, DEMO_UPLINK, DEMO_DROPPED = 24, "50Mbit", "0.05Mbit"
-
-
-def write_demo_cluster(path: Path, package: Path, *, drop_after: float = 1.0) -> Path:
-    """A 3-node cluster on free loopback ports: a slow edge (``DEMO_SLOWDOWN``), a ``DEMO_UPLINK`` uplink with
-    2 ms latency that drops to ``DEMO_DROPPED`` ``drop_after`` seconds into the run, and a fast datacentre
-    hop. One request at a time (window 1), the case the planner's latency model describes.
-
-    Before the drop the planner sends the input to the cloud (about 1.5x faster than computing on the edge);
-    once the drop is measured, computing on the edge is several times faster and the entry re-plans. Both
-    margins are wide so that the story holds on a loaded machine too. The file declares no edge -> cloud2
-    link, so a plan that skips cloud1 is planned over the uplink too, and one measured drop reaches every
-    plan that sends anything.
-    """
-    import yaml
-
-    spec = {
-        "package": str(package.resolve()),
-        "nodes": [{"name": "edge", "role": "edge", "slowdown": DEMO_SLOWDOWN},
-                  {"name": "cloud1", "address": f"127.0.0.1:{free_port()}"},
-                  {"name": "cloud2", "address": f"127.0.0.1:{free_port()}"}],
-        "links": [{"from": "edge", "to": "cloud1", "bandwidth": DEMO_UPLINK, "latency": "2ms", "codec": "auto",
-                   "changes": [{"at": f"{drop_after}s", "bandwidth": DEMO_DROPPED}]},
-                  {"from": "cloud1", "to": "cloud2", "bandwidth": "1Gbit", "latency": "1ms", "codec": "auto"}],
-        "batching": {"max_batch": 8, "max_wait": "2ms"},
-        "window": 1,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path

@@ -1,4 +1,4 @@
-"""The user's path through the model core, one function per CLI command (train, calibrate, eval).
+"""The user's path through the model core, one function per CLI command (cuts, train, calibrate, eval).
 
 Each function takes typed settings, does the whole job on files and returns a summary; the CLI only
 parses flags and prints what comes back.
@@ -6,24 +6,35 @@ parses flags and prints what comes back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal
 
 import torch
 
+from splitexit.app.package_data import DEFAULT_SPLIT, package_dataset
 from splitexit.config import DataSplit, ModelSource, TrainConfig
-from splitexit.errors import DataError
+from splitexit.errors import ConfigError
 from splitexit.model.calibrate import CalibrationReport, calibrate
 from splitexit.model.cpu import apply_threads, tune_cpu
-from splitexit.model.data import LoadedDataset, load_dataset, split_dataset
+from splitexit.model.data import load_dataset, split_dataset
 from splitexit.model.evaluate import EvalReport, evaluate
 from splitexit.model.exits import DEFAULT_AUTO_EXITS, EarlyExitNet
+from splitexit.model.graph import ModelGraph, trace_model
 from splitexit.model.package import load, load_backbone_weights, read_spec, save
 from splitexit.model.train import EpochCallback, TrainReport, train
-from splitexit.model.zoo import build_model
+from splitexit.model.zoo import build_model, default_input_shape
 
-__all__ = ["TrainSummary", "calibrate_package", "evaluate_package", "train_package"]
+__all__ = ["AUTO", "DEFAULT_CONFIDENCE", "DEFAULT_MAX_DROP", "TrainSummary", "calibrate_package", "default_mode",
+           "evaluate_package", "model_cuts", "train_package"]
+
+#: Exits placed by FLOPs, and each exit's head chosen for the tensor it reads.
+AUTO = "auto"
+#: How an exit scores its confidence unless told otherwise.
+DEFAULT_CONFIDENCE = "max_softmax"
+#: Accuracy calibration may give up against the final exit when neither a drop nor a budget is asked for.
+DEFAULT_MAX_DROP = 0.01
 
 
 @dataclass(frozen=True)
@@ -34,21 +45,33 @@ class TrainSummary:
     train_samples: int
 
 
-def train_package(model: str, data: str, out: Path, *, exits: str | Sequence[str] = "auto",
-                  num_exits: int = DEFAULT_AUTO_EXITS, head: str = "auto", confidence: str = "max_softmax",
+def model_cuts(model: str, input_shape: tuple[int, ...] | None = None) -> ModelGraph:
+    """Trace ``model`` on one input of ``input_shape`` (default: the model's usual input) to list its cuts."""
+    shape = input_shape or default_input_shape(model)
+    if shape is None:
+        raise ConfigError(f"pass --input-shape for {model} (e.g. --input-shape 3x224x224)")
+    return trace_model(build_model(model), torch.zeros(1, *shape))
+
+
+def default_mode(weights: Path | None) -> Literal["heads", "joint"]:
+    """Heads only on a pretrained backbone; joint (everything, from scratch) on a random one."""
+    return "heads" if weights is not None else "joint"
+
+
+def train_package(model: str, data: str, out: Path, *, exits: str | Sequence[str] = AUTO,
+                  num_exits: int = DEFAULT_AUTO_EXITS, head: str = AUTO, confidence: str = DEFAULT_CONFIDENCE,
                   weights: Path | None = None, config: TrainConfig | None = None,
                   on_epoch: EpochCallback | None = None) -> TrainSummary:
     """Build ``model``, attach exits, train on the train split of ``data``, tune for this CPU, write a package.
 
-    Without ``weights`` the backbone is random, so training is joint (from scratch); with them the default
-    is heads-only on the frozen backbone.
+    Without ``config`` the mode is :func:`default_mode`.
     """
     dataset = load_dataset(data)
     splits = split_dataset(dataset)
     backbone = build_model(model, dataset.num_classes)
     if weights is not None:
         load_backbone_weights(backbone, weights)
-    config = config or TrainConfig(mode="heads" if weights is not None else "joint")
+    config = config or TrainConfig(mode=default_mode(weights))
     torch.manual_seed(config.seed)
     example = torch.zeros(1, *dataset.sample_shape)
     net = EarlyExitNet.from_model(backbone, example, exits, num_exits=num_exits, head=head, confidence=confidence,
@@ -64,35 +87,25 @@ def train_package(model: str, data: str, out: Path, *, exits: str | Sequence[str
 
 def calibrate_package(package: Path, *, data: str | None = None, max_drop: float | None = None,
                       budget: float | None = None, confidence: str | None = None) -> CalibrationReport:
-    """Fit temperatures and thresholds on the package's calibration split and write them back."""
+    """Fit temperatures and thresholds on the package's calibration split and write them back.
+
+    With neither ``max_drop`` nor ``budget``, the target is ``DEFAULT_MAX_DROP``.
+    """
+    if max_drop is None and budget is None:
+        max_drop = DEFAULT_MAX_DROP
     spec = read_spec(package)
     net = load(package)
-    dataset, split = _dataset_for(spec.data, data, net, package)
+    dataset, split = package_dataset(package, net, spec.data, data)
     report = calibrate(net, split_dataset(dataset, split).calib, max_drop=max_drop, budget=budget,
                        confidence=confidence)
     save(net, package, data=split, training=spec.training, calibration=report.as_metadata())
     return report
 
 
-def evaluate_package(package: Path, *, data: str | None = None, split: str = "test") -> EvalReport:
+def evaluate_package(package: Path, *, data: str | None = None, split: str = DEFAULT_SPLIT) -> EvalReport:
     """Accuracy, exit rates and compute fraction of a package on one split of its dataset."""
     spec = read_spec(package)
     net = load(package)
     apply_threads(net.cpu)
-    dataset, data_split = _dataset_for(spec.data, data, net, package)
+    dataset, data_split = package_dataset(package, net, spec.data, data)
     return evaluate(net, split_dataset(dataset, data_split).get(split))
-
-
-def _dataset_for(recorded: DataSplit | None, requested: str | None, net: EarlyExitNet,
-                 package: Path) -> tuple[LoadedDataset, DataSplit]:
-    """The dataset to use (flag first, then the one recorded at training) and the split to cut it with."""
-    name = requested or (recorded.dataset if recorded else None)
-    if name is None:
-        raise DataError(f"{package} records no dataset; pass --data (e.g. --data digits)")
-    dataset = load_dataset(name)
-    if dataset.sample_shape != tuple(net.input_shape):
-        raise DataError(f"dataset {name!r} gives samples of shape {dataset.sample_shape}, but {package} expects "
-                        f"{tuple(net.input_shape)}; pass the dataset the package was trained on.")
-    split = DataSplit(dataset=name, seed=recorded.seed, fractions=recorded.fractions) if recorded \
-        else DataSplit(dataset=name)
-    return dataset, split

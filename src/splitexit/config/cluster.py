@@ -23,6 +23,8 @@ def _check_codec(name: str) -> str:
                          "optionally with +lz4 or +zstd, or auto")
     return name.strip().lower()
 DEFAULT_WINDOW = 16
+#: Characters a cluster token needs at least (a shorter one is too easy to guess).
+MIN_TOKEN_LENGTH = 16
 DEFAULT_MESSAGE_LIMIT = 64 * 1024 * 1024
 
 
@@ -40,7 +42,7 @@ class NodeSpec(SpecModel):
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (0: any free)")
 
     @model_validator(mode="after")
-    def _worker_has_address(self) -> "NodeSpec":
+    def _worker_has_address(self) -> NodeSpec:
         if self.role == "edge" and self.tier not in (None, 0):
             raise ValueError(f"the edge {self.name!r} is tier 0; remove its `tier`")
         if self.role == "worker":
@@ -60,13 +62,13 @@ class LinkChange(SpecModel):
 
     @field_validator("at", "latency", mode="before")
     @classmethod
-    def _duration(cls, value: object) -> float | None:
-        return None if value is None else parse_duration(value)  # type: ignore[arg-type]
+    def _duration(cls, value: str | float | None) -> float | None:
+        return None if value is None else parse_duration(value)
 
     @field_validator("bandwidth", mode="before")
     @classmethod
-    def _bandwidth(cls, value: object) -> float | None:
-        return None if value is None else parse_bandwidth(value)  # type: ignore[arg-type]
+    def _bandwidth(cls, value: str | float | None) -> float | None:
+        return None if value is None else parse_bandwidth(value)
 
 
 class LinkSpec(SpecModel):
@@ -97,13 +99,13 @@ class LinkSpec(SpecModel):
 
     @field_validator("bandwidth", mode="before")
     @classmethod
-    def _bandwidth(cls, value: object) -> float | None:
-        return None if value is None else parse_bandwidth(value)  # type: ignore[arg-type]
+    def _bandwidth(cls, value: str | float | None) -> float | None:
+        return None if value is None else parse_bandwidth(value)
 
     @field_validator("latency", "jitter", mode="before")
     @classmethod
-    def _duration(cls, value: object) -> float:
-        return parse_duration(value)  # type: ignore[arg-type]
+    def _duration(cls, value: str | float) -> float:
+        return parse_duration(value)
 
     @property
     def emulated(self) -> bool:
@@ -129,8 +131,8 @@ class BatchingSpec(SpecModel):
 
     @field_validator("max_wait", mode="before")
     @classmethod
-    def _duration(cls, value: object) -> float:
-        return parse_duration(value)  # type: ignore[arg-type]
+    def _duration(cls, value: str | float) -> float:
+        return parse_duration(value)
 
 
 class RetryPolicy(SpecModel):
@@ -142,19 +144,19 @@ class RetryPolicy(SpecModel):
 
     @field_validator("first_wait", "max_wait", "timeout", mode="before")
     @classmethod
-    def _duration(cls, value: object) -> float:
-        return parse_duration(value)  # type: ignore[arg-type]
+    def _duration(cls, value: str | float) -> float:
+        return parse_duration(value)
 
 
 class SecuritySpec(SpecModel):
     """Who may talk to a node. Without ``tls`` nodes speak plain text, which they allow on loopback only."""
 
     tls: str | None = Field(None, description="directory with ca.pem and <node>.pem/.key (`splitexit certs`)")
-    token: str | None = Field(None, min_length=16, description="shared secret every stream must present")
+    token: str | None = Field(None, min_length=MIN_TOKEN_LENGTH, description="shared secret every stream must present")
     token_file: str | None = Field(None, description="file holding the token (kept out of the cluster file)")
 
     @model_validator(mode="after")
-    def _one_token_source(self) -> "SecuritySpec":
+    def _one_token_source(self) -> SecuritySpec:
         if self.token and self.token_file:
             raise ValueError("give `token` or `token_file`, not both")
         return self
@@ -175,7 +177,7 @@ class EtcdTLS(SpecModel):
     key: str | None = Field(None, description="the client certificate's private key")
 
     @model_validator(mode="after")
-    def _cert_with_key(self) -> "EtcdTLS":
+    def _cert_with_key(self) -> EtcdTLS:
         if (self.cert is None) != (self.key is None):
             raise ValueError("give both `cert` and `key` (a client certificate needs its key), or neither")
         return self
@@ -213,7 +215,7 @@ class EtcdSpec(SpecModel):
         return prefix if prefix.endswith("/") else prefix + "/"
 
     @model_validator(mode="after")
-    def _credentials(self) -> "EtcdSpec":
+    def _credentials(self) -> EtcdSpec:
         if self.password is not None and self.password_file is not None:
             raise ValueError("give `password` or `password_file`, not both")
         if self.user is None and (self.password is not None or self.password_file is not None):
@@ -230,14 +232,10 @@ class ClusterSpec(SpecModel):
     links: tuple[LinkSpec, ...] = ()
     package: str | None = Field(None, description="model package every node serves (relative to the file)")
     codec: str = Field(DEFAULT_CODEC, description="codec for links that do not name one")
-
-    @field_validator("codec")
-    @classmethod
-    def _known_codec(cls, value: str) -> str:
-        return _check_codec(value)
     batching: BatchingSpec = BatchingSpec()
     window: int = Field(DEFAULT_WINDOW, ge=1, le=65536, description="requests in flight from the entry")
-    message_limit: int = Field(DEFAULT_MESSAGE_LIMIT, ge=1024, description="largest gRPC message; bigger tensors are chunked")
+    message_limit: int = Field(DEFAULT_MESSAGE_LIMIT, ge=1024,
+                               description="largest gRPC message; bigger tensors are chunked")
     security: SecuritySpec = SecuritySpec()
     registry: Literal["embedded"] | EtcdSpec = Field("embedded", description="where nodes register: `embedded` "
                                                      "(in the entry's process, one machine) or an etcd")
@@ -245,13 +243,18 @@ class ClusterSpec(SpecModel):
     trusted_models: tuple[str, ...] = Field((), description="`module:factory` models nodes may build from the stage "
                                                             "files they are sent (built-ins and torchvision always)")
 
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, value: str) -> str:
+        return _check_codec(value)
+
     @field_validator("message_limit", mode="before")
     @classmethod
-    def _size(cls, value: object) -> int:
-        return parse_size(value)  # type: ignore[arg-type]
+    def _size(cls, value: str | float) -> int:
+        return parse_size(value)
 
     @model_validator(mode="after")
-    def _chain_is_consistent(self) -> "ClusterSpec":
+    def _chain_is_consistent(self) -> ClusterSpec:
         names = [n.name for n in self.nodes]
         if len(names) < 1 or self.nodes[0].role != "edge" or any(n.role == "edge" for n in self.nodes[1:]):
             raise ValueError("the first node must be the only one with role: edge")

@@ -12,45 +12,59 @@ import yaml
 from pydantic import ValidationError
 
 from splitexit.config.base import describe_validation_error
-from splitexit.config.cluster import ClusterSpec
+from splitexit.config.cluster import MIN_TOKEN_LENGTH, ClusterSpec
 from splitexit.errors import ClusterError
 
 __all__ = ["load_cluster", "read_secret", "resolve_package"]
 
 
-def load_cluster(path: Path) -> ClusterSpec:
-    """Read and validate a cluster file; every problem is reported with the file's name."""
+def load_cluster(path: Path, *, read_secrets: bool = True) -> ClusterSpec:
+    """Read and validate a cluster file; every problem is reported with the file's name.
+
+    Relative paths (``tls``, ``token_file``, the registry's TLS files and ``password_file``) become
+    relative to the file. With ``read_secrets`` the token and password files are read into ``token`` and
+    ``password``; without, they stay file references, for writing a cluster file that holds no secret.
+    """
     if not path.is_file():
         raise ClusterError(f"cluster file {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-        return _resolve_paths(ClusterSpec.model_validate(raw), path)
+        cluster = _absolute_paths(ClusterSpec.model_validate(raw), path.resolve().parent)
     except yaml.YAMLError as exc:
         raise ClusterError(f"{path} is not valid YAML: {exc}") from exc
     except ValidationError as exc:
         raise ClusterError(f"{path}: {describe_validation_error(exc)}") from exc
+    return _with_secrets(cluster, path) if read_secrets else cluster
 
 
-def _resolve_paths(cluster: ClusterSpec, path: Path) -> ClusterSpec:
-    """Make the file's relative paths relative to the file, and read the token and etcd password files."""
+def _absolute_paths(cluster: ClusterSpec, base: Path) -> ClusterSpec:
+    """The file's relative paths, made relative to its directory ``base``."""
     security = cluster.security
-    base = path.resolve().parent
-    tls = str(base / security.tls) if security.tls else None
-    token = security.token
-    if security.token_file:
-        token = read_secret(path, base / security.token_file, "token_file")
-        if len(token) < 16:
-            raise ClusterError(f"{base / security.token_file}: the token must be at least 16 characters")
-    secured = security.model_copy(update={"tls": tls, "token": token, "token_file": None})
+    secured = security.model_copy(update={
+        "tls": str(base / security.tls) if security.tls else None,
+        "token_file": str(base / security.token_file) if security.token_file else None})
     registry = cluster.registry
     if not isinstance(registry, str):  # an EtcdSpec
         etcd_tls = registry.tls and registry.tls.model_copy(
             update={k: str(base / v) for k, v in registry.tls.model_dump().items() if v is not None})
-        password = registry.password
-        if registry.password_file:
-            password = read_secret(path, base / registry.password_file, "registry password_file")
-        registry = registry.model_copy(update={"tls": etcd_tls, "password": password, "password_file": None})
+        password_file = str(base / registry.password_file) if registry.password_file else None
+        registry = registry.model_copy(update={"tls": etcd_tls, "password_file": password_file})
     return cluster.model_copy(update={"security": secured, "registry": registry})
+
+
+def _with_secrets(cluster: ClusterSpec, path: Path) -> ClusterSpec:
+    """``cluster`` with its token and etcd password files read (``path``: the cluster file, for errors)."""
+    security = cluster.security
+    if security.token_file:
+        token = read_secret(path, Path(security.token_file), "token_file")
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise ClusterError(f"{security.token_file}: the token must be at least {MIN_TOKEN_LENGTH} characters")
+        security = security.model_copy(update={"token": token, "token_file": None})
+    registry = cluster.registry
+    if not isinstance(registry, str) and registry.password_file:
+        password = read_secret(path, Path(registry.password_file), "registry password_file")
+        registry = registry.model_copy(update={"password": password, "password_file": None})
+    return cluster.model_copy(update={"security": security, "registry": registry})
 
 
 def read_secret(cluster_file: Path, secret: Path, what: str) -> str:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from splitexit.config.base import SpecModel
 
-PACKAGE_FORMAT = "splitexit.package/1"
+PACKAGE_FORMAT: Final = "splitexit.package/1"
 #: Threshold meaning "never exit here" (an uncalibrated exit).
 NEVER = math.inf
 DEFAULT_SPLIT_SEED = 0
@@ -23,7 +23,7 @@ class ExitPolicy(SpecModel):
     thresholds: tuple[float, ...] = Field(description="one per early exit; leave when confidence >= threshold")
 
     @model_validator(mode="after")
-    def _lengths_agree(self) -> "ExitPolicy":
+    def _lengths_agree(self) -> ExitPolicy:
         if len(self.temperatures) != len(self.thresholds) + 1:
             raise ValueError(f"{len(self.thresholds)} early-exit thresholds need {len(self.thresholds) + 1} "
                              f"temperatures (the final exit has one too), got {len(self.temperatures)}")
@@ -34,7 +34,7 @@ class ExitPolicy(SpecModel):
         return self
 
     @classmethod
-    def uncalibrated(cls, early_exits: int, confidence: str = "max_softmax") -> "ExitPolicy":
+    def uncalibrated(cls, early_exits: int, confidence: str = "max_softmax") -> ExitPolicy:
         """Every sample runs to the final exit until `calibrate` sets thresholds."""
         return cls(confidence=confidence, temperatures=(1.0,) * (early_exits + 1), thresholds=(NEVER,) * early_exits)
 
@@ -119,7 +119,7 @@ class PackageSpec(SpecModel):
     calibration: dict[str, float | int | str | None] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _policy_matches_exits(self) -> "PackageSpec":
+    def _policy_matches_exits(self) -> PackageSpec:
         if len(self.policy.thresholds) != len(self.exits):
             raise ValueError(f"policy has {len(self.policy.thresholds)} thresholds for {len(self.exits)} exits")
         cuts = [e.cut for e in self.exits]

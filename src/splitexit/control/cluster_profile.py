@@ -23,34 +23,37 @@ emulation's timers), so nothing is counted twice.
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
 
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.errors import ClusterError, NodeUnavailableError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stage_file import sha256_hex, stage_file
-from splitexit.plan.planner import LinkEstimate, RuntimeCosts
-from splitexit.plan.profile import (
-    DEFAULT_REPEATS,
-    HeadTiming,
-    MachineProfile,
-    MeasuredLink,
-    Profile,
-    SegmentTiming,
-    Timing,
-)
+from splitexit.plan.measure import DEFAULT_REPEATS
+from splitexit.plan.profile import HeadTiming, MachineProfile, MeasuredLink, Profile, SegmentTiming, Timing
+from splitexit.plan.topology import LinkEstimate, RuntimeCosts
 from splitexit.runtime.control_client import NodeControl
+from splitexit.runtime.control_messages import BatchTimes, NodeTiming, ProfileJob
 from splitexit.runtime.probe import measure_link
 from splitexit.runtime.security import node_credentials
-from splitexit.wire import wire_pb2
 
 __all__ = ["ClusterProfile", "links_to_measure", "node_machine", "profile_cluster", "stored_link_estimates"]
 
 #: A node's reported seconds above this are not believed (an hour per segment call).
 MAX_SECONDS = 3600.0
+#: Idle factors a node may report: after at most this many idle seconds, ...
+MAX_IDLE_GAP = 60.0
+#: ... a call this many times slower than back to back, at least and at most.
+MIN_IDLE_FACTOR, MAX_IDLE_FACTOR = 0.1, 1000.0
+#: A measured round trip at or above this many seconds is not believed.
+MAX_RTT = 600.0
+#: Seconds a node's health call (before profiling it) may take.
 HEALTH_TIMEOUT = 5.0
+#: Characters of a peer's name quoted back in an error.
+_QUOTE = 64
 
 
 @dataclass(frozen=True)
@@ -83,41 +86,43 @@ def _node_key(local: MachineProfile, machine: str, address: str | None) -> dict[
     return {**kept, "machine": machine, "address": address}
 
 
-def _seconds(stats: wire_pb2.TimingStats, what: str) -> Timing:
-    values = (stats.median, stats.q1, stats.q3)
+def _seconds(timing: Timing, what: str) -> Timing:
+    values = (timing.median, timing.q1, timing.q3)
     if not all(math.isfinite(v) and 0 <= v <= MAX_SECONDS for v in values):
         raise ValueError(f"{what}: seconds {values} are not finite, non-negative and below {MAX_SECONDS:g}")
     return Timing(*values)
 
 
-def _per_batch(batches: Sequence[wire_pb2.BatchTiming], sizes: tuple[int, ...], what: str) -> dict[int, Timing]:
-    got = tuple(b.batch for b in batches)
+def _per_batch(batches: BatchTimes, sizes: tuple[int, ...], what: str) -> dict[int, Timing]:
+    got = tuple(batch for batch, _ in batches)
     if got != sizes:
         raise ValueError(f"{what}: timed at batch sizes {list(got)[:8]}, asked for {list(sizes)}")
-    return {b.batch: _seconds(b.seconds, f"{what} at batch {b.batch}") for b in batches}
+    return {batch: _seconds(seconds, f"{what} at batch {batch}") for batch, seconds in batches}
 
 
-def node_machine(reply: wire_pb2.ProfileReply, local: MachineProfile, *, node: str,
+def node_machine(timing: NodeTiming | None, local: MachineProfile, *, node: str,
                  key: Mapping[str, object]) -> MachineProfile:
     """``node``'s timing from its reply, checked against what was asked; bytes and codecs from ``local``."""
     sizes = tuple(local.batch_sizes)
     try:
-        if len(reply.segments) != len(local.segments) or len(reply.heads) != len(local.heads):
-            raise ValueError(f"{len(reply.segments)} segments and {len(reply.heads)} heads timed, asked for "
+        if timing is None:
+            raise ValueError("no timing in the reply")
+        if len(timing.segments) != len(local.segments) or len(timing.heads) != len(local.heads):
+            raise ValueError(f"{len(timing.segments)} segments and {len(timing.heads)} heads timed, asked for "
                              f"{len(local.segments)} and {len(local.heads)}")
         idle = {}
-        for factor in reply.idle_factors:
-            if not (math.isfinite(factor.gap_s) and 0 < factor.gap_s <= 60 and math.isfinite(factor.factor)
-                    and 0.1 <= factor.factor <= 1000):
-                raise ValueError(f"idle factor {factor.factor} after {factor.gap_s} s is out of range")
-            idle[factor.gap_s] = factor.factor
-        segments = tuple(SegmentTiming(s.start, s.end, s.flops, _per_batch(r.batches, sizes, f"segment {i}"))
-                         for i, (s, r) in enumerate(zip(local.segments, reply.segments)))
-        heads = tuple(HeadTiming(h.exit, h.cut, _per_batch(r.batches, sizes, f"exit {h.exit}"))
-                      for h, r in zip(local.heads, reply.heads))
+        for gap_s, factor in timing.idle_factors:
+            if not (math.isfinite(gap_s) and 0 < gap_s <= MAX_IDLE_GAP and math.isfinite(factor)
+                    and MIN_IDLE_FACTOR <= factor <= MAX_IDLE_FACTOR):
+                raise ValueError(f"idle factor {factor} after {gap_s} s is out of range")
+            idle[gap_s] = factor
+        segments = tuple(SegmentTiming(s.start, s.end, s.flops, _per_batch(r, sizes, f"segment {i}"))
+                         for i, (s, r) in enumerate(zip(local.segments, timing.segments)))
+        heads = tuple(HeadTiming(h.exit, h.cut, _per_batch(r, sizes, f"exit {h.exit}"))
+                      for h, r in zip(local.heads, timing.heads))
         return MachineProfile(key=dict(key), measured_on=node, batch_sizes=sizes,
-                              call_overhead=_seconds(reply.call_overhead, "call overhead"),
-                              stage_call=_per_batch(reply.stage_call, sizes, "stage call"), idle_factors=idle,
+                              call_overhead=_seconds(timing.call_overhead, "call overhead"),
+                              stage_call=_per_batch(timing.stage_call, sizes, "stage call"), idle_factors=idle,
                               segments=segments, heads=heads, transfers=local.transfers)
     except ValueError as exc:
         raise ClusterError(f"node {node} sent an unusable profile ({exc}); is it running this splitexit "
@@ -126,7 +131,7 @@ def node_machine(reply: wire_pb2.ProfileReply, local: MachineProfile, *, node: s
 
 def _link_figures(source: str, target: str, rtt: float, bandwidth: float | None, key: Mapping[str, object]
                   ) -> MeasuredLink:
-    if not (math.isfinite(rtt) and 0 < rtt < 600) or (bandwidth is not None and not
+    if not (math.isfinite(rtt) and 0 < rtt < MAX_RTT) or (bandwidth is not None and not
                                                         (math.isfinite(bandwidth) and bandwidth > 0)):
         raise ClusterError(f"the link {source} → {target} measured an impossible round trip {rtt!r} s or "
                            f"bandwidth {bandwidth!r} bit/s")
@@ -145,11 +150,23 @@ class _Profiler:
         self.measured: list[str] = []
         self._stage: tuple[str, bytes] | None = None
 
-    def stage(self) -> tuple[str, bytes]:
+    async def stage(self) -> tuple[str, bytes]:
+        """The whole model's stage file and its sha256, built once (in an executor: torch work)."""
         if self._stage is None:
-            data = stage_file(self.net, None, None)
-            self._stage = (sha256_hex(data), data)
+            def build() -> tuple[str, bytes]:
+                data = stage_file(self.net, None, None)
+                return sha256_hex(data), data
+
+            self._stage = await asyncio.get_running_loop().run_in_executor(None, build)
         return self._stage
+
+    def repeats(self) -> int:
+        """How often the local profile timed each call: nodes time theirs as often."""
+        repeats = self.profile.timing.key.get("repeats", DEFAULT_REPEATS)
+        if not isinstance(repeats, int):
+            raise ClusterError(f"the profile's timing key has repeats {repeats!r}, not a count; run "
+                               "`splitexit profile` again")
+        return repeats
 
     def stale_links(self, source: str) -> list[tuple[str, str]]:
         return [(a, b) for a, b in links_to_measure(self.cluster) if a == source and
@@ -182,31 +199,27 @@ class _Profiler:
             links = self.stale_links(node.name)
             if not time_it and not links:
                 return
-            request = wire_pb2.ProfileRequest(links=[wire_pb2.Peer(name=b, address=_address(self.cluster.node(b)))
-                                                     for _, b in links])
+            job = ProfileJob(links=tuple(NodeSpec(name=b, address=_address(self.cluster.node(b))) for _, b in links))
             if time_it:
-                sha256, data = self.stage()
-                request.stage_sha256 = sha256
-                request.cuts.extend(self.profile.cuts)
-                request.batch_sizes.extend(self.profile.timing.batch_sizes)
-                repeats = self.profile.timing.key.get("repeats", DEFAULT_REPEATS)
-                request.repeats = int(repeats)  # type: ignore[call-overload]
+                sha256, data = await self.stage()
+                job = replace(job, stage_sha256=sha256, cuts=tuple(self.profile.cuts),
+                              batch_sizes=tuple(self.profile.timing.batch_sizes), repeats=self.repeats())
                 if sha256 not in health.stages:
                     await control.put_stage(sha256, data)
-            reply = await control.profile(request)
+            reply = await control.profile(job)
             if reply.missing_stage:  # evicted between the upload and the request
-                await control.put_stage(*self.stage())
-                reply = await control.profile(request)
+                await control.put_stage(*await self.stage())
+                reply = await control.profile(job)
             if time_it:
-                self.nodes[node.name] = node_machine(reply, self.profile.timing, node=node.name, key=key)
+                self.nodes[node.name] = node_machine(reply.timing, self.profile.timing, node=node.name, key=key)
                 self.measured.append(node.name)
             asked = {b for _, b in links}
             for figure in reply.links:
                 if figure.target not in asked:
-                    raise ClusterError(f"node {node.name} measured a link to {figure.target[:64]!r}, which "
+                    raise ClusterError(f"node {node.name} measured a link to {figure.target[:_QUOTE]!r}, which "
                                        "was not asked for")
                 asked.discard(figure.target)
-                self.keep_link(node.name, figure.target, figure.rtt_s, figure.bandwidth_bps or None)
+                self.keep_link(node.name, figure.target, figure.rtt, figure.bandwidth)
             if asked:
                 raise ClusterError(f"node {node.name} did not measure its links to {sorted(asked)}")
         finally:

@@ -12,6 +12,10 @@ registry that restarted — and whenever the set of live nodes changes it:
 
 A node that cannot be reached, or whose stream broke, is left out with a growing back-off
 (``runtime/failover.py``) until it registers anew or its back-off runs out.
+
+Building stage files and measuring a ``codec: auto`` link run torch, so they run in an executor, never
+on the event loop. The clock and the sleep the coordinator waits with are injected (the real ones by
+default), so its timing can be tested on a fake clock.
 """
 
 from __future__ import annotations
@@ -20,21 +24,23 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, replace
 
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.control.members import NODES, NodeInfo, parse_node_info
+from splitexit.control.registry import Registry
 from splitexit.errors import ClusterError, NodeUnavailableError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stage_file import sha256_hex, stage_file
 from splitexit.plan.codec_choice import link_codec
-from splitexit.runtime.control_client import NodeControl
+from splitexit.runtime.control_client import ControlPort, NodeControl
+from splitexit.runtime.control_messages import Assignment
 from splitexit.runtime.failover import NodeBans
 from splitexit.runtime.placement import Placement, StagePlacement, default_placement
 from splitexit.runtime.security import node_credentials
-from splitexit.wire import wire_pb2
-from splitexit.wire.codec import CodecSpec, parse_codec
+from splitexit.wire.codec_names import CodecSpec, parse_codec
 
 __all__ = ["Coordinator", "Layout", "PlanChange"]
 
@@ -42,9 +48,21 @@ logger = logging.getLogger(__name__)
 
 #: Chooses the placement for the cluster (with joined nodes) over the given live nodes.
 Layout = Callable[[ClusterSpec, set[str]], Placement]
+#: Opens the control calls to one node (gRPC by default; the in-process twin in tests).
+Connect = Callable[[NodeSpec], ControlPort]
+#: Installs a placement at the edge: the placement, the first stage's replicas, the codec towards them.
+OnPlan = Callable[[Placement, list[NodeSpec], CodecSpec | None], Awaitable[None]]
 
+#: Seconds between re-reads of the registrations (the watch may have missed a change, e.g. a restart).
 RESYNC_INTERVAL = 2.0
+#: Seconds a burst of changes (a node and its lease) gets to settle into one plan.
 SETTLE = 0.05
+#: Seconds between looks at the registry while waiting for every tier at start.
+START_POLL = 0.2
+#: Seconds ``start`` waits for every tier of the cluster file to have a live node.
+START_WAIT = 30.0
+#: Registry key the current plan is published under (for people and tools).
+PLAN_KEY = "plan"
 
 
 @dataclass(frozen=True)
@@ -59,9 +77,13 @@ class PlanChange:
 class Coordinator:
     """Keeps the chain placed on the live nodes; ``on_plan`` installs each placement at the edge."""
 
-    def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, registry,  # noqa: ANN001 - a control.registry.Registry
-                 on_plan: Callable[[Placement, list[NodeSpec], CodecSpec | None], Awaitable[None]], *,
-                 layout: Layout | None = None):
+    def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, registry: Registry, on_plan: OnPlan, *,
+                 layout: Layout | None = None, connect: Connect | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, executor: Executor | None = None):
+        """``connect`` opens a node's control calls (default: gRPC with the edge's credentials); ``clock`` and
+        ``sleep`` are what the coordinator times and waits with; ``executor`` runs its torch work (default:
+        the loop's)."""
         self.net, self.cluster, self.registry = net, cluster, registry
         self.on_plan = on_plan
         self.layout: Layout = layout or (lambda live_cluster, live: default_placement(net, live_cluster, live))
@@ -71,30 +93,32 @@ class Coordinator:
         self.changes: list[PlanChange] = []
         self.shipments: list[tuple[str, str, int]] = []  # (node, stage sha256, bytes) for every upload
         self.members: dict[str, NodeInfo] = {}
-        self.bans = NodeBans()
-        self._controls: dict[str, NodeControl] = {}
+        self.bans = NodeBans(clock=clock)
+        self._clock, self._sleep, self._executor = clock, sleep, executor
+        self._connect: Connect = connect or self._grpc_control
+        self._controls: dict[str, ControlPort] = {}
         self._stage_files: dict[tuple[int | None, int | None, frozenset[int]], tuple[str, bytes]] = {}
         self._codecs: dict[tuple[int, str], CodecSpec] = {}
         self._dirty = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
-        self._publishing: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._publishing: asyncio.Task[None] | None = None
         self._credentials = node_credentials(cluster, self.edge.name)
 
-    async def start(self, *, wait: float = 30.0) -> None:
+    async def start(self, *, wait: float = START_WAIT) -> None:
         """Place the chain once every tier of the cluster file has a live node (or fail after ``wait`` s)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
+        deadline = self._clock() + wait
         while True:
             await self._read_members()
             missing = self._missing_tiers()
             if not missing:
                 break
-            if loop.time() >= deadline:
+            if self._clock() >= deadline:
                 names = "; ".join(f"tier {t}: {', '.join(n)}" for t, n in missing.items())
                 raise ClusterError(f"no node of {names} is up after {wait:.0f} s. Start them with `splitexit up "
                                    "--cluster FILE` or `splitexit node --cluster FILE --name NAME`.")
-            await asyncio.sleep(0.2)
+            await self._sleep(START_POLL)
         await self._replan("start")
+        loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch(), name="coordinator-watch"),
                        loop.create_task(self._resync(), name="coordinator-resync"),
                        loop.create_task(self._follow(), name="coordinator-replan")]
@@ -132,7 +156,7 @@ class Coordinator:
 
     async def _resync(self) -> None:
         while True:
-            await asyncio.sleep(RESYNC_INTERVAL)
+            await self._sleep(RESYNC_INTERVAL)
             if self.bans.lapsed():
                 self._dirty.set()  # a backed-off node's wait is over: try it again
             try:
@@ -149,7 +173,7 @@ class Coordinator:
     async def _follow(self) -> None:
         while True:
             await self._dirty.wait()
-            await asyncio.sleep(SETTLE)  # let a burst of changes (a node and its lease) settle into one plan
+            await self._sleep(SETTLE)  # let a burst of changes (a node and its lease) settle into one plan
             self._dirty.clear()
             reason, self._reason = self._reason or "membership changed", None
             try:
@@ -183,7 +207,7 @@ class Coordinator:
             reason = f"{', '.join(sorted(failed))} unreachable"
         first = placement.after(placement.stages[0])
         peers = [cluster.node(n) for n in first.nodes] if first else []
-        await self.on_plan(placement, peers, self._codec(placement, placement.stages[0], peers, cluster))
+        await self.on_plan(placement, peers, await self._codec(placement, placement.stages[0], peers, cluster))
         if self.placement is None or placement != self.placement:
             self.changes.append(PlanChange(time.time(), placement, reason))
             logger.info("plan %d (%s): %s", placement.version, reason, placement.describe())
@@ -195,7 +219,7 @@ class Coordinator:
     async def _publish(self, document: bytes) -> None:
         """Put the plan in the registry for people and tools to read; serving never waits for it."""
         try:
-            await self.registry.put("plan", document)
+            await self.registry.put(PLAN_KEY, document)
         except Exception as exc:  # noqa: BLE001 - informational; the registry may be restarting
             logger.warning("coordinator: cannot publish the plan (%s)", exc)
 
@@ -207,47 +231,46 @@ class Coordinator:
             after = placement.after(stage)
             before = placement.before(stage)
             peers = [cluster.node(n) for n in after.nodes] if after else []
-            sha, data = self._stage_file(stage, placement.disabled_exits)
-            request = wire_pb2.AssignRequest(
-                plan_version=placement.version, stage_sha256=sha,
-                downstream=[wire_pb2.Peer(name=p.name, address=p.address or "") for p in peers],
-                upstream=list(before.nodes) if before else [])
-            results = await asyncio.gather(*(self._assign(cluster.node(name), request, data,
-                                                          self._codec(placement, stage, peers, cluster, sender=name))
-                                             for name in stage.nodes))
+            sha, data = await self._stage_file(stage, placement.disabled_exits)
+            assignment = Assignment(plan_version=placement.version, stage_sha256=sha, downstream=tuple(peers),
+                                    upstream=tuple(before.nodes) if before else ())
+            codecs = [await self._codec(placement, stage, peers, cluster, sender=name) for name in stage.nodes]
+            results = await asyncio.gather(*(self._assign(cluster.node(name), replace(assignment, codec=codec), data)
+                                             for name, codec in zip(stage.nodes, codecs)))
             failed |= {name for name, ok in zip(stage.nodes, results) if not ok}
         return failed
 
-    async def _assign(self, node: NodeSpec, request: wire_pb2.AssignRequest, data: bytes,
-                      codec: CodecSpec | None) -> bool:
+    async def _assign(self, node: NodeSpec, assignment: Assignment, data: bytes) -> bool:
         """Assign ``node`` its stage (uploading the file first if it lacks it); False if it cannot be reached."""
-        assign = wire_pb2.AssignRequest()
-        assign.CopyFrom(request)
-        assign.codec = codec.name if codec is not None else ""
-        control = self._control(node)
+        control = await self._control(node)
+        sha = assignment.stage_sha256
         try:
-            if not await control.assign(assign):
-                await control.put_stage(request.stage_sha256, data)
-                self.shipments.append((node.name, request.stage_sha256, len(data)))
-                logger.info("shipped stage %s… (%d bytes) to %s", request.stage_sha256[:12], len(data), node.name)
-                return await control.assign(assign)
+            if not await control.assign(assignment):
+                await control.put_stage(sha, data)
+                self.shipments.append((node.name, sha, len(data)))
+                logger.info("shipped stage %s… (%d bytes) to %s", sha[:12], len(data), node.name)
+                return await control.assign(assignment)
             return True
         except NodeUnavailableError as exc:
             logger.warning("coordinator: %s", exc)
             await self._forget_control(node.name)  # a restarted node gets a fresh channel, not one backing off
             return False
 
-    def _stage_file(self, stage: StagePlacement, disabled: frozenset[int]) -> tuple[str, bytes]:
+    async def _stage_file(self, stage: StagePlacement, disabled: frozenset[int]) -> tuple[str, bytes]:
+        """The stage's file and its sha256, built once per range and exits (in the executor: torch work)."""
         key = (stage.start, stage.end, disabled)
         if key not in self._stage_files:
-            data = stage_file(self.net, stage.start, stage.end, disabled_exits=disabled)
-            self._stage_files[key] = (sha256_hex(data), data)
+            def build() -> tuple[str, bytes]:
+                data = stage_file(self.net, stage.start, stage.end, disabled_exits=disabled)
+                return sha256_hex(data), data
+
+            self._stage_files[key] = await asyncio.get_running_loop().run_in_executor(self._executor, build)
         return self._stage_files[key]
 
-    def _codec(self, placement: Placement, stage: StagePlacement, peers: list[NodeSpec], cluster: ClusterSpec, *,
-               sender: str | None = None) -> CodecSpec | None:
+    async def _codec(self, placement: Placement, stage: StagePlacement, peers: list[NodeSpec], cluster: ClusterSpec,
+                     *, sender: str | None = None) -> CodecSpec | None:
         """The codec for rows leaving ``stage``: the placement's (a plan's), else the file's link from the
-        sender to the first replica."""
+        sender to the first replica (``auto`` is measured in the executor)."""
         if stage.end is None or not peers:
             return None
         chosen = placement.codec_after(stage)
@@ -256,14 +279,20 @@ class Coordinator:
         link = cluster.link(sender or stage.nodes[0], peers[0].name)
         key = (stage.end, link.codec)
         if key not in self._codecs:
-            self._codecs[key] = link_codec(self.net, stage.end, link)
+            self._codecs[key] = await asyncio.get_running_loop().run_in_executor(
+                self._executor, link_codec, self.net, stage.end, link)
         return self._codecs[key]
 
-    def _control(self, node: NodeSpec) -> NodeControl:
+    def _grpc_control(self, node: NodeSpec) -> ControlPort:
+        return NodeControl(node, credentials=self._credentials, token=self.cluster.security.token,
+                           message_limit=self.cluster.message_limit)
+
+    async def _control(self, node: NodeSpec) -> ControlPort:
         control = self._controls.get(node.name)
         if control is None or control.address != (node.address or ""):
-            control = NodeControl(node, credentials=self._credentials, token=self.cluster.security.token,
-                                  message_limit=self.cluster.message_limit)
+            if control is not None:  # the node moved: the old channel goes nowhere
+                await control.close()
+            control = self._connect(node)
             self._controls[node.name] = control
         return control
 

@@ -11,17 +11,20 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Coroutine, TypeVar
+from typing import TypeVar
 
 import torch
 from torch.utils.data import Dataset
 
 from splitexit.config import ClusterSpec
 from splitexit.control.coordinator import Coordinator, Layout, PlanChange
+from splitexit.control.embedded_registry import EmbeddedRegistry
 from splitexit.control.members import HealthProber
-from splitexit.control.registry import EmbeddedRegistry, Registry, open_registry
+from splitexit.control.registry import Registry
+from splitexit.control.registry_backends import open_registry
 from splitexit.control.replan import PlannedLayout, Replanner
 from splitexit.model.exits import EarlyExitNet
 from splitexit.runtime.hop import Hop
@@ -167,7 +170,7 @@ class EntryClient:
         self.entry = self._call(self._build(net, cluster, options))
 
     async def _build(self, net: EarlyExitNet, cluster: ClusterSpec, options: dict) -> Entry:
-        entry = Entry(net, cluster, **options)  # type: ignore[arg-type]
+        entry = Entry(net, cluster, **options)
         await entry.start()
         return entry
 
@@ -188,7 +191,7 @@ class EntryClient:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "EntryClient":
+    def __enter__(self) -> EntryClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -88,7 +88,7 @@ class DevEtcd:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def start(self) -> "DevEtcd":
+    def start(self) -> DevEtcd:
         """Start etcd and return once it answers its health check; raise ClusterError with its log if not."""
         if self.running:
             return self
@@ -176,7 +176,7 @@ class DevEtcd:
             process.kill()
             process.wait()
 
-    def __enter__(self) -> "DevEtcd":
+    def __enter__(self) -> DevEtcd:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -110,7 +110,7 @@ class LocalCluster:
                 process.wait()
         self.processes.clear()
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         self.start()
         return self
 
@@ -121,7 +121,9 @@ class LocalCluster:
 def _read_line(process: subprocess.Popen, timeout: float) -> str:
     """The child's first stdout line, or '' after ``timeout`` seconds or if it exits first."""
     result: list[str] = []
-    reader = threading.Thread(target=lambda: result.append(process.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    stdout = process.stdout
+    assert stdout is not None  # launched with stdout=PIPE
+    reader = threading.Thread(target=lambda: result.append(stdout.readline()), daemon=True)
     reader.start()
     reader.join(timeout)
     return result[0].strip() if result else ""

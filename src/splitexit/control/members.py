@@ -13,23 +13,33 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import Executor
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splitexit.config import ClusterSpec, NodeSpec
+from splitexit.control.registry import Registry
 from splitexit.errors import ClusterError, NodeUnavailableError
 from splitexit.runtime.control_client import NodeControl
+from splitexit.runtime.control_messages import NodeHealth
 from splitexit.runtime.security import NodeCredentials
 
-__all__ = ["HealthProber", "NodeInfo", "NODES", "describe_node", "parse_node_info"]
+__all__ = ["NODES", "HealthProber", "NodeInfo", "describe_node", "measure_speed", "parse_node_info"]
 
 logger = logging.getLogger(__name__)
 
 #: Registry prefix of node registrations.
 NODES = "nodes/"
+#: Seconds between health calls to each node of the cluster file (embedded registry).
 PROBE_INTERVAL = 0.5
+#: Seconds a probed node's registration outlives its last answer (and a health call may take).
 PROBE_TTL = 1.5
+#: Seconds, and the matrix size, of the matmul that measures a node's speed.
+SPEED_SECONDS = 0.05
+SPEED_MATRIX = 256
+#: Characters of a node's incarnation kept (the registration's limit).
+_INCARNATION = 64
 
 
 class NodeInfo(BaseModel):
@@ -43,7 +53,8 @@ class NodeInfo(BaseModel):
     cores: int = Field(0, ge=0)
     memory_bytes: int = Field(0, ge=0)
     speed_gflops: float = Field(0.0, ge=0, description="measured float32 matmul speed, slowdown included")
-    incarnation: str = Field("", max_length=64, description="random per process start (a restart is a new member)")
+    incarnation: str = Field("", max_length=_INCARNATION,
+                             description="random per process start (a restart is a new member)")
 
     def spec(self) -> NodeSpec:
         return NodeSpec(name=self.name, address=self.address, tier=self.tier)
@@ -64,30 +75,37 @@ def parse_node_info(key: str, value: bytes) -> NodeInfo | None:
     return info
 
 
-def describe_node(name: str, address: str, tier: int, incarnation: str, slowdown: float = 1.0) -> NodeInfo:
-    """This machine's registration, with its float32 matmul speed measured for about 50 ms."""
-    a = torch.randn(256, 256)
+def measure_speed(slowdown: float = 1.0) -> float:
+    """This machine's float32 matmul speed in GFLOP/s, divided by ``slowdown`` (blocking for about
+    :data:`SPEED_SECONDS`: run it in an executor)."""
+    a = torch.randn(SPEED_MATRIX, SPEED_MATRIX)
     a @ a  # warm-up
     runs, started = 0, time.perf_counter()
-    while time.perf_counter() - started < 0.05:
+    while time.perf_counter() - started < SPEED_SECONDS:
         a @ a
         runs += 1
     seconds = (time.perf_counter() - started) * slowdown
+    return round(2 * SPEED_MATRIX ** 3 * runs / seconds / 1e9, 2)
+
+
+async def describe_node(name: str, address: str, tier: int, incarnation: str, slowdown: float = 1.0, *,
+                        executor: Executor | None = None) -> NodeInfo:
+    """This machine's registration; its speed is measured in ``executor`` (default: the loop's), off the loop."""
+    speed = await asyncio.get_running_loop().run_in_executor(executor, measure_speed, slowdown)
     pages = os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     return NodeInfo(name=name, address=address, tier=tier, incarnation=incarnation, cores=os.cpu_count() or 0,
-                    memory_bytes=pages * os.sysconf("SC_PAGE_SIZE") if pages else 0,
-                    speed_gflops=round(2 * 256 ** 3 * runs / seconds / 1e9, 2))
+                    memory_bytes=pages * os.sysconf("SC_PAGE_SIZE") if pages else 0, speed_gflops=speed)
 
 
 class HealthProber:
     """Registers the cluster file's workers in an (embedded) registry while they answer Health calls."""
 
-    def __init__(self, cluster: ClusterSpec, registry, credentials: NodeCredentials | None = None):  # noqa: ANN001
+    def __init__(self, cluster: ClusterSpec, registry: Registry, credentials: NodeCredentials | None = None):
         self.cluster, self.registry, self.credentials = cluster, registry, credentials
         self._leases: dict[str, int] = {}
         self._infos: dict[str, NodeInfo] = {}
         self._refused: set[str] = set()
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._wake: dict[str, asyncio.Event] = {}
 
     async def start(self) -> None:
@@ -106,6 +124,7 @@ class HealthProber:
                               message_limit=self.cluster.message_limit)
         try:
             while True:
+                reply: NodeHealth | None
                 try:
                     reply = await control.health(timeout=PROBE_TTL)
                 except NodeUnavailableError:
@@ -115,13 +134,15 @@ class HealthProber:
                         logger.warning("%s", exc)
                         self._refused.add(node.name)
                     reply = None
-                info = NodeInfo(name=node.name, address=control.address, tier=tier,
-                                incarnation=reply.incarnation[:64]) if reply is not None and reply.ready else None
+                info = None
+                if reply is not None and reply.ready:
+                    info = NodeInfo(name=node.name, address=control.address, tier=tier,
+                                    incarnation=reply.incarnation[:_INCARNATION])
                 await self._record(node.name, info)
                 wake = self._wake[node.name]
                 try:
                     await asyncio.wait_for(wake.wait(), PROBE_INTERVAL)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 wake.clear()
         finally:

@@ -14,22 +14,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Callable, Mapping
 
 from splitexit.config import ClusterSpec
 from splitexit.control.cluster_profile import stored_link_estimates
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stages import INPUT
-from splitexit.plan.planner import (
-    LinkEstimate,
-    Objective,
-    Plan,
-    plan,
-    predict,
-    topology_from_cluster,
-)
+from splitexit.plan.objective import Objective
+from splitexit.plan.prediction import predict
 from splitexit.plan.profile import Profile
+from splitexit.plan.result import Plan
+from splitexit.plan.search import plan
+from splitexit.plan.topology import LinkEstimate, topology_from_cluster
 from splitexit.runtime.placement import Placement, StagePlacement, versioned
 
 __all__ = ["PlannedLayout", "Replanner", "file_codecs", "placement_from_plan"]
@@ -183,7 +180,8 @@ class Replanner:
         news = {}
         for (source, target), bandwidth in self.measure().items():
             planned = layout.link(source, target)
-            if planned.bandwidth is not None and abs(bandwidth - planned.bandwidth) <= SAME_BANDWIDTH * planned.bandwidth:
+            if planned.bandwidth is not None \
+                    and abs(bandwidth - planned.bandwidth) <= SAME_BANDWIDTH * planned.bandwidth:
                 continue
             layout.measured[(source, target)] = replace(planned, bandwidth=bandwidth, origin="measured")
             was = "unlimited" if planned.bandwidth is None else f"{planned.bandwidth / 1e6:.3g} Mbit/s"

@@ -9,8 +9,9 @@ import asyncio
 import logging
 import signal
 
+from splitexit.control.etcd_registry import EtcdRegistry
 from splitexit.control.members import NODES, describe_node
-from splitexit.control.registry import EtcdRegistry, Registration
+from splitexit.control.registration import Registration
 from splitexit.runtime.node import Node
 
 __all__ = ["serve_node"]
@@ -49,7 +50,7 @@ async def _register_node(node: Node) -> Registration | None:
         return None
     registry = EtcdRegistry(spec)
     await registry.start()
-    info = describe_node(node.name, node.address, node.tier, node.incarnation, slowdown=node.spec.slowdown)
+    info = await describe_node(node.name, node.address, node.tier, node.incarnation, slowdown=node.spec.slowdown)
     registration = Registration(registry, NODES + node.name, info.to_bytes(), ttl=spec.ttl)
     await registration.start()
     logger.info("node %s registered in etcd (lease TTL %.1f s)", node.name, spec.ttl)

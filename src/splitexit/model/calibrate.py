@@ -99,9 +99,9 @@ def calibrate(net: EarlyExitNet, dataset: Dataset, *, max_drop: float | None = N
     score = confidence_function(name)
     temperatures = [fit_temperature(logits, outputs.labels) for logits in outputs.logits]
     with torch.no_grad():
-        scores = np.stack([score(l / t).numpy() for l, t in zip(outputs.logits[:-1], temperatures)]) \
+        scores = np.stack([score(logits / t).numpy() for logits, t in zip(outputs.logits[:-1], temperatures)]) \
             if net.exit_cuts else np.zeros((0, len(outputs.labels)))
-    correct = np.stack([(l.argmax(1) == outputs.labels).numpy() for l in outputs.logits])
+    correct = np.stack([(logits.argmax(1) == outputs.labels).numpy() for logits in outputs.logits])
     costs = np.array(net.exit_costs(), dtype=np.float64) / net.total_flops
     search = _ThresholdSearch(scores, correct, costs)
     final_accuracy = float(correct[-1].mean())
@@ -109,7 +109,8 @@ def calibrate(net: EarlyExitNet, dataset: Dataset, *, max_drop: float | None = N
         thresholds = search.cheapest(min_accuracy=final_accuracy - max_drop)
         mode, target = "max_drop", max_drop
     else:
-        thresholds = search.most_accurate(max_compute=budget)  # type: ignore[arg-type]
+        assert budget is not None  # exactly one of the two is set, checked above
+        thresholds = search.most_accurate(max_compute=budget)
         mode, target = "budget", budget
     accuracy, compute = search.evaluate(thresholds)
     policy = ExitPolicy(confidence=name, temperatures=tuple(temperatures), thresholds=tuple(thresholds))

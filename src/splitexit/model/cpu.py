@@ -43,7 +43,7 @@ def tune_cpu(net: EarlyExitNet, *, batch_size: int = 1, repeats: int = REPEATS) 
     (memory_format, count), best = min(timings.items(), key=lambda item: item[1])
     logger.info("CPU tuning (ms per batch of %d): %s", batch_size,
                 {f"{f}/{t}": round(s * 1e3, 2) for (f, t), s in timings.items()})
-    settings = CpuSettings(memory_format=memory_format, threads=count)  # type: ignore[arg-type]
+    settings = CpuSettings(memory_format=memory_format, threads=count)
     apply_cpu_settings(net, settings)
     return settings
 

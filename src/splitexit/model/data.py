@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
@@ -35,7 +36,7 @@ class LoadedDataset:
     sample_shape: tuple[int, ...]
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ def list_datasets() -> list[str]:
 
 
 def load_dataset(spec: str) -> LoadedDataset:
+    classes: int | None
     if spec == "digits":
         dataset, classes = _digits(), 10
     elif spec.startswith("folder:"):
@@ -67,7 +69,7 @@ def load_dataset(spec: str) -> LoadedDataset:
         dataset, classes = _from_factory(spec)
     else:
         raise DataError(f"unknown dataset {spec!r}; use one of: {', '.join(list_datasets())}")
-    if len(dataset) == 0:  # type: ignore[arg-type]
+    if len(dataset) == 0:  # type: ignore[arg-type]  # torch's Dataset declares no __len__
         raise DataError(f"dataset {spec!r} is empty")
     sample = _check_item(dataset[0], spec)
     return LoadedDataset(spec, dataset, classes, tuple(sample.shape))
@@ -139,7 +141,7 @@ def _from_factory(spec: str) -> tuple[Dataset, int | None]:
         raise DataError(f"{spec} returned {type(dataset).__name__}; it must return a torch Dataset "
                         "with __len__ and __getitem__ giving (tensor, label)")
     classes = getattr(dataset, "classes", None)
-    return dataset, len(classes) if classes is not None else None
+    return cast(Dataset, dataset), len(classes) if classes is not None else None  # map-style, checked above
 
 
 def _check_item(item: object, spec: str) -> torch.Tensor:

@@ -8,8 +8,8 @@ smaller batch).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -56,6 +56,9 @@ class EarlyExitNet(nn.Module):
     exactly the original model's output; ``net.infer(x)`` answers each sample at its first confident exit.
     """
 
+    #: The CPU settings the package was tuned with (an attribute that hides ``nn.Module.cpu()``).
+    cpu: CpuSettings  # type: ignore[assignment]  # shadows nn.Module.cpu(), which nothing here calls
+
     def __init__(self, graph: ModelGraph, exit_cuts: Sequence[CutPoint], *, num_classes: int,
                  input_shape: tuple[int, ...], input_dtype: torch.dtype = torch.float32,
                  heads: str | Sequence[str] = "auto",
@@ -92,7 +95,7 @@ class EarlyExitNet(nn.Module):
     def from_model(cls, model: nn.Module, example_input: torch.Tensor, exits: str | Sequence[ExitLocation] = "auto",
                    *, num_exits: int = DEFAULT_AUTO_EXITS, head: str | Sequence[str] = "auto",
                    confidence: str = "max_softmax",
-                   source: ModelSource | None = None) -> "EarlyExitNet":
+                   source: ModelSource | None = None) -> EarlyExitNet:
         """Trace ``model`` and attach exit heads.
 
         ``exits`` is ``"auto"`` (``num_exits`` exits spread by FLOPs) or a list of locations: cut ids,
@@ -227,7 +230,8 @@ def output_classes(graph: ModelGraph, example: torch.Tensor) -> int:
     with torch.no_grad(), TRACE_GUARD.shared():  # runs modules: not while another thread traces
         output = graph.graph_module(example[:1])
     if not isinstance(output, torch.Tensor) or output.dim() != 2:
-        kind = type(output).__name__ if not isinstance(output, torch.Tensor) else f"tensor of shape {tuple(output.shape)}"
+        kind = type(output).__name__ if not isinstance(output, torch.Tensor) \
+            else f"tensor of shape {tuple(output.shape)}"
         raise ModelError(f"splitexit needs a classifier returning one (batch, classes) tensor; the model returned "
                          f"a {kind}. Wrap it in a module that returns the logits.")
     return int(output.shape[1])

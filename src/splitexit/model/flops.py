@@ -6,7 +6,8 @@ free. That is the usual convention and what "compute fraction" is measured in.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.fx
@@ -198,12 +199,12 @@ class ModelGraph:
         for i, node in enumerate(self._nodes[:-1]):
             flops_so_far += self._node_flops.get(node, 0)
             crossing = self.crossing(i)
-            infos = [self._tensor_info(v) for v in crossing]
-            if not crossing or any(info is None for info in infos):
+            infos = [info for info in map(self._tensor_info, crossing) if info is not None]
+            if not crossing or len(infos) != len(crossing):
                 continue
             ends = tuple(sorted(set(_scopes(node)) - set(_scopes(self._nodes[i + 1])), key=lambda m: m.count(".")))
             cuts.append(CutPoint(id=i, after=node.name, ends_modules=ends,
-                                 tensors=tuple(infos), flops_before=flops_so_far))  # type: ignore[arg-type]
+                                 tensors=tuple(infos), flops_before=flops_so_far))
         return cuts
 
     def _tensor_info(self, node: torch.fx.Node) -> TensorInfo | None:
@@ -330,9 +331,9 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def run_chain(segments: Sequence[Callable[..., object]], x: torch.Tensor) -> object:
+def run_chain(segments: Sequence[Callable[..., Any]], x: torch.Tensor) -> object:
     """Run segments one after another, feeding each the tuple the previous one returned."""
-    values: object = (x,)
+    values: Any = (x,)  # each segment returns the tuple of tensors crossing its end cut
     for seg in segments:
-        values = seg(*values)  # type: ignore[misc]
+        values = seg(*values)
     return values

@@ -9,7 +9,7 @@ Confidence functions map logits (already divided by the exit's temperature) to o
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

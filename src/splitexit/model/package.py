@@ -31,7 +31,8 @@ from splitexit.model.exits import EarlyExitNet, output_classes
 from splitexit.model.graph import trace_model
 from splitexit.model.zoo import build_model
 
-__all__ = ["SPEC_FILE", "WEIGHTS_FILE", "apply_spec_settings", "load", "load_backbone_weights", "package_spec", "read_spec", "rebuild", "save"]
+__all__ = ["SPEC_FILE", "WEIGHTS_FILE", "apply_spec_settings", "load", "load_backbone_weights", "package_spec",
+           "read_spec", "rebuild", "save"]
 
 SPEC_FILE = "model.yaml"
 WEIGHTS_FILE = "weights.safetensors"
@@ -65,7 +66,7 @@ def package_spec(net: EarlyExitNet, *, weights_sha256: str, data: DataSplit | No
                  training: dict | None = None, calibration: dict | None = None) -> PackageSpec:
     """The model.yaml contents that rebuild ``net`` (weights aside)."""
     return PackageSpec(
-        model=net.source,  # type: ignore[arg-type]  # callers check that the net has a source
+        model=net.source,  # callers check that the net has a source
         input=InputSpec(shape=net.input_shape, dtype=_dtype_name(net)),
         exits=tuple(ExitSpec(cut=c.id, after=c.after, head=h) for c, h in zip(net.exit_cuts, net.head_names)),
         policy=net.policy,

@@ -58,7 +58,7 @@ def stage_file(net: EarlyExitNet, start: int | None, end: int | None, *,
     stage = net.stage(start, end)
     tensors = {}
     for part in stage.parts:
-        for key, value in part.segment.state_dict().items():  # type: ignore[attr-defined]
+        for key, value in part.segment.state_dict().items():
             tensors[_BACKBONE + key] = value.detach().contiguous()
     for index in _head_indices(net, stage):
         for key, value in net.heads[index].state_dict().items():
@@ -107,7 +107,7 @@ def load_stage_file(data: bytes, *, sha256: str, trusted_models: Collection[str]
 
 
 def _load_stage_weights(net: EarlyExitNet, stage: Stage, tensors: dict, sha256: str) -> None:
-    needed = {_BACKBONE + k for part in stage.parts for k in part.segment.state_dict()}  # type: ignore[attr-defined]
+    needed = {_BACKBONE + k for part in stage.parts for k in part.segment.state_dict()}
     needed |= {f"{_HEADS}{i}.{k}" for i in _head_indices(net, stage) for k in net.heads[i].state_dict()}
     if set(tensors) != needed:
         missing, extra = sorted(needed - set(tensors)), sorted(set(tensors) - needed)

@@ -15,14 +15,16 @@ This module is pure compute: no threads, no I/O.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from splitexit.config import ExitPolicy
 from splitexit.errors import CutError
 from splitexit.model.heads import checked_scores, confidence_function
+from splitexit.tensors import TensorInfo
 
 if TYPE_CHECKING:
     from splitexit.model.exits import EarlyExitNet
@@ -50,14 +52,23 @@ class StageOutput:
 
 @dataclass(frozen=True)
 class _Part:
-    segment: Callable[..., object]
+    #: An fx segment: returns the tuple of tensors crossing its end cut, or the logits at the model output.
+    segment: torch.nn.Module
     exit: int | None  # exit index evaluated after this segment; None: pass the values on
 
 
 class Stage:
     """Segments and exits of ``net`` between two cuts; call :meth:`run` under inference mode."""
 
-    def __init__(self, net: "EarlyExitNet", start: int | None, end: int | None, *,
+    net: EarlyExitNet
+    start: int | None
+    end: int | None
+    parts: list[_Part]
+    exits: list[int]
+    input_tensors: tuple[TensorInfo, ...] | None  # None: the model input, taken as the net takes it
+    output_tensors: tuple[TensorInfo, ...] | None  # None: the model output
+
+    def __init__(self, net: EarlyExitNet, start: int | None, end: int | None, *,
                  policy: ExitPolicy | None = None):
         self.policy = policy  # None: the net's own (read at every batch, so calibration shows at once)
         if end == INPUT:
@@ -100,29 +111,25 @@ class Stage:
         for part in self.parts:
             result = part.segment(*values)
             if part.exit is None or (part.exit != final and policy.thresholds[part.exit] == math.inf):
-                values = result  # type: ignore[assignment]  # no exit here, or one that can never fire
+                values = result  # no exit here, or one that can never fire
                 continue
             is_final = part.exit == final
-            logits = result if is_final else net.heads[part.exit](result[0])  # type: ignore[index]
-            scores = checked_scores(score, logits / policy.temperatures[part.exit])  # type: ignore[operator]
-            if is_final:
-                leave = None
-                leaving = rows.numel()
-            else:
-                leave = scores >= policy.thresholds[part.exit]
-                leaving = int(leave.sum())
+            logits = result if is_final else net.heads[part.exit](result[0])
+            scores = checked_scores(score, logits / policy.temperatures[part.exit])
+            leave = None if is_final else scores >= policy.thresholds[part.exit]
+            leaving = rows.numel() if leave is None else int(leave.sum())
             if leaving == 0:
-                values = result  # type: ignore[assignment]
+                values = result
                 continue
-            if leaving == rows.numel():  # everyone answers here: no compaction needed
+            if leave is None or leaving == rows.numel():  # everyone answers here: no compaction needed
                 answered.append(_answers(rows, part.exit, logits, scores))
                 rows, values = rows[:0], ()
                 break
-            stay = (~leave).nonzero().squeeze(1)  # type: ignore[operator]
-            go = leave.nonzero().squeeze(1)  # type: ignore[union-attr]
+            stay = (~leave).nonzero().squeeze(1)
+            go = leave.nonzero().squeeze(1)
             answered.append(_answers(rows[go], part.exit, logits[go], scores[go]))
             rows = rows[stay]
-            values = tuple(t.index_select(0, stay) for t in result)  # type: ignore[union-attr]
+            values = tuple(t.index_select(0, stay) for t in result)
         return _output(answered, rows, values, net.num_classes)
 
 
@@ -141,4 +148,5 @@ def _output(answered: list[tuple[torch.Tensor, ...]], rows: torch.Tensor, values
     else:
         parts = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64),
                  torch.empty(0, dtype=torch.int64), torch.empty(0), torch.empty(0, classes)]
-    return StageOutput(*parts, forward_rows=rows, forward=values)
+    answered_rows, exits, predictions, confidences, logits = parts
+    return StageOutput(answered_rows, exits, predictions, confidences, logits, forward_rows=rows, forward=values)

@@ -9,8 +9,8 @@ exit's cross-entropy on logits, plus optional distillation from the final exit t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -104,4 +104,4 @@ def _loss(outputs: list[torch.Tensor], labels: torch.Tensor, weights: list[float
         for logits in outputs[:-1]:
             student = F.log_softmax(logits / t, dim=1)
             loss = loss + config.distill * (t * t) * F.kl_div(student, teacher, reduction="batchmean")
-    return loss  # type: ignore[return-value]
+    return loss  # type: ignore[return-value]  # sum() of tensors; int 0 only if every exit weight is 0

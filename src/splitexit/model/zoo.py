@@ -7,8 +7,8 @@ Each built-in is registered with a builder and the input shape it expects, so te
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torchvision

@@ -12,7 +12,8 @@ import torch
 from splitexit.config import LinkSpec
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stages import INPUT
-from splitexit.wire.codec import CodecSpec, choose_codec, parse_codec
+from splitexit.wire.codec_auto import choose_codec
+from splitexit.wire.codec_names import CodecSpec, parse_codec
 
 __all__ = ["AUTO_CODEC_SAMPLES", "link_codec"]
 

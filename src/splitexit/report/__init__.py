@@ -1,1 +1,1 @@
-"""Presenting results: console tables now; metrics and HTML reports as the runtime grows."""
+"""Presenting what `app/` returns: console tables, JSON objects, the run report (HTML, PNG plots), the demo's view."""

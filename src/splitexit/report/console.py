@@ -9,23 +9,10 @@ from rich.text import Text
 from splitexit.model.calibrate import CalibrationReport
 from splitexit.model.evaluate import EvalReport
 from splitexit.model.graph import CutPoint
+from splitexit.report.formats import format_bytes, format_flops
 from splitexit.report.run_report import RunReport
 
 __all__ = ["calibration_table", "cuts_table", "eval_table", "run_table"]
-
-
-def _flops(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.2f} {unit}"
-    return f"{value:.0f}"
-
-
-def _bytes(value: float) -> str:
-    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if value >= scale:
-            return f"{value / scale:.1f} {unit}"
-    return f"{value:.0f} B"
 
 
 def eval_table(report: EvalReport, title: str = "Evaluation") -> Table:
@@ -34,9 +21,10 @@ def eval_table(report: EvalReport, title: str = "Evaluation") -> Table:
         table.add_column(column, justify="left" if column == "after" else "right")
     for s in report.exits:
         table.add_row(str(s.exit), s.location, f"{s.accuracy:.2%}", f"{s.exit_rate:.1%}",
-                      f"{s.cumulative_accuracy:.2%}", _flops(s.flops))
+                      f"{s.cumulative_accuracy:.2%}", format_flops(s.flops))
     table.caption = (f"cascade accuracy {report.accuracy:.2%} (final exit alone {report.final_exit_accuracy:.2%}) · "
-                     f"compute {report.compute_fraction:.1%} of the full model ({_flops(report.model_flops)} FLOPs)")
+                     f"compute {report.compute_fraction:.1%} of the full model "
+                     f"({format_flops(report.model_flops)} FLOPs)")
     return table
 
 
@@ -64,7 +52,7 @@ def cuts_table(cuts: list[CutPoint], total_flops: int, *, exits_only: bool) -> T
         shapes = " + ".join("x".join(map(str, t.shape)) for t in cut.tensors)
         share = cut.flops_before / total_flops if total_flops else 0.0
         table.add_row(str(cut.id), cut.after, cut.ends_modules[0] if cut.ends_modules else "", shapes,
-                      _bytes(cut.bytes_per_sample), f"{_flops(cut.flops_before)} ({share:.0%})")
+                      format_bytes(cut.bytes_per_sample), f"{format_flops(cut.flops_before)} ({share:.0%})")
     return table
 
 
@@ -96,7 +84,7 @@ def run_table(report: RunReport) -> Group:
             summary.add_row("re-planned", Text(f"+{change['time'] - start:.2f} s: {change['reason']} → "
                                                f"{change['placement']}"))
     if report.stage_bytes:
-        summary.add_row("stages shipped", ", ".join(f"{n} {_bytes(b)}" for n, b in report.stage_bytes.items()))
+        summary.add_row("stages shipped", ", ".join(f"{n} {format_bytes(b)}" for n, b in report.stage_bytes.items()))
 
     exits = Table(title="Exits", title_justify="left")
     for column in ("exit", "node", "requests", "rate", "accuracy"):
@@ -117,8 +105,8 @@ def run_table(report: RunReport) -> Group:
     for column in ("link", "raw", "wire", "raw/wire", "messages", "rows"):
         links.add_column(column, justify="left" if column == "link" else "right")
     for name, v in report.links.items():
-        links.add_row(Text(name), _bytes(v["raw_bytes"]), _bytes(v["wire_bytes"]), _maybe(v["ratio"], ".2f"),
-                      str(v["messages"]), str(v["rows"]))
+        links.add_row(Text(name), format_bytes(v["raw_bytes"]), format_bytes(v["wire_bytes"]),
+                      _maybe(v["ratio"], ".2f"), str(v["messages"]), str(v["rows"]))
     if not report.links:
         links.add_row(Text("none: one node ran the whole model"), "", "", "", "", "")
     return Group(summary, exits, breakdown, links)

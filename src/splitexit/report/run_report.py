@@ -24,15 +24,17 @@ import html
 import json
 import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from splitexit.control.edge import RunResult
+from splitexit.report.formats import BYTE_UNITS, format_bytes, jsonable
 from splitexit.runtime.records import BREAKDOWN, RequestRecord
 
 __all__ = ["RunReport", "summarize", "write_report"]
@@ -77,14 +79,14 @@ class RunReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types only; non-finite floats become ``None`` (``json.dumps`` would write NaN)."""
-        return _json_safe(asdict(self))
+        return jsonable(asdict(self))
 
 
 def summarize(result: RunResult) -> RunReport:
     """Reduce a run's records and counters to the numbers the report shows."""
     answered = [r for r in result.records if r.error is None]
     latencies = np.array([r.latency_ms for r in answered], dtype=float)
-    latency: dict[str, float | None] = {f"p{q}": None for q in PERCENTILES} | {"mean": None, "max": None}
+    latency: dict[str, float | None] = dict.fromkeys([*(f"p{q}" for q in PERCENTILES), "mean", "max"])
     if latencies.size:
         latency = {f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(latencies, PERCENTILES))}
         latency |= {"mean": float(latencies.mean()), "max": float(latencies.max())}
@@ -176,20 +178,6 @@ def _mean_breakdown(records: list[RequestRecord]) -> dict[str, float | None]:
 
 def _exit_key(exit_: int | None) -> int:
     return -1 if exit_ is None else exit_
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
 
 
 # --- plots ------------------------------------------------------------------------------------------------
@@ -290,7 +278,7 @@ def _links_figure(report: RunReport) -> Figure:
         return figure
     names = list(report.links)
     biggest = max(max(v["raw_bytes"], v["wire_bytes"]) for v in report.links.values())
-    unit, scale = next(((u, s) for u, s in (("MiB", 1 << 20), ("KiB", 1 << 10)) if biggest >= s), ("B", 1))
+    unit, scale = next(((u, s) for u, s in BYTE_UNITS if biggest >= s), ("B", 1))
     x = np.arange(len(names))
     raw = ax.bar(x - 0.2, [report.links[n]["raw_bytes"] / scale for n in names], 0.4, label="raw",
                  color="#c44e52")
@@ -325,13 +313,6 @@ def _fmt(value: Any, spec: str = "", none: str = "–") -> str:
     return format(value, spec)
 
 
-def _size(value: float) -> str:
-    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if value >= scale:
-            return f"{value / scale:.1f} {unit}"
-    return f"{value:.0f} B"
-
-
 def _table(header: Iterable[str], rows: Iterable[Iterable[object]], numeric_from: int = 1) -> str:
     """An HTML table; every cell escaped, columns from ``numeric_from`` right-aligned."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
@@ -352,7 +333,7 @@ def _html(report: RunReport, pngs: dict[str, bytes]) -> str:
     start = report.plan_changes[0]["time"] if report.plan_changes else 0.0
     plans = _table(("at (s)", "plan", "placement", "why"), [
         (f"{c['time'] - start:.2f}", c["version"], c["placement"], c["reason"]) for c in report.plan_changes])
-    shipped = _table(("node", "stage bytes shipped"), [(n, _size(b)) for n, b in (report.stage_bytes or {}).items()]) \
+    shipped = _table(("node", "stage bytes shipped"), [(n, format_bytes(b)) for n, b in report.stage_bytes.items()]) \
         if report.stage_bytes else "<p>No stage files shipped: every node had its stage cached.</p>"
     exits = _table(("exit", "node", "requests", "rate", "accuracy"), [
         (_fmt(e["exit"]), e["node"], e["count"], _fmt(e["rate"], ".1%"), _fmt(e["accuracy"], ".2%"))
@@ -364,8 +345,9 @@ def _html(report: RunReport, pngs: dict[str, bytes]) -> str:
         (part, _fmt(v, ".3f"), _fmt(v / total if v is not None and total > 0 else None, ".1%"))
         for part, v in report.breakdown_ms.items()])
     links = _table(("link", "raw", "wire", "raw / wire", "messages", "rows"), [
-        (name, _size(v["raw_bytes"]), _size(v["wire_bytes"]), _fmt(v["ratio"], ".2f"), v["messages"], v["rows"])
-        for name, v in report.links.items()]) if report.links else "<p>No links: the whole model ran on one node.</p>"
+        (name, format_bytes(v["raw_bytes"]), format_bytes(v["wire_bytes"]), _fmt(v["ratio"], ".2f"), v["messages"],
+         v["rows"]) for name, v in report.links.items()]) \
+        if report.links else "<p>No links: the whole model ran on one node.</p>"
     captions = {"latency": "Latency by answering node", "breakdown": "Latency breakdown",
                 "exits": "Exits per node", "links": "Bytes per link"}
     images = "".join(

@@ -1,21 +1,38 @@
 """The edge's control calls to one node: assign it a stage, upload a stage file, ask its health, profile it.
 
-gRPC errors stop here (as they do in `remote.py` for the data path): a node that cannot be reached raises
+Callers speak our types (:mod:`~splitexit.runtime.control_messages`); protobuf stays here. gRPC errors stop
+here too (as they do in `remote.py` for the data path): a node that cannot be reached raises
 :class:`~splitexit.errors.NodeUnavailableError`; one that refuses what it was sent raises
 :class:`~splitexit.errors.ClusterError` with its reason.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable
+from typing import Protocol, TypeVar
+
 import grpc
 
 from splitexit.config import NodeSpec
 from splitexit.errors import ClusterError, NodeUnavailableError
-from splitexit.runtime.remote import HEADER_ROOM, open_channel
+from splitexit.runtime.control_messages import (
+    Assignment,
+    NodeHealth,
+    NodeProfile,
+    ProfileJob,
+    decode_assign_reply,
+    decode_health,
+    decode_node_profile,
+    encode_assignment,
+    encode_profile_job,
+    encode_stage_chunks,
+)
+from splitexit.runtime.remote import open_channel
 from splitexit.runtime.security import NodeCredentials, token_metadata
 from splitexit.wire import wire_pb2, wire_pb2_grpc
+from splitexit.wire.messages import HEADER_ROOM
 
-__all__ = ["NodeControl"]
+__all__ = ["ControlPort", "NodeControl"]
 
 #: Seconds a control call may take (an upload of a large stage file included).
 CONTROL_TIMEOUT = 30.0
@@ -23,52 +40,83 @@ CONTROL_TIMEOUT = 30.0
 PROFILE_TIMEOUT = 1800.0
 #: Stage files travel in pieces of at most this size (less when the message limit is lower).
 UPLOAD_CHUNK = 1 << 20
+#: Status codes that mean the node answered and refused (anything else: it could not be reached).
+_REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+
+T = TypeVar("T")
+
+
+class ControlPort(Protocol):
+    """The control calls to one node, whatever carries them (:class:`NodeControl` over gRPC, or the
+    in-process twin :class:`~splitexit.runtime.local_control.LocalNodeControl`)."""
+
+    @property
+    def address(self) -> str: ...
+
+    async def assign(self, assignment: Assignment) -> bool:
+        """Assign the stage; False if the node lacks its file (upload it, then assign again)."""
+        ...
+
+    async def put_stage(self, sha256: str, data: bytes) -> None: ...
+
+    async def profile(self, job: ProfileJob) -> NodeProfile: ...
+
+    async def health(self, timeout: float) -> NodeHealth: ...
+
+    async def close(self) -> None: ...
 
 
 class NodeControl:
+    """:class:`ControlPort` over a gRPC channel of its own, with the edge's credentials and the cluster token."""
+
     def __init__(self, node: NodeSpec, *, credentials: NodeCredentials | None, token: str | None,
                  message_limit: int):
         self.node = node
-        self.address = node.address or ""
+        self._address = node.address or ""
         self.message_limit = message_limit
-        self._channel = open_channel(self.address, node.name, credentials, message_limit)
+        self._channel = open_channel(self._address, node.name, credentials, message_limit)
         self._stub = wire_pb2_grpc.StageServiceStub(self._channel)
         self._metadata = token_metadata(token)
 
-    async def assign(self, request: wire_pb2.AssignRequest) -> bool:
+    @property
+    def address(self) -> str:
+        return self._address
+
+    async def assign(self, assignment: Assignment) -> bool:
         """Assign the stage; False if the node lacks its file (upload it, then assign again)."""
-        reply = await self._call("stage assignment", self._stub.Assign(request, metadata=self._metadata,
-                                                                       timeout=CONTROL_TIMEOUT))
-        return not reply.missing_stage
+        reply = await self._call("stage assignment", self._stub.Assign(
+            encode_assignment(assignment), metadata=self._metadata, timeout=CONTROL_TIMEOUT))
+        return decode_assign_reply(reply)
 
     async def put_stage(self, sha256: str, data: bytes) -> None:
-        size = max(1, min(UPLOAD_CHUNK, self.message_limit - HEADER_ROOM))
+        piece = max(1, min(UPLOAD_CHUNK, self.message_limit - HEADER_ROOM))
 
-        async def chunks():  # noqa: ANN202
-            for offset in range(0, len(data), size):
-                yield wire_pb2.StageChunk(sha256=sha256, total_size=len(data), data=data[offset:offset + size])
+        async def chunks() -> AsyncIterator[wire_pb2.StageChunk]:
+            for chunk in encode_stage_chunks(sha256, data, piece):
+                yield chunk
 
         await self._call("stage upload", self._stub.PutStage(chunks(), metadata=self._metadata,
                                                              timeout=CONTROL_TIMEOUT))
 
-    async def profile(self, request: wire_pb2.ProfileRequest) -> wire_pb2.ProfileReply:
-        return await self._call("profile request", self._stub.Profile(request, metadata=self._metadata,
-                                                                      timeout=PROFILE_TIMEOUT))
+    async def profile(self, job: ProfileJob) -> NodeProfile:
+        reply = await self._call("profile request", self._stub.Profile(
+            encode_profile_job(job), metadata=self._metadata, timeout=PROFILE_TIMEOUT))
+        return decode_node_profile(reply)
 
-    async def health(self, timeout: float) -> wire_pb2.HealthReply:
-        return await self._call("health call", self._stub.Health(wire_pb2.HealthRequest(), metadata=self._metadata,
-                                                                 timeout=timeout))
+    async def health(self, timeout: float) -> NodeHealth:
+        reply = await self._call("health call", self._stub.Health(
+            wire_pb2.HealthRequest(), metadata=self._metadata, timeout=timeout))
+        return decode_health(reply)
 
-    async def _call(self, what: str, call):  # noqa: ANN001, ANN202 - a grpc.aio call; its reply
+    async def _call(self, what: str, call: Awaitable[T]) -> T:
         try:
             return await call
         except grpc.aio.AioRpcError as exc:
             detail = f"{exc.code().name}: {exc.details()}"
-            if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
-                              grpc.StatusCode.UNAUTHENTICATED):
+            if exc.code() in _REFUSALS:
                 raise ClusterError(f"node {self.node.name} refused the {what} ({detail}); check that the node "
                                    "and this edge use the same cluster file, certificates and token") from exc
             raise NodeUnavailableError(f"{what} to {self.node.name} at {self.address} failed ({detail})") from exc
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(grace=None)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 import torch
 
@@ -117,7 +118,7 @@ class StageExecutor(Generic[Encoded]):
                 try:
                     job = self._queue.get_nowait() if remaining <= 0 else \
                         await asyncio.wait_for(self._queue.get(), remaining)
-                except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                except (TimeoutError, asyncio.QueueEmpty):
                     break
                 jobs.append(job)
                 rows += job.rows
@@ -151,8 +152,8 @@ class StageExecutor(Generic[Encoded]):
         offsets = torch.tensor([0] + [j.rows for j in jobs]).cumsum(0)
         answer_job = torch.bucketize(out.rows, offsets[1:], right=True)
         forward_job = torch.bucketize(out.forward_rows, offsets[1:], right=True)
-        replies = []
-        for index, job in enumerate(jobs):
+        replies: list[StageReply[Encoded]] = []
+        for index in range(len(jobs)):
             base = int(offsets[index])
             mine = (answer_job == index).nonzero().squeeze(1).tolist()
             answers = [Answer(int(out.rows[i]) - base, int(out.exit[i]), int(out.prediction[i]),
@@ -160,10 +161,11 @@ class StageExecutor(Generic[Encoded]):
             going = (forward_job == index).nonzero().squeeze(1)
             positions = (out.forward_rows[going] - base).tolist()
             encode_started = time.perf_counter()
-            forward = None
+            forward: Encoded | None = None
             if positions:
                 rows_going = tuple(t.index_select(0, going) for t in out.forward)
-                forward = self.encode(rows_going) if self.encode is not None else rows_going  # type: ignore[assignment]
+                # without an encoder the tensors themselves go on (Encoded is then the tensors' tuple)
+                forward = self.encode(rows_going) if self.encode is not None else cast(Encoded, rows_going)
             replies.append(StageReply(answers, positions, forward, compute_s=compute,
                                       encode_s=time.perf_counter() - encode_started))
         return replies

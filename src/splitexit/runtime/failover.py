@@ -13,8 +13,8 @@ Three parts of the system retry, all with capped exponential back-off from :clas
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 __all__ = ["Backoff", "NodeBans"]
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from splitexit.runtime.executor import StageExecutor
 
@@ -128,8 +129,8 @@ def _chain(source: asyncio.Future, target: asyncio.Future) -> None:
             return
         if done.cancelled():
             target.cancel()
-        elif done.exception() is not None:
-            target.set_exception(done.exception())  # type: ignore[arg-type]
+        elif (error := done.exception()) is not None:
+            target.set_exception(error)
         else:
             target.set_result(done.result())
     source.add_done_callback(copy)

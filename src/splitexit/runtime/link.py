@@ -206,7 +206,7 @@ class EmulatedLink(Generic[T]):
             loop = asyncio.get_running_loop()
             now = loop.time()
             if self.spec is not None and self.spec.changes:
-                self._follow_changes(self.spec, now)
+                self._follow_changes(self.spec, self._schedule, now)
             sent = self._schedule.schedule(nbytes, now)
             self.stats.busy_seconds += self._schedule.serialisation_time(nbytes)
             self.stats.retransmissions += sent.retransmitted
@@ -220,14 +220,13 @@ class EmulatedLink(Generic[T]):
             if self._pending_puts == 0:
                 self._changed.set()  # a put cancelled while waiting for room may let the consumer finish
 
-    def _follow_changes(self, spec: LinkSpec, now: float) -> None:
+    def _follow_changes(self, spec: LinkSpec, schedule: LinkSchedule, now: float) -> None:
         origin = _ORIGINS.setdefault((spec.source, spec.target), now)
         bandwidth, latency = spec.conditions(now - origin)
-        schedule = self._schedule
-        if (bandwidth, latency) != (schedule.bandwidth, schedule.latency):  # type: ignore[union-attr]
+        if (bandwidth, latency) != (schedule.bandwidth, schedule.latency):
             logger.info("link %s -> %s now emulates %s bit/s, %.1f ms", spec.source, spec.target, bandwidth,
                         latency * 1e3)
-            schedule.bandwidth, schedule.latency = bandwidth, latency  # type: ignore[union-attr]
+            schedule.bandwidth, schedule.latency = bandwidth, latency
 
     async def get(self) -> T:
         """The next message, no earlier than its delivery time; :class:`StopAsyncIteration` once closed and drained."""

@@ -23,6 +23,7 @@ from splitexit.config import ClusterSpec
 from splitexit.errors import ClusterError, CutError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stages import INPUT
+from splitexit.plan.result import describe_route
 
 __all__ = ["Placement", "StagePlacement", "default_placement", "versioned"]
 
@@ -61,12 +62,7 @@ class Placement:
         return self.stages[index - 1] if index > 0 else None
 
     def describe(self) -> str:
-        def cut(c: int | None, edge: str) -> str:
-            return edge if c is None else f"cut {c}"
-        def end(c: int | None) -> str:
-            return "input" if c == INPUT else cut(c, "output")
-        route = " → ".join(f"{'|'.join(s.nodes)}[{cut(s.start if s.start != INPUT else None, 'input')}..{end(s.end)}]"
-                           for s in self.stages)
+        route = describe_route(self.stages)
         if any(self.codecs):
             route += " (codecs " + ", ".join(c for c in self.codecs if c) + ")"
         if self.disabled_exits:
@@ -114,7 +110,7 @@ def _ends(net: EarlyExitNet, explicit: list[int | str | None], stages: int) -> l
         if any(e is None for e in explicit):
             raise ClusterError("set `ends_at` on every tier but the last, or on none of them")
         try:
-            return [INPUT if e == "input" else net.graph.resolve(e).id for e in explicit]  # type: ignore[arg-type]
+            return [INPUT if e == "input" else net.graph.resolve(e).id for e in explicit if e is not None]
         except CutError as exc:
             raise ClusterError(f"cluster file: {exc}") from exc
     exits = [c.id for c in net.exit_cuts]

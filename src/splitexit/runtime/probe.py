@@ -22,12 +22,14 @@ import grpc
 
 from splitexit.config import ClusterSpec, LinkSpec
 from splitexit.errors import ClusterError, NodeUnavailableError
+from splitexit.runtime.control_messages import decode_probe, encode_probe
 from splitexit.runtime.link import EmulatedLink
-from splitexit.runtime.remote import HEADER_ROOM, open_channel
+from splitexit.runtime.remote import open_channel
 from splitexit.runtime.security import node_credentials, token_metadata
 from splitexit.wire import wire_pb2, wire_pb2_grpc
+from splitexit.wire.messages import HEADER_ROOM
 
-__all__ = ["LinkFigures", "measure_link"]
+__all__ = ["ProbeResult", "measure_link"]
 
 #: Bytes of a small probe (the round trip).
 SMALL_PROBE = 256
@@ -37,11 +39,18 @@ LARGE_PROBE_SECONDS = 0.03
 LARGE_PROBE_BYTES = (64 * 1024, 4 * 1024 * 1024)
 #: Probes of each size; the median counts.
 PROBES = 5
+#: Seconds one probe call may take.
 PROBE_TIMEOUT = 30.0
+#: The measured extra time of a large probe must exceed this share of the round trip, and ...
+MIN_EXTRA_SHARE = 0.05
+#: ... this many seconds, to give a bandwidth (below, the link is too fast to tell).
+MIN_EXTRA_SECONDS = 1e-4
+#: Seeds of the emulated links a probe travels through (fixed: runs are repeatable).
+DOWN_SEED, UP_SEED = 2, 3
 
 
 @dataclass(frozen=True)
-class LinkFigures:
+class ProbeResult:
     """What a link measured: ``rtt`` seconds (a small message down, a tiny reply up) and bits per second."""
 
     rtt: float
@@ -56,9 +65,10 @@ def _large_probe(link: LinkSpec, message_limit: int) -> int:
     return int(min(high, max(low, link.bandwidth * LARGE_PROBE_SECONDS / 8)))
 
 
-async def _round_trip(stub: wire_pb2_grpc.StageServiceStub, metadata: tuple, down: EmulatedLink,
-                      up: EmulatedLink, size: int, target: str) -> float:
-    request = wire_pb2.ProbeRequest(payload=bytes(size))
+async def _round_trip(stub: wire_pb2_grpc.StageServiceStub, metadata: tuple[tuple[str, str], ...],
+                      down: EmulatedLink[wire_pb2.ProbeRequest], up: EmulatedLink[wire_pb2.ProbeReply], size: int,
+                      target: str) -> float:
+    request = encode_probe(size)
     started = time.perf_counter()
     await down.put(request, request.ByteSize())
     request = await down.get()
@@ -67,23 +77,24 @@ async def _round_trip(stub: wire_pb2_grpc.StageServiceStub, metadata: tuple, dow
     except grpc.aio.AioRpcError as exc:
         raise NodeUnavailableError(f"probing the link to {target} failed ({exc.code().name}: {exc.details()})") \
             from exc
-    if reply.size != size:
-        raise ClusterError(f"{target} says it received {reply.size} bytes of a {size}-byte probe; is it a "
+    received = decode_probe(reply)
+    if received != size:
+        raise ClusterError(f"{target} says it received {received} bytes of a {size}-byte probe; is it a "
                            "splitexit node of this cluster?")
     await up.put(reply, max(1, reply.ByteSize()))
     await up.get()
     return time.perf_counter() - started
 
 
-async def measure_link(cluster: ClusterSpec, sender: str, target: str, address: str) -> LinkFigures:
+async def measure_link(cluster: ClusterSpec, sender: str, target: str, address: str) -> ProbeResult:
     """Probe the cluster's link from ``sender`` (this process) to node ``target`` at ``address``: its round
     trip and bandwidth, over a channel of its own with ``sender``'s credentials and the cluster's token."""
     link = cluster.link(sender, target)
     channel = open_channel(address, target, node_credentials(cluster, sender), cluster.message_limit)
     stub = wire_pb2_grpc.StageServiceStub(channel)
     metadata = token_metadata(cluster.security.token)
-    down: EmulatedLink[wire_pb2.ProbeRequest] = EmulatedLink(link, seed=2)
-    up: EmulatedLink[wire_pb2.ProbeReply] = EmulatedLink(link, seed=3)
+    down: EmulatedLink[wire_pb2.ProbeRequest] = EmulatedLink(link, seed=DOWN_SEED)
+    up: EmulatedLink[wire_pb2.ProbeReply] = EmulatedLink(link, seed=UP_SEED)
     large = _large_probe(link, cluster.message_limit)
     try:
         await _round_trip(stub, metadata, down, up, SMALL_PROBE, target)  # warm the channel up
@@ -94,7 +105,7 @@ async def measure_link(cluster: ClusterSpec, sender: str, target: str, address: 
     finally:
         await down.close()
         await up.close()
-        await channel.close()
+        await channel.close(grace=None)
     rtt, extra = statistics.median(small_times), statistics.median(large_times) - statistics.median(small_times)
-    bandwidth = 8.0 * (large - SMALL_PROBE) / extra if extra > 0.05 * rtt and extra > 1e-4 else None
-    return LinkFigures(rtt, bandwidth)
+    fast = extra <= MIN_EXTRA_SHARE * rtt or extra <= MIN_EXTRA_SECONDS
+    return ProbeResult(rtt, None if fast else 8.0 * (large - SMALL_PROBE) / extra)

@@ -49,12 +49,15 @@ def _breakdown(trace: list[Stamp], latency_ms: float) -> dict[str, float]:
     nodes = list(dict.fromkeys(node for node, _, _ in trace))
     parts = dict.fromkeys(BREAKDOWN, 0.0)
     for i, node in enumerate(nodes):
-        def span(a: str, b: str) -> float:
-            return max(0.0, first.get((node, b), 0.0) - first.get((node, a), 0.0)) \
-                if (node, a) in first and (node, b) in first else 0.0
-        parts["edge_compute" if i == 0 else "remote_compute"] += span("compute_start", "compute_end") * 1e3
-        parts["queue"] += span("queued", "compute_start") * 1e3
-        parts["encode"] += span("compute_end", "encoded") * 1e3
-        parts["decode"] += span("received", "decoded") * 1e3
+        compute = "edge_compute" if i == 0 else "remote_compute"
+        parts[compute] += _span(first, node, "compute_start", "compute_end") * 1e3
+        parts["queue"] += _span(first, node, "queued", "compute_start") * 1e3
+        parts["encode"] += _span(first, node, "compute_end", "encoded") * 1e3
+        parts["decode"] += _span(first, node, "received", "decoded") * 1e3
     parts["link"] = max(0.0, latency_ms - sum(v for k, v in parts.items() if k != "link"))
     return {k: round(v, 4) for k, v in parts.items()}
+
+
+def _span(first: dict[tuple[str, str], float], node: str, a: str, b: str) -> float:
+    """Seconds from ``node``'s first ``a`` stamp to its first ``b`` stamp (0 when either is missing)."""
+    return max(0.0, first[(node, b)] - first[(node, a)]) if (node, a) in first and (node, b) in first else 0.0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.errors import NodeUnavailableError
@@ -118,7 +118,7 @@ class ReplicaSet:
             retry_now = self._retry_now[peer.name]
             try:
                 await asyncio.wait_for(retry_now.wait(), RECONNECT.delay(failures))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             retry_now.clear()
 

@@ -17,7 +17,8 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch.utils.data import Dataset
@@ -33,8 +34,9 @@ from splitexit.runtime.meter import ComputeMeter
 from splitexit.runtime.placement import Placement
 from splitexit.runtime.records import RequestRecord, request_record
 from splitexit.runtime.remote import LinkCounters
+from splitexit.runtime.replicas import ReplicaSet
 from splitexit.runtime.stage_hop import stage_hop
-from splitexit.wire.codec import CodecSpec
+from splitexit.wire.codec_names import CodecSpec
 
 __all__ = ["RETIRE_TIMEOUT", "RETRYABLE", "RequestPath"]
 
@@ -71,8 +73,8 @@ class RequestPath:
     async def install(self, placement: Placement, peers: list[NodeSpec], codec: CodecSpec | None) -> None:
         """Serve ``placement``'s first stage from now on; a hop of an older plan finishes its work, then closes."""
         if self._hop is not None and placement.version == self._version:
-            if self._hop.downstream is not None:
-                await self._hop.downstream.update(peers, wait=False)  # type: ignore[attr-defined]
+            if (replicas := _replicas(self._hop)) is not None:
+                await replicas.update(peers, wait=False)
             return
         first = placement.stages[0]
         stage = Stage(self.net, first.start, first.end,
@@ -80,8 +82,8 @@ class RequestPath:
             if placement.disabled_exits else self.net.stage(first.start, first.end)
         hop = stage_hop(stage, node=self.cluster.edge, cluster=self.cluster, plan_version=placement.version,
                         codec=codec, on_broken=self._on_broken, counters=self._sent)
-        if hop.downstream is not None:
-            await hop.downstream.update(peers)  # type: ignore[attr-defined]
+        if (replicas := _replicas(hop)) is not None:
+            await replicas.update(peers)
         old, self._hop, self._version = self._hop, hop, placement.version
         self.compute.clear()  # stages change with the plan: their old spans say nothing about the new ones
         if old is not None:
@@ -110,8 +112,9 @@ class RequestPath:
         """Send until the request is answered, or fails for a reason a retry cannot fix, or time runs out.
         Returns the outcome, the attempts, and the plan version the last attempt was sent under."""
         for attempt in itertools.count(1):
-            version = self._version
-            (future,) = await self._hop.send([request_id], (sample,), [])  # type: ignore[union-attr]
+            version, hop = self._version, self._hop  # each attempt takes the route installed by then
+            assert hop is not None  # infer() checked, and install() never unsets it
+            (future,) = await hop.send([request_id], (sample,), [])
             outcome = await future
             if not isinstance(outcome, RowError) or outcome.code not in RETRYABLE \
                     or time.time() - started > self.cluster.retry.timeout:
@@ -125,7 +128,7 @@ class RequestPath:
                   ) -> list[RequestRecord]:
         """Every item of ``dataset`` ((input, label) pairs or bare inputs), ``window`` in flight at a time;
         the records in dataset order."""
-        indices = iter(range(len(dataset)))  # type: ignore[arg-type]
+        indices = iter(range(len(dataset)))  # type: ignore[arg-type]  # torch's Dataset declares no __len__
         records: list[RequestRecord] = []
 
         async def worker() -> None:
@@ -145,8 +148,8 @@ class RequestPath:
         """Byte counters of every link of the chain: the edge's own over every plan; those further down as the
         current plan's nodes report them through Health."""
         links = {(self.name, peer): counters for peer, counters in self._sent.items()}
-        if self._hop is not None and self._hop.downstream is not None:
-            reports = await self._hop.downstream.health_links()  # type: ignore[attr-defined]
+        if self._hop is not None and (replicas := _replicas(self._hop)) is not None:
+            reports = await replicas.health_links()
             links.update({link: report.counters for link, report in reports.items()})
         return {f"{a}->{b}": counters for (a, b), counters in sorted(links.items())}
 
@@ -154,9 +157,9 @@ class RequestPath:
         """What every link of the current plan delivered lately, bits/s: the edge's own as it measures them,
         those further down as their senders report them through Health (links with too little recent
         traffic are left out)."""
-        if self._hop is None or self._hop.downstream is None:
+        if self._hop is None or (replicas := _replicas(self._hop)) is None:
             return {}
-        reports = await self._hop.downstream.health_links()  # type: ignore[attr-defined]
+        reports = await replicas.health_links()
         return {link: r.bandwidth for link, r in reports.items() if r.bandwidth is not None}
 
     async def close(self) -> None:
@@ -167,3 +170,8 @@ class RequestPath:
                 await hop.close()
         if self._hop is not None:
             await self._hop.close()
+
+
+def _replicas(hop: Hop) -> ReplicaSet | None:
+    """The next stage's replicas behind the edge's hop (None when the edge's stage ends at the model output)."""
+    return cast(ReplicaSet | None, hop.downstream)  # stage_hop gives every forwarding hop a ReplicaSet

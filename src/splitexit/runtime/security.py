@@ -15,6 +15,7 @@ import datetime
 import hmac
 import ipaddress
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +47,11 @@ def init_ca(directory: Path, *, name: str = "splitexit cluster CA", overwrite: b
                           "(pass --overwrite if that is what you want)")
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                          content_commitment=False, key_encipherment=False, data_encipherment=False,
@@ -70,11 +72,12 @@ def issue_certificate(directory: Path, name: str, *, hosts: tuple[str, ...] = ()
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             names.append(x509.DNSName(host))
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
             .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=NODE_DAYS))
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=NODE_DAYS))
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
@@ -95,7 +98,7 @@ class NodeCredentials:
     key: bytes
 
     @classmethod
-    def load(cls, directory: Path, name: str) -> "NodeCredentials":
+    def load(cls, directory: Path, name: str) -> NodeCredentials:
         paths = [directory / CA_CERT, directory / f"{name}.pem", directory / f"{name}.key"]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
@@ -120,11 +123,11 @@ def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return ((TOKEN_HEADER, token),) if token else ()
 
 
-def token_matches(metadata: object, expected: str | None) -> bool:
+def token_matches(metadata: Iterable[tuple[str, str | bytes]] | None, expected: str | None) -> bool:
     """True when no token is configured, or the call carries exactly the expected one (constant time)."""
     if not expected:
         return True
-    supplied = dict(metadata or ()).get(TOKEN_HEADER, "")  # type: ignore[call-overload]
+    supplied = dict(metadata or ()).get(TOKEN_HEADER, "")
     return hmac.compare_digest(str(supplied).encode(), expected.encode())
 
 

@@ -6,7 +6,7 @@ codec is chosen once, by the coordinator, and sent to the node that encodes.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.model.stages import Stage
@@ -15,7 +15,7 @@ from splitexit.runtime.hop import Hop
 from splitexit.runtime.remote import LinkCounters
 from splitexit.runtime.replicas import ReplicaSet
 from splitexit.runtime.security import node_credentials
-from splitexit.wire.codec import CodecSpec
+from splitexit.wire.codec_names import CodecSpec
 from splitexit.wire.messages import encode_tensors
 
 __all__ = ["stage_hop"]

@@ -1,28 +1,49 @@
-"""Messages on the wire: gRPC options, size accounting, and validating and assembling incoming batches.
+"""Messages down a stream: gRPC options, the Hello and the batches (chunked past the message limit), and
+checking and assembling incoming batches.
 
-Nothing from the network is used before it is checked here: the plan version (one the node serves), the row count, the number
-of tensors, chunk order and counts, and (through the codec) each tensor's dtype, shape and size against
-what this stage expects. Failures are :class:`~splitexit.errors.WireError` with a code the peer gets back.
+Nothing from the network is used before it is checked here: the plan version (one the node serves), the
+row count, the number of tensors, chunk order and counts, and (through the codec) each tensor's dtype,
+shape and size against what this stage expects. Failures are :class:`~splitexit.errors.WireError` with a
+code the peer gets back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
+from google.protobuf.message import DecodeError
 
 from splitexit.errors import WireError
 from splitexit.tensors import TensorInfo
 from splitexit.wire import wire_pb2
-from splitexit.wire.codec import CodecSpec, decode, encode, raw_size
+from splitexit.wire.codec_names import CodecSpec
+from splitexit.wire.tensor_codec import decode, encode, raw_size
 
-__all__ = ["BatchAssembler", "MAX_ROWS", "decode_batch", "encode_tensors", "grpc_options", "raw_size"]
+__all__ = [
+    "HEADER_ROOM",
+    "MAX_ROWS",
+    "BatchAssembler",
+    "batch_messages",
+    "batch_trace",
+    "decode_batch",
+    "encode_tensors",
+    "grpc_options",
+    "hello_message",
+    "raw_size",
+    "read_hello",
+]
+
+#: (node, event, wall-clock seconds): one step of a request's trace, as batches carry it.
+TraceStep = tuple[str, str, float]
 
 #: Most rows one batch message may carry.
 MAX_ROWS = 4096
 #: Most chunks one tensor may be split into.
 MAX_CHUNKS = 4096
+#: Room left in a message for everything but tensor data.
+HEADER_ROOM = 64 * 1024
 
 #: gRPC's reconnect back-off grows to 120 s by default: a channel that saw its peer go away would fail calls
 #: fast for that long after the peer came back (a restarted node, a restarted etcd). Ours retries within a
@@ -35,6 +56,54 @@ def grpc_options(message_limit: int) -> list[tuple[str, int]]:
     """Explicit message limits (gRPC's 4 MiB default would refuse large activations silently)."""
     return [("grpc.max_send_message_length", message_limit), ("grpc.max_receive_message_length", message_limit)]
 
+
+def hello_message(sender: str, plan_version: int) -> wire_pb2.Down:
+    """The first message of every stream: who sends (the name in its certificate, with TLS)."""
+    return wire_pb2.Down(hello=wire_pb2.Hello(sender=sender, plan_version=plan_version))
+
+
+def read_hello(raw: bytes) -> str | None:
+    """The sender a stream's first message names, or None if it is not a Hello."""
+    try:
+        down = wire_pb2.Down.FromString(raw)
+    except DecodeError:
+        return None
+    return down.hello.sender if down.WhichOneof("body") == "hello" else None
+
+
+def batch_messages(plan_version: int, ids: Sequence[int], tensors: Sequence[wire_pb2.Tensor],
+                   trace: Sequence[TraceStep], message_limit: int) -> list[wire_pb2.Down]:
+    """One batch message, or a header batch plus chunks when the tensors exceed the message limit."""
+    # Filled in place: protobuf constructors copy their arguments field by field, which is far slower
+    # than CopyFrom for a large tensor.
+    down = wire_pb2.Down()
+    batch = down.batch
+    batch.plan_version = plan_version
+    batch.request_ids.extend(ids)
+    for tensor in tensors:
+        batch.tensors.add().CopyFrom(tensor)
+    for node, event, t in trace:
+        batch.trace.add(node=node, event=event, time=t)
+    chunk_size = message_limit - HEADER_ROOM
+    if down.ByteSize() <= chunk_size:
+        return [down]
+    chunks: list[wire_pb2.Down] = []
+    for index, tensor in enumerate(batch.tensors):
+        data = tensor.data
+        pieces = [data[i:i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
+        tensor.data = b""
+        tensor.chunks = len(pieces)
+        for i, piece in enumerate(pieces):
+            chunk = wire_pb2.Down()
+            chunk.chunk.batch_key, chunk.chunk.tensor_index = ids[0], index
+            chunk.chunk.index, chunk.chunk.count, chunk.chunk.data = i, len(pieces), piece
+            chunks.append(chunk)
+    return [down, *chunks]
+
+
+def batch_trace(batch: wire_pb2.Batch) -> list[TraceStep]:
+    """The trace a batch carries, as (node, event, time) steps."""
+    return [(s.node, s.event, s.time) for s in batch.trace]
 
 
 def encode_tensors(tensors: tuple[torch.Tensor, ...], codec: CodecSpec) -> list[wire_pb2.Tensor]:
@@ -101,7 +170,8 @@ class BatchAssembler:
             return batch
         if any(c > MAX_CHUNKS for c in chunked) or any(c and t.data for c, t in zip(chunked, batch.tensors)):
             raise WireError(f"chunked tensors need 1 to {MAX_CHUNKS} chunks and no inline data", code="bad_message")
-        self._open = _Open(batch, [[] for _ in batch.tensors], max_size=rows * sum(t.bytes_per_sample for t in expected))
+        self._open = _Open(batch, [[] for _ in batch.tensors],
+                           max_size=rows * sum(t.bytes_per_sample for t in expected))
         return None
 
     def _chunk(self, chunk: wire_pb2.Chunk) -> wire_pb2.Batch | None:

@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import pytest
 import yaml
-from synthetic import synthetic_profile
 
 from splitexit.config import ClusterSpec
 from splitexit.control.cluster_profile import (
@@ -17,9 +16,12 @@ from splitexit.control.cluster_profile import (
     stored_link_estimates,
 )
 from splitexit.errors import ClusterError
-from splitexit.plan.planner import RuntimeCosts, topology_from_cluster
-from splitexit.plan.profile import MeasuredLink
-from splitexit.runtime.node_profile import timing_reply
+from splitexit.plan.profile import MachineProfile, MeasuredLink
+from splitexit.plan.topology import RuntimeCosts, topology_from_cluster
+from splitexit.runtime.control_messages import NodeProfile, NodeTiming, decode_node_profile, encode_node_profile
+from splitexit.runtime.node_profile import node_timing
+from splitexit.wire import wire_pb2
+from synthetic import synthetic_profile
 
 CLUSTER = """
 nodes:
@@ -44,22 +46,31 @@ def test_the_links_probed_are_the_ones_the_planner_prices() -> None:
                                            ("edge", "cloud3")]
 
 
+def wire_reply(machine: MachineProfile) -> wire_pb2.ProfileReply:
+    """A node's timing of ``machine`` as the wire carries it."""
+    return encode_node_profile(NodeProfile(machine="m", timing=node_timing(machine)))
+
+
+def received(reply: wire_pb2.ProfileReply) -> NodeTiming | None:
+    return decode_node_profile(reply).timing
+
+
 def test_a_node_timing_is_taken_only_when_it_answers_what_was_asked() -> None:
     local = synthetic_profile(0).timing
     node = replace(local, segments=tuple(replace(s, seconds={b: replace(t, median=t.median * 2, q1=t.q1 * 2,
                                                                         q3=t.q3 * 2) for b, t in s.seconds.items()})
                                          for s in local.segments))
-    taken = node_machine(timing_reply(node), local, node="cloud1", key={"machine": "m"})
+    taken = node_machine(received(wire_reply(node)), local, node="cloud1", key={"machine": "m"})
     assert taken.measured_on == "cloud1" and dict(taken.key) == {"machine": "m"}
     assert [s.at(1) for s in taken.segments] == pytest.approx([2 * s.at(1) for s in local.segments])
     assert [(s.start, s.end) for s in taken.segments] == [(s.start, s.end) for s in local.segments]
     assert taken.transfers == local.transfers, "bytes and codec times stay the edge's"
 
     def refused(mutate) -> str:  # noqa: ANN001 - a function changing the reply
-        reply = timing_reply(node)
+        reply = wire_reply(node)
         mutate(reply)
         with pytest.raises(ClusterError, match="node cloud1 sent an unusable profile") as caught:
-            node_machine(reply, local, node="cloud1", key={})
+            node_machine(received(reply), local, node="cloud1", key={})
         return str(caught.value)
 
     assert "segments" in refused(lambda r: r.segments.pop())

@@ -6,12 +6,10 @@ import asyncio
 
 import pytest
 
-from splitexit.control.registry import (
-    EmbeddedRegistry,
-    Registration,
-    WatchEvent,
-    open_registry,
-)
+from splitexit.control.embedded_registry import EmbeddedRegistry
+from splitexit.control.registration import Registration
+from splitexit.control.registry import WatchEvent
+from splitexit.control.registry_backends import open_registry
 from splitexit.errors import RegistryUnavailableError
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from synthetic import synthetic_profile
 
 from splitexit.config import ClusterSpec
 from splitexit.control.replan import HOLD, PlannedLayout, Replanner
+from synthetic import synthetic_profile
 
 CLUSTER = """
 nodes:

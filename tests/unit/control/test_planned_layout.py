@@ -10,7 +10,7 @@ from splitexit import EarlyExitNet, ExitPolicy, ModelSource, build_model
 from splitexit.config import ClusterSpec
 from splitexit.control.replan import _live, file_codecs, placement_from_plan
 from splitexit.model.stages import INPUT
-from splitexit.plan.planner import PlannedLink, PlannedStage
+from splitexit.plan.result import PlannedLink, PlannedStage
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,9 @@ def test_a_cloud_only_plan_has_the_edge_forward_the_input(net: EarlyExitNet) -> 
 def test_versions_differ_when_only_codecs_or_exits_differ(net: EarlyExitNet) -> None:
     cut = net.exit_cuts[0].id
     stages = (PlannedStage(0, ("edge",), None, cut), PlannedStage(1, ("cloud1",), cut, None))
-    versions = {placement_from_plan(net, cluster(), FakePlan(stages, (PlannedLink(0, 1, "edge", "cloud1", cut, c, 1.0),),
-                                                             exits)).version
+    def link(codec: str) -> PlannedLink:
+        return PlannedLink(0, 1, "edge", "cloud1", cut, codec, 1.0)
+    versions = {placement_from_plan(net, cluster(), FakePlan(stages, (link(c),), exits)).version
                 for c in ("raw", "fp16") for exits in ((0,), (0, 1))}
     assert len(versions) == 4
 

@@ -15,7 +15,8 @@ def _net() -> EarlyExitNet:
 
 def _data() -> TensorDataset:
     generator = torch.Generator().manual_seed(1)
-    return TensorDataset(torch.randn(96, 1, 8, 8, generator=generator), torch.randint(0, 10, (96,), generator=generator))
+    return TensorDataset(torch.randn(96, 1, 8, 8, generator=generator),
+                         torch.randint(0, 10, (96,), generator=generator))
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,81 +1,31 @@
 """Tensors to and from the wire: the only place that turns a ``torch.Tensor`` into protobuf bytes and back.
 
-Pure functions, no I/O. A codec is an *encoding* (how values become bytes) followed by an optional
-*compression*; its name is ``<encoding>[+<compression>]``, e.g. ``raw``, ``fp16+lz4``, ``int8c+zstd``.
-
-Encodings (lossy ones apply to floating tensors only; integer and bool tensors always travel ``raw``,
-still compressed if the codec says so; float16 and bfloat16 tensors travel ``raw`` under ``fp16`` and
-``bf16``, which could not make them smaller, only lossier):
-
-``raw``
-    the tensor's own dtype, little-endian, C order. Exact, NaN payloads included.
-``fp16``
-    values cast to float16 (round to nearest even): relative error <= 2**-11 for ``|x|`` in the normal
-    range, absolute error <= 2**-25 below it (6.1e-5); ``|x| > 65504`` becomes ``±inf``. NaN stays NaN,
-    ``±inf`` stays ``±inf``.
-``bf16``
-    values cast to bfloat16: relative error <= 2**-8, about the range of float32 (``|x|`` above
-    bfloat16's largest value, 3.39e38, becomes ``±inf``). NaN and ``±inf`` are kept.
-``int8`` / ``int8c``
-    affine: ``value = (q - zero_point) * scale`` with ``q`` in [-128, 127], one (scale, zero_point) per
-    tensor, or (``int8c``) one per channel along axis 1 for tensors of rank >= 2 (``int8c`` of a rank 0
-    or 1 tensor is per tensor). The range always includes 0 and the zero point is an integer, so zeros
-    (post-ReLU activations are mostly zeros) decode exactly and compress well. Every finite value
-    decodes within ``scale / 2`` (plus float32 rounding; plus the rounding of the tensor's own dtype
-    for float16 / bfloat16 tensors). A constant-zero range gets ``scale = 1`` (no division by zero).
-    Non-finite values cannot be represented: NaN decodes as ``0.0``, ``+inf`` as the top of the range
-    (the largest finite value of its channel, or 0) and ``-inf`` as the bottom. float64 values beyond
-    the float32 range saturate (the scale travels as float32).
-
-Compression: ``none``, ``lz4`` (lz4 frame, fastest) or ``zstd`` (level :data:`ZSTD_LEVEL`).
+Pure functions, no I/O, keyed by the protobuf enums (dtype, encoding, compression); what each codec
+name means, and how close each lossy encoding comes, is in :mod:`~splitexit.wire.codec_names`.
 
 :func:`decode` treats every message as hostile: it validates the header before allocating anything
-whose size the peer chose, caps decompression at the declared size, and turns every failure into a
-:class:`~splitexit.errors.WireError` (never a numpy, lz4 or zstd exception).
+whose size the peer chose, caps decompression at the declared size (:mod:`~splitexit.wire.compression`),
+and turns every failure into a :class:`~splitexit.errors.WireError` (never a numpy, lz4 or zstd exception).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
-import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
-import lz4.frame
 import numpy as np
 import torch
-import zstandard
 
-from splitexit.errors import ConfigError, WireError
+from splitexit.errors import WireError
 from splitexit.wire import wire_pb2
+from splitexit.wire.codec_names import CodecSpec
+from splitexit.wire.compression import compress, decompress
 
-__all__ = [
-    "COMPRESSIONS",
-    "ENCODINGS",
-    "MAX_RANK",
-    "CodecCost",
-    "CodecSpec",
-    "choose_codec",
-    "decode",
-    "encode",
-    "list_codecs",
-    "measure_codec",
-    "parse_codec",
-]
+__all__ = ["MAX_RANK", "decode", "encode", "raw_size"]
 
-logger = logging.getLogger(__name__)
-
-#: Encoding names in the order ``list_codecs`` and ``choose_codec`` try them (``int8c`` is int8 per channel).
-ENCODINGS = ("raw", "fp16", "bf16", "int8")
-COMPRESSIONS = ("none", "lz4", "zstd")
 #: Largest tensor rank accepted from the wire.
 MAX_RANK = 8
-#: zstd level: on activations 1 is about twice as fast as the default 3 for at most ~4% more bytes (int8: fewer).
-ZSTD_LEVEL = 1
-#: The zstd window a peer may make us allocate, at least (frames of our own never need more than their size).
-MIN_ZSTD_WINDOW = 1 << 20
 #: Axis the per-channel int8 scales run along (NCHW channels, or the feature axis of (N, D) tensors).
 CHANNEL_AXIS = 1
 
@@ -121,37 +71,6 @@ _BIG_ENDIAN = sys.byteorder == "big"
 _MAX_SPAN = 1 << 62
 
 
-# ------------------------------------------------------------------------------------------ names
-@dataclass(frozen=True)
-class CodecSpec:
-    """One codec: encoding, compression and (int8 only) whether scales run per channel along axis 1."""
-
-    encoding: str = "raw"
-    compression: str = "none"
-    per_channel: bool = False
-
-    def __post_init__(self) -> None:
-        if self.encoding not in ENCODINGS:
-            raise ConfigError(f"unknown codec encoding {self.encoding!r}; use one of {', '.join(ENCODINGS)}")
-        if self.compression not in COMPRESSIONS:
-            raise ConfigError(f"unknown codec compression {self.compression!r}; use one of {', '.join(COMPRESSIONS)}")
-        if self.per_channel and self.encoding != "int8":
-            raise ConfigError(f"per-channel scales only exist for int8, not {self.encoding}")
-
-    @property
-    def name(self) -> str:
-        """The name ``parse_codec`` reads back: ``int8c+zstd``, ``fp16``, ``raw+lz4``, ..."""
-        base = "int8c" if self.per_channel else self.encoding
-        return base if self.compression == "none" else f"{base}+{self.compression}"
-
-    @property
-    def lossy(self) -> bool:
-        return self.encoding != "raw"
-
-    def __str__(self) -> str:
-        return self.name
-
-
 def raw_size(message: wire_pb2.Tensor) -> int:
     """Bytes the tensor had before encoding: its element count times its own dtype's size (0 if unknown)."""
     dtype = _DTYPES.get(message.dtype)
@@ -159,27 +78,6 @@ def raw_size(message: wire_pb2.Tensor) -> int:
     for size in message.shape:
         count *= max(int(size), 0)
     return count * dtype.numpy.itemsize if dtype else 0
-
-
-def list_codecs() -> list[str]:
-    """Every codec name (encodings x compressions), raw first; feeds parametrised tests and ``auto``."""
-    bases = [*ENCODINGS, "int8c"]
-    return [CodecSpec(encoding=b.rstrip("c"), compression=c, per_channel=b == "int8c").name
-            for b in bases for c in COMPRESSIONS]
-
-
-def parse_codec(text: str) -> CodecSpec:
-    """Read a codec name such as ``int8+zstd`` (case and surrounding spaces ignored)."""
-    name = str(text).strip().lower()
-    if name == "auto":
-        raise ConfigError("codec 'auto' is not a codec but a request to pick one: resolve it with "
-                          "choose_codec(samples, bandwidth) first")
-    if name not in list_codecs():
-        raise ConfigError(f"unknown codec {text!r}; valid codecs: {', '.join(list_codecs())} (or auto)")
-    base, _, compression = name.partition("+")
-    per_channel = base == "int8c"
-    return CodecSpec(encoding="int8" if per_channel else base, compression=compression or "none",
-                     per_channel=per_channel)
 
 
 # ------------------------------------------------------------------------------------------ encode
@@ -220,7 +118,7 @@ def encode(tensor: torch.Tensor, codec: CodecSpec) -> wire_pb2.Tensor:
         message.zero_point.extend(zero_point.tolist())
         message.channel_axis = axis
     message.encoded_size = payload.nbytes
-    message.data = _compress(payload, codec.compression)
+    message.data = compress(payload, codec.compression)
     return message
 
 
@@ -235,14 +133,6 @@ def _as_le_bytes(t: torch.Tensor) -> np.ndarray:
     if _BIG_ENDIAN and array.dtype.itemsize > 1:
         array = array.astype(array.dtype.newbyteorder("<"))
     return array.reshape(-1).view(np.uint8)
-
-
-def _compress(payload: np.ndarray, compression: str) -> bytes:
-    if compression == "lz4":
-        return lz4.frame.compress(payload)
-    if compression == "zstd":
-        return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(payload)
-    return payload.tobytes()
 
 
 def _quantize(t: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, np.ndarray, np.ndarray, int]:
@@ -308,7 +198,7 @@ def decode(message: wire_pb2.Tensor, *, max_bytes: int,
     ``Tensor`` (still announcing chunks), ``code="invalid_tensor"`` for anything else.
     """
     header = _validate(message, max_bytes=max_bytes, expected=expected)
-    payload = _decompress(message.data, header.compression, header.encoded_size)
+    payload = decompress(message.data, header.compression, header.encoded_size)
     try:
         return _materialise(message, header, payload).reshape(header.shape)
     except (ValueError, TypeError, RuntimeError) as exc:  # validated above; this is a last line of defence
@@ -396,64 +286,6 @@ def _validate_scales(message: wire_pb2.Tensor, encoding: str, shape: tuple[int, 
         raise _invalid("int8 scale and zero_point must be finite")
 
 
-def _decompress(data: bytes, compression: str, size: int) -> bytes | bytearray:
-    """The encoded payload, exactly ``size`` bytes; never produces (or allocates for) more than ``size + 1``."""
-    if compression == "none":
-        if len(data) != size:
-            raise _invalid(f"payload has {len(data)} bytes, the header declares {size}")
-        return data
-    try:
-        if compression == "lz4":
-            return _lz4_bounded(data, size)
-        return _zstd_bounded(data, size)
-    except (RuntimeError, zstandard.ZstdError, ValueError, OSError) as exc:
-        raise _invalid(f"{compression} payload is corrupt: {exc}") from exc
-
-
-def _overflow(compression: str, size: int) -> WireError:
-    return WireError(f"{compression} payload decompresses past its declared {size} bytes (a corrupt or "
-                     "hostile message)", code="too_large")
-
-
-def _short(compression: str, got: int, size: int) -> WireError:
-    return _invalid(f"{compression} payload decompresses to {got} bytes, the header declares {size}")
-
-
-def _lz4_bounded(data: bytes, size: int) -> bytes:
-    decompressor = lz4.frame.LZ4FrameDecompressor()
-    out = decompressor.decompress(data, max_length=size + 1)
-    if len(out) > size:
-        raise _overflow("lz4", size)
-    if not decompressor.eof:
-        raise _invalid("lz4 payload is truncated (no end of frame)")
-    if decompressor.unused_data:
-        raise _invalid(f"{len(decompressor.unused_data)} bytes of trailing data after the lz4 frame")
-    if len(out) != size:
-        raise _short("lz4", len(out), size)
-    return out
-
-
-def _zstd_bounded(data: bytes, size: int) -> bytearray:
-    declared = zstandard.frame_content_size(data)
-    if declared > size:
-        raise WireError(f"zstd frame declares {declared} bytes, the header {size} (a corrupt or hostile message)",
-                        code="too_large")
-    # The window caps zstd's own buffers; frames we write never need more than their content size.
-    window = max(MIN_ZSTD_WINDOW, size)
-    reader = zstandard.ZstdDecompressor(max_window_size=window).stream_reader(data, read_across_frames=True)
-    out = bytearray(size)  # size was checked against max_bytes: the only allocation the peer sized
-    view = memoryview(out)
-    filled = 0
-    while filled < size:
-        count = reader.readinto(view[filled:])
-        if not count:
-            raise _short("zstd", filled, size)
-        filled += count
-    if reader.read(1):
-        raise _overflow("zstd", size)
-    return out
-
-
 def _materialise(message: wire_pb2.Tensor, header: _Header, payload: bytes | bytearray) -> torch.Tensor:
     """A flat, owned, writable tensor of the original dtype from validated payload bytes."""
     target = header.dtype.torch
@@ -501,72 +333,3 @@ def _dequantize(message: wire_pb2.Tensor, header: _Header, q: torch.Tensor) -> t
     if reach >= largest:
         values.clamp_(-largest, largest)
     return values.reshape(-1).to(header.dtype.torch)
-
-
-# ------------------------------------------------------------------------------------------ auto
-@dataclass(frozen=True)
-class CodecCost:
-    """What one codec costs per message on some samples: wire bytes and encode/decode seconds (means)."""
-
-    codec: CodecSpec
-    bytes: float
-    encode_s: float
-    decode_s: float
-
-    def seconds(self, bandwidth_bps: float | None) -> float:
-        """Estimated time per message: encode + decode + transfer (no transfer term without a bandwidth)."""
-        transfer = 0.0 if bandwidth_bps is None else self.bytes * 8.0 / bandwidth_bps
-        return self.encode_s + self.decode_s + transfer
-
-
-def measure_codec(samples: Sequence[torch.Tensor], codec: CodecSpec, *,
-                  clock: Callable[[], float] = time.perf_counter) -> CodecCost:
-    """Encode and decode every sample once, timing both with ``clock``.
-
-    ``clock`` is called exactly three times per sample, in sample order: before encode, after encode,
-    after decode; a test can script it. Bytes are the serialised message size (header included).
-    """
-    if not samples:
-        raise ConfigError("measuring a codec needs at least one sample tensor")
-    total_bytes = encode_s = decode_s = 0.0
-    for sample in samples:
-        limit = max(1, sample.numel() * sample.element_size())
-        start = clock()
-        message = encode(sample, codec)
-        encoded = clock()
-        decode(message, max_bytes=limit)
-        decoded = clock()
-        total_bytes += message.ByteSize()
-        encode_s += encoded - start
-        decode_s += decoded - encoded
-    n = len(samples)
-    return CodecCost(codec=codec, bytes=total_bytes / n, encode_s=encode_s / n, decode_s=decode_s / n)
-
-
-def choose_codec(samples: list[torch.Tensor], bandwidth_bps: float | None, candidates: list[str] | None = None,
-                 *, lossy: bool = True, clock: Callable[[], float] = time.perf_counter) -> CodecSpec:
-    """Resolve codec ``auto``: the candidate with the least estimated time per message on these samples.
-
-    Cost = encode + decode + bytes x 8 / bandwidth, each measured on ``samples`` (activations crossing the
-    cut). Without a bandwidth the link is taken as free and the fastest codec wins (usually raw).
-    ``lossy=False`` keeps only raw codecs. Candidates are measured in the order given (default:
-    :func:`list_codecs`), see :func:`measure_codec` for how ``clock`` is called; ties go to the earlier
-    candidate, so the result is deterministic given the timings.
-    """
-    if bandwidth_bps is not None and not (bandwidth_bps > 0 and math.isfinite(bandwidth_bps)):
-        raise ConfigError(f"bandwidth must be a positive number of bits per second, got {bandwidth_bps}")
-    specs = [parse_codec(name) for name in (candidates if candidates is not None else list_codecs())]
-    if not lossy:
-        specs = [s for s in specs if not s.lossy]
-    if not specs:
-        raise ConfigError(f"no codec to choose from among {candidates} (lossy={lossy}); include a raw codec")
-    if not samples:
-        raise ConfigError("choosing a codec needs at least one sample of the tensors crossing the cut; "
-                          "profile the model first")
-    costs = [measure_codec(samples, spec, clock=clock) for spec in specs]
-    best = min(range(len(costs)), key=lambda i: (costs[i].seconds(bandwidth_bps), i))
-    for cost in costs:
-        logger.debug("codec %-11s %10.0f B  encode %.6f s  decode %.6f s  total %.6f s", cost.codec.name,
-                     cost.bytes, cost.encode_s, cost.decode_s, cost.seconds(bandwidth_bps))
-    logger.info("codec auto -> %s (bandwidth %s bit/s)", costs[best].codec.name, bandwidth_bps)
-    return costs[best].codec

@@ -16,18 +16,10 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from splitexit.errors import ConfigError, WireError
+from splitexit.errors import WireError
 from splitexit.wire import wire_pb2
-from splitexit.wire.codec import (
-    MAX_RANK,
-    CodecSpec,
-    choose_codec,
-    decode,
-    encode,
-    list_codecs,
-    measure_codec,
-    parse_codec,
-)
+from splitexit.wire.codec_names import CodecSpec, list_codecs, parse_codec
+from splitexit.wire.tensor_codec import MAX_RANK, decode, encode
 
 MAX_BYTES = 1 << 20
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -105,28 +97,6 @@ def _tolerance(x: torch.Tensor, message: wire_pb2.Tensor, codec: CodecSpec) -> t
         view[message.channel_axis] = -1
         scale = scale.view(view)
     return scale / 2 * (1 + 1e-5) + (magnitude + scale) * (u_dst + 2.0**-22) + tiny
-
-
-# ------------------------------------------------------------------------------------------ names
-def test_names_round_trip_and_cover_every_combination() -> None:
-    names = list_codecs()
-    assert len(names) == len(set(names)) == 15 and names[0] == "raw"
-    assert [parse_codec(n).name for n in names] == names
-    assert parse_codec(" INT8C+Zstd ") == CodecSpec("int8", "zstd", per_channel=True)
-
-
-@pytest.mark.parametrize("text", ["", "int4", "raw+gzip", "raw+", "+lz4", "fp16+lz4+zstd", "raw+none", "auto"])
-def test_bad_codec_names_list_the_valid_ones(text: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        parse_codec(text)
-    assert "choose_codec" in str(info.value) if text == "auto" else "int8c+zstd" in str(info.value)
-
-
-def test_spec_rejects_nonsense() -> None:
-    with pytest.raises(ConfigError):
-        CodecSpec("fp16", "none", per_channel=True)
-    with pytest.raises(ConfigError):
-        CodecSpec("fp8")
 
 
 # ------------------------------------------------------------------------------------------ round trips
@@ -254,7 +224,7 @@ class _Tracing:
     Started per call: left on for a whole hypothesis run it slows the test five-fold.
     """
 
-    def __enter__(self) -> "_Tracing":
+    def __enter__(self) -> _Tracing:
         tracemalloc.start()
         self.peak = 0
         return self
@@ -496,87 +466,3 @@ def test_raw_bool_payloads_are_normalised() -> None:
     message.data = bytes([7, 0, 255])
     y = decode(message, max_bytes=MAX_BYTES)
     assert y.tolist() == [True, False, True] and y.view(torch.uint8).tolist() == [1, 0, 1]
-
-
-# ------------------------------------------------------------------------------------------ auto
-#: Modelled encode / decode seconds per message for every codec (the shape of real measurements).
-TIMINGS = {
-    "raw": (1e-4, 1e-4), "raw+lz4": (2e-3, 5e-4), "raw+zstd": (3e-3, 1.2e-3),
-    "fp16": (2e-4, 2e-4), "fp16+lz4": (1e-3, 3e-4), "fp16+zstd": (1.5e-3, 6e-4),
-    "bf16": (2e-4, 2e-4), "bf16+lz4": (1e-3, 3e-4), "bf16+zstd": (1.5e-3, 6e-4),
-    "int8": (3e-4, 2e-4), "int8+lz4": (7e-4, 3e-4), "int8+zstd": (1e-3, 4e-4),
-    "int8c": (4e-4, 3e-4), "int8c+lz4": (8e-4, 4e-4), "int8c+zstd": (1.1e-3, 5e-4),
-}
-
-
-class ScriptedClock:
-    """Replays the encode/decode durations of TIMINGS in the order measure_codec documents."""
-
-    def __init__(self, candidates: list[str], samples: int):
-        self.times: list[float] = []
-        now = 0.0
-        for name in candidates:
-            encode_s, decode_s = TIMINGS[name]
-            for _ in range(samples):
-                self.times += [now, now + encode_s, now + encode_s + decode_s]
-                now += encode_s + decode_s + 1.0
-        self.calls = 0
-
-    def __call__(self) -> float:
-        self.calls += 1
-        return self.times[self.calls - 1]
-
-    @property
-    def exhausted(self) -> bool:
-        return self.calls == len(self.times)
-
-
-def _activations() -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return [torch.relu(torch.randn(8, 32, 16, 16, generator=generator)) for _ in range(2)]
-
-
-@pytest.mark.parametrize(("bandwidth", "expected"), [(100e9, "raw"), (10e6, "int8+zstd"), (None, "raw")])
-def test_choose_codec_follows_the_link(bandwidth: float | None, expected: str) -> None:
-    samples = _activations()
-    clock = ScriptedClock(list_codecs(), len(samples))
-    assert choose_codec(samples, bandwidth, clock=clock).name == expected
-    assert clock.exhausted
-
-
-def test_choose_codec_lossless_only_and_explicit_candidates() -> None:
-    samples = _activations()
-    raw_family = ["raw", "raw+lz4", "raw+zstd"]
-    clock = ScriptedClock(raw_family, len(samples))
-    assert choose_codec(samples, 10e6, lossy=False, clock=clock).name == "raw+zstd"
-    clock = ScriptedClock(["fp16", "int8+lz4"], len(samples))
-    assert choose_codec(samples, 10e6, ["fp16", "int8+lz4"], clock=clock).name == "int8+lz4"
-
-
-def test_choose_codec_ties_go_to_the_first_candidate() -> None:
-    samples = [torch.zeros(4, 4)]
-    assert choose_codec(samples, None, ["raw", "raw"], clock=lambda: 0.0).name == "raw"
-    assert choose_codec(samples, None, ["fp16", "raw"], clock=lambda: 0.0).name == "fp16"
-
-
-def test_measure_codec_reports_means_per_message() -> None:
-    samples = _activations()
-    cost = measure_codec(samples, parse_codec("int8+zstd"), clock=ScriptedClock(["int8+zstd"], len(samples)))
-    assert cost.encode_s == pytest.approx(1e-3) and cost.decode_s == pytest.approx(4e-4)
-    assert 0 < cost.bytes < samples[0].numel()  # well under 1 byte per value on post-ReLU activations
-    assert cost.seconds(8e6) == pytest.approx(1.4e-3 + cost.bytes / 1e6)
-
-
-def test_choose_codec_with_the_real_clock_returns_a_candidate() -> None:
-    assert choose_codec(_activations(), 1e9, ["raw", "int8+lz4"]).name in ("raw", "int8+lz4")
-
-
-@pytest.mark.parametrize(
-    ("samples", "bandwidth", "candidates", "lossy"),
-    [([], 1e6, None, True), ([torch.zeros(2)], 0.0, None, True), ([torch.zeros(2)], 1e6, ["int8"], False),
-     ([torch.zeros(2)], 1e6, ["gzip"], True), ([torch.zeros(2)], 1e6, [], True)],
-)
-def test_choose_codec_bad_arguments(samples: list[torch.Tensor], bandwidth: float, candidates: list[str] | None,
-                                    lossy: bool) -> None:
-    with pytest.raises(ConfigError):
-        choose_codec(samples, bandwidth, candidates, lossy=lossy)

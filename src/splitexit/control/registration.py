@@ -1,0 +1,88 @@
+"""Keep one key alive in a registry while this process runs (a node's membership)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from splitexit.control.registry import Registry
+from splitexit.errors import RegistryUnavailableError
+
+__all__ = ["Registration"]
+
+logger = logging.getLogger(__name__)
+
+#: First retry delay after a failed refresh; doubles up to a third of the TTL.
+RETRY_DELAY = 0.1
+
+
+class Registration:
+    """Keep ``key`` in ``registry`` while this process runs: put under a lease that a task refreshes.
+
+    The lease is refreshed every ``ttl / 3``. If it was lost (it expired while the registry was
+    unreachable, or someone revoked it) the key is put again under a new lease. If the registry cannot be
+    reached, that is logged once and retried with back-off; the process keeps serving.
+    """
+
+    def __init__(self, registry: Registry, key: str, value: bytes, ttl: float):
+        self.registry, self.key, self.value, self.ttl = registry, key, value, ttl
+        self.lease: int | None = None
+        self._lock = asyncio.Lock()  # one (re-)registration at a time, or a stray lease could own the key
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._register()
+        self._task = asyncio.get_running_loop().create_task(self._refresh(), name=f"registration-{self.key}")
+
+    async def update(self, value: bytes) -> None:
+        """Put a new value under the same lease (a new one if it was lost meanwhile).
+
+        Raises RegistryUnavailableError if the registry cannot be reached; the new value is kept and put
+        when the background task registers again.
+        """
+        async with self._lock:
+            self.value = value
+            if self.lease is None or not await self.registry.keep_alive(self.lease):
+                await self._register()
+            else:
+                await self.registry.put(self.key, value, lease=self.lease)
+
+    async def close(self) -> None:
+        """Stop refreshing and revoke the lease, so the key goes now rather than after the TTL."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.lease is not None:
+            try:
+                await self.registry.revoke(self.lease)
+            except RegistryUnavailableError as exc:
+                logger.info("could not revoke the lease of %s (%s); it expires within %g s", self.key, exc, self.ttl)
+            self.lease = None
+
+    async def _register(self) -> None:
+        lease = await self.registry.grant(self.ttl)
+        await self.registry.put(self.key, self.value, lease=lease)
+        self.lease = lease  # only now: a failed put leaves the old (dead) lease, so the next round retries
+
+    async def _refresh(self) -> None:
+        delay, failing = self.ttl / 3, False
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                async with self._lock:
+                    if self.lease is None or not await self.registry.keep_alive(self.lease):
+                        logger.warning("the lease of %s was lost; registering it again", self.key)
+                        await self._register()
+            except RegistryUnavailableError as exc:
+                if failing:
+                    delay = min(2 * delay, self.ttl / 3)
+                else:
+                    logger.warning("cannot refresh %s in the registry, retrying: %s", self.key, exc)
+                    failing, delay = True, RETRY_DELAY
+                continue
+            if failing:
+                logger.info("refreshed %s in the registry again", self.key)
+            failing, delay = False, self.ttl / 3

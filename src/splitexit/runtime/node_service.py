@@ -1,0 +1,254 @@
+"""A node's gRPC face: who may call what, and the per-stream readers that feed batches to the node's hops.
+
+Every call is admitted first (the cluster token, and with TLS a certificate naming a caller allowed to
+make it), then decoded into our types (:mod:`~splitexit.runtime.control_messages`) for the
+:class:`~splitexit.runtime.node.Node` to act on. Per upstream stream, a reader checks and decodes each
+batch (a bad one is answered with a ``RequestError`` for exactly its request ids, and the stream goes
+on), hands it to the hop of the batch's plan, and every answer — from this stage or relayed from further
+down — goes back up the same stream through the emulated link of that hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, NoReturn
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from splitexit.errors import IntegrityError, SplitExitError, WireError
+from splitexit.runtime.control_messages import (
+    decode_assignment,
+    decode_profile_job,
+    decode_stage_chunk,
+    encode_assign_reply,
+    encode_health,
+    encode_node_profile,
+    encode_probe_reply,
+)
+from splitexit.runtime.hop import RowResult, stamp
+from splitexit.runtime.link import EmulatedLink
+from splitexit.runtime.security import token_matches
+from splitexit.runtime.stream_messages import encode_outcome, encode_rejection
+from splitexit.wire import wire_pb2, wire_pb2_grpc
+from splitexit.wire.messages import BatchAssembler, batch_trace, decode_batch, read_hello
+
+if TYPE_CHECKING:
+    from splitexit.runtime.node import Node
+
+__all__ = ["add_node_service"]
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "splitexit.wire.StageService"
+#: Batches one upstream stream may have in this node at once; past it the reader stops reading, so gRPC
+#: flow control holds the sender back instead of this node queueing without bound.
+MAX_BATCHES_PER_STREAM = 128
+#: Seed of the emulated link results travel up on (fixed: runs are repeatable).
+UP_LINK_SEED = 1
+
+#: Who may make a call: the edge (control), any node of the cluster (probes), or an upstream neighbour.
+CONTROL, MEMBER, UPSTREAM = "control", "member", "upstream"
+_EXPECTED = {CONTROL: "the edge", MEMBER: "a node of this cluster", UPSTREAM: "the edge or a node of the previous tier"}
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """End the call with ``code``; gRPC's abort raises, so nothing after it runs."""
+    await context.abort(code, details)
+    raise AssertionError("grpc.aio.ServicerContext.abort returned instead of raising")
+
+
+class _Servicer(wire_pb2_grpc.StageServiceServicer):
+    def __init__(self, node: Node):
+        self.node = node
+
+    async def _admit(self, context: grpc.aio.ServicerContext, what: str, caller: str) -> set[str]:
+        """Refuse (and log) a caller without the cluster token or, with TLS, without a certificate naming a node
+        that may make this call (``caller``: CONTROL, MEMBER or UPSTREAM). Returns the names the caller's
+        certificate carries (empty without TLS)."""
+        node = self.node
+        peer = context.peer()
+        if not token_matches(context.invocation_metadata(), node.cluster.security.token):
+            node.metrics.rejected("unauthenticated")
+            logger.warning("node %s refused a %s from %s: missing or wrong token", node.name, what, peer)
+            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
+        if not node.cluster.security.tls:
+            return set()
+        names = {n.decode() for n in (context.auth_context().get("x509_common_name") or [])}
+        edge = node.cluster.edge.name
+        if caller == CONTROL:
+            allowed = edge in names
+        elif caller == MEMBER:
+            allowed = bool(names & {n.name for n in node.cluster.nodes})
+        else:
+            allowed = any(n == edge or node.upstream_allowed(n) for n in names)
+        if not allowed:
+            node.metrics.rejected("wrong_peer")
+            expected = _EXPECTED[caller]
+            logger.warning("node %s refused a %s from %s: certificate names %s, expected %s", node.name, what,
+                           peer, sorted(names) or "nobody", expected)
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                         f"only {expected} may make this call to {node.name}")
+        return names
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, what: str, exc: Exception) -> NoReturn:
+        logger.warning("node %s refused %s: %s", self.node.name, what, exc)
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{self.node.name}: {exc}")
+
+    async def Health(self, request: wire_pb2.HealthRequest, context: grpc.aio.ServicerContext
+                     ) -> wire_pb2.HealthReply:
+        await self._admit(context, "health call", UPSTREAM)
+        return encode_health(await self.node.health())
+
+    async def Assign(self, request: wire_pb2.AssignRequest, context: grpc.aio.ServicerContext
+                     ) -> wire_pb2.AssignReply:
+        await self._admit(context, "stage assignment", CONTROL)
+        try:
+            return encode_assign_reply(await self.node.assign(decode_assignment(request)))
+        except (SplitExitError, ValueError) as exc:
+            await self._refuse(context, f"plan {request.plan_version}", exc)
+
+    async def PutStage(self, requests: AsyncIterator[wire_pb2.StageChunk], context: grpc.aio.ServicerContext
+                       ) -> wire_pb2.PutStageReply:
+        await self._admit(context, "stage upload", CONTROL)
+
+        async def chunks() -> AsyncIterator[tuple[str, int, bytes]]:
+            async for chunk in requests:
+                yield decode_stage_chunk(chunk)
+
+        try:
+            _, size = await self.node.store_stage(chunks())
+        except (WireError, IntegrityError) as exc:
+            await self._refuse(context, "a stage upload", exc)
+        return wire_pb2.PutStageReply(size=size)
+
+    async def Profile(self, request: wire_pb2.ProfileRequest, context: grpc.aio.ServicerContext
+                      ) -> wire_pb2.ProfileReply:
+        await self._admit(context, "profile request", CONTROL)
+        try:
+            return encode_node_profile(await self.node.profile(decode_profile_job(request)))
+        except SplitExitError as exc:
+            await self._refuse(context, "a profile request", exc)
+
+    async def Probe(self, request: wire_pb2.ProbeRequest, context: grpc.aio.ServicerContext) -> wire_pb2.ProbeReply:
+        await self._admit(context, "link probe", MEMBER)
+        return encode_probe_reply(request)
+
+    async def Stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+                     ) -> AsyncIterator[wire_pb2.Up]:
+        names = await self._admit(context, "stream", UPSTREAM)
+        node = self.node
+        if not node.accepting:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"node {node.name} is shutting down")
+        iterator = requests.__aiter__()
+        try:
+            sender = read_hello(await iterator.__anext__())
+        except StopAsyncIteration:
+            sender = None
+        if sender is None or (names and sender not in names):
+            node.metrics.rejected("bad_message")
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "a stream must start with a Hello naming the "
+                                                                "sender (the name in its certificate, with TLS)")
+        up: EmulatedLink[wire_pb2.Up] = EmulatedLink(node.cluster.link(sender, node.name), seed=UP_LINK_SEED)
+        reader = asyncio.get_running_loop().create_task(self._read(iterator, up))
+        try:
+            async for message in up:
+                yield message
+        finally:
+            reader.cancel()
+
+    async def _read(self, requests: AsyncIterator[bytes], up: EmulatedLink[wire_pb2.Up]) -> None:
+        assembler = BatchAssembler(self.node.expected_inputs)
+        tasks: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(MAX_BATCHES_PER_STREAM)
+
+        def finished(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            slots.release()
+
+        try:
+            async for raw in requests:
+                try:
+                    down = wire_pb2.Down.FromString(raw)
+                except DecodeError as exc:
+                    await self._reject(up, [], WireError(f"a message that is not a splitexit Down message "
+                                                         f"({len(raw)} bytes): {exc}", code="bad_message"))
+                    continue
+                if down.WhichOneof("body") == "hello":
+                    continue
+                try:
+                    batch = assembler.add(down)
+                except WireError as exc:
+                    ids = list(down.batch.request_ids) if down.WhichOneof("body") == "batch" else []
+                    await self._reject(up, ids, exc)
+                    continue
+                if batch is not None:
+                    await slots.acquire()
+                    task = asyncio.get_running_loop().create_task(self._handle(batch, up))
+                    tasks.add(task)
+                    task.add_done_callback(finished)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await up.close()
+
+    async def _handle(self, batch: wire_pb2.Batch, up: EmulatedLink[wire_pb2.Up]) -> None:
+        node = self.node
+        ids = list(batch.request_ids)
+        node.metrics.requests.inc(len(ids))
+        served = node.plans.get(batch.plan_version)
+        if served is None:  # retired between the envelope check and now
+            await self._reject(up, ids, WireError(f"plan {batch.plan_version} was retired", code="unknown_plan"))
+            return
+        trace = [*batch_trace(batch), stamp(node.name, "received")]
+        try:
+            tensors = await asyncio.get_running_loop().run_in_executor(
+                node.executor, decode_batch, batch, served.stage.input_tensors or ())
+        except WireError as exc:
+            await self._reject(up, ids, exc)
+            return
+        trace.append(stamp(node.name, "decoded"))
+        node.metrics.in_flight.inc(len(ids))
+        futures = await served.hop.send(ids, tensors, trace)
+        for future in asyncio.as_completed(futures):
+            outcome = await future
+            node.metrics.in_flight.dec()
+            if isinstance(outcome, RowResult) and outcome.node == node.name:
+                node.metrics.answered.inc()
+            message = encode_outcome(outcome)
+            await up.put(message, message.ByteSize())
+
+    async def _reject(self, up: EmulatedLink[wire_pb2.Up], ids: list[int], error: WireError) -> None:
+        node = self.node
+        node.metrics.rejected(error.code, max(len(ids), 1))
+        logger.warning("node %s refused %d requests: %s", node.name, len(ids), error)
+        message = encode_rejection(ids, error, node.name)
+        await up.put(message, message.ByteSize())
+
+
+def add_node_service(node: Node, server: grpc.aio.Server) -> None:
+    """Serve ``node`` on ``server``. Like the generated registration, but the stream takes raw bytes: the
+    servicer parses each message itself, so bytes that are not a message get an error reply instead of
+    killing the whole stream."""
+    servicer = _Servicer(node)
+    handlers = {
+        "Stream": grpc.stream_stream_rpc_method_handler(
+            servicer.Stream, request_deserializer=None, response_serializer=wire_pb2.Up.SerializeToString),
+        "Health": grpc.unary_unary_rpc_method_handler(
+            servicer.Health, request_deserializer=wire_pb2.HealthRequest.FromString,
+            response_serializer=wire_pb2.HealthReply.SerializeToString),
+        "Assign": grpc.unary_unary_rpc_method_handler(
+            servicer.Assign, request_deserializer=wire_pb2.AssignRequest.FromString,
+            response_serializer=wire_pb2.AssignReply.SerializeToString),
+        "PutStage": grpc.stream_unary_rpc_method_handler(
+            servicer.PutStage, request_deserializer=wire_pb2.StageChunk.FromString,
+            response_serializer=wire_pb2.PutStageReply.SerializeToString),
+        "Profile": grpc.unary_unary_rpc_method_handler(
+            servicer.Profile, request_deserializer=wire_pb2.ProfileRequest.FromString,
+            response_serializer=wire_pb2.ProfileReply.SerializeToString),
+        "Probe": grpc.unary_unary_rpc_method_handler(
+            servicer.Probe, request_deserializer=wire_pb2.ProbeRequest.FromString,
+            response_serializer=wire_pb2.ProbeReply.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

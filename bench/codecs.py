@@ -40,8 +40,8 @@ from rich.table import Table
 
 import splitexit
 from splitexit.config import TrainConfig
+from splitexit.config.codec_names import CodecSpec, list_codecs, parse_codec
 from splitexit.model.exits import EarlyExitNet
-from splitexit.wire.codec_names import CodecSpec, list_codecs, parse_codec
 from splitexit.wire.tensor_codec import decode, encode
 
 logger = logging.getLogger("bench.codecs")

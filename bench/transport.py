@@ -70,13 +70,13 @@ import splitexit
 from local_nodes import start_local_cluster
 from splitexit import EarlyExitNet, build_model
 from splitexit.config import ClusterSpec, CpuSettings, ModelSource
+from splitexit.config.codec_names import parse_codec
 from splitexit.config.load import load_cluster
 from splitexit.control.edge import Entry
 from splitexit.control.local_cluster import free_port
 from splitexit.runtime.node import Node
 from splitexit.runtime.placement import default_placement
 from splitexit.wire import wire_pb2, wire_pb2_grpc
-from splitexit.wire.codec_names import parse_codec
 from splitexit.wire.messages import batch_messages, encode_tensors, grpc_options
 from splitexit.wire.tensor_codec import decode
 

@@ -12,11 +12,11 @@ import torch
 import yaml
 
 from splitexit import EarlyExitNet, ExitPolicy, ModelSource, build_model, save
+from splitexit.config.codec_names import parse_codec
 from splitexit.config.load import load_cluster
 from splitexit.control.edge import Entry
 from splitexit.control.local_cluster import LocalCluster
 from splitexit.wire import wire_pb2
-from splitexit.wire.codec_names import parse_codec
 from splitexit.wire.messages import encode_tensors, grpc_options
 from support import free_port
 

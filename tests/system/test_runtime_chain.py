@@ -14,10 +14,10 @@ from torch.utils.data import TensorDataset
 
 from splitexit import EarlyExitNet, ExitPolicy, build_model
 from splitexit.config import ClusterSpec, ModelSource, NodeSpec
+from splitexit.config.codec_names import parse_codec
 from splitexit.control.edge import Entry
 from splitexit.runtime.control_messages import NodeProfile
 from splitexit.wire import wire_pb2, wire_pb2_grpc
-from splitexit.wire.codec_names import parse_codec
 from splitexit.wire.messages import encode_tensors, grpc_options
 from support import digits_net, free_port, start_nodes, stop_nodes
 

@@ -8,20 +8,25 @@ from typing import Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from splitexit.config.base import SpecModel
+from splitexit.config.codec_names import AUTO, parse_codec
+from splitexit.errors import ConfigError
 from splitexit.links import in_series
 from splitexit.units import parse_bandwidth, parse_duration, parse_size
 
-#: Codec names: an encoding (raw, fp16, bf16, int8, int8c = per-channel int8) optionally followed by +lz4
-#: or +zstd, or "auto" (measured per link against its bandwidth).
 DEFAULT_CODEC = "raw"
-_CODEC_NAME = re.compile(r"^(auto|(raw|fp16|bf16|int8|int8c)(\+(lz4|zstd))?)$")
 
 
 def _check_codec(name: str) -> str:
-    if not _CODEC_NAME.match(name.strip().lower()):
-        raise ValueError(f"unknown codec {name!r}: use raw, fp16, bf16, int8 or int8c (per-channel), each "
-                         "optionally with +lz4 or +zstd, or auto")
-    return name.strip().lower()
+    """A codec name as `config/codec_names.py` defines them, or ``auto`` (measured per link)."""
+    normal = name.strip().lower()
+    if normal != AUTO:
+        try:
+            parse_codec(normal)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+    return normal
+
+
 DEFAULT_WINDOW = 16
 #: Characters a cluster token needs at least (a shorter one is too easy to guess).
 MIN_TOKEN_LENGTH = 16

@@ -1,1 +1,1 @@
-"""Membership and placement: the registry and the coordinator."""
+"""Membership, placement and the wiring: registries, the coordinator, re-planning, the edge and the worker."""

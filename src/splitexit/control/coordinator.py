@@ -29,6 +29,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
 from splitexit.config import ClusterSpec, NodeSpec
+from splitexit.config.codec_names import CodecSpec, parse_codec
 from splitexit.control.members import NODES, NodeInfo, parse_node_info
 from splitexit.control.registry import Registry
 from splitexit.errors import ClusterError, NodeUnavailableError
@@ -40,7 +41,6 @@ from splitexit.runtime.control_messages import Assignment
 from splitexit.runtime.failover import NodeBans
 from splitexit.runtime.placement import Placement, StagePlacement, default_placement
 from splitexit.runtime.security import node_credentials
-from splitexit.wire.codec_names import CodecSpec, parse_codec
 
 __all__ = ["Coordinator", "Layout", "PlanChange"]
 

@@ -103,7 +103,8 @@ class Entry:
             self._replanning = asyncio.get_running_loop().create_task(self._replan(replanner), name="replanner")
 
     async def _replan(self, replanner: Replanner) -> None:
-        """Keep every link's recent bandwidth at hand (nodes report theirs through Health), and re-plan on it."""
+        """Keep every link's recent bandwidth at hand (nodes report theirs through Health), and re-plan on it
+        (in the re-planner's own thread, closed here)."""
         checking = asyncio.get_running_loop().create_task(replanner.run())
         try:
             while True:
@@ -115,6 +116,7 @@ class Entry:
         finally:
             checking.cancel()
             await asyncio.gather(checking, return_exceptions=True)
+            replanner.close()
 
     def _broken(self, name: str) -> None:
         """The stream to a first-tier node broke: route around it now (its rows are being resubmitted)."""
@@ -181,8 +183,9 @@ class EntryClient:
         """Send one input; the Future resolves to its :class:`RequestRecord`."""
         return asyncio.run_coroutine_threadsafe(self.entry.infer(x, label=label), self._loop)
 
-    def run(self, dataset: Dataset, **options: object) -> RunResult:
-        return self._call(self.entry.run(dataset, **options))  # type: ignore[arg-type]
+    def run(self, dataset: Dataset, *, on_record: Callable[[RequestRecord], None] | None = None) -> RunResult:
+        """:meth:`Entry.run`, waited for here (``on_record`` is called on the entry's thread)."""
+        return self._call(self.entry.run(dataset, on_record=on_record))
 
     def close(self) -> None:
         try:

@@ -1,6 +1,7 @@
 """The registry on a real etcd, over ``etcd3aio`` (gRPC asyncio, like our runtime), for clusters.
 
-etcd and gRPC errors stop here and become :class:`~splitexit.errors.RegistryUnavailableError`.
+etcd and gRPC errors stop here and become :class:`~splitexit.errors.RegistryUnavailableError`; what each
+one means is ``etcd_errors.py``.
 """
 
 from __future__ import annotations
@@ -11,52 +12,59 @@ import logging
 import math
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar, cast
 
 import grpc
-from etcd3aio import (
-    Etcd3Client,
-    EtcdConnectionError,
-    EtcdTransientError,
-    EtcdUnauthenticatedError,
-    prefix_range_end,
-)
+from etcd3aio import Etcd3Client, prefix_range_end
 from etcd3aio.auth import AuthService
 from etcd3aio.kv import KVService
 from etcd3aio.lease import LeaseService
-from etcd3aio.watch import WatchService
+from etcd3aio.watch import WatchResponse, WatchService
 
 from splitexit.config import EtcdSpec
+from splitexit.control.etcd_errors import (
+    FIX_ENDPOINT,
+    error_detail,
+    fix_hint,
+    is_stale_token,
+    is_unreachable,
+    translate,
+)
 from splitexit.control.registry import WatchEvent
 from splitexit.errors import RegistryUnavailableError
+from splitexit.runtime.failover import Backoff
 from splitexit.wire.messages import RECONNECT_OPTIONS
 
 __all__ = ["EtcdRegistry"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds :meth:`EtcdRegistry.start` keeps trying to reach etcd, polling every ``START_POLL`` s.
 CONNECT_TIMEOUT = 5.0
+START_POLL = 0.1
+#: Seconds one call keeps retrying while etcd is unreachable (a restart takes about a second) ...
 CALL_TIMEOUT = 5.0
-#: First retry delay after a broken watch; doubles up to the cap.
-RETRY_DELAY = 0.1
-WATCH_RETRY_CAP = 1.0
-_FIX_ENDPOINT = ("start one with `splitexit etcd` (see docs/registry.md) or fix `registry.etcd` in the cluster "
-                 "file")
+#: ... waiting this long between attempts.
+CALL_RETRY = Backoff(first=0.1, cap=1.0)
+#: Waits before resuming a broken watch (ours, and etcd3aio's own for the streams it reopens).
+WATCH_RETRY = Backoff(first=0.1, cap=1.0)
+#: The shortest wait for an answer, however close the deadline.
+MIN_WAIT = 0.1
 
 T = TypeVar("T")
 
 
 class _Services(NamedTuple):
+    """The connected client and its services, each checked once to be there."""
+
     client: Etcd3Client
     kv: KVService
     lease: LeaseService
     watch: WatchService
     auth: AuthService
-#: Words in an etcd/gRPC error that point at TLS rather than at a missing server.
-TLS_WORDS = ("ssl", "tls", "handshake", "socket closed", "certificate", "verification")
 
 
 class EtcdRegistry:
@@ -86,8 +94,8 @@ class EtcdRegistry:
         credentials = self._tls_files()
         self._password = self._read_password() if self.spec.user else None
         targets, server_name = await self._ipv4_targets()
-        self._client = Etcd3Client(targets, watch_reconnect_backoff_seconds=RETRY_DELAY,
-                                   watch_max_reconnect_backoff_seconds=WATCH_RETRY_CAP,
+        self._client = Etcd3Client(targets, watch_reconnect_backoff_seconds=WATCH_RETRY.first,
+                                   watch_max_reconnect_backoff_seconds=WATCH_RETRY.cap,
                                    tls_server_name=server_name if credentials else None,
                                    ca_cert=credentials.get("ca_cert"), cert_chain=credentials.get("cert_chain"),
                                    cert_key=credentials.get("cert_key"))
@@ -97,22 +105,23 @@ class EtcdRegistry:
         telling: BaseException | None = None  # the last failure that says more than "no answer in time"
         while True:
             try:
-                await asyncio.wait_for(self._probe(), max(0.1, deadline - time.monotonic()))
+                await asyncio.wait_for(self._probe(), max(MIN_WAIT, deadline - time.monotonic()))
                 return
             except Exception as exc:  # noqa: BLE001 - retry what may pass by itself, report the rest
-                if not isinstance(exc, asyncio.TimeoutError):
+                if not isinstance(exc, TimeoutError):
                     telling = exc
-                if _unreachable(exc) and time.monotonic() < deadline:
-                    await asyncio.sleep(RETRY_DELAY)
+                if is_unreachable(exc) and time.monotonic() < deadline:
+                    await asyncio.sleep(START_POLL)
                     continue
                 await self.close()
                 if isinstance(exc, RegistryUnavailableError):
                     raise
-                if _unreachable(exc):
-                    detail = _detail(telling or exc)
-                    raise RegistryUnavailableError(f"cannot reach etcd at {self._where} within "
-                                                   f"{self.connect_timeout:g} s ({detail}): {_hint(detail)}") from exc
-                raise self._translate(exc, f"read {self.spec.prefix}*") from exc
+                if is_unreachable(exc):
+                    detail = error_detail(telling or exc)
+                    raise RegistryUnavailableError(
+                        f"cannot reach etcd at {self._where} within {self.connect_timeout:g} s ({detail}): "
+                        f"{fix_hint(detail)}") from exc
+                raise translate(exc, self.spec, f"read {self.spec.prefix}*") from exc
 
     async def _probe(self) -> None:
         """One quick attempt (start() retries): log in if we have a user, then read our prefix."""
@@ -179,11 +188,13 @@ class EtcdRegistry:
 
     async def _watch(self, prefix: str, start: int) -> AsyncIterator[WatchEvent]:
         key = self._key(prefix)
-        delay, relogged = RETRY_DELAY, False
+        failures, relogged = 0, False
         while not self._closed:
             try:
-                responses = self._started().watch.watch(key, prefix_range_end(key), start_revision=start)
-                async with contextlib.aclosing(responses):  # type: ignore[type-var]
+                # an async generator typed as an AsyncIterator: close it when we stop reading
+                responses = cast(AsyncGenerator[WatchResponse, None],
+                                 self._started().watch.watch(key, prefix_range_end(key), start_revision=start))
+                async with contextlib.aclosing(responses):
                     async for response in responses:
                         if response.canceled:
                             relogged = await self._after_cancel(prefix, response, relogged)
@@ -196,22 +207,22 @@ class EtcdRegistry:
                             deleted = event.type == 1  # mvccpb.Event.DELETE
                             yield WatchEvent("delete" if deleted else "put", self._relative(event.kv.key),
                                              None if deleted else bytes(event.kv.value))
-                        delay = RETRY_DELAY
+                        failures = 0
             except Exception as exc:  # noqa: BLE001 - the library retries UNAVAILABLE itself; this is the rest
                 if self._closed:
                     return
-                if not (_unreachable(exc) or _stale_token(exc)):
+                if not (is_unreachable(exc) or is_stale_token(exc)):
                     if isinstance(exc, RegistryUnavailableError):
                         raise
-                    raise self._translate(exc, f"watch {prefix}") from exc
-                logger.warning("watch of %s broke (%s); resuming at revision %d", prefix, _detail(exc), start)
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, WATCH_RETRY_CAP)
+                    raise translate(exc, self.spec, f"watch {prefix}") from exc
+                logger.warning("watch of %s broke (%s); resuming at revision %d", prefix, error_detail(exc), start)
+                failures += 1
+                await asyncio.sleep(WATCH_RETRY.delay(failures))
                 with contextlib.suppress(RegistryUnavailableError):
-                    if _stale_token(exc):
+                    if is_stale_token(exc):
                         await self._relogin()
 
-    async def _after_cancel(self, prefix: str, response: Any, relogged: bool) -> bool:
+    async def _after_cancel(self, prefix: str, response: WatchResponse, relogged: bool) -> bool:
         """etcd ended a watch: compaction (resume from the oldest revision left) or a stale token (log in)."""
         reason = response.cancel_reason
         if response.compact_revision:
@@ -230,22 +241,22 @@ class EtcdRegistry:
         about a second); log in again once if etcd no longer knows our token."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.call_timeout
-        relogged = False
-        wait = RETRY_DELAY
+        relogged, failures = False, 0
         while True:
             try:
-                return await asyncio.wait_for(operation(), max(0.1, deadline - loop.time()))
+                return await asyncio.wait_for(operation(), max(MIN_WAIT, deadline - loop.time()))
             except RegistryUnavailableError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every foreign error is translated here
-                if not relogged and self.spec.user and _stale_token(exc):
+                if not relogged and self.spec.user and is_stale_token(exc):
                     relogged = True
                     await self._relogin()
                     continue
-                if not _unreachable(exc) or loop.time() + wait >= deadline:
-                    raise self._translate(exc, action) from exc
+                failures += 1
+                wait = CALL_RETRY.delay(failures)
+                if not is_unreachable(exc) or loop.time() + wait >= deadline:
+                    raise translate(exc, self.spec, action) from exc
             await asyncio.sleep(wait)
-            wait = min(wait * 2, 1.0)
 
     async def _relogin(self) -> None:
         client = self._started()
@@ -253,8 +264,8 @@ class EtcdRegistry:
             try:
                 response = await asyncio.wait_for(
                     client.auth.authenticate(self.spec.user or "", self._password or ""), self.call_timeout)
-            except Exception as exc:  # noqa: BLE001
-                raise self._translate(exc, "log in") from exc
+            except Exception as exc:  # noqa: BLE001 - every foreign error is translated here
+                raise translate(exc, self.spec, "log in") from exc
             client.client.set_token(response.token)
 
     def _read_password(self) -> str:
@@ -292,30 +303,9 @@ class EtcdRegistry:
             try:
                 found = await loop.getaddrinfo(host, int(port), family=socket.AF_INET, type=socket.SOCK_STREAM)
             except OSError as exc:
-                raise RegistryUnavailableError(f"cannot resolve etcd host {host!r} ({exc}): {_FIX_ENDPOINT}") from exc
+                raise RegistryUnavailableError(f"cannot resolve etcd host {host!r} ({exc}): {FIX_ENDPOINT}") from exc
             targets.append(f"{found[0][4][0]}:{port}")
         return targets, server_name
-
-    def _translate(self, exc: BaseException, action: str) -> RegistryUnavailableError:
-        """Our error for a foreign one: what failed, at which endpoint, and what to do."""
-        detail = _detail(exc)
-        if _unreachable(exc):
-            return RegistryUnavailableError(f"cannot reach etcd at {self._where} to {action} ({detail}): "
-                                            f"{_hint(detail)}")
-        if "authentication failed" in detail:
-            return RegistryUnavailableError(f"etcd at {self._where} rejected user {self.spec.user!r} ({detail}): "
-                                            "check `registry.user` and `password`/`password_file` in the cluster file")
-        if "user name is empty" in detail or (not self.spec.user and "auth" in detail):
-            return RegistryUnavailableError(f"etcd at {self._where} requires a user ({detail}): set `registry.user` "
-                                            "and `registry.password_file` in the cluster file")
-        if "permission denied" in detail:
-            return RegistryUnavailableError(f"etcd at {self._where} refused to {action} for user {self.spec.user!r} "
-                                            f"({detail}): grant it readwrite on {self.spec.prefix}* "
-                                            "(`etcdctl role grant-permission ROLE readwrite --prefix ...`)")
-        if "lease not found" in detail:
-            return RegistryUnavailableError(f"cannot {action}: the lease is gone (it expired or was revoked); "
-                                            "grant a new one")
-        return RegistryUnavailableError(f"etcd at {self._where} failed to {action}: {detail}")
 
     def _started(self) -> _Services:
         """The connected client's services (etcd3aio types them optional until it connects)."""
@@ -333,37 +323,3 @@ class EtcdRegistry:
 
     def _seen(self, revision: int) -> None:
         self._revision = max(self._revision, revision)
-
-
-def _detail(exc: BaseException) -> str:
-    """The most telling text of a foreign error (a gRPC status's details, not its debug string)."""
-    for error in (exc, exc.__cause__):
-        if isinstance(error, grpc.aio.AioRpcError):
-            return f"{error.code().name}: {error.details()}"
-    if isinstance(exc, asyncio.TimeoutError):
-        return "no answer in time"
-    return str(exc) or type(exc).__name__
-
-
-def _hint(detail: str) -> str:
-    """What to do when etcd cannot be reached: fix TLS if the handshake failed, else start or point at one."""
-    if any(word in detail.lower() for word in TLS_WORDS):
-        return ("check `registry.tls` in the cluster file: `ca` must have signed etcd's certificate, which must "
-                "name the host in `registry.etcd`, and etcd must trust the client certificate")
-    return _FIX_ENDPOINT
-
-
-def _unreachable(exc: BaseException) -> bool:
-    """True for errors that may pass by themselves: no connection, no answer in time (also as our cause)."""
-    for error in (exc, exc.__cause__):
-        if isinstance(error, (EtcdConnectionError, EtcdTransientError, asyncio.TimeoutError)):
-            return True
-        if isinstance(error, grpc.aio.AioRpcError) and error.code() in (grpc.StatusCode.UNAVAILABLE,
-                                                                        grpc.StatusCode.DEADLINE_EXCEEDED):
-            return True
-    return False
-
-
-def _stale_token(exc: BaseException) -> bool:
-    """etcd no longer knows our auth token (it restarted, or the token expired)."""
-    return isinstance(exc, EtcdUnauthenticatedError) or "invalid auth token" in _detail(exc)

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,11 +26,16 @@ import time
 import urllib.request
 from pathlib import Path
 
+from splitexit.control.local_cluster import free_port
 from splitexit.errors import ClusterError
 
 __all__ = ["DevEtcd", "find_etcd"]
 
+#: Seconds etcd may take to report itself healthy, asking every ``READY_POLL`` s (each ask ``HEALTH_TIMEOUT`` s).
 READY_TIMEOUT = 20.0
+READY_POLL = 0.05
+HEALTH_TIMEOUT = 1.0
+#: Seconds etcd may take to stop after SIGTERM before it is killed.
 STOP_GRACE = 5.0
 LOG_TAIL_LINES = 15
 _MEMBER = "splitexit-dev"
@@ -50,12 +54,6 @@ def find_etcd(name: str = "etcd") -> Path:
                        "`apt install etcd-server`")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class DevEtcd:
     """One etcd process on 127.0.0.1; ``with DevEtcd() as etcd: ... etcd.endpoint``.
 
@@ -69,12 +67,15 @@ class DevEtcd:
 
     def __init__(self, data_dir: Path | None = None, *, port: int | None = None, peer_port: int | None = None,
                  tls: tuple[Path, Path, Path] | None = None, ready_timeout: float = READY_TIMEOUT):
-        self._temp = None if data_dir is not None else tempfile.mkdtemp(prefix="splitexit-etcd-")
-        self.data_dir = Path(data_dir) if data_dir is not None else Path(self._temp) / "data"  # type: ignore[arg-type]
+        self._temp: str | None = None  # a temporary data directory's parent, removed on stop()
+        if data_dir is None:
+            self._temp = tempfile.mkdtemp(prefix="splitexit-etcd-")
+            data_dir = Path(self._temp) / "data"
+        self.data_dir = Path(data_dir)
         self.log_path = self.data_dir.with_name(self.data_dir.name + ".log")
-        self.port = port or _free_port()
-        self.peer_port = peer_port or _free_port()
-        self.health_port = _free_port()
+        self.port = port or free_port()
+        self.peer_port = peer_port or free_port()
+        self.health_port = free_port()
         self.tls = tuple(Path(p) for p in tls) if tls else None
         self.ready_timeout = ready_timeout
         self.process: subprocess.Popen | None = None
@@ -128,14 +129,14 @@ class DevEtcd:
             problem = self._health_problem()
             if problem is None:
                 return
-            time.sleep(0.05)
+            time.sleep(READY_POLL)
         raise ClusterError(f"etcd on {self.endpoint} did not become healthy within {self.ready_timeout:g} s "
                            f"(last check: {problem}); its log ends with:\n{self.log_tail()}")
 
     def _health_problem(self) -> str | None:
         """None when etcd's /health endpoint says it is healthy, else what the check saw."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/health", timeout=1.0) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/health", timeout=HEALTH_TIMEOUT) as r:
                 answer = r.read()
         except (OSError, ValueError) as exc:
             return str(exc)

@@ -5,29 +5,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from splitexit.control.registry import Registry
 from splitexit.errors import RegistryUnavailableError
+from splitexit.runtime.failover import Backoff
 
 __all__ = ["Registration"]
 
 logger = logging.getLogger(__name__)
 
-#: First retry delay after a failed refresh; doubles up to a third of the TTL.
-RETRY_DELAY = 0.1
+#: The lease is refreshed this many times per TTL, so one lost refresh does not lose it.
+REFRESHES_PER_TTL = 3
+#: First wait before retrying a failed refresh; it doubles up to the refresh interval.
+REFRESH_RETRY_FIRST = 0.1
 
 
 class Registration:
     """Keep ``key`` in ``registry`` while this process runs: put under a lease that a task refreshes.
 
-    The lease is refreshed every ``ttl / 3``. If it was lost (it expired while the registry was
+    The lease is refreshed every ``ttl / REFRESHES_PER_TTL``. If it was lost (it expired while the registry was
     unreachable, or someone revoked it) the key is put again under a new lease. If the registry cannot be
     reached, that is logged once and retried with back-off; the process keeps serving.
     """
 
-    def __init__(self, registry: Registry, key: str, value: bytes, ttl: float):
+    def __init__(self, registry: Registry, key: str, value: bytes, ttl: float, *,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        """``sleep`` is what the refresh task waits with (a fake clock's in tests)."""
         self.registry, self.key, self.value, self.ttl = registry, key, value, ttl
+        self._sleep = sleep
         self.lease: int | None = None
+        self.interval = ttl / REFRESHES_PER_TTL
+        self.retry = Backoff(first=REFRESH_RETRY_FIRST, cap=self.interval)
         self._lock = asyncio.Lock()  # one (re-)registration at a time, or a stray lease could own the key
         self._task: asyncio.Task[None] | None = None
 
@@ -68,21 +77,20 @@ class Registration:
         self.lease = lease  # only now: a failed put leaves the old (dead) lease, so the next round retries
 
     async def _refresh(self) -> None:
-        delay, failing = self.ttl / 3, False
+        delay, failures = self.interval, 0
         while True:
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
             try:
                 async with self._lock:
                     if self.lease is None or not await self.registry.keep_alive(self.lease):
                         logger.warning("the lease of %s was lost; registering it again", self.key)
                         await self._register()
             except RegistryUnavailableError as exc:
-                if failing:
-                    delay = min(2 * delay, self.ttl / 3)
-                else:
+                if not failures:
                     logger.warning("cannot refresh %s in the registry, retrying: %s", self.key, exc)
-                    failing, delay = True, RETRY_DELAY
+                failures += 1
+                delay = self.retry.delay(failures)
                 continue
-            if failing:
+            if failures:
                 logger.info("refreshed %s in the registry again", self.key)
-            failing, delay = False, self.ttl / 3
+            delay, failures = self.interval, 0

@@ -7,6 +7,10 @@ their links (the edge its own, the nodes theirs through Health) and how long eac
 request, predicts the current plan and the best plan under those figures, and when the best one has been
 better by ``margin`` for ``hold`` seconds, asks the coordinator to re-plan, saying why. Nodes keep the
 previous plan's stages, so requests sent under it finish; the report lists every switch.
+
+Planning is CPU work (a numpy search), so the re-planner runs it in a thread of its own on a snapshot of the
+layout, and the edge's event loop keeps serving meanwhile; what the snapshot learned is merged back on
+the loop.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 from splitexit.config import ClusterSpec
 from splitexit.control.cluster_profile import stored_link_estimates
@@ -26,7 +31,7 @@ from splitexit.plan.prediction import predict
 from splitexit.plan.profile import Profile
 from splitexit.plan.result import Plan
 from splitexit.plan.search import plan
-from splitexit.plan.topology import LinkEstimate, topology_from_cluster
+from splitexit.plan.topology import LinkEstimate, Topology, topology_from_cluster
 from splitexit.runtime.placement import Placement, StagePlacement, versioned
 
 __all__ = ["PlannedLayout", "Replanner", "file_codecs", "placement_from_plan"]
@@ -91,6 +96,13 @@ class PlannedLayout:
                     self.current.latency_ms)
         return placement_from_plan(self.net, self.cluster, self.current)
 
+    def snapshot(self) -> PlannedLayout:
+        """A copy to plan on in another thread: the same inputs, and measurement dicts of its own."""
+        copy = PlannedLayout(self.net, self.profile, self.objective, codecs=self.codecs)
+        copy.measured, copy.slowdowns = dict(self.measured), dict(self.slowdowns)
+        copy.cluster, copy.current = self.cluster, self.current
+        return copy
+
     def best(self) -> Plan:
         return plan(self.profile, self._topology(), self.objective, codecs=self.codecs).best
 
@@ -102,7 +114,7 @@ class PlannedLayout:
         return predict(self.profile, self._topology(), stages, chosen.active_exits,
                        [link.codec for link in chosen.links], objective=self.objective)
 
-    def _topology(self):  # noqa: ANN202 - plan.planner.Topology
+    def _topology(self) -> Topology:
         assert self.cluster is not None
         return topology_from_cluster(self.cluster, measured_links=self._links(), measured_slowdowns=self.slowdowns)
 
@@ -123,13 +135,23 @@ class PlannedLayout:
         return self.slowdowns.get(node, self.cluster.node(node).slowdown)
 
 
+@dataclass(frozen=True)
+class _Look:
+    """What one check found, worked out on a snapshot of the layout (see :meth:`Replanner.check`)."""
+
+    scratch: PlannedLayout
+    reason: str | None = None
+
+
 class Replanner:
     """Feeds measured link bandwidths and stage compute times to a :class:`PlannedLayout` and asks for a new
     plan when it pays.
 
     ``measure`` gives the bits per second each measured link delivered lately, ``measure_compute`` the
     mean compute seconds per request of each node (None: compute is not measured, e.g. when batches of
-    several requests make a request's compute span incomparable with the one-at-a-time prediction).
+    several requests make a request's compute span incomparable with the one-at-a-time prediction). Both are
+    read on the caller's thread (the event loop); the planning runs in this re-planner's single thread,
+    which :meth:`close` ends.
     """
 
     def __init__(self, layout: PlannedLayout, request_replan: Callable[[str], None],
@@ -141,70 +163,99 @@ class Replanner:
         self.margin, self.hold, self.interval = margin, hold, interval
         self._better_since: float | None = None
         self._news: dict[str, str] = {}  # the latest news of each link or node since another plan looked better
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replanner")
 
     async def run(self) -> None:
+        """Check every ``interval`` until cancelled."""
         while True:
             await asyncio.sleep(self.interval)
             try:
-                self.check(time.monotonic())
+                await self.check_in_thread(time.monotonic())
             except Exception:  # noqa: BLE001 - a failed check must not stop serving; the next one tries again
                 logger.exception("re-planning check failed")
 
+    async def check_in_thread(self, now: float) -> str | None:
+        """:meth:`check` with the planning in this re-planner's thread, so the event loop keeps serving."""
+        links, compute = self._read()
+        look = await asyncio.get_running_loop().run_in_executor(self._pool, self._look, now, links, compute)
+        return self._conclude(look)
+
     def check(self, now: float) -> str | None:
         """One look at the measurements; returns the reason when it asked for a new plan."""
-        layout = self.layout
-        if layout.cluster is None or layout.current is None:
-            return None
-        self._news.update(self._take_measurements())
-        self._news.update(self._take_compute())
-        current = layout.predicted_current()
-        best = layout.best()
+        return self._conclude(self._look(now, *self._read()))
+
+    def close(self) -> None:
+        """End the planning thread (a plan it is computing finishes there, unused)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _read(self) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
+        """The latest measurements: links' bandwidths and, if measured, nodes' compute seconds per request."""
+        compute = dict(self.measure_compute()) if self.measure_compute is not None else {}
+        return dict(self.measure()), compute
+
+    def _look(self, now: float, links: Mapping[tuple[str, str], float], compute: Mapping[str, float]) -> _Look:
+        """Record the news on a snapshot and compare the current plan with the best one (any thread)."""
+        scratch = self.layout.snapshot()
+        if scratch.cluster is None or scratch.current is None:
+            return _Look(scratch)
+        self._news.update(_take_links(scratch, links))
+        self._news.update(_take_compute(scratch, compute))
+        current = scratch.predicted_current()
+        best = scratch.best()
         if best.latency_ms >= current.latency_ms * (1 - self.margin) or best.describe() == current.describe():
             self._better_since = None
             self._news = {}
-            return None
+            return _Look(scratch)
         if self._better_since is None:
             self._better_since = now
         if now - self._better_since < self.hold:
-            return None
+            return _Look(scratch)
         news, self._better_since, self._news = "; ".join(self._news.values()) or "measurements", None, {}
-        reason = (f"{news}: the current plan is now predicted at {current.latency_ms:.1f} ms, "
-                  f"{best.describe()} at {best.latency_ms:.1f} ms")
-        logger.info("re-planning: %s", reason)
-        self.request_replan(reason)
-        return reason
+        return _Look(scratch, f"{news}: the current plan is now predicted at {current.latency_ms:.1f} ms, "
+                              f"{best.describe()} at {best.latency_ms:.1f} ms")
 
-    def _take_measurements(self) -> dict[str, str]:
-        """Record measured bandwidths that differ from what was planned with; the news, by link."""
-        layout = self.layout
-        news = {}
-        for (source, target), bandwidth in self.measure().items():
-            planned = layout.link(source, target)
-            if planned.bandwidth is not None \
-                    and abs(bandwidth - planned.bandwidth) <= SAME_BANDWIDTH * planned.bandwidth:
-                continue
-            layout.measured[(source, target)] = replace(planned, bandwidth=bandwidth, origin="measured")
-            was = "unlimited" if planned.bandwidth is None else f"{planned.bandwidth / 1e6:.3g} Mbit/s"
-            news[f"{source}->{target}"] = f"{source}->{target} measured {bandwidth / 1e6:.3g} Mbit/s (was {was})"
-        return news
+    def _conclude(self, look: _Look) -> str | None:
+        """Keep what the snapshot measured and ask for the new plan, unless the plan changed meanwhile."""
+        self.layout.measured.update(look.scratch.measured)
+        self.layout.slowdowns.update(look.scratch.slowdowns)
+        if look.reason is None:
+            return None
+        if self.layout.current is not look.scratch.current:
+            logger.info("not re-planning: the plan changed while this check computed")
+            return None
+        logger.info("re-planning: %s", look.reason)
+        self.request_replan(look.reason)
+        return look.reason
 
-    def _take_compute(self) -> dict[str, str]:
-        """Record slowdowns of nodes whose stage computes far from its prediction; the news, by stage."""
-        measured = self.measure_compute() if self.measure_compute is not None else {}
-        if not measured:
-            return {}
-        layout = self.layout
-        news = {}
-        for stage in layout.predicted_current().stages:
-            seen = [measured[n] for n in stage.nodes if n in measured]
-            if not seen or stage.compute_ms <= 0:
-                continue
-            mean_ms = 1e3 * sum(seen) / len(seen)
-            ratio = mean_ms / stage.compute_ms
-            if 1 / SAME_COMPUTE <= ratio <= SAME_COMPUTE:
-                continue
-            for node in stage.nodes:
-                layout.slowdowns[node] = layout.slowdown(node) * ratio
-            name = "|".join(stage.nodes)
-            news[name] = f"{name} computed {mean_ms:.3g} ms per request, predicted {stage.compute_ms:.3g} ms"
-        return news
+
+def _take_links(layout: PlannedLayout, measured: Mapping[tuple[str, str], float]) -> dict[str, str]:
+    """Record measured bandwidths that differ from what was planned with; the news, by link."""
+    news = {}
+    for (source, target), bandwidth in measured.items():
+        planned = layout.link(source, target)
+        if planned.bandwidth is not None and abs(bandwidth - planned.bandwidth) <= SAME_BANDWIDTH * planned.bandwidth:
+            continue
+        layout.measured[(source, target)] = replace(planned, bandwidth=bandwidth, origin="measured")
+        was = "unlimited" if planned.bandwidth is None else f"{planned.bandwidth / 1e6:.3g} Mbit/s"
+        news[f"{source}->{target}"] = f"{source}->{target} measured {bandwidth / 1e6:.3g} Mbit/s (was {was})"
+    return news
+
+
+def _take_compute(layout: PlannedLayout, measured: Mapping[str, float]) -> dict[str, str]:
+    """Record slowdowns of nodes whose stage computes far from its prediction; the news, by stage."""
+    if not measured:
+        return {}
+    news = {}
+    for stage in layout.predicted_current().stages:
+        seen = [measured[n] for n in stage.nodes if n in measured]
+        if not seen or stage.compute_ms <= 0:
+            continue
+        mean_ms = 1e3 * sum(seen) / len(seen)
+        ratio = mean_ms / stage.compute_ms
+        if 1 / SAME_COMPUTE <= ratio <= SAME_COMPUTE:
+            continue
+        for node in stage.nodes:
+            layout.slowdowns[node] = layout.slowdown(node) * ratio
+        name = "|".join(stage.nodes)
+        news[name] = f"{name} computed {mean_ms:.3g} ms per request, predicted {stage.compute_ms:.3g} ms"
+    return news

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from splitexit.config import LinkSpec
+from splitexit.config.codec_names import CodecSpec, parse_codec
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stages import INPUT
 from splitexit.wire.codec_auto import choose_codec
-from splitexit.wire.codec_names import CodecSpec, parse_codec
 
 __all__ = ["AUTO_CODEC_SAMPLES", "link_codec"]
 

@@ -20,6 +20,7 @@ import torch
 import torch.fx
 from torch.utils.data import DataLoader, Dataset
 
+from splitexit.config.codec_names import CodecSpec, parse_codec
 from splitexit.errors import ConfigError
 from splitexit.model.calibrate import collect_outputs
 from splitexit.model.exits import EarlyExitNet
@@ -35,7 +36,6 @@ from splitexit.plan.profile import (
 )
 from splitexit.plan.profile_keys import timing_key
 from splitexit.wire.codec_auto import time_codec
-from splitexit.wire.codec_names import CodecSpec, parse_codec
 
 __all__ = [
     "CODEC_SAMPLES",

@@ -1,1 +1,1 @@
-"""Serving an early-exit net across a chain of nodes: wire, codecs, links, stages, nodes, the entry."""
+"""The data path: stage executor, hops, replicas, link emulation, the gRPC stream and node, the edge's request path."""

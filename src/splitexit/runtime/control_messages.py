@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from splitexit.config import NodeSpec, describe_validation_error
+from splitexit.config.codec_names import CodecSpec, parse_codec
 from splitexit.errors import WireError
 from splitexit.plan.profile import Timing
 from splitexit.wire import wire_pb2
-from splitexit.wire.codec_names import CodecSpec, parse_codec
 
 __all__ = [
     "Assignment",

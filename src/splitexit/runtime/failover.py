@@ -1,13 +1,17 @@
 """The failover policy in one place: how long a failing node is left out, and how waits grow.
 
-Three parts of the system retry, all with capped exponential back-off from :class:`Backoff`:
+Everything that retries waits with capped exponential back-off from :class:`Backoff`; each loop names its
+own first wait and cap where it lives:
 
 - the coordinator leaves a node out of the placement after it failed (its stream broke, or it could not be
   assigned its stage) — 1 s, 2 s, 4 s, ... up to a minute while it keeps failing (:class:`NodeBans`);
   a node that registers anew (a restart) or is assigned successfully starts from zero again;
-- a sender reconnects to a replica whose stream broke (`runtime/replicas.py`);
+- a sender reconnects to a replica whose stream broke (``RECONNECT`` in `runtime/replicas.py`);
 - the entry sends a request again after its route failed (`runtime/request_path.py`, ``retry:`` in the cluster
-  file), until the request's retry time runs out.
+  file), until the request's retry time runs out;
+- the etcd registry retries a call while etcd is unreachable, and resumes a broken watch
+  (``CALL_RETRY``, ``WATCH_RETRY`` in `control/etcd_registry.py`);
+- a registration retries refreshing its lease (``REFRESH_RETRY_FIRST`` in `control/registration.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["Backoff", "NodeBans"]
+__all__ = ["BAN", "Backoff", "NodeBans"]
 
 
 @dataclass(frozen=True)

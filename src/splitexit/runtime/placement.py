@@ -1,5 +1,5 @@
 """Which tier runs which range of cuts: the layout the cluster file implies (`run --no-plan`), and the
-versioned placement every layout produces (the planner's comes from ``runtime/replan.py``).
+versioned placement every layout produces (the planner's comes from ``control/replan.py``).
 
 Tiers take the chain in order: the edge is tier 0, and the workers of one tier are replicas of one stage.
 Only tiers with a live node get a stage; a tier that has lost every node is left out and its neighbours

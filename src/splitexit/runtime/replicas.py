@@ -6,6 +6,9 @@ replica that (re)joined is used at once. A replica whose stream breaks has alrea
 rows with ``node_unavailable`` (the entry resubmits them); the set stops sending to it and reconnects in
 the background with exponential backoff, so a node that keeps failing is tried less and less often. With
 no live replica a batch fails at once with ``no_route``, which the entry also retries.
+
+The replicas (gRPC :class:`~splitexit.runtime.remote.RemoteStage` by default) and the sleep the back-off
+waits with are injected, so the choice and the reconnects can be tested on a fake clock.
 """
 
 from __future__ import annotations
@@ -13,22 +16,55 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.errors import NodeUnavailableError
+from splitexit.runtime.control_messages import NodeHealth
 from splitexit.runtime.failover import Backoff
 from splitexit.runtime.hop import RowError, Stamp
+from splitexit.runtime.meter import ThroughputMeter
 from splitexit.runtime.remote import LinkCounters, LinkReport, RemoteStage
 from splitexit.runtime.security import NodeCredentials
 
-__all__ = ["ReplicaSet"]
+__all__ = ["RECONNECT", "OpenReplica", "Replica", "ReplicaSet"]
 
 logger = logging.getLogger(__name__)
 
 #: Waits between attempts to reconnect to a replica whose stream broke.
 RECONNECT = Backoff(first=0.25, cap=8.0)
+#: Seconds one attempt to connect to a replica may take.
 RECONNECT_TIMEOUT = 2.0
+
+
+class Replica(Protocol):
+    """One stream to a replica of the next stage, as the set uses it (:class:`RemoteStage` is the real one)."""
+
+    meter: ThroughputMeter
+
+    @property
+    def broken(self) -> str | None:
+        """Why the stream is unusable (None while it works)."""
+
+    @property
+    def outstanding(self) -> int:
+        """Rows sent and not yet answered."""
+
+    async def connect(self, timeout: float) -> None:
+        """Open the stream; NodeUnavailableError if the replica does not answer within ``timeout``."""
+
+    async def send(self, ids: Sequence[int], tensors: Any, trace: list[Stamp]) -> list[asyncio.Future]: ...
+
+    async def wait_broken(self) -> None: ...
+
+    async def health(self) -> NodeHealth: ...
+
+    async def close(self) -> None: ...
+
+
+#: Builds the (unconnected) replica for a peer, counting its bytes in the given counters.
+OpenReplica = Callable[[NodeSpec, LinkCounters], Replica]
 
 
 class ReplicaSet:
@@ -36,15 +72,19 @@ class ReplicaSet:
 
     def __init__(self, *, sender: str, cluster: ClusterSpec, plan_version: int,
                  credentials: NodeCredentials | None = None, on_broken: Callable[[str], None] | None = None,
-                 counters: dict[str, LinkCounters] | None = None):
+                 counters: dict[str, LinkCounters] | None = None, open_replica: OpenReplica | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        """``open_replica`` builds a peer's stream (default: gRPC); ``sleep`` is what the back-off waits with."""
         self.sender, self.cluster, self.plan_version = sender, cluster, plan_version
         self.credentials = credentials
         self.on_broken = on_broken
         #: Bytes sent to each peer; pass the same dict to the next plan's set to count across plans.
         self.counters: dict[str, LinkCounters] = counters if counters is not None else {}
-        self._remotes: dict[str, RemoteStage] = {}
+        self._open: OpenReplica = open_replica or self._grpc_replica
+        self._sleep = sleep
+        self._remotes: dict[str, Replica] = {}
         self._peers: dict[str, NodeSpec] = {}
-        self._keepers: dict[str, asyncio.Task] = {}
+        self._keepers: dict[str, asyncio.Task[None]] = {}
         self._retry_now: dict[str, asyncio.Event] = {}
         self._turn = 0
 
@@ -63,7 +103,7 @@ class ReplicaSet:
             else:
                 self._peers[name] = peer
                 self._retry_now[name] = asyncio.Event()
-                attempt = asyncio.get_running_loop().create_future()
+                attempt: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
                 self._keepers[name] = asyncio.get_running_loop().create_task(self._keep(peer, attempt),
                                                                              name=f"replica-{name}")
                 first_attempts.append(attempt)
@@ -74,7 +114,7 @@ class ReplicaSet:
     def live(self) -> list[str]:
         return [name for name, remote in self._remotes.items() if not remote.broken]
 
-    async def send(self, ids: Sequence[int], tensors: object, trace: list[Stamp]) -> list[asyncio.Future]:
+    async def send(self, ids: Sequence[int], tensors: Any, trace: list[Stamp]) -> list[asyncio.Future]:
         live = [r for r in self._remotes.values() if not r.broken]
         if not live:
             loop = asyncio.get_running_loop()
@@ -88,16 +128,19 @@ class ReplicaSet:
         candidates = [r for r in live if r.outstanding == fewest]
         self._turn += 1
         target = candidates[self._turn % len(candidates)]
-        return await target.send(ids, tensors, trace)  # type: ignore[arg-type]
+        return await target.send(ids, tensors, trace)
 
-    async def _keep(self, peer: NodeSpec, first_attempt: asyncio.Future) -> None:
+    def _grpc_replica(self, peer: NodeSpec, counters: LinkCounters) -> Replica:
+        return RemoteStage(sender=self.sender, target=peer, link=self.cluster.link(self.sender, peer.name),
+                           plan_version=self.plan_version, message_limit=self.cluster.message_limit,
+                           credentials=self.credentials, token=self.cluster.security.token, counters=counters)
+
+    async def _keep(self, peer: NodeSpec, first_attempt: asyncio.Future[bool]) -> None:
         """Hold a connection to ``peer`` for as long as it is a peer, reconnecting with backoff."""
         failures = 0
         counters = self.counters.setdefault(peer.name, LinkCounters())
         while True:
-            remote = RemoteStage(sender=self.sender, target=peer, link=self.cluster.link(self.sender, peer.name),
-                                 plan_version=self.plan_version, message_limit=self.cluster.message_limit,
-                                 credentials=self.credentials, token=self.cluster.security.token, counters=counters)
+            remote = self._open(peer, counters)
             try:
                 await remote.connect(timeout=RECONNECT_TIMEOUT)
             except NodeUnavailableError as exc:
@@ -105,7 +148,7 @@ class ReplicaSet:
                 logger.info("%s: %s; retrying in %.2f s", self.sender, exc, RECONNECT.delay(failures))
             else:
                 self._remotes[peer.name] = remote
-                failures = 1
+                failures = 1  # a stream that breaks counts as one failure: the first wait, then doubling
                 if not first_attempt.done():
                     first_attempt.set_result(True)
                 await remote.wait_broken()
@@ -115,12 +158,18 @@ class ReplicaSet:
                 await remote.close()
             if not first_attempt.done():
                 first_attempt.set_result(False)
-            retry_now = self._retry_now[peer.name]
-            try:
-                await asyncio.wait_for(retry_now.wait(), RECONNECT.delay(failures))
-            except TimeoutError:
-                pass
-            retry_now.clear()
+            await self._pause(self._retry_now[peer.name], RECONNECT.delay(failures))
+
+    async def _pause(self, wake: asyncio.Event, seconds: float) -> None:
+        """Wait ``seconds``, or less if ``wake`` is set (the peer was announced again)."""
+        waits = [asyncio.ensure_future(self._sleep(seconds)), asyncio.ensure_future(wake.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        wake.clear()
 
     async def _drop(self, name: str) -> None:
         self._peers.pop(name, None)

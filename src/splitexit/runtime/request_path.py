@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from splitexit.config import ClusterSpec, NodeSpec
+from splitexit.config.codec_names import CodecSpec
 from splitexit.errors import ConfigError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stage_file import without_exits
@@ -36,7 +37,6 @@ from splitexit.runtime.records import RequestRecord, request_record
 from splitexit.runtime.remote import LinkCounters
 from splitexit.runtime.replicas import ReplicaSet
 from splitexit.runtime.stage_hop import stage_hop
-from splitexit.wire.codec_names import CodecSpec
 
 __all__ = ["RETIRE_TIMEOUT", "RETRYABLE", "RequestPath"]
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from splitexit.config import ClusterSpec, NodeSpec
+from splitexit.config.codec_names import CodecSpec
 from splitexit.model.stages import Stage
 from splitexit.runtime.executor import StageExecutor
 from splitexit.runtime.hop import Hop
 from splitexit.runtime.remote import LinkCounters
 from splitexit.runtime.replicas import ReplicaSet
 from splitexit.runtime.security import node_credentials
-from splitexit.wire.codec_names import CodecSpec
 from splitexit.wire.messages import encode_tensors
 
 __all__ = ["stage_hop"]

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from splitexit.config.codec_names import CodecSpec, list_codecs, parse_codec
 from splitexit.errors import ConfigError
-from splitexit.wire.codec_names import CodecSpec, list_codecs, parse_codec
 from splitexit.wire.tensor_codec import decode, encode
 
 __all__ = ["CodecCost", "CodecTimes", "choose_codec", "measure_codec", "time_codec"]

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from google.protobuf.message import DecodeError
 
+from splitexit.config.codec_names import CodecSpec
 from splitexit.errors import WireError
 from splitexit.tensors import TensorInfo
 from splitexit.wire import wire_pb2
-from splitexit.wire.codec_names import CodecSpec
 from splitexit.wire.tensor_codec import decode, encode, raw_size
 
 __all__ = [

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from splitexit.config.codec_names import CodecSpec
 from splitexit.errors import WireError
 from splitexit.wire import wire_pb2
-from splitexit.wire.codec_names import CodecSpec
 from splitexit.wire.compression import compress, decompress
 
 __all__ = ["MAX_RANK", "decode", "encode", "raw_size"]

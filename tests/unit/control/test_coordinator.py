@@ -21,6 +21,7 @@ import yaml
 
 from splitexit import EarlyExitNet, build_model
 from splitexit.config import ClusterSpec, ModelSource, NodeSpec
+from splitexit.config.codec_names import CodecSpec
 from splitexit.control.coordinator import RESYNC_INTERVAL, SETTLE, START_POLL, Coordinator
 from splitexit.control.embedded_registry import EmbeddedRegistry
 from splitexit.control.members import NODES, SPEED_SECONDS, NodeInfo, describe_node
@@ -30,7 +31,6 @@ from splitexit.runtime.failover import BAN
 from splitexit.runtime.local_control import LocalNodeControl
 from splitexit.runtime.node import Node
 from splitexit.runtime.placement import Placement, default_placement
-from splitexit.wire.codec_names import CodecSpec
 
 CLUSTER = """
 nodes:
@@ -48,7 +48,7 @@ LONG_TTL, SHORT_TTL = 600.0, 1.5
 #: Real seconds a test waits for something the coordinator is about to do.
 PATIENCE = 20.0
 #: Classes of the wide model: its stage files take long enough to build that an event loop blocked by one shows.
-WIDE_CLASSES = 16_000
+WIDE_CLASSES = 64_000
 #: Seconds between ticks of the task that shows whether the loop is free.
 TICK = 0.002
 
@@ -312,7 +312,9 @@ def test_the_loop_keeps_ticking_while_a_stage_file_builds_and_a_node_describes_i
 
     ticks, (described_from, described_to) = asyncio.run(go())
     gaps = [b - a for a, b in zip(ticks, ticks[1:])]
-    assert max(gaps) < build_s / 2, f"the loop stalled {max(gaps):.3f} s; building a stage file takes {build_s:.3f} s"
+    # a build on the loop would stall it for the whole build; off it, only for GIL hand-overs
+    assert max(gaps) < build_s * 0.75, \
+        f"the loop stalled {max(gaps):.3f} s; building a stage file takes {build_s:.3f} s"
     during = [t for t in ticks if described_from < t < described_to]
     assert described_to - described_from >= SPEED_SECONDS
     assert len(during) >= 5, "the loop ticked while describe_node measured the machine's speed"

@@ -1,28 +1,23 @@
-"""The in-process registry: key-value, watches and leases, driven by a fake clock."""
+"""The in-process registry: key-value, watches and leases, driven by a fake clock (see also test_registration.py)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 
+from fake_clock import FakeClock
 from splitexit.control.embedded_registry import EmbeddedRegistry
-from splitexit.control.registration import Registration
 from splitexit.control.registry import WatchEvent
-from splitexit.control.registry_backends import open_registry
 from splitexit.errors import RegistryUnavailableError
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+#: Seconds a test waits for a watch event that should come at once.
+EVENT_TIMEOUT = 1.0
 
 
-async def _next(events, timeout: float = 1.0) -> WatchEvent:  # noqa: ANN001
-    return await asyncio.wait_for(events.__anext__(), timeout)
+async def next_event(events: AsyncIterator[WatchEvent], timeout: float = EVENT_TIMEOUT) -> WatchEvent:
+    return await asyncio.wait_for(anext(events), timeout)
 
 
 def test_put_get_items_delete() -> None:
@@ -52,7 +47,7 @@ def test_watch_sees_puts_and_deletes_under_its_prefix_only() -> None:
         await registry.delete("nodes/a")
         await registry.delete("nodes/a")  # nothing left to delete: no event
         await registry.put("nodes/b", b"2")
-        assert [await _next(events) for _ in range(3)] == [
+        assert [await next_event(events) for _ in range(3)] == [
             WatchEvent("put", "nodes/a", b"1"), WatchEvent("delete", "nodes/a", None),
             WatchEvent("put", "nodes/b", b"2")]
         await registry.close()
@@ -63,7 +58,7 @@ def test_watch_sees_puts_and_deletes_under_its_prefix_only() -> None:
 
 def test_lease_expiry_deletes_its_keys_and_tells_watchers() -> None:
     async def main() -> None:
-        clock = FakeClock()
+        clock = FakeClock(1000.0)
         registry = EmbeddedRegistry(clock=clock)
         lease = await registry.grant(2.0)
         await registry.put("nodes/a", b"1", lease=lease)
@@ -74,7 +69,7 @@ def test_lease_expiry_deletes_its_keys_and_tells_watchers() -> None:
         assert await registry.get("nodes/a") == b"1"
         clock.now += 0.2
         registry.sweep()
-        assert await _next(events) == WatchEvent("delete", "nodes/a", None)
+        assert await next_event(events) == WatchEvent("delete", "nodes/a", None)
         assert await registry.items("nodes/") == {"nodes/free": b"2"}
         assert not await registry.keep_alive(lease)
         with pytest.raises(RegistryUnavailableError, match="lease .* is gone"):
@@ -85,7 +80,7 @@ def test_lease_expiry_deletes_its_keys_and_tells_watchers() -> None:
 
 def test_reads_agree_with_the_clock_even_before_a_sweep() -> None:
     async def main() -> None:
-        clock = FakeClock()
+        clock = FakeClock(1000.0)
         registry = EmbeddedRegistry(clock=clock)
         lease = await registry.grant(1.0)
         await registry.put("k", b"v", lease=lease)
@@ -97,7 +92,7 @@ def test_reads_agree_with_the_clock_even_before_a_sweep() -> None:
 
 def test_keep_alive_extends_and_revoke_deletes_now() -> None:
     async def main() -> None:
-        clock = FakeClock()
+        clock = FakeClock(1000.0)
         registry = EmbeddedRegistry(clock=clock)
         lease = await registry.grant(2.0)
         await registry.put("k", b"v", lease=lease)
@@ -108,7 +103,7 @@ def test_keep_alive_extends_and_revoke_deletes_now() -> None:
         assert await registry.get("k") == b"v"
         events = registry.watch("")
         await registry.revoke(lease)
-        assert await _next(events) == WatchEvent("delete", "k", None)
+        assert await next_event(events) == WatchEvent("delete", "k", None)
         assert not await registry.keep_alive(lease)
         await registry.revoke(lease)  # revoking twice is fine
 
@@ -117,7 +112,7 @@ def test_keep_alive_extends_and_revoke_deletes_now() -> None:
 
 def test_a_key_put_again_without_its_lease_outlives_the_lease() -> None:
     async def main() -> None:
-        clock = FakeClock()
+        clock = FakeClock(1000.0)
         registry = EmbeddedRegistry(clock=clock)
         lease = await registry.grant(1.0)
         await registry.put("k", b"leased", lease=lease)
@@ -136,58 +131,7 @@ def test_background_sweeper_expires_leases_on_its_own() -> None:
         lease = await registry.grant(0.2)
         await registry.put("k", b"v", lease=lease)
         events = registry.watch("")
-        assert await _next(events, timeout=1.0) == WatchEvent("delete", "k", None)
+        assert await next_event(events, timeout=1.0) == WatchEvent("delete", "k", None)
         await registry.close()
 
     asyncio.run(main())
-
-
-def test_registration_registers_again_after_its_lease_was_lost() -> None:
-    async def main() -> None:
-        registry = open_registry("embedded")
-        registration = Registration(registry, "nodes/w1", b"w1", ttl=0.3)
-        await registration.start()
-        first = registration.lease
-        events = registry.watch("nodes/")
-        await registry.revoke(first)  # as if it had expired while the registry was out of reach
-        assert await _next(events) == WatchEvent("delete", "nodes/w1", None)
-        assert await _next(events) == WatchEvent("put", "nodes/w1", b"w1")  # within ttl/3
-        assert registration.lease != first
-        await registration.update(b"w1 v2")
-        assert await _next(events) == WatchEvent("put", "nodes/w1", b"w1 v2")
-        await asyncio.sleep(0.5)  # longer than the TTL: kept alive meanwhile
-        assert await registry.get("nodes/w1") == b"w1 v2"
-        await registration.close()
-        assert await _next(events) == WatchEvent("delete", "nodes/w1", None)
-        assert await registry.get("nodes/w1") is None
-
-    asyncio.run(main())
-
-
-class FlakyRegistry(EmbeddedRegistry):
-    """An embedded registry whose keep-alives fail while ``down`` is set, as an unreachable etcd's would."""
-
-    down = False
-
-    async def keep_alive(self, lease: int) -> bool:
-        if self.down:
-            raise RegistryUnavailableError("cannot reach the registry (test)")
-        return await super().keep_alive(lease)
-
-
-def test_registration_survives_an_unreachable_registry(caplog: pytest.LogCaptureFixture) -> None:
-    async def main() -> None:
-        registry = FlakyRegistry()
-        registration = Registration(registry, "nodes/w1", b"w1", ttl=0.3)
-        await registration.start()
-        registry.down = True
-        await asyncio.sleep(0.6)  # the lease expires meanwhile: nobody can refresh it
-        assert await registry.get("nodes/w1") is None
-        registry.down = False
-        await asyncio.sleep(0.3)
-        assert await registry.get("nodes/w1") == b"w1"
-        await registration.close()
-
-    asyncio.run(main())
-    failures = [r for r in caplog.records if "cannot refresh" in r.getMessage()]
-    assert len(failures) == 1  # logged once, however many retries

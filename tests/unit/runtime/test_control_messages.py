@@ -7,6 +7,7 @@ import math
 import pytest
 
 from splitexit.config import NodeSpec
+from splitexit.config.codec_names import parse_codec
 from splitexit.errors import ConfigError, WireError
 from splitexit.plan.profile import Timing
 from splitexit.runtime.control_messages import (
@@ -34,7 +35,6 @@ from splitexit.runtime.control_messages import (
     encode_stage_chunks,
 )
 from splitexit.wire import wire_pb2
-from splitexit.wire.codec_names import parse_codec
 
 PEERS = (NodeSpec(name="cloud2", address="127.0.0.1:50062"), NodeSpec(name="cloud2b", address="10.0.0.7:50063"))
 

@@ -22,13 +22,13 @@ import yaml
 import splitexit.runtime.stage_hop as stage_hop_module
 from splitexit import EarlyExitNet, build_model
 from splitexit.config import ClusterSpec, NodeSpec
+from splitexit.config.codec_names import parse_codec
 from splitexit.errors import ConfigError
 from splitexit.runtime.executor import StageExecutor
 from splitexit.runtime.hop import Hop, RowError, Stamp
 from splitexit.runtime.placement import Placement, StagePlacement, default_placement, versioned
 from splitexit.runtime.records import RequestRecord
 from splitexit.runtime.request_path import RequestPath
-from splitexit.wire.codec_names import parse_codec
 from splitexit.wire.tensor_codec import decode
 
 T = TypeVar("T")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from splitexit.config.codec_names import list_codecs, parse_codec
 from splitexit.errors import ConfigError
 from splitexit.wire.codec_auto import choose_codec, measure_codec, time_codec
-from splitexit.wire.codec_names import list_codecs, parse_codec
 
 #: Modelled encode / decode seconds per message for every codec (the shape of real measurements).
 TIMINGS = {

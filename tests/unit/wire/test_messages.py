@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from splitexit.config.codec_names import parse_codec
 from splitexit.errors import WireError
 from splitexit.tensors import TensorInfo
-from splitexit.wire.codec_names import parse_codec
 from splitexit.wire.messages import (
     HEADER_ROOM,
     BatchAssembler,

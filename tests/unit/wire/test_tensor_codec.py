@@ -16,9 +16,9 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from splitexit.config.codec_names import CodecSpec, list_codecs, parse_codec
 from splitexit.errors import WireError
 from splitexit.wire import wire_pb2
-from splitexit.wire.codec_names import CodecSpec, list_codecs, parse_codec
 from splitexit.wire.tensor_codec import MAX_RANK, decode, encode
 
 MAX_BYTES = 1 << 20

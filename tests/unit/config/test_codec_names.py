@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from splitexit.config.codec_names import CodecSpec, list_codecs, parse_codec
 from splitexit.errors import ConfigError
-from splitexit.wire.codec_names import CodecSpec, list_codecs, parse_codec
 
 
 def test_names_round_trip_and_cover_every_combination() -> None:

@@ -156,3 +156,15 @@ def test_no_module_is_over_500_lines() -> None:
     long = [f"{path.relative_to(PACKAGE)}: {n} lines" for path in source_files()
             if (n := path.read_text().count("\n")) > MAX_LINES]
     assert not long, f"modules over {MAX_LINES} lines (split them by job):\n" + "\n".join(long)
+
+
+def test_test_files_have_distinct_names() -> None:
+    """pytest's default import mode imports test files by basename: two alike fail collection of the run."""
+    tests = Path(__file__).resolve().parents[1]
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted(tests.rglob("test_*.py")):
+        if path.name in seen:
+            clashes.append(f"{seen[path.name].relative_to(tests)} and {path.relative_to(tests)}")
+        seen.setdefault(path.name, path)
+    assert not clashes, "test files with one basename (rename one):\n" + "\n".join(clashes)

@@ -17,7 +17,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -163,8 +163,7 @@ class RequestPath:
         return {link: r.bandwidth for link, r in reports.items() if r.bandwidth is not None}
 
     async def close(self) -> None:
-        retiring: Sequence[tuple[Hop, asyncio.Task]] = list(self._retired.items())
-        for hop, task in retiring:
+        for hop, task in self._retired.items():
             if not task.done():
                 task.cancel()
                 await hop.close()

@@ -82,8 +82,8 @@ class Coordinator:
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, executor: Executor | None = None):
         """``connect`` opens a node's control calls (default: gRPC with the edge's credentials); ``clock`` and
-        ``sleep`` are what the coordinator times and waits with; ``executor`` runs its torch work (default:
-        the loop's)."""
+        ``sleep`` are what the coordinator times and waits with; ``executor`` runs its CPU work: the layout
+        (planning), stage files and codec choice (default: the loop's)."""
         self.net, self.cluster, self.registry = net, cluster, registry
         self.on_plan = on_plan
         self.layout: Layout = layout or (lambda live_cluster, live: default_placement(net, live_cluster, live))
@@ -100,6 +100,7 @@ class Coordinator:
         self._stage_files: dict[tuple[int | None, int | None, frozenset[int]], tuple[str, bytes]] = {}
         self._codecs: dict[tuple[int, str], CodecSpec] = {}
         self._dirty = asyncio.Event()
+        self._replanning = False
         self._tasks: list[asyncio.Task[None]] = []
         self._publishing: asyncio.Task[None] | None = None
         self._credentials = node_credentials(cluster, self.edge.name)
@@ -170,16 +171,24 @@ class Coordinator:
         self._reason = reason
         self._dirty.set()
 
+    @property
+    def busy(self) -> bool:
+        """A re-plan is pending or under way."""
+        return self._dirty.is_set() or self._replanning
+
     async def _follow(self) -> None:
         while True:
             await self._dirty.wait()
             await self._sleep(SETTLE)  # let a burst of changes (a node and its lease) settle into one plan
+            self._replanning = True
             self._dirty.clear()
             reason, self._reason = self._reason or "membership changed", None
             try:
                 await self._replan(reason)
             except Exception:  # noqa: BLE001 - keep coordinating; the next change or resync tries again
                 logger.exception("coordinator: re-planning failed; keeping the current plan")
+            finally:
+                self._replanning = False
 
     def _cluster_with_members(self) -> ClusterSpec:
         """The cluster file plus nodes that joined without being in it, with registered addresses."""
@@ -195,7 +204,8 @@ class Coordinator:
     async def _replan(self, reason: str) -> None:
         while True:
             cluster = self._cluster_with_members()
-            placement = self.layout(cluster, self.bans.allowed(set(self.members)))
+            placement = await asyncio.get_running_loop().run_in_executor(  # planning is CPU work
+                self._executor, self.layout, cluster, self.bans.allowed(set(self.members)))
             failed = await self._assign_all(placement, cluster)
             for stage in placement.stages[1:]:
                 for name in set(stage.nodes) - failed:

@@ -8,15 +8,16 @@ request, predicts the current plan and the best plan under those figures, and wh
 better by ``margin`` for ``hold`` seconds, asks the coordinator to re-plan, saying why. Nodes keep the
 previous plan's stages, so requests sent under it finish; the report lists every switch.
 
-Planning is CPU work (a numpy search), so the re-planner runs it in a thread of its own on a snapshot of the
-layout, and the edge's event loop keeps serving meanwhile; what the snapshot learned is merged back on
-the loop.
+Planning is CPU work (a numpy search), so it never runs on the edge's event loop: the coordinator calls its
+layout in its executor, and the re-planner plans in a thread of its own on a snapshot of the layout;
+what the snapshot learned is merged back on the loop. A lock keeps the layout's state whole between them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -88,20 +89,31 @@ class PlannedLayout:
         self.slowdowns: dict[str, float] = {}  # measured: how much slower than the profile each node computes
         self.cluster: ClusterSpec | None = None  # the live cluster last planned for
         self.current: Plan | None = None
+        self._lock = threading.Lock()  # the coordinator's executor and the re-planner's thread both plan
 
     def __call__(self, cluster: ClusterSpec, live: set[str]) -> Placement:
-        self.cluster = _live(cluster, live)
-        self.current = self.best()
-        logger.info("planned (%s): %s, predicted %.1f ms", self.objective.kind, self.current.describe(),
-                    self.current.latency_ms)
-        return placement_from_plan(self.net, self.cluster, self.current)
+        """Plan for the live nodes (any thread: the work is done on a snapshot, then kept in one step)."""
+        scratch = self.snapshot()
+        scratch.cluster = _live(cluster, live)
+        chosen = scratch.best()
+        with self._lock:
+            self.cluster, self.current = scratch.cluster, chosen
+        logger.info("planned (%s): %s, predicted %.1f ms", self.objective.kind, chosen.describe(), chosen.latency_ms)
+        return placement_from_plan(self.net, scratch.cluster, chosen)
 
     def snapshot(self) -> PlannedLayout:
         """A copy to plan on in another thread: the same inputs, and measurement dicts of its own."""
         copy = PlannedLayout(self.net, self.profile, self.objective, codecs=self.codecs)
-        copy.measured, copy.slowdowns = dict(self.measured), dict(self.slowdowns)
-        copy.cluster, copy.current = self.cluster, self.current
+        with self._lock:
+            copy.measured, copy.slowdowns = dict(self.measured), dict(self.slowdowns)
+            copy.cluster, copy.current = self.cluster, self.current
         return copy
+
+    def learn(self, scratch: PlannedLayout) -> None:
+        """Keep what a snapshot measured."""
+        with self._lock:
+            self.measured.update(scratch.measured)
+            self.slowdowns.update(scratch.slowdowns)
 
     def best(self) -> Plan:
         return plan(self.profile, self._topology(), self.objective, codecs=self.codecs).best
@@ -216,8 +228,7 @@ class Replanner:
 
     def _conclude(self, look: _Look) -> str | None:
         """Keep what the snapshot measured and ask for the new plan, unless the plan changed meanwhile."""
-        self.layout.measured.update(look.scratch.measured)
-        self.layout.slowdowns.update(look.scratch.slowdowns)
+        self.layout.learn(look.scratch)
         if look.reason is None:
             return None
         if self.layout.current is not look.scratch.current:

@@ -36,7 +36,7 @@ from splitexit.runtime.placement import Placement
 from splitexit.runtime.records import RequestRecord, request_record
 from splitexit.runtime.remote import LinkCounters
 from splitexit.runtime.replicas import ReplicaSet
-from splitexit.runtime.stage_hop import stage_hop
+from splitexit.runtime.stage_hop import NextStage, OpenNextStage, stage_hop
 
 __all__ = ["RETIRE_TIMEOUT", "RETRYABLE", "RequestPath"]
 
@@ -52,12 +52,13 @@ class RequestPath:
     """Sends each input through the edge's hop of the current plan until it is answered."""
 
     def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, *, window: int,
-                 on_broken: Callable[[str], None] | None = None):
+                 on_broken: Callable[[str], None] | None = None, open_next: OpenNextStage = ReplicaSet):
+        """``open_next`` opens each plan's streams to the next stage (default: gRPC replicas)."""
         self.net, self.cluster, self.window = net, cluster, window
         self.name = cluster.edge.name
         self.retry = Backoff(cluster.retry.first_wait, cluster.retry.max_wait)
         self.compute = ComputeMeter()  # how long each node's stage computed per request, under this plan
-        self._on_broken = on_broken
+        self._on_broken, self._open_next = on_broken, open_next
         self._hop: Hop | None = None
         self._version = 0
         self._retired: dict[Hop, asyncio.Task] = {}  # hops of earlier plans, closing once their requests finish
@@ -81,7 +82,8 @@ class RequestPath:
                       policy=without_exits(self.net.policy, placement.disabled_exits)) \
             if placement.disabled_exits else self.net.stage(first.start, first.end)
         hop = stage_hop(stage, node=self.cluster.edge, cluster=self.cluster, plan_version=placement.version,
-                        codec=codec, on_broken=self._on_broken, counters=self._sent)
+                        codec=codec, on_broken=self._on_broken, counters=self._sent,
+                        open_next=self._open_next)
         if (replicas := _replicas(hop)) is not None:
             await replicas.update(peers)
         old, self._hop, self._version = self._hop, hop, placement.version
@@ -171,6 +173,6 @@ class RequestPath:
             await self._hop.close()
 
 
-def _replicas(hop: Hop) -> ReplicaSet | None:
+def _replicas(hop: Hop) -> NextStage | None:
     """The next stage's replicas behind the edge's hop (None when the edge's stage ends at the model output)."""
-    return cast(ReplicaSet | None, hop.downstream)  # stage_hop gives every forwarding hop a ReplicaSet
+    return cast(NextStage | None, hop.downstream)  # stage_hop gives every forwarding hop a NextStage

@@ -2,28 +2,50 @@
 
 The edge and every worker build theirs here, so both ends of every link agree on what crosses it: the
 codec is chosen once, by the coordinator, and sent to the node that encodes.
+
+The way on is a :class:`NextStage`: the gRPC :class:`~splitexit.runtime.replicas.ReplicaSet` unless the
+caller passes another ``open_next`` (the request-path tests pass an in-memory channel).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.config.codec_names import CodecSpec
 from splitexit.model.stages import Stage
 from splitexit.runtime.executor import StageExecutor
-from splitexit.runtime.hop import Hop
-from splitexit.runtime.remote import LinkCounters
+from splitexit.runtime.hop import Downstream, Hop
+from splitexit.runtime.remote import LinkCounters, LinkReport
 from splitexit.runtime.replicas import ReplicaSet
-from splitexit.runtime.security import node_credentials
+from splitexit.runtime.security import NodeCredentials, node_credentials
 from splitexit.wire.messages import encode_tensors
 
-__all__ = ["stage_hop"]
+__all__ = ["NextStage", "OpenNextStage", "stage_hop"]
+
+
+class NextStage(Downstream, Protocol):
+    """The replicas of the next stage, as a forwarding hop and the edge's request path use them."""
+
+    async def update(self, peers: Sequence[NodeSpec], *, wait: bool = True) -> None:
+        """Serve exactly ``peers`` from now on."""
+
+    async def health_links(self) -> dict[tuple[str, str], LinkReport]:
+        """Every link from here down, as its sender reports it."""
+
+
+class OpenNextStage(Protocol):
+    """Builds a plan's (unconnected) :class:`NextStage`; :class:`ReplicaSet` is the real one."""
+
+    def __call__(self, *, sender: str, cluster: ClusterSpec, plan_version: int,
+                 credentials: NodeCredentials | None, on_broken: Callable[[str], None] | None,
+                 counters: dict[str, LinkCounters] | None) -> NextStage: ...
 
 
 def stage_hop(stage: Stage, *, node: NodeSpec, cluster: ClusterSpec, plan_version: int, codec: CodecSpec | None,
-              on_broken: Callable[[str], None] | None = None, counters: dict[str, LinkCounters] | None = None
-              ) -> Hop:
+              on_broken: Callable[[str], None] | None = None, counters: dict[str, LinkCounters] | None = None,
+              open_next: OpenNextStage = ReplicaSet) -> Hop:
     """``node``'s hop for one plan: the stage executor, and the next stage's replicas (unconnected) unless
     the stage ends at the model output."""
     replicas = None
@@ -32,8 +54,8 @@ def stage_hop(stage: Stage, *, node: NodeSpec, cluster: ClusterSpec, plan_versio
         if codec is None:
             raise ValueError("a stage that forwards rows needs the codec of its outgoing link")
         encode = lambda tensors: encode_tensors(tensors, codec)  # noqa: E731
-        replicas = ReplicaSet(sender=node.name, cluster=cluster, plan_version=plan_version,
-                              credentials=node_credentials(cluster, node.name), on_broken=on_broken,
-                              counters=counters)
+        replicas = open_next(sender=node.name, cluster=cluster, plan_version=plan_version,
+                             credentials=node_credentials(cluster, node.name), on_broken=on_broken,
+                             counters=counters)
     executor = StageExecutor(stage, batching=cluster.batching, slowdown=node.slowdown, encode=encode, name=node.name)
     return Hop(node.name, executor, replicas)

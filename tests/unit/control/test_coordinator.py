@@ -1,5 +1,5 @@
 """The coordinator on a fake clock: when it re-reads the registry, how long it leaves a failing node out,
-how long it waits for the tiers at start; and its torch work leaves the event loop free.
+how long it waits for the tiers at start; and its CPU work (layout, stage files) leaves the event loop free.
 
 Real objects throughout: the embedded registry (on the fake clock), real nodes in this process reached
 through the in-process control twin, and a real model. Only time is faked.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from splitexit.errors import ClusterError
 from splitexit.runtime.failover import BAN
 from splitexit.runtime.local_control import LocalNodeControl
 from splitexit.runtime.node import Node
-from splitexit.runtime.placement import Placement
+from splitexit.runtime.placement import Placement, default_placement
 
 CLUSTER = """
 nodes:
@@ -59,6 +59,19 @@ async def eventually(condition: Callable[[], bool], what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.005)
+
+
+class InlineExecutor(Executor):
+    """Runs each job at once, on the caller's thread: on the fake clock a re-plan then happens at the fake
+    second it starts, not whenever a real thread gets to it."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: Future[object] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine, as a pool would
+            future.set_exception(exc)
+        return future
 
 
 @dataclass
@@ -127,7 +140,7 @@ async def with_coordinator(net: EarlyExitNet, tmp_path: Path, running: tuple[str
         harness.installed.append(Installed(clock(), placement, [p.name for p in peers]))
 
     coordinator = Coordinator(net, spec, registry, on_plan, connect=lambda node: LocalNodeControl(node, nodes),
-                              clock=clock, sleep=clock.sleep)
+                              clock=clock, sleep=clock.sleep, executor=InlineExecutor())
     harness = Harness(tmp_path, spec, clock, registry, nodes, coordinator)
     try:
         await scenario(harness)
@@ -178,7 +191,7 @@ def test_an_unreachable_node_is_retried_with_a_growing_back_off(net: EarlyExitNe
     async def rounds(h: Harness, count: int) -> None:
         for _ in range(count):
             await h.clock.advance(RESYNC_INTERVAL + SETTLE)  # a re-read, and a re-plan it may ask for
-            await asyncio.sleep(0.05)  # a re-plan has assignments to make in real threads
+            await eventually(lambda: not h.coordinator.busy, "the re-plan to finish (it works in real threads)")
 
     async def scenario(h: Harness) -> None:
         await h.register("cloud1")
@@ -226,6 +239,31 @@ def test_start_waits_for_every_tier_then_gives_up_with_a_hint(net: EarlyExitNet,
 
 
 # --------------------------------------------------------------------------- the loop stays free
+class RecordingExecutor(ThreadPoolExecutor):
+    """A thread pool that notes when each job it was handed started and ended."""
+
+    def __init__(self, max_workers: int):
+        super().__init__(max_workers=max_workers)
+        self.jobs: list[tuple[float, float]] = []
+
+    def submit(self, fn, /, *args, **kwargs):
+        def timed() -> object:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.jobs.append((started, time.perf_counter()))
+        return super().submit(timed)
+
+
+def _has_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 async def _ticker(ticks: list[float], stop: asyncio.Event) -> None:
     while not stop.is_set():
         await asyncio.sleep(TICK)
@@ -233,23 +271,13 @@ async def _ticker(ticks: list[float], stop: asyncio.Event) -> None:
 
 
 def test_the_loop_keeps_ticking_while_a_stage_file_builds_and_a_node_describes_itself(tmp_path: Path) -> None:
+    """And the layout (planning, when the planner decides) is called in the executor too."""
     torch.manual_seed(0)
     wide = EarlyExitNet.from_model(build_model("digits_cnn", WIDE_CLASSES), torch.zeros(1, 1, 8, 8),
                                    source=ModelSource(name="digits_cnn", num_classes=WIDE_CLASSES)).eval()
     spec = ClusterSpec.model_validate(yaml.safe_load(ONE_WORKER))
-    jobs: list[tuple[float, float]] = []  # (start, end) of each job the coordinator handed its executor
-
-    class RecordingExecutor(ThreadPoolExecutor):
-        def submit(self, fn, /, *args, **kwargs):
-            def timed() -> object:
-                started = time.perf_counter()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    jobs.append((started, time.perf_counter()))
-            return super().submit(timed)
-
-    executor = RecordingExecutor(max_workers=1)
+    executor, describing = RecordingExecutor(max_workers=1), RecordingExecutor(max_workers=1)
+    layout_threads: list[bool] = []  # per layout call: whether an event loop ran in the thread that made it
 
     async def go() -> tuple[list[float], tuple[float, float]]:
         registry = EmbeddedRegistry()
@@ -261,8 +289,12 @@ def test_the_loop_keeps_ticking_while_a_stage_file_builds_and_a_node_describes_i
         async def on_plan(placement: Placement, peers: list[NodeSpec], codec: CodecSpec | None) -> None:
             pass
 
+        def layout(live_cluster: ClusterSpec, live: set[str]) -> Placement:
+            layout_threads.append(_has_running_loop())
+            return default_placement(wide, live_cluster, live)
+
         coordinator = Coordinator(wide, spec, registry, on_plan, connect=lambda node: LocalNodeControl(node, nodes),
-                                  executor=executor)
+                                  layout=layout, executor=executor)
         ticks: list[float] = []
         stop = asyncio.Event()
         ticking = asyncio.get_running_loop().create_task(_ticker(ticks, stop))
@@ -270,7 +302,7 @@ def test_the_loop_keeps_ticking_while_a_stage_file_builds_and_a_node_describes_i
 
         async def describe() -> None:
             window.append(time.perf_counter())
-            await describe_node("cloud1", "127.0.0.1:50061", 1, "x")
+            await describe_node("cloud1", "127.0.0.1:50061", 1, "x", executor=describing)
             window.append(time.perf_counter())
 
         try:
@@ -288,9 +320,12 @@ def test_the_loop_keeps_ticking_while_a_stage_file_builds_and_a_node_describes_i
         ticks, (described_from, described_to) = asyncio.run(go())
     finally:
         executor.shutdown()
-    assert jobs, "the coordinator built the worker's stage file in its executor, not on the loop"
-    build_from, build_to = max(jobs, key=lambda job: job[1] - job[0])
-    assert len([t for t in ticks if build_from < t < build_to]) >= 2, "the loop ticked while the stage file built"
-    during = [t for t in ticks if described_from < t < described_to]
-    assert described_to - described_from >= SPEED_SECONDS
-    assert len(during) >= 5, "the loop ticked while describe_node measured the machine's speed"
+        describing.shutdown()
+    assert layout_threads == [False], "the coordinator called its layout once, in its executor, not on the loop"
+    assert executor.jobs, "the coordinator built the worker's stage file in its executor, not on the loop"
+    build_from, build_to = max(executor.jobs, key=lambda job: job[1] - job[0])
+    assert [t for t in ticks if build_from < t < build_to], "the loop ticked while the stage file built"
+    (speed_from, speed_to), = describing.jobs
+    assert described_from < speed_from and speed_to < described_to, "describe_node measured in its executor"
+    assert speed_to - speed_from >= SPEED_SECONDS
+    assert [t for t in ticks if speed_from < t < speed_to], "the loop ticked while the machine's speed was measured"

@@ -19,7 +19,6 @@ import pytest
 import torch
 import yaml
 
-import splitexit.runtime.stage_hop as stage_hop_module
 from splitexit import EarlyExitNet, build_model
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.config.codec_names import parse_codec
@@ -162,11 +161,14 @@ class ChannelTwin:
 
 
 @pytest.fixture
-def wiring(net: EarlyExitNet, monkeypatch: pytest.MonkeyPatch) -> Wiring:
-    """The edge's hops get a ChannelTwin where they would open gRPC streams."""
-    wires = Wiring(net)
-    monkeypatch.setattr(stage_hop_module, "ReplicaSet", functools.partial(ChannelTwin, wires))
-    return wires
+def wiring(net: EarlyExitNet) -> Wiring:
+    """Where each plan's ChannelTwin leads; :func:`request_path` opens them."""
+    return Wiring(net)
+
+
+def request_path(net: EarlyExitNet, cluster: ClusterSpec, wiring: Wiring, *, window: int) -> RequestPath:
+    """The edge's request path, with a ChannelTwin where it would open gRPC streams."""
+    return RequestPath(net, cluster, window=window, open_next=functools.partial(ChannelTwin, wiring))
 
 
 @pytest.fixture
@@ -210,7 +212,7 @@ def test_a_request_lost_with_a_node_is_sent_again_under_its_id_and_answered_once
     wiring.fail_first[placement.version] = 2
 
     async def scenario() -> tuple[RequestPath, RequestRecord, list[RequestRecord]]:
-        path = RequestPath(net, cluster, window=4)
+        path = request_path(net, cluster, wiring, window=4)
         await path.install(placement, [cluster.node("cloud")], RAW)
         try:
             first = await path.infer(inputs[0], index=0, label=7)
@@ -244,7 +246,7 @@ def test_a_late_duplicate_answer_is_dropped(net: EarlyExitNet, inputs: torch.Ten
     answered: list = []
 
     async def scenario() -> tuple[RequestRecord, RequestRecord]:
-        path = RequestPath(net, cluster, window=4)
+        path = request_path(net, cluster, wiring, window=4)
         await path.install(placement, [cluster.node("cloud")], RAW)
         channel = wiring.channel(placement.version)
         try:
@@ -273,7 +275,7 @@ def test_a_failure_a_retry_cannot_fix_is_reported_at_once(net: EarlyExitNet, inp
     placement = wiring.plan(default_placement(net, cluster))
 
     async def scenario() -> RequestRecord:
-        path = RequestPath(net, cluster, window=4)
+        path = request_path(net, cluster, wiring, window=4)
         await path.install(placement, [], RAW)
         channel = wiring.channel(placement.version)
         channel.holding = True
@@ -297,7 +299,7 @@ def test_resubmission_gives_up_after_the_retry_timeout(net: EarlyExitNet, inputs
     wiring.fail_first[placement.version] = 10**6  # the node never comes back
 
     async def scenario() -> RequestRecord:
-        path = RequestPath(net, cluster, window=4)
+        path = request_path(net, cluster, wiring, window=4)
         await path.install(placement, [], RAW)
         try:
             return await path.infer(inputs[0])
@@ -321,7 +323,7 @@ def test_a_plan_switch_answers_every_request_once_and_retires_the_old_hop_when_i
     in_flight = 8
 
     async def scenario() -> tuple[list[RequestRecord], list[int], RequestRecord]:
-        path = RequestPath(net, cluster, window=in_flight)
+        path = request_path(net, cluster, wiring, window=in_flight)
         await path.install(old, [cluster.node("cloud")], RAW)
         old_hop, old_channel = path.hop, wiring.channel(old.version)
         old_channel.holding = True  # answers wait until the switch is done
@@ -366,7 +368,7 @@ def test_installing_the_same_plan_again_only_updates_the_peers(net: EarlyExitNet
     placement = wiring.plan(default_placement(net, cluster))
 
     async def scenario() -> RequestRecord:
-        path = RequestPath(net, cluster, window=2)
+        path = request_path(net, cluster, wiring, window=2)
         await path.install(placement, [], RAW)
         hop = path.hop
         await path.install(placement, [cluster.node("cloud")], RAW)
@@ -390,7 +392,7 @@ def test_run_answers_a_dataset_in_order_through_a_flaky_channel(net: EarlyExitNe
     seen: list[int] = []
 
     async def scenario() -> list[RequestRecord]:
-        path = RequestPath(net, cluster, window=3)
+        path = request_path(net, cluster, wiring, window=3)
         await path.install(placement, [], RAW)
         try:
             dataset = list(zip(inputs, labels))
@@ -411,7 +413,7 @@ def test_infer_before_any_plan_or_with_a_wrong_shape_is_refused(net: EarlyExitNe
     cluster = make_cluster()
 
     async def scenario() -> None:
-        path = RequestPath(net, cluster, window=1)
+        path = request_path(net, cluster, wiring, window=1)
         with pytest.raises(RuntimeError, match="no plan is installed"):
             await path.infer(torch.zeros(1, 8, 8))
         await path.install(wiring.plan(default_placement(net, cluster)), [], RAW)

@@ -5,7 +5,7 @@ Two sets of activations, each taken at the cuts where exits sit (the tensors a s
 (a) **digits_cnn** on scikit-learn's digits, trained jointly with its auto exits for 5 epochs; the test
     split's activations at each exit cut, sent in messages of ``--batch`` rows. Besides bytes and speed,
     the *accuracy change*: the activation crossing the cut is encoded and decoded before the rest of the
-    net (``net.graph.segment(cut, None)``) runs, and the final exit's test accuracy is compared with the
+    net (``net.graph.segment(cut, MODEL_OUTPUT)``) runs, and the final exit's test accuracy is compared with the
     unencoded one.
 (b) **resnet18** with random weights (nothing is downloaded), eval mode, a batch of 8 synthetic 224x224
     inputs, at the cuts after layer1, layer2 and layer3 (post-ReLU, like most CNN activations).
@@ -41,6 +41,7 @@ from rich.table import Table
 import splitexit
 from splitexit.config import TrainConfig
 from splitexit.config.codec_names import CodecSpec, list_codecs, parse_codec
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.model.exits import EarlyExitNet
 from splitexit.wire.tensor_codec import decode, encode
 
@@ -153,8 +154,8 @@ def digits_results(batch: int, passes: Passes) -> list[CutResult]:
     net.eval()
     results = []
     for cut, name in zip(net.exit_cuts, net.exit_names()):
-        head = net.graph.segment(None, cut.id).eval()
-        rest = net.graph.segment(cut.id, None).eval()
+        head = net.graph.segment(MODEL_INPUT, cut.id).eval()
+        rest = net.graph.segment(cut.id, MODEL_OUTPUT).eval()
         with torch.inference_mode():
             crossing = [head(test_inputs[i:i + batch]) for i in range(0, len(test_inputs), batch)]
         messages = [c[0].clone() for c in crossing]  # one tensor crosses an exit cut
@@ -171,7 +172,7 @@ def resnet_results(passes: Passes) -> list[CutResult]:
     results = []
     for cut, name in zip(net.exit_cuts, RESNET_CUTS):
         with torch.inference_mode():
-            activation = net.graph.segment(None, cut.id).eval()(inputs)[0].clone()
+            activation = net.graph.segment(MODEL_INPUT, cut.id).eval()(inputs)[0].clone()
         results.append(codec_rows("resnet18", name, [activation], passes))
     return results
 

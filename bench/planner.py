@@ -33,7 +33,7 @@ table restricted to exactly the calibration samples this bench sends (the same s
 the prediction is the exit mix of the measurement). The planner's choice uses the whole table, as
 ``splitexit plan`` does.
 
-**Measurement.** Per bandwidth one ``Entry`` (window 1, no re-planning) whose layout serves the candidate
+**Measurement.** Per bandwidth one ``Entry`` (window 1, no re-planning) whose placer serves the candidate
 under test via ``placement_from_plan``; switching candidates asks its coordinator to re-plan (it assigns and
 ships the stages), then the edge sends warm-up requests that go to the deepest exit, then timed requests,
 one at a time. digits: a fixed set of calibration samples chosen so their exit mix matches the whole
@@ -369,7 +369,7 @@ def start_cluster(workdir: Path, bandwidth_mbit: float) -> tuple[LocalCluster, C
 
 
 class _Serve:
-    """The entry's layout: whatever plan is under test."""
+    """The entry's placer: whatever plan is under test."""
 
     def __init__(self, net: EarlyExitNet, chosen: Plan):
         self.net, self.plan = net, chosen
@@ -378,11 +378,11 @@ class _Serve:
         return placement_from_plan(self.net, cluster, self.plan)
 
 
-async def _switch(entry: Entry, layout: _Serve, cluster: ClusterSpec, row: Row) -> None:
-    want = placement_from_plan(layout.net, cluster, row.plan).version
+async def _switch(entry: Entry, placer: _Serve, cluster: ClusterSpec, row: Row) -> None:
+    want = placement_from_plan(placer.net, cluster, row.plan).version
     if entry.placement.version == want:
         return
-    layout.plan = row.plan
+    placer.plan = row.plan
     entry.coordinator.request_replan(f"bench: {row.label}")  # type: ignore[union-attr]
     deadline = time.monotonic() + 60
     while entry.placement.version != want:
@@ -391,9 +391,9 @@ async def _switch(entry: Entry, layout: _Serve, cluster: ClusterSpec, row: Row) 
         await asyncio.sleep(0.005)
 
 
-async def _measure(entry: Entry, layout: _Serve, cluster: ClusterSpec, model: Model, row: Row) -> Block:
+async def _measure(entry: Entry, placer: _Serve, cluster: ClusterSpec, model: Model, row: Row) -> Block:
     """One block of requests for ``row``: switch, warm up, then timed requests one at a time."""
-    await _switch(entry, layout, cluster, row)
+    await _switch(entry, placer, cluster, row)
     for index, x in model.warmup:
         await entry.infer(x, index=index)
     expected = model.profile.exits.route(model.exits)
@@ -427,19 +427,19 @@ async def _sweep(model: Model, cluster: ClusterSpec, topology: Topology, rows: l
                  confirm: int) -> None:
     """Through one entry: every row; then ``must`` and the ``confirm`` best measured rows once more; then a
     diagnostic block for every row whose prediction is off by more than 20%."""
-    layout = _Serve(model.net, rows[0].plan)
-    entry = Entry(model.net, cluster, window=1, layout=layout, replan=False)
+    placer = _Serve(model.net, rows[0].plan)
+    entry = Entry(model.net, cluster, window=1, placer=placer, replan=False)
     await entry.start()
     try:
         for row in rows:
-            row.blocks.append(await _measure(entry, layout, cluster, model, row))
+            row.blocks.append(await _measure(entry, placer, cluster, model, row))
         ranked = sorted((r for r in rows if r.latencies), key=lambda r: r.measured_ms)
         for row in dict.fromkeys([*must[:1], *ranked[:confirm], *must[1:]]):
-            row.blocks.append(await _measure(entry, layout, cluster, model, row))
+            row.blocks.append(await _measure(entry, placer, cluster, model, row))
         for row in rows:
             row.predicted_ms = _predicted(model, topology, row, row.samples) if row.samples else math.nan
         for row in [r for r in rows if abs(r.ratio - 1) > WITHIN]:
-            row.recheck = await _measure(entry, layout, cluster, model, row)
+            row.recheck = await _measure(entry, placer, cluster, model, row)
             if row.recheck.samples:
                 row.recheck_predicted_ms = _predicted(model, topology, row, row.recheck.samples)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT, Cut
 from splitexit.plan.profile import (
     CodecTiming,
     CutTransfer,
@@ -23,14 +24,14 @@ def synthetic_profile(seed: int, *, cuts: int = 4, exits: tuple[int, ...] = (1, 
     """A random but plausible profile: cut ids 10, 20, ...; exits at the given cut positions (0-based)."""
     rng = np.random.default_rng(seed)
     cut_ids = tuple(10 * (i + 1) for i in range(cuts))
-    bounds = [None, *cut_ids, None]
+    bounds: list[Cut] = [MODEL_INPUT, *cut_ids, MODEL_OUTPUT]
     segments = tuple(SegmentTiming(a, b, 1000, {1: Timing.fixed(float(t)), 8: Timing.fixed(float(t) * 3)})
                      for a, b, t in zip(bounds[:-1], bounds[1:], rng.uniform(1e-4, 3e-3, cuts + 1)))
-    heads = tuple(HeadTiming(i, cut_ids[p] if p is not None else None,
+    heads = tuple(HeadTiming(i, cut_ids[p] if p is not None else MODEL_OUTPUT,
                              {1: Timing.fixed(float(t)), 8: Timing.fixed(float(t) * 2)})
                   for i, (p, t) in enumerate(zip([*exits, None], rng.uniform(1e-5, 3e-4, len(exits) + 1))))
     transfers = []
-    for cut, raw in zip([None, *cut_ids], rng.integers(500, 200_000, cuts + 1)):
+    for cut, raw in zip([MODEL_INPUT, *cut_ids], rng.integers(500, 200_000, cuts + 1)):
         table = {}
         for k, name in enumerate(codecs):
             shrink = 1.0 if k == 0 else float(rng.uniform(0.1, 0.6))

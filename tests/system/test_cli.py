@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from splitexit import EarlyExitNet, build_model
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SKIPNET = f"{ASSETS / 'models.py'}:build"
@@ -86,7 +87,7 @@ def test_user_model_cuts_across_skips_carry_every_tensor_and_last_exit_is_the_mo
     with torch.no_grad():
         assert torch.allclose(net(x)[-1], model(x))
         for cut in net.graph.cut_points:
-            head, tail = net.graph.segment(None, cut.id), net.graph.segment(cut.id, None)
+            head, tail = net.graph.segment(MODEL_INPUT, cut.id), net.graph.segment(cut.id, MODEL_OUTPUT)
             assert torch.allclose(tail(*head(x)), model(x), atol=1e-6), cut.describe()
 
 

@@ -16,6 +16,7 @@ from splitexit.config.codec_names import parse_codec
 from splitexit.config.load import load_cluster
 from splitexit.control.edge import Entry
 from splitexit.control.local_cluster import LocalCluster
+from splitexit.cuts import MODEL_INPUT
 from splitexit.wire import wire_pb2
 from splitexit.wire.messages import encode_tensors, grpc_options
 from support import free_port
@@ -61,7 +62,7 @@ def test_ten_thousand_fuzzed_messages(tmp_path: Path) -> None:
     cluster = load_cluster(cluster_file)
     good_input = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        activation = net.graph.segment(None, net.exit_cuts[0].id)(good_input)
+        activation = net.graph.segment(MODEL_INPUT, net.exit_cuts[0].id)(good_input)
         expected = int(net(good_input)[-1].argmax(1))
     tensors = encode_tensors(activation, parse_codec("raw"))
 

@@ -25,8 +25,8 @@ from splitexit.app.plan import profile_package
 from splitexit.config import ClusterSpec, DataSplit
 from splitexit.control.coordinator import PlanChange
 from splitexit.control.edge import Entry
-from splitexit.control.replan import PlannedLayout
-from splitexit.model.stages import INPUT
+from splitexit.control.replan import PlanningPlacer
+from splitexit.cuts import MODEL_INPUT
 from splitexit.plan.objective import Objective
 from splitexit.plan.profile import Profile
 from splitexit.runtime import link
@@ -72,7 +72,7 @@ def serve(net: EarlyExitNet, profile: Profile, spec: ClusterSpec, stages: Path, 
 
     async def run():  # noqa: ANN202
         nodes = await start_nodes(nodes_spec or spec, stages)
-        entry = Entry(net, spec, layout=PlannedLayout(net, profile, Objective()))
+        entry = Entry(net, spec, placer=PlanningPlacer(net, profile, Objective()))
         try:
             await entry.start()
             first = entry.placement
@@ -96,7 +96,7 @@ def serve(net: EarlyExitNet, profile: Profile, spec: ClusterSpec, stages: Path, 
 def test_a_bandwidth_drop_makes_the_entry_switch_plans(mobilenet: tuple[EarlyExitNet, Profile],
                                                         tmp_path: Path) -> None:
     first, records, changes = serve(*mobilenet, cluster(), tmp_path)
-    assert first.stages[0].end == INPUT, f"at 100 Mbit/s the input should go to the cloud: {first.describe()}"
+    assert first.stages[0].end is MODEL_INPUT, f"at 100 Mbit/s the input should go to the cloud: {first.describe()}"
     origin = link._ORIGINS[("edge", "cloud1")]  # monotonic time the link first carried a message
     dropped_at = time.time() - (time.monotonic() - origin) + DROP_AT
     switches = [c for c in changes[1:] if "measured" in c.reason]
@@ -104,7 +104,7 @@ def test_a_bandwidth_drop_makes_the_entry_switch_plans(mobilenet: tuple[EarlyExi
     switch = switches[0]
     assert switch.time - dropped_at <= 5.0, f"switched {switch.time - dropped_at:.1f} s after the drop"
     assert "edge->cloud1 measured" in switch.reason and "Mbit/s" in switch.reason
-    assert switch.placement.stages[0].end != INPUT, "after the drop the edge should compute"
+    assert switch.placement.stages[0].end is not MODEL_INPUT, "after the drop the edge should compute"
 
 
 def test_a_node_slower_than_planned_is_measured_and_avoided(mobilenet: tuple[EarlyExitNet, Profile],

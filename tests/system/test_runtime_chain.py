@@ -16,6 +16,7 @@ from splitexit import EarlyExitNet, ExitPolicy, build_model
 from splitexit.config import ClusterSpec, ModelSource, NodeSpec
 from splitexit.config.codec_names import parse_codec
 from splitexit.control.edge import Entry
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.runtime.control_messages import NodeProfile
 from splitexit.wire import wire_pb2, wire_pb2_grpc
 from splitexit.wire.messages import encode_tensors, grpc_options
@@ -335,7 +336,7 @@ async def _profile_requests(net: EarlyExitNet, cluster: ClusterSpec, dataset: Te
     outcomes: dict[str, object] = {}
     try:
         await entry.start()
-        whole = stage_file(net, None, None)
+        whole = stage_file(net, MODEL_INPUT, MODEL_OUTPUT)
         cuts = [c.id for c in net.graph.cut_points]
 
         def request(**changes: object) -> ProfileJob:

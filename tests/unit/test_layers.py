@@ -19,6 +19,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "splitexit"
 LAYERS: tuple[tuple[str, int], ...] = (
     ("splitexit.errors", 0),
     ("splitexit.units", 0),
+    ("splitexit.cuts", 0),
+    ("splitexit.aio", 0),
     ("splitexit.tensors", 0),
     ("splitexit.links", 0),
     ("splitexit.config", 1),

@@ -16,6 +16,7 @@ from splitexit.app.package_data import package_dataset
 from splitexit.config import ClusterSpec
 from splitexit.config.load import load_cluster
 from splitexit.control.cluster_profile import profile_cluster, stored_link_estimates
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT, Cut
 from splitexit.errors import ConfigError, CutError, PackageError
 from splitexit.model.cpu import apply_threads
 from splitexit.model.data import split_dataset
@@ -200,9 +201,10 @@ def _configured(profile: Profile, topology: Topology, cluster: ClusterSpec, obje
     if any(e is None for e in ends):
         return None
     try:
-        cuts: list[int | None] = [None if e == "input" else net.graph.resolve(e).id for e in ends if e is not None]
-        bounds = [None, *cuts, None]
-        stages = [(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if not (i == 0 and b is None)]
+        cuts: list[Cut] = [MODEL_INPUT if e is MODEL_INPUT else net.graph.resolve(e).id for e in ends if e is not None]
+        bounds: list[Cut] = [MODEL_INPUT, *cuts, MODEL_OUTPUT]
+        stages = [(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+                  if not (i == 0 and b is MODEL_INPUT)]  # a skipped edge computes nothing
         codecs = [cluster.link(a[0].name, b[0].name).codec for a, b in zip(tiers, tiers[1:])]
         codecs = ["raw" if c == "auto" else c for c in codecs]
         return predict(profile, topology, stages, calibrated_exits(net), codecs, objective=objective,

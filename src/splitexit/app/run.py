@@ -20,7 +20,7 @@ from splitexit.config.load import load_cluster, resolve_package
 from splitexit.control.edge import Entry, RunResult
 from splitexit.control.etcd_server import DevEtcd
 from splitexit.control.local_cluster import LocalCluster, die_with_parent
-from splitexit.control.replan import PlannedLayout, file_codecs
+from splitexit.control.replan import PlanningPlacer, file_codecs
 from splitexit.control.worker import serve_node
 from splitexit.errors import ClusterError
 from splitexit.model.cpu import apply_threads
@@ -139,13 +139,13 @@ def run_cluster(package: Path | None, cluster_file: Path, *, data: str | None = 
         size = len(cast(Sized, dataset))  # every split is a Subset or ConcatDataset, both sized
         dataset = Subset(dataset, range(min(limit, size)))
 
-    layout = None
+    placer = None
     if objective is not None:
         profile = profile_package(package, data=data).profile
-        layout = PlannedLayout(net, profile, objective, codecs=file_codecs(cluster))
+        placer = PlanningPlacer(net, profile, objective, codecs=file_codecs(cluster))
 
     async def go() -> RunResult:
-        entry = Entry(net, cluster, window=window, layout=layout, replan=replan)
+        entry = Entry(net, cluster, window=window, placer=placer, replan=replan)
         try:
             await entry.start()
             return await entry.run(dataset, on_record=on_record)

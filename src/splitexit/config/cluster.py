@@ -9,6 +9,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from splitexit.config.base import SpecModel
 from splitexit.config.codec_names import AUTO, parse_codec
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT, Cut
 from splitexit.errors import ConfigError
 from splitexit.links import in_series
 from splitexit.units import parse_bandwidth, parse_duration, parse_size
@@ -42,9 +43,17 @@ class NodeSpec(SpecModel):
     slowdown: float = Field(1.0, ge=1.0, description="stretch compute time by this factor (emulate a slow device)")
     tier: int | None = Field(None, ge=1, description="position in the chain (workers of one tier are replicas); "
                                                     "default: one after the previous node's")
-    ends_at: int | str | None = Field(None, description="cut (id or module) where this node's stage ends; "
-                                                        "`input` on the edge: send the input unprocessed")
+    ends_at: Cut | str | None = Field(None, description="cut (id or module) where this node's stage ends; "
+                                                       "`input` on the edge: send the input unprocessed")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (0: any free)")
+
+    @field_validator("ends_at")
+    @classmethod
+    def _boundary(cls, value: Cut | str | None) -> Cut | str | None:
+        """``input`` is the model's boundary (:data:`~splitexit.cuts.MODEL_INPUT`), not a module's name."""
+        if value == MODEL_OUTPUT:
+            raise ValueError("a stage ends at the output only on the last tier, which leaves `ends_at` unset")
+        return MODEL_INPUT if value == MODEL_INPUT else value
 
     @model_validator(mode="after")
     def _worker_has_address(self) -> NodeSpec:

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from splitexit.config import ClusterSpec, NodeSpec
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.errors import ClusterError, NodeUnavailableError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stage_file import sha256_hex, stage_file
@@ -154,7 +155,7 @@ class _Profiler:
         """The whole model's stage file and its sha256, built once (in an executor: torch work)."""
         if self._stage is None:
             def build() -> tuple[str, bytes]:
-                data = stage_file(self.net, None, None)
+                data = stage_file(self.net, MODEL_INPUT, MODEL_OUTPUT)
                 return sha256_hex(data), data
 
             self._stage = await asyncio.get_running_loop().run_in_executor(None, build)

@@ -28,10 +28,12 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
+from splitexit.aio import stop
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.config.codec_names import CodecSpec, parse_codec
 from splitexit.control.members import NODES, NodeInfo, parse_node_info
 from splitexit.control.registry import Registry
+from splitexit.cuts import MODEL_OUTPUT, Cut
 from splitexit.errors import ClusterError, NodeUnavailableError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stage_file import sha256_hex, stage_file
@@ -39,15 +41,15 @@ from splitexit.plan.codec_choice import link_codec
 from splitexit.runtime.control_client import ControlPort, NodeControl
 from splitexit.runtime.control_messages import Assignment
 from splitexit.runtime.failover import NodeBans
-from splitexit.runtime.placement import Placement, StagePlacement, default_placement
+from splitexit.runtime.placement import PlacedStage, Placement, default_placement
 from splitexit.runtime.security import node_credentials
 
-__all__ = ["Coordinator", "Layout", "PlanChange"]
+__all__ = ["Coordinator", "Placer", "PlanChange"]
 
 logger = logging.getLogger(__name__)
 
 #: Chooses the placement for the cluster (with joined nodes) over the given live nodes.
-Layout = Callable[[ClusterSpec, set[str]], Placement]
+Placer = Callable[[ClusterSpec, set[str]], Placement]
 #: Opens the control calls to one node (gRPC by default; the in-process twin in tests).
 Connect = Callable[[NodeSpec], ControlPort]
 #: Installs a placement at the edge: the placement, the first stage's replicas, the codec towards them.
@@ -78,15 +80,15 @@ class Coordinator:
     """Keeps the chain placed on the live nodes; ``on_plan`` installs each placement at the edge."""
 
     def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, registry: Registry, on_plan: OnPlan, *,
-                 layout: Layout | None = None, connect: Connect | None = None,
+                 placer: Placer | None = None, connect: Connect | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, executor: Executor | None = None):
         """``connect`` opens a node's control calls (default: gRPC with the edge's credentials); ``clock`` and
-        ``sleep`` are what the coordinator times and waits with; ``executor`` runs its CPU work: the layout
+        ``sleep`` are what the coordinator times and waits with; ``executor`` runs its CPU work: the placer
         (planning), stage files and codec choice (default: the loop's)."""
         self.net, self.cluster, self.registry = net, cluster, registry
         self.on_plan = on_plan
-        self.layout: Layout = layout or (lambda live_cluster, live: default_placement(net, live_cluster, live))
+        self.placer: Placer = placer or (lambda live_cluster, live: default_placement(net, live_cluster, live))
         self._reason: str | None = None
         self.edge = cluster.edge
         self.placement: Placement | None = None
@@ -97,8 +99,8 @@ class Coordinator:
         self._clock, self._sleep, self._executor = clock, sleep, executor
         self._connect: Connect = connect or self._grpc_control
         self._controls: dict[str, ControlPort] = {}
-        self._stage_files: dict[tuple[int | None, int | None, frozenset[int]], tuple[str, bytes]] = {}
-        self._codecs: dict[tuple[int, str], CodecSpec] = {}
+        self._stage_files: dict[tuple[Cut, Cut, frozenset[int]], tuple[str, bytes]] = {}
+        self._codecs: dict[tuple[Cut, str], CodecSpec] = {}
         self._dirty = asyncio.Event()
         self._replanning = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -167,7 +169,7 @@ class Coordinator:
                 logger.warning("coordinator: cannot read the registry (%s); keeping the current plan", exc)
 
     def request_replan(self, reason: str) -> None:
-        """Place the chain again soon (the layout's inputs changed, e.g. a link measured slower)."""
+        """Place the chain again soon (the placer's inputs changed, e.g. a link measured slower)."""
         self._reason = reason
         self._dirty.set()
 
@@ -205,7 +207,7 @@ class Coordinator:
         while True:
             cluster = self._cluster_with_members()
             placement = await asyncio.get_running_loop().run_in_executor(  # planning is CPU work
-                self._executor, self.layout, cluster, self.bans.allowed(set(self.members)))
+                self._executor, self.placer, cluster, self.bans.allowed(set(self.members)))
             failed = await self._assign_all(placement, cluster)
             for stage in placement.stages[1:]:
                 for name in set(stage.nodes) - failed:
@@ -266,7 +268,7 @@ class Coordinator:
             await self._forget_control(node.name)  # a restarted node gets a fresh channel, not one backing off
             return False
 
-    async def _stage_file(self, stage: StagePlacement, disabled: frozenset[int]) -> tuple[str, bytes]:
+    async def _stage_file(self, stage: PlacedStage, disabled: frozenset[int]) -> tuple[str, bytes]:
         """The stage's file and its sha256, built once per range and exits (in the executor: torch work)."""
         key = (stage.start, stage.end, disabled)
         if key not in self._stage_files:
@@ -277,11 +279,11 @@ class Coordinator:
             self._stage_files[key] = await asyncio.get_running_loop().run_in_executor(self._executor, build)
         return self._stage_files[key]
 
-    async def _codec(self, placement: Placement, stage: StagePlacement, peers: list[NodeSpec], cluster: ClusterSpec,
+    async def _codec(self, placement: Placement, stage: PlacedStage, peers: list[NodeSpec], cluster: ClusterSpec,
                      *, sender: str | None = None) -> CodecSpec | None:
         """The codec for rows leaving ``stage``: the placement's (a plan's), else the file's link from the
         sender to the first replica (``auto`` is measured in the executor)."""
-        if stage.end is None or not peers:
+        if stage.end is MODEL_OUTPUT or not peers:
             return None
         chosen = placement.codec_after(stage)
         if chosen:
@@ -312,8 +314,6 @@ class Coordinator:
             await control.close()
 
     async def close(self) -> None:
-        for task in [*self._tasks, *([self._publishing] if self._publishing else [])]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop(*self._tasks, *([self._publishing] if self._publishing else []))
         for control in self._controls.values():
             await control.close()

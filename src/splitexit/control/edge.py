@@ -19,13 +19,14 @@ from typing import TypeVar
 import torch
 from torch.utils.data import Dataset
 
+from splitexit.aio import stop
 from splitexit.config import ClusterSpec
-from splitexit.control.coordinator import Coordinator, Layout, PlanChange
+from splitexit.control.coordinator import Coordinator, Placer, PlanChange
 from splitexit.control.embedded_registry import EmbeddedRegistry
 from splitexit.control.members import HealthProber
 from splitexit.control.registry import Registry
 from splitexit.control.registry_backends import open_registry
-from splitexit.control.replan import PlannedLayout, Replanner
+from splitexit.control.replan import PlanningPlacer, Replanner
 from splitexit.model.exits import EarlyExitNet
 from splitexit.runtime.hop import Hop
 from splitexit.runtime.placement import Placement
@@ -58,15 +59,15 @@ class Entry:
     """Runs the edge's stage of the current plan here and sends what stays unconfident down the chain."""
 
     def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, *, window: int | None = None,
-                 registry: Registry | None = None, layout: Layout | None = None, replan: bool = True,
+                 registry: Registry | None = None, placer: Placer | None = None, replan: bool = True,
                  start_timeout: float = DEFAULT_START_TIMEOUT):
         self.net, self.cluster = net, cluster
         self.window = window or cluster.window
         self.name = cluster.edge.name
         self.start_timeout = start_timeout
         self.registry = registry
-        self.layout = layout  # None: the cluster file's placement (see runtime/placement.py)
-        self.replan = replan  # with a PlannedLayout: re-plan when measured links make another plan better
+        self.placer = placer  # None: the cluster file's placement (see runtime/placement.py)
+        self.replan = replan  # with a PlanningPlacer: re-plan when measured links make another plan better
         self.requests = RequestPath(net, cluster, window=self.window, on_broken=self._broken)
         self._replanning: asyncio.Task | None = None
         self._measured: dict[tuple[str, str], float] = {}  # every link's recent bandwidth, as last polled
@@ -94,11 +95,11 @@ class Entry:
             self._prober = HealthProber(self.cluster, self.registry, node_credentials(self.cluster, self.name))
             await self._prober.start()
         self.coordinator = Coordinator(self.net, self.cluster, self.registry, on_plan=self.requests.install,
-                                       layout=self.layout)
+                                       placer=self.placer)
         await self.coordinator.start(wait=self.start_timeout)
-        if isinstance(self.layout, PlannedLayout) and self.replan:
+        if isinstance(self.placer, PlanningPlacer) and self.replan:
             one_at_a_time = self.window == 1  # larger windows batch requests: a span is then a batch's
-            replanner = Replanner(self.layout, self.coordinator.request_replan, lambda: dict(self._measured),
+            replanner = Replanner(self.placer, self.coordinator.request_replan, lambda: dict(self._measured),
                                   measure_compute=self.requests.compute.means if one_at_a_time else None)
             self._replanning = asyncio.get_running_loop().create_task(self._replan(replanner), name="replanner")
 
@@ -151,8 +152,7 @@ class Entry:
 
     async def close(self) -> None:
         if self._replanning is not None:
-            self._replanning.cancel()
-            await asyncio.gather(self._replanning, return_exceptions=True)
+            await stop(self._replanning)
         if self.coordinator is not None:
             await self.coordinator.close()
         if self._prober is not None:

@@ -18,6 +18,7 @@ from concurrent.futures import Executor
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from splitexit.aio import stop
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.control.registry import Registry
 from splitexit.errors import ClusterError, NodeUnavailableError
@@ -164,6 +165,4 @@ class HealthProber:
             await self.registry.put(NODES + name, info.to_bytes(), lease=self._leases[name])
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop(*self._tasks)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from splitexit.aio import stop
 from splitexit.control.registry import Registry
 from splitexit.errors import RegistryUnavailableError
 from splitexit.runtime.failover import Backoff
@@ -60,9 +60,7 @@ class Registration:
     async def close(self) -> None:
         """Stop refreshing and revoke the lease, so the key goes now rather than after the TTL."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop(self._task)
             self._task = None
         if self.lease is not None:
             try:

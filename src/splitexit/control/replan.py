@@ -1,6 +1,6 @@
 """Placements chosen by the planner, from measurements, and chosen again while the entry runs.
 
-:class:`PlannedLayout` is the coordinator's layout when the planner decides: it plans the model on the
+:class:`PlanningPlacer` is the coordinator's placer when the planner decides: it plans the model on the
 live nodes with the link and compute figures last measured (the cluster file's and the profile's until
 then). :class:`Replanner` runs beside the entry: every ``interval`` it reads what the senders measured on
 their links (the edge its own, the nodes theirs through Health) and how long each stage computed per
@@ -9,8 +9,8 @@ better by ``margin`` for ``hold`` seconds, asks the coordinator to re-plan, sayi
 previous plan's stages, so requests sent under it finish; the report lists every switch.
 
 Planning is CPU work (a numpy search), so it never runs on the edge's event loop: the coordinator calls its
-layout in its executor, and the re-planner plans in a thread of its own on a snapshot of the layout;
-what the snapshot learned is merged back on the loop. A lock keeps the layout's state whole between them.
+placer in its executor, and the re-planner plans in a thread of its own on a snapshot of the placer;
+what the snapshot learned is merged back on the loop. A lock keeps the placer's state whole between them.
 """
 
 from __future__ import annotations
@@ -25,17 +25,17 @@ from dataclasses import dataclass, replace
 
 from splitexit.config import ClusterSpec
 from splitexit.control.cluster_profile import stored_link_estimates
+from splitexit.cuts import MODEL_INPUT
 from splitexit.model.exits import EarlyExitNet
-from splitexit.model.stages import INPUT
 from splitexit.plan.objective import Objective
 from splitexit.plan.prediction import predict
 from splitexit.plan.profile import Profile
 from splitexit.plan.result import Plan
 from splitexit.plan.search import plan
 from splitexit.plan.topology import LinkEstimate, Topology, topology_from_cluster
-from splitexit.runtime.placement import Placement, StagePlacement, versioned
+from splitexit.runtime.placement import PlacedStage, Placement, versioned
 
-__all__ = ["PlannedLayout", "Replanner", "file_codecs", "placement_from_plan"]
+__all__ = ["PlanningPlacer", "Replanner", "file_codecs", "placement_from_plan"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ SAME_COMPUTE = 1.5
 def placement_from_plan(net: EarlyExitNet, cluster: ClusterSpec, chosen: Plan) -> Placement:
     """The runtime placement that serves ``chosen`` (its ranges, codecs and active exits)."""
     tier_of = cluster.tier_by_name()
-    stages: list[StagePlacement] = []
+    stages: list[PlacedStage] = []
     if not chosen.edge_computes:  # cloud-only: the edge forwards the input itself
-        stages.append(StagePlacement(0, (cluster.edge.name,), None, INPUT))
-    stages += [StagePlacement(tier_of[s.nodes[0]], s.nodes, s.start, s.end) for s in chosen.stages]
+        stages.append(PlacedStage(0, (cluster.edge.name,), MODEL_INPUT, MODEL_INPUT))
+    stages += [PlacedStage(tier_of[s.nodes[0]], s.nodes, s.start, s.end) for s in chosen.stages]
     codecs = tuple(link.codec for link in chosen.links) + (None,)
     disabled = frozenset(range(len(net.exit_cuts))) - set(chosen.active_exits)
     return versioned(net, tuple(stages), codecs=codecs, disabled_exits=disabled,
@@ -79,8 +79,8 @@ def _live(cluster: ClusterSpec, live: set[str]) -> ClusterSpec:
     return cluster.model_copy(update={"nodes": nodes})
 
 
-class PlannedLayout:
-    """The coordinator's layout when the planner chooses (see the module docstring)."""
+class PlanningPlacer:
+    """The coordinator's placer when the planner chooses (see the module docstring)."""
 
     def __init__(self, net: EarlyExitNet, profile: Profile, objective: Objective = Objective(), *,
                  codecs: tuple[str, ...] | None = None):
@@ -101,15 +101,15 @@ class PlannedLayout:
         logger.info("planned (%s): %s, predicted %.1f ms", self.objective.kind, chosen.describe(), chosen.latency_ms)
         return placement_from_plan(self.net, scratch.cluster, chosen)
 
-    def snapshot(self) -> PlannedLayout:
+    def snapshot(self) -> PlanningPlacer:
         """A copy to plan on in another thread: the same inputs, and measurement dicts of its own."""
-        copy = PlannedLayout(self.net, self.profile, self.objective, codecs=self.codecs)
+        copy = PlanningPlacer(self.net, self.profile, self.objective, codecs=self.codecs)
         with self._lock:
             copy.measured, copy.slowdowns = dict(self.measured), dict(self.slowdowns)
             copy.cluster, copy.current = self.cluster, self.current
         return copy
 
-    def learn(self, scratch: PlannedLayout) -> None:
+    def learn(self, scratch: PlanningPlacer) -> None:
         """Keep what a snapshot measured."""
         with self._lock:
             self.measured.update(scratch.measured)
@@ -149,14 +149,14 @@ class PlannedLayout:
 
 @dataclass(frozen=True)
 class _Look:
-    """What one check found, worked out on a snapshot of the layout (see :meth:`Replanner.check`)."""
+    """What one check found, worked out on a snapshot of the placer (see :meth:`Replanner.check`)."""
 
-    scratch: PlannedLayout
+    scratch: PlanningPlacer
     reason: str | None = None
 
 
 class Replanner:
-    """Feeds measured link bandwidths and stage compute times to a :class:`PlannedLayout` and asks for a new
+    """Feeds measured link bandwidths and stage compute times to a :class:`PlanningPlacer` and asks for a new
     plan when it pays.
 
     ``measure`` gives the bits per second each measured link delivered lately, ``measure_compute`` the
@@ -166,11 +166,11 @@ class Replanner:
     which :meth:`close` ends.
     """
 
-    def __init__(self, layout: PlannedLayout, request_replan: Callable[[str], None],
+    def __init__(self, placer: PlanningPlacer, request_replan: Callable[[str], None],
                  measure: Callable[[], Mapping[tuple[str, str], float]], *,
                  measure_compute: Callable[[], Mapping[str, float]] | None = None, margin: float = MARGIN,
                  hold: float = HOLD, interval: float = INTERVAL):
-        self.layout, self.request_replan, self.measure = layout, request_replan, measure
+        self.placer, self.request_replan, self.measure = placer, request_replan, measure
         self.measure_compute = measure_compute
         self.margin, self.hold, self.interval = margin, hold, interval
         self._better_since: float | None = None
@@ -207,7 +207,7 @@ class Replanner:
 
     def _look(self, now: float, links: Mapping[tuple[str, str], float], compute: Mapping[str, float]) -> _Look:
         """Record the news on a snapshot and compare the current plan with the best one (any thread)."""
-        scratch = self.layout.snapshot()
+        scratch = self.placer.snapshot()
         if scratch.cluster is None or scratch.current is None:
             return _Look(scratch)
         self._news.update(_take_links(scratch, links))
@@ -228,10 +228,10 @@ class Replanner:
 
     def _conclude(self, look: _Look) -> str | None:
         """Keep what the snapshot measured and ask for the new plan, unless the plan changed meanwhile."""
-        self.layout.learn(look.scratch)
+        self.placer.learn(look.scratch)
         if look.reason is None:
             return None
-        if self.layout.current is not look.scratch.current:
+        if self.placer.current is not look.scratch.current:
             logger.info("not re-planning: the plan changed while this check computed")
             return None
         logger.info("re-planning: %s", look.reason)
@@ -239,25 +239,25 @@ class Replanner:
         return look.reason
 
 
-def _take_links(layout: PlannedLayout, measured: Mapping[tuple[str, str], float]) -> dict[str, str]:
+def _take_links(placer: PlanningPlacer, measured: Mapping[tuple[str, str], float]) -> dict[str, str]:
     """Record measured bandwidths that differ from what was planned with; the news, by link."""
     news = {}
     for (source, target), bandwidth in measured.items():
-        planned = layout.link(source, target)
+        planned = placer.link(source, target)
         if planned.bandwidth is not None and abs(bandwidth - planned.bandwidth) <= SAME_BANDWIDTH * planned.bandwidth:
             continue
-        layout.measured[(source, target)] = replace(planned, bandwidth=bandwidth, origin="measured")
+        placer.measured[(source, target)] = replace(planned, bandwidth=bandwidth, origin="measured")
         was = "unlimited" if planned.bandwidth is None else f"{planned.bandwidth / 1e6:.3g} Mbit/s"
         news[f"{source}->{target}"] = f"{source}->{target} measured {bandwidth / 1e6:.3g} Mbit/s (was {was})"
     return news
 
 
-def _take_compute(layout: PlannedLayout, measured: Mapping[str, float]) -> dict[str, str]:
+def _take_compute(placer: PlanningPlacer, measured: Mapping[str, float]) -> dict[str, str]:
     """Record slowdowns of nodes whose stage computes far from its prediction; the news, by stage."""
     if not measured:
         return {}
     news = {}
-    for stage in layout.predicted_current().stages:
+    for stage in placer.predicted_current().stages:
         seen = [measured[n] for n in stage.nodes if n in measured]
         if not seen or stage.compute_ms <= 0:
             continue
@@ -266,7 +266,7 @@ def _take_compute(layout: PlannedLayout, measured: Mapping[str, float]) -> dict[
         if 1 / SAME_COMPUTE <= ratio <= SAME_COMPUTE:
             continue
         for node in stage.nodes:
-            layout.slowdowns[node] = layout.slowdown(node) * ratio
+            placer.slowdowns[node] = placer.slowdown(node) * ratio
         name = "|".join(stage.nodes)
         news[name] = f"{name} computed {mean_ms:.3g} ms per request, predicted {stage.compute_ms:.3g} ms"
     return news

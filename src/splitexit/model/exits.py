@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from splitexit.config import CpuSettings, ExitPolicy, ModelSource
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT, Cut
 from splitexit.errors import ConfigError, CutError, ModelError
 from splitexit.model.flops import flops_per_sample
 from splitexit.model.graph import CutPoint, ModelGraph, trace_model
@@ -77,12 +78,12 @@ class EarlyExitNet(nn.Module):
         self.weights_sha256 = ""
         self.source = source
         self.cpu = CpuSettings()
-        bounds = [None, *[c.id for c in self.exit_cuts], None]
+        bounds: list[Cut] = [MODEL_INPUT, *[c.id for c in self.exit_cuts], MODEL_OUTPUT]
         self.segments = nn.ModuleList(graph.segment(a, b) for a, b in zip(bounds[:-1], bounds[1:]))
         # plain dicts (not submodules): the cached segments share their layers with `segments`
-        self._segment_cache: dict[tuple[int | None, int | None], nn.Module] = dict(
+        self._segment_cache: dict[tuple[Cut, Cut], nn.Module] = dict(
             zip(zip(bounds[:-1], bounds[1:]), self.segments))
-        self._stages: dict[tuple[int | None, int | None], Stage] = {}
+        self._stages: dict[tuple[Cut, Cut], Stage] = {}
         self.heads = nn.ModuleList(build_head(name, c.tensors[0].shape, num_classes)
                                    for name, c in zip(self.head_names, self.exit_cuts))
         self.policy = policy or ExitPolicy.uncalibrated(len(self.exit_cuts))
@@ -190,14 +191,14 @@ class EarlyExitNet(nn.Module):
                 self.train()
 
     def _route(self, x: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]) -> InferenceResult:
-        out = self.stage(None, None).run((x,), score)
+        out = self.stage(MODEL_INPUT, MODEL_OUTPUT).run((x,), score)
         if out.rows.numel() > 1 and bool((out.rows[1:] < out.rows[:-1]).any()):
             order = torch.argsort(out.rows)
             return InferenceResult(out.prediction[order], out.exit[order], out.confidence[order], out.logits[order])
         return InferenceResult(out.prediction, out.exit, out.confidence, out.logits)
 
-    def stage(self, start: int | None, end: int | None) -> Stage:
-        """The compute between two cuts (``None``: input / output) with the exits inside, for serving."""
+    def stage(self, start: Cut, end: Cut) -> Stage:
+        """The compute between two cuts with the exits inside, for serving."""
         key = (start, end)
         if key not in self._stages:
             self._stages[key] = Stage(self, start, end)
@@ -208,7 +209,7 @@ class EarlyExitNet(nn.Module):
         """The model input, per sample, as it crosses the wire when the edge forwards it unprocessed."""
         return TensorInfo("input", tuple(self.input_shape), self.input_dtype)
 
-    def segment_between(self, start: int | None, end: int | None) -> torch.nn.Module:
+    def segment_between(self, start: Cut, end: Cut) -> torch.nn.Module:
         """The graph segment between two cuts, shared with the net's own segments where they coincide."""
         key = (start, end)
         if key not in self._segment_cache:

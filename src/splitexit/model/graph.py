@@ -22,6 +22,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT, Boundary, Cut, cut_label
 from splitexit.errors import CutError, ModelError, TraceError
 from splitexit.model.flops import count_flops
 from splitexit.model.trace_guard import TRACE_GUARD
@@ -159,20 +160,21 @@ class ModelGraph:
             return None
 
     # ------------------------------------------------------------------ cutting
-    def segment(self, start: int | None, end: int | None) -> torch.fx.GraphModule:
-        """The part of the model between two cuts (``None`` = the model's input / output).
+    def segment(self, start: Cut, end: Cut) -> torch.fx.GraphModule:
+        """The part of the model between two cuts.
 
         It takes the tensors crossing ``start`` as positional arguments, in the order ``crossing(start)``
-        lists them, and returns a tuple of the tensors crossing ``end`` (or the model output when ``end``
-        is ``None``).
+        lists them (at the model input: the model's own inputs), and returns a tuple of the tensors crossing
+        ``end`` (at the model output: what the model returns).
         """
-        first = -1 if start is None else self.cut(start).id
-        last = len(self._nodes) - 1 if end is None else self.cut(end).id
+        first = -1 if start is MODEL_INPUT else self.cut(_cut_id(start)).id
+        last = len(self._nodes) - 1 if end is MODEL_OUTPUT else self.cut(_cut_id(end)).id
         if last <= first:
-            raise CutError(f"segment from cut {start} to cut {end} is empty: the end must come after the start.")
+            raise CutError(f"the segment from {cut_label(start)} to {cut_label(end)} is empty: the end must come "
+                           "after the start.")
         graph = torch.fx.Graph()
         env: dict[torch.fx.Node, torch.fx.Node] = {}
-        inputs = self._placeholders if start is None else self.crossing(first)
+        inputs = self._placeholders if start is MODEL_INPUT else self.crossing(first)
         for value in inputs:
             env[value] = graph.placeholder(value.name)
 
@@ -185,7 +187,7 @@ class ModelGraph:
 
         for node in self._nodes[first + 1: last + 1]:
             env[node] = graph.node_copy(node, lookup)
-        if end is None:
+        if end is MODEL_OUTPUT:
             graph.output(torch.fx.map_arg(self._output.args[0], lookup))
         else:
             graph.output(tuple(env[v] for v in self.crossing(last)))
@@ -215,6 +217,12 @@ class ModelGraph:
         if len(shape) == 0 or shape[0] != PROBE_BATCH:
             return None
         return TensorInfo(name=node.name, shape=tuple(shape[1:]), dtype=dtype)
+
+
+def _cut_id(cut: Cut) -> int:
+    if isinstance(cut, Boundary):
+        raise CutError(f"a segment cannot start at the model output or end at its input (got {cut.value})")
+    return cut
 
 
 def _scopes(node: torch.fx.Node) -> list[str]:

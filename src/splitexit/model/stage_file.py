@@ -23,6 +23,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from splitexit.config import NEVER, ExitPolicy, PackageSpec, describe_validation_error
+from splitexit.cuts import Boundary, Cut, cut_from_json
 from splitexit.errors import IntegrityError, PackageError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.package import apply_spec_settings, package_spec, rebuild
@@ -31,7 +32,7 @@ from splitexit.model.zoo import is_import_spec
 
 __all__ = ["LoadedStage", "load_stage_file", "sha256_hex", "stage_file", "without_exits"]
 
-STAGE_FORMAT = "splitexit.stage/1"
+STAGE_FORMAT = "splitexit.stage/2"  # 2: cuts are ids, "input" or "output"
 _METADATA = "splitexit"
 _BACKBONE = "backbone."
 _HEADS = "heads."
@@ -48,7 +49,7 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def stage_file(net: EarlyExitNet, start: int | None, end: int | None, *,
+def stage_file(net: EarlyExitNet, start: Cut, end: Cut, *,
                disabled_exits: Collection[int] = ()) -> bytes:
     """The weights (and spec) a node needs to run ``net.stage(start, end)``; ``disabled_exits`` are written
     as never firing, so the node does not even run their heads."""
@@ -69,7 +70,7 @@ def stage_file(net: EarlyExitNet, start: int | None, end: int | None, *,
     # One metadata entry: safetensors keeps metadata in a hash map, so several entries come out in any order
     # and the same stage would get a different sha256 each time.
     about = {"format": STAGE_FORMAT, "spec": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=True),
-             "start": _cut_text(start), "end": _cut_text(end)}
+             "start": str(start), "end": str(end)}
     return save_tensors(tensors, metadata={_METADATA: json.dumps(about, sort_keys=True)})
 
 
@@ -156,9 +157,6 @@ def _metadata(data: bytes) -> dict[str, str]:
     return about
 
 
-def _cut_text(cut: int | None) -> str:
-    return "" if cut is None else str(cut)
-
-
-def _cut_value(text: str) -> int | None:
-    return None if text == "" else int(text)
+def _cut_value(text: str) -> Cut:
+    """A cut as the metadata writes it (``str(cut)``); ValueError for anything else."""
+    return cut_from_json(text if text in tuple(Boundary) else int(text))

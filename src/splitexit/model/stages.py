@@ -1,12 +1,10 @@
 """A stage: the compute for one contiguous range of an early-exit net, with per-row routing.
 
-A stage runs from cut ``start`` (``None``: the model input) to cut ``end`` (``None``: the model output).
-:data:`INPUT` as a cut means "before any layer": a stage ending there computes nothing and forwards the
-input itself (an edge that ships its input to the cloud), and a stage starting there takes the input
-from the wire.
+A stage runs from cut ``start`` to cut ``end`` (see :mod:`splitexit.cuts`). A stage that ends at
+``MODEL_INPUT`` computes nothing and forwards the input itself (an edge that ships its input to the cloud).
 Every exit whose cut lies in ``(start, end]`` is evaluated inside it: confident rows are answered there
 and only the others run on, compacted. Whatever is left at ``end`` is handed back to be forwarded to the
-next stage. ``EarlyExitNet.infer`` is the stage from ``None`` to ``None``; a chain of stages over the
+next stage. ``EarlyExitNet.infer`` is the stage from input to output; a chain of stages over the
 same cuts therefore gives exactly the answers of one process.
 
 This module is pure compute: no threads, no I/O.
@@ -22,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from splitexit.config import ExitPolicy
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT, Cut, cut_label, cut_order
 from splitexit.errors import CutError
 from splitexit.model.heads import checked_scores, confidence_function
 from splitexit.tensors import TensorInfo
@@ -29,10 +28,7 @@ from splitexit.tensors import TensorInfo
 if TYPE_CHECKING:
     from splitexit.model.exits import EarlyExitNet
 
-__all__ = ["INPUT", "Stage", "StageOutput"]
-
-#: The cut before any layer: where a stage that forwards the raw input ends.
-INPUT = -1
+__all__ = ["Stage", "StageOutput"]
 
 Confidence = Callable[[torch.Tensor], torch.Tensor]
 
@@ -61,42 +57,37 @@ class Stage:
     """Segments and exits of ``net`` between two cuts; call :meth:`run` under inference mode."""
 
     net: EarlyExitNet
-    start: int | None
-    end: int | None
+    start: Cut
+    end: Cut
     parts: list[_Part]
     exits: list[int]
-    input_tensors: tuple[TensorInfo, ...] | None  # None: the model input, taken as the net takes it
-    output_tensors: tuple[TensorInfo, ...] | None  # None: the model output
+    input_tensors: tuple[TensorInfo, ...]  # what crosses ``start``, per sample
+    output_tensors: tuple[TensorInfo, ...] | None  # what crosses ``end``; None at the model output (answers)
 
-    def __init__(self, net: EarlyExitNet, start: int | None, end: int | None, *,
-                 policy: ExitPolicy | None = None):
+    def __init__(self, net: EarlyExitNet, start: Cut, end: Cut, *, policy: ExitPolicy | None = None):
         self.policy = policy  # None: the net's own (read at every batch, so calibration shows at once)
-        if end == INPUT:
-            if start not in (None, INPUT):
-                raise CutError(f"only a stage that starts at the input can end there; got cut {start}")
-            self.net, self.start, self.end = net, None, INPUT
+        self.net, self.start, self.end = net, start, end
+        if start is MODEL_OUTPUT:
+            raise CutError("a stage cannot start at the model output")
+        self.input_tensors = (net.input_info,) if start is MODEL_INPUT else net.graph.crossing_info(start)
+        if end is MODEL_INPUT:
+            if start is not MODEL_INPUT:
+                raise CutError(f"only a stage that starts at the input can end there; got {cut_label(start)}")
             self.parts, self.exits = [], []
-            self.input_tensors, self.output_tensors = None, (net.input_info,)
+            self.output_tensors = (net.input_info,)
             return
-        from_wire = start == INPUT
-        start = None if from_wire else start
-        if start is not None and end is not None and end <= start:
-            raise CutError(f"a stage must end after it starts; got cuts {start} to {end}")
-        for cut in (start, end):
-            if cut is not None:
-                net.graph.cut(cut)
-        self.net, self.start, self.end = net, (INPUT if from_wire else start), end
-        inside = [(i, c.id) for i, c in enumerate(net.exit_cuts)
-                  if (start is None or c.id > start) and (end is None or c.id <= end)]
-        exit_at = {cut: i for i, cut in inside}
-        bounds = sorted({*(cut for _, cut in inside)} - {end}, key=int)
+        if cut_order(end) <= cut_order(start):
+            raise CutError(f"a stage must end after it starts; got {cut_label(start)} to {cut_label(end)}")
+        if isinstance(end, int):
+            net.graph.cut(end)
+        inside = [(i, c.id) for i, c in enumerate(net.exit_cuts) if cut_order(start) < c.id <= cut_order(end)]
+        exit_at: dict[Cut, int] = {cut: i for i, cut in inside}
+        bounds: list[Cut] = sorted({*(cut for _, cut in inside)} - {end})
         edges = [start, *bounds, end]
-        self.parts = [_Part(net.segment_between(a, b), exit_at.get(b) if b is not None else net.num_exits - 1)
+        self.parts = [_Part(net.segment_between(a, b), net.num_exits - 1 if b is MODEL_OUTPUT else exit_at.get(b))
                       for a, b in zip(edges[:-1], edges[1:])]
-        self.exits = [i for i, _ in inside] + ([net.num_exits - 1] if end is None else [])
-        self.input_tensors = (net.graph.crossing_info(start) if start is not None
-                              else (net.input_info,) if from_wire else None)
-        self.output_tensors = (net.graph.crossing_info(end) if end is not None else None)
+        self.exits = [i for i, _ in inside] + ([net.num_exits - 1] if end is MODEL_OUTPUT else [])
+        self.output_tensors = None if end is MODEL_OUTPUT else net.graph.crossing_info(end)
 
     def run(self, inputs: tuple[torch.Tensor, ...], confidence: Confidence | None = None) -> StageOutput:
         """Route a batch through the stage. ``inputs`` are the tensors crossing ``start``, batch first."""

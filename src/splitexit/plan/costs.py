@@ -26,14 +26,32 @@ from typing import NamedTuple, TypeVar, cast
 
 import numpy as np
 
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT, Cut
 from splitexit.errors import ConfigError
 from splitexit.plan.profile import CodecTiming, Profile
 from splitexit.plan.topology import Topology
 
-__all__ = ["INPUT", "CostTables", "LinkTerms"]
+__all__ = ["INPUT_POSITION", "CostTables", "LinkTerms", "cut_at", "position_of"]
 
-#: Position of the model input; candidate cut k sits at position k + 1, the output at len(cuts) + 1.
-INPUT = 0
+#: The search's position of the model input; candidate cut k sits at position k + 1, the output at
+#: len(cuts) + 1 (positions index the cost arrays; cuts are what the rest of the system speaks).
+INPUT_POSITION = 0
+
+
+def cut_at(cuts: Sequence[int], position: int) -> Cut:
+    """The cut at a search position (``cuts``: the profile's candidate cuts)."""
+    if position == INPUT_POSITION:
+        return MODEL_INPUT
+    return MODEL_OUTPUT if position == len(cuts) + 1 else cuts[position - 1]
+
+
+def position_of(cuts: Sequence[int], cut: Cut) -> int | None:
+    """The search position of ``cut`` (None: not a candidate cut)."""
+    if cut is MODEL_INPUT:
+        return INPUT_POSITION
+    if cut is MODEL_OUTPUT:
+        return len(cuts) + 1
+    return cuts.index(cut) + 1 if cut in cuts else None
 
 _T = TypeVar("_T")
 

@@ -21,6 +21,7 @@ import torch.fx
 from torch.utils.data import DataLoader, Dataset
 
 from splitexit.config.codec_names import CodecSpec, parse_codec
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT, Boundary, Cut, cut_label
 from splitexit.errors import ConfigError
 from splitexit.model.calibrate import collect_outputs
 from splitexit.model.exits import EarlyExitNet
@@ -166,7 +167,7 @@ def measure_timing(net: EarlyExitNet, inputs: torch.Tensor, cuts: Sequence[int],
     if missing:
         raise ConfigError(f"exit cuts {missing} must be among the candidate cuts")
     net.eval()
-    bounds: list[int | None] = [None, *order, None]
+    bounds: list[Cut] = [MODEL_INPUT, *order, MODEL_OUTPUT]
     x = net._prepare(_batch(inputs, max(sizes[-1], CODEC_SAMPLES)).to(net.input_dtype))
     steps = len(bounds) - 1 + net.num_exits + len(bounds) - 1
     done = 0
@@ -186,7 +187,7 @@ def measure_timing(net: EarlyExitNet, inputs: torch.Tensor, cuts: Sequence[int],
         segments, activations, output = _time_segments(net, bounds, x, sizes, clock, tick)
         heads = _time_heads(net, activations, output, sizes, clock, tick)
         # What Stage.run adds to its parts: the last stage (one part, the final exit) minus its segment and head.
-        last = net.stage(order[-1] if order else None, None)
+        last = net.stage(order[-1] if order else MODEL_INPUT, MODEL_OUTPUT)
         stage_call = {}
         for size in sizes:
             whole = clock(last.run, tuple(v[:size] for v in activations[last.start]))
@@ -198,7 +199,7 @@ def measure_timing(net: EarlyExitNet, inputs: torch.Tensor, cuts: Sequence[int],
     transfers = []
     for crossing in bounds[:-1]:
         transfers.append(_cut_transfer(crossing, activations[crossing], specs))
-        tick(f"codecs at {'input' if crossing is None else f'cut {crossing}'}")
+        tick(f"codecs at {cut_label(crossing)}")
     key = timing_key(net, order, batch_sizes=sizes, codecs=[s.name for s in specs], repeats=repeats)
     return MachineProfile(key=key, measured_on=f"local {platform.node()}", batch_sizes=sizes,
                           call_overhead=overhead, stage_call=stage_call, idle_factors=idle_factors,
@@ -207,30 +208,30 @@ def measure_timing(net: EarlyExitNet, inputs: torch.Tensor, cuts: Sequence[int],
 
 
 Clock = Callable[..., Timing]  # (call, *args) -> its timing
-Activations = dict[int | None, tuple[torch.Tensor, ...]]  # cut (None: the input) -> the tensors crossing it
+Activations = dict[Cut, tuple[torch.Tensor, ...]]  # cut -> the tensors crossing it
 
 
-def _time_segments(net: EarlyExitNet, bounds: Sequence[int | None], x: torch.Tensor, sizes: Sequence[int],
+def _time_segments(net: EarlyExitNet, bounds: Sequence[Cut], x: torch.Tensor, sizes: Sequence[int],
                    clock: Clock, tick: Callable[[str], None]) -> tuple[list[SegmentTiming], Activations, torch.Tensor]:
     """Every segment between consecutive bounds, at every batch size; the activations at every cut, and the
     model's output, for what follows."""
     flops_at = {c.id: c.flops_before for c in net.graph.cut_points}
     segments: list[SegmentTiming] = []
-    activations: Activations = {None: (x,)}
+    activations: Activations = {MODEL_INPUT: (x,)}
     output = x
     for a, b in zip(bounds[:-1], bounds[1:]):
         segment = net.segment_between(a, b)
         values = activations[a]
         seconds = {size: clock(segment, *(v[:size] for v in values)) for size in sizes}
         result = segment(*values)
-        if b is None:
+        if b is MODEL_OUTPUT:
             output = result
         else:
             activations[b] = tuple(result)
-        before = 0 if a is None else flops_at[a]
-        after = net.graph.total_flops if b is None else flops_at[b]
+        before = 0 if isinstance(a, Boundary) else flops_at[a]
+        after = flops_at[b] if isinstance(b, int) else net.graph.total_flops
         segments.append(SegmentTiming(a, b, int(after - before), seconds))
-        tick(f"segment {'input' if a is None else a}..{'output' if b is None else b}")
+        tick(f"segment {cut_label(a, compact=True)}..{cut_label(b, compact=True)}")
     return segments, activations, output
 
 
@@ -245,7 +246,7 @@ def _time_heads(net: EarlyExitNet, activations: Activations, output: torch.Tenso
         head: Callable[[torch.Tensor], torch.Tensor] = (lambda t: t) if final else net.heads[i]
         threshold = math.inf if final else net.policy.thresholds[i]
         scored = _scorer(score, head, net.policy.temperatures[i], threshold)
-        heads.append(HeadTiming(i, None if final else net.exit_cuts[i].id,
+        heads.append(HeadTiming(i, MODEL_OUTPUT if final else net.exit_cuts[i].id,
                                 {size: clock(scored, features[:size]) for size in sizes}))
         tick(f"exit {i}")
     return heads
@@ -258,7 +259,7 @@ def _scorer(score: Callable[[torch.Tensor], torch.Tensor], head: Callable[[torch
     return scored
 
 
-def _whole_model(net: EarlyExitNet, bounds: Sequence[int | None], x: torch.Tensor) -> Callable[[], None]:
+def _whole_model(net: EarlyExitNet, bounds: Sequence[Cut], x: torch.Tensor) -> Callable[[], None]:
     """A call that runs the whole model on ``x`` segment by segment, in whichever thread calls it."""
     chain = [net.segment_between(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -272,7 +273,7 @@ def _whole_model(net: EarlyExitNet, bounds: Sequence[int | None], x: torch.Tenso
     return run
 
 
-def _cut_transfer(cut: int | None, values: Sequence[torch.Tensor], specs: Sequence[CodecSpec]) -> CutTransfer:
+def _cut_transfer(cut: Cut, values: Sequence[torch.Tensor], specs: Sequence[CodecSpec]) -> CutTransfer:
     """Every codec on the tensors crossing ``cut``: one message per tensor and sample, summed over the tensors."""
     per_codec = {}
     for spec in specs:

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from splitexit.cuts import Cut, cut_label
 from splitexit.errors import ConfigError
-from splitexit.plan.costs import INPUT, CostTables
+from splitexit.plan.costs import CostTables, cut_at, position_of
 from splitexit.plan.objective import Objective
 from splitexit.plan.profile import Profile
 from splitexit.plan.result import Plan, PlannedLink, PlannedStage
@@ -39,7 +40,7 @@ MAX_FIXED_POINT = 8
 SETTLED = (1e-9, 1e-12)
 
 Factors = Mapping[int, float]  # tier -> how much slower its batch-1 compute runs after idling (>= 1)
-StageCuts = tuple[int, int | None, int | None]  # (tier, start cut, end cut); None: the input / the output
+StageCuts = tuple[int, Cut, Cut]  # (tier, start cut, end cut)
 Gaps = dict[int, float]  # computing tier -> seconds its worker idles between requests
 
 
@@ -48,7 +49,7 @@ def predict(profile: Profile, topology: Topology, stages: Sequence[StageCuts], a
     """The predictions for one candidate (see the module docstring).
 
     ``stages`` are ``(tier, start, end)`` for the tiers that compute, in chain order, covering the model
-    from input (None) to output (None) without gaps. ``codecs`` has one entry per used link: the input
+    from input to output without gaps. ``codecs`` has one entry per used link: the input
     link first when tier 0 is not among the stages, then one between consecutive stages.
     """
     candidate = Candidate.of(profile, topology, stages, active_exits, codecs)
@@ -94,12 +95,12 @@ class Candidate:
            codecs: Sequence[str]) -> Candidate:
         """The candidate of ``stages`` in cut ids; a :class:`ConfigError` unless they chain input to output."""
         K = len(profile.cuts)
-        position: dict[int | None, int] = {None: INPUT, **{cut: i + 1 for i, cut in enumerate(profile.cuts)}}
         spans = []
         for tier, start, end in stages:
-            a, b = position.get(start), K + 1 if end is None else position.get(end)
+            a, b = position_of(profile.cuts, start), position_of(profile.cuts, end)
             if a is None or b is None:
-                raise ConfigError(f"stage {start}..{end} uses a cut that is not a candidate: {list(profile.cuts)}")
+                raise ConfigError(f"stage {cut_label(start)}..{cut_label(end)} uses a cut that is not a candidate: "
+                                  f"{list(profile.cuts)}")
             spans.append((tier, a, b))
         tiers = [t for t, _, _ in spans]
         if (not spans or spans[0][1] != 0 or spans[-1][2] != K + 1
@@ -120,7 +121,6 @@ def evaluate(costs: CostTables, candidate: Candidate, factors: Factors, objectiv
              label: str) -> tuple[Plan, Gaps]:
     """The plan's predictions for given idle factors, and each computing tier's idle time between requests."""
     profile, topology = costs.profile, costs.topology
-    K = costs.K
     spans, active, codecs = candidate.spans, candidate.active, candidate.codecs
     tiers = candidate.tiers
     visited = visited_tiers(tiers)
@@ -181,12 +181,11 @@ def evaluate(costs: CostTables, candidate: Candidate, factors: Factors, objectiv
             q[p] * link.serialisation(rt.up_bytes(hop, profile.num_classes)) / replicas
         loads[f"decode on {receive.name}"] = q[p] * decode / replicas
         via = tuple(n for t in topology.tiers[u + 1:v] for n in t.nodes)
-        links.append(PlannedLink(u, v, send.nodes[0], receive.nodes[0], None if p == 0 else profile.cuts[p - 1], codec,
+        links.append(PlannedLink(u, v, send.nodes[0], receive.nodes[0], cut_at(profile.cuts, p), codec,
                                  float(q[p] * (transfer.bytes + rt.down_bytes(hop))), via))
     bottleneck = max(loads, key=lambda k: loads[k])
     throughput = 1.0 / loads[bottleneck] if loads[bottleneck] > 0 else math.inf
-    planned = tuple(PlannedStage(t, topology.tiers[t].nodes, None if a == 0 else profile.cuts[a - 1],
-                                 None if b == K + 1 else profile.cuts[b - 1],
+    planned = tuple(PlannedStage(t, topology.tiers[t].nodes, cut_at(profile.cuts, a), cut_at(profile.cuts, b),
                                  compute_ms=slowed[t] / q[a] * 1e3 if q[a] > 0 else 0.0)
                     for t, a, b in spans)
     used = set(tiers)

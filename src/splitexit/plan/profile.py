@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from splitexit.cuts import Cut, cut_from_json
 from splitexit.errors import PackageError
 
 __all__ = [
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 PROFILE_FILE = "profile.json"
-PROFILE_FORMAT = "splitexit.profile/1"
+PROFILE_FORMAT = "splitexit.profile/2"  # 2: cuts are ids, "input" or "output"
 
 Json = Mapping[str, Any]  # a decoded JSON object: its shape is checked by reading it (see load_profile)
 
@@ -98,10 +99,10 @@ def _at_batch(timings: Mapping[int, Timing], batch: int) -> float:
 
 @dataclass(frozen=True)
 class SegmentTiming:
-    """The model between two consecutive candidate cuts (``None``: the input / the output)."""
+    """The model between two consecutive candidate cuts (or the model's input / output)."""
 
-    start: int | None
-    end: int | None
+    start: Cut
+    end: Cut
     flops: int  # per sample
     seconds: Mapping[int, Timing]  # batch size -> one call on that many rows
 
@@ -114,7 +115,7 @@ class HeadTiming:
     """Scoring one exit: its head (none for the final exit), temperature, confidence and threshold test."""
 
     exit: int
-    cut: int | None  # None for the final exit
+    cut: Cut  # MODEL_OUTPUT for the final exit
     seconds: Mapping[int, Timing]
 
     def at(self, batch: int) -> float:
@@ -133,9 +134,9 @@ class CodecTiming:
 
 @dataclass(frozen=True)
 class CutTransfer:
-    """What crossing a cut costs, per codec; ``cut=None`` is the model input (sent when the edge computes nothing)."""
+    """What crossing a cut costs, per codec; at ``MODEL_INPUT``: sending the input (the edge computes nothing)."""
 
-    cut: int | None
+    cut: Cut
     raw_bytes: int  # per sample, before encoding
     codecs: Mapping[str, CodecTiming]
 
@@ -173,7 +174,7 @@ class MachineProfile:
                 return self.idle_factors[low] + w * (self.idle_factors[high] - self.idle_factors[low])
         return self.idle_factors[gaps[-1]]  # unreachable
 
-    def transfer(self, cut: int | None) -> CutTransfer:
+    def transfer(self, cut: Cut) -> CutTransfer:
         for transfer in self.transfers:
             if transfer.cut == cut:
                 return transfer
@@ -324,11 +325,12 @@ def _machine_from_json(data: Json) -> MachineProfile:
         call_overhead=Timing(**data["call_overhead"]),
         stage_call=_timings_from_json(data["stage_call"]),
         idle_factors={float(g): float(f) for g, f in dict(data["idle_factors"]).items()},
-        segments=tuple(SegmentTiming(s["start"], s["end"], s["flops"], _timings_from_json(s["seconds"]))
-                       for s in data["segments"]),
-        heads=tuple(HeadTiming(h["exit"], h["cut"], _timings_from_json(h["seconds"])) for h in data["heads"]),
-        transfers=tuple(CutTransfer(t["cut"], t["raw_bytes"], {n: CodecTiming(**c) for n, c in t["codecs"].items()})
-                        for t in data["transfers"]))
+        segments=tuple(SegmentTiming(cut_from_json(s["start"]), cut_from_json(s["end"]), s["flops"],
+                                     _timings_from_json(s["seconds"])) for s in data["segments"]),
+        heads=tuple(HeadTiming(h["exit"], cut_from_json(h["cut"]), _timings_from_json(h["seconds"]))
+                    for h in data["heads"]),
+        transfers=tuple(CutTransfer(cut_from_json(t["cut"]), t["raw_bytes"],
+                                    {n: CodecTiming(**c) for n, c in t["codecs"].items()}) for t in data["transfers"]))
 
 
 # ------------------------------------------------------------------------------------------ files

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from splitexit.config import ClusterSpec, LinkSpec
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT, Cut, cut_label
 from splitexit.errors import ConfigError
 from splitexit.links import in_series
-from splitexit.model.stages import INPUT
 from splitexit.plan.objective import RELATIVE_TOLERANCE, Objective
 from splitexit.plan.topology import tier_groups
 
@@ -20,7 +20,7 @@ __all__ = ["Plan", "PlanResult", "PlannedLink", "PlannedStage", "RouteStage", "a
 
 @dataclass(frozen=True)
 class PlannedStage:
-    """Tier ``tier`` runs the model from cut ``start`` to cut ``end`` (None: the input / the output).
+    """Tier ``tier`` runs the model from cut ``start`` to cut ``end``.
 
     ``compute_ms`` is the expected compute of one request that reaches the stage (slowdown and idle factor
     included): what the runtime's trace measures between a stage's ``compute_start`` and ``compute_end``.
@@ -28,20 +28,20 @@ class PlannedStage:
 
     tier: int
     nodes: tuple[str, ...]
-    start: int | None
-    end: int | None
+    start: Cut
+    end: Cut
     compute_ms: float = 0.0
 
 
 @dataclass(frozen=True)
 class PlannedLink:
-    """A used link: what crosses it (cut ``None``: the model input), in which codec, and how much per input."""
+    """A used link: the cut it carries (``MODEL_INPUT`` from a skipped edge), in which codec, how much per input."""
 
     source_tier: int
     target_tier: int
     source: str
     target: str
-    cut: int | None
+    cut: Cut
     codec: str
     bytes_per_input: float  # expected wire bytes per input on the way down (reach probability included)
     via: tuple[str, ...] = ()  # skipped nodes this link stands for
@@ -83,9 +83,9 @@ class Plan:
     def edge_computes(self) -> bool:
         return bool(self.stages) and self.stages[0].tier == 0
 
-    def ends_at(self) -> dict[int, int | str | None]:
-        """Per computing tier, the cut its stage ends at (None for the last); ``"input"`` for a skipped edge."""
-        ends: dict[int, int | str | None] = {} if self.edge_computes else {0: "input"}
+    def ends_at(self) -> dict[int, Cut]:
+        """Per computing tier, the cut its stage ends at; ``MODEL_INPUT`` for a skipped edge."""
+        ends: dict[int, Cut] = {} if self.edge_computes else {0: MODEL_INPUT}
         for stage in self.stages:
             ends[stage.tier] = stage.end
         return ends
@@ -142,7 +142,8 @@ def apply_plan(cluster: ClusterSpec, plan: Plan) -> ClusterSpec:
     nodes = []
     for new_index, tier in enumerate(kept):
         for node in groups[tier]:
-            update: dict[str, object] = {"ends_at": ends.get(tier)}
+            end = ends.get(tier, MODEL_OUTPUT)
+            update: dict[str, object] = {"ends_at": None if end is MODEL_OUTPUT else end}  # the last tier: unset
             if node.role == "worker":
                 update["tier"] = new_index if explicit_tiers else None
             nodes.append(node.model_copy(update=update))
@@ -177,24 +178,17 @@ class RouteStage(Protocol):
     def nodes(self) -> Sequence[str]: ...
 
     @property
-    def start(self) -> int | None: ...
+    def start(self) -> Cut: ...
 
     @property
-    def end(self) -> int | None: ...
+    def end(self) -> Cut: ...
 
 
 def describe_route(stages: Iterable[RouteStage], *, compact: bool = False) -> str:
     """``edge[input..cut 3] → cloud1[cut 3..output]``; ``compact``: ``edge[in..3] cloud1[3..out]`` (tables).
 
-    A start of None or INPUT is the model input, an end of None the output and one of INPUT an empty stage.
+    An empty stage (one that forwards the input) shows as ``edge[input..input]``.
     """
-    model_in, model_out = ("in", "out") if compact else ("input", "output")
-
-    def bound(cut: int | None, edge: str) -> str:
-        if cut is None:
-            return edge
-        if cut == INPUT:
-            return model_in
-        return str(cut) if compact else f"cut {cut}"
     return (" " if compact else " → ").join(
-        f"{'|'.join(s.nodes)}[{bound(s.start, model_in)}..{bound(s.end, model_out)}]" for s in stages)
+        f"{'|'.join(s.nodes)}[{cut_label(s.start, compact=compact)}..{cut_label(s.end, compact=compact)}]"
+        for s in stages)

@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 
 from splitexit.errors import ConfigError
-from splitexit.plan.costs import INPUT, CostTables
+from splitexit.plan.costs import INPUT_POSITION, CostTables, cut_at
 from splitexit.plan.objective import RELATIVE_TOLERANCE, Objective
 from splitexit.plan.prediction import Candidate, Factors, Gaps, StageCuts, evaluate, settle_idle_factors
 from splitexit.plan.profile import Profile
@@ -139,16 +139,17 @@ def _solve(costs: CostTables, tiers: Sequence[int], active: Sequence[int], *, ki
     trace: list[tuple[np.ndarray, np.ndarray]] = []
     first_codec: str | None = None
     if tiers[0] == 0:
-        value[INPUT] = 0.0
+        value[INPUT_POSITION] = 0.0
     else:
         terms = costs.link_terms(0, tiers[0], 0, active)
-        ok = np.maximum(terms.encode[INPUT], terms.loads[INPUT]) <= limit
-        score = terms.latency[INPUT] if kind == "latency" else np.maximum(terms.encode[INPUT], terms.loads[INPUT])
+        sending = np.maximum(terms.encode[INPUT_POSITION], terms.loads[INPUT_POSITION])
+        ok = sending <= limit
+        score = terms.latency[INPUT_POSITION] if kind == "latency" else sending
         score = np.where(ok, score, np.inf)
         if not np.isfinite(score).any():
             return None
         best = int(np.argmin(score))
-        value[INPUT], first_codec = float(score[best]), costs.codecs[best]
+        value[INPUT_POSITION], first_codec = float(score[best]), costs.codecs[best]
     for i in range(len(tiers) - 1):
         u, v = tiers[i], tiers[i + 1]
         hop = visited.index(u)
@@ -188,10 +189,6 @@ def _solve(costs: CostTables, tiers: Sequence[int], active: Sequence[int], *, ki
 
 def _stages_of(profile: Profile, choice: _Choice) -> list[StageCuts]:
     """The choice's stages in cut ids, as :func:`~splitexit.plan.prediction.predict` takes them."""
-    K = len(profile.cuts)
-
-    def cut(p: int) -> int | None:
-        return None if p in (INPUT, K + 1) else profile.cuts[p - 1]
-
-    return [(t, cut(a), cut(b)) for t, a, b in zip(choice.tiers, choice.bounds, choice.bounds[1:])]
+    cuts = profile.cuts
+    return [(t, cut_at(cuts, a), cut_at(cuts, b)) for t, a, b in zip(choice.tiers, choice.bounds, choice.bounds[1:])]
 

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from splitexit.app.plan import PlanSummary, ProfileSummary, SweepPoint
+from splitexit.cuts import MODEL_OUTPUT, cut_label
 from splitexit.plan.result import describe_route
 from splitexit.report.formats import format_bytes
 
@@ -40,18 +41,15 @@ def profile_tables(summary: ProfileSummary) -> list[Table]:
     tiers = summary.topology.tiers if summary.topology is not None else ()
     scales = sorted({t.compute_scale for t in tiers if t.compute_scale != 1})
 
-    def where(cut: int | None, edge: str) -> str:
-        return edge if cut is None else f"cut {cut}"
-
     segments = Table(title=f"Compute on {m.measured_on} (median ms per call; IQR)", title_justify="left")
     for column in ("segment", "MFLOPs", *(f"batch {b}" for b in sizes), *(f"batch 1 ×{s:g}" for s in scales)):
         segments.add_column(column, justify="left" if column == "segment" else "right")
     for s in m.segments:
         cells = [f"{s.seconds[b].median * 1e3:.3f} ({s.seconds[b].iqr * 1e3:.3f})" for b in sizes]
-        segments.add_row(f"{where(s.start, 'input')} → {where(s.end, 'output')}", f"{s.flops / 1e6:.2f}", *cells,
+        segments.add_row(f"{cut_label(s.start)} → {cut_label(s.end)}", f"{s.flops / 1e6:.2f}", *cells,
                          *(f"{s.at(1) * k * 1e3:.3f}" for k in scales))
     for h in m.heads:
-        final = h.cut is None
+        final = h.cut is MODEL_OUTPUT
         segments.add_row(f"exit {h.exit} {'(final: scoring)' if final else f'head at cut {h.cut}'}", "",
                          *(f"{h.seconds[b].median * 1e3:.3f} ({h.seconds[b].iqr * 1e3:.3f})" for b in sizes),
                          *(f"{h.at(1) * k * 1e3:.3f}" for k in scales))
@@ -63,7 +61,7 @@ def profile_tables(summary: ProfileSummary) -> list[Table]:
     for column in ("crossing", "raw bytes", *codecs):
         transfer.add_column(column, justify="left" if column == "crossing" else "right")
     for t in m.transfers:
-        transfer.add_row("input" if t.cut is None else f"cut {t.cut}", str(t.raw_bytes),
+        transfer.add_row(cut_label(t.cut), str(t.raw_bytes),
                          *(f"{c.bytes:.0f} ({(c.encode_s + c.decode_s) * 1e6:.0f})" for c in t.codecs.values()))
     usable = profile.exits.usable()
     exits = Table(title=f"Exits on {profile.exits.samples} calibration samples (every calibrated exit active)",

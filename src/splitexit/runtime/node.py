@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 
 from splitexit.config import ClusterSpec, NodeSpec
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.errors import ClusterError, WireError
 from splitexit.model.cpu import apply_threads
 from splitexit.model.stage_file import LoadedStage, load_stage_file
@@ -151,7 +152,7 @@ class Node:
         if served is None:
             raise WireError(f"batch planned for version {plan_version}; node {self.name} serves "
                             f"{sorted(self.plans) or 'no plan yet'}", code="unknown_plan")
-        return served.stage.input_tensors or ()
+        return served.stage.input_tensors
 
     def upstream_allowed(self, name: str) -> bool:
         return any(name in served.upstream for served in self.plans.values())
@@ -165,7 +166,7 @@ class Node:
             served = self.plans.get(version)
             if served is None or served.sha256 != sha256:
                 loaded = await self._load(sha256)
-                codec = assignment.codec if loaded.stage.end is not None else None
+                codec = None if loaded.stage.end is MODEL_OUTPUT else assignment.codec
                 hop = stage_hop(loaded.stage, node=self.spec, cluster=self.cluster, plan_version=version, codec=codec)
                 served = Served(version, sha256, loaded.stage, hop, frozenset(assignment.upstream))
                 self.plans[version] = served
@@ -226,7 +227,7 @@ class Node:
             if not self.cache.has(job.stage_sha256):
                 return NodeProfile(machine=self.machine, missing_stage=True)
             loaded = await self._load(job.stage_sha256)
-            if loaded.stage.start is not None or loaded.stage.end is not None:
+            if loaded.stage.start is not MODEL_INPUT or loaded.stage.end is not MODEL_OUTPUT:
                 raise WireError("profiling needs a stage file of the whole model (input to output)",
                                 code="bad_message")
             cuts, sizes, repeats = check_profile_job(job, loaded.net)

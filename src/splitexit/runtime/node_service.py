@@ -204,7 +204,7 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
         trace = [*batch_trace(batch), stamp(node.name, "received")]
         try:
             tensors = await asyncio.get_running_loop().run_in_executor(
-                node.executor, decode_batch, batch, served.stage.input_tensors or ())
+                node.executor, decode_batch, batch, served.stage.input_tensors)
         except WireError as exc:
             await self._reject(up, ids, exc)
             return

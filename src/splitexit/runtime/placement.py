@@ -1,5 +1,22 @@
-"""Which tier runs which range of cuts: the layout the cluster file implies (`run --no-plan`), and the
-versioned placement every layout produces (the planner's comes from ``control/replan.py``).
+"""Which tier runs which range of cuts: the placement the cluster file implies (`run --no-plan`), and the
+versioned :class:`Placement` every placer produces (the planner's comes from ``control/replan.py``).
+
+"Which node runs what" is said three ways, from the planner down to one node::
+
+    Plan                 plan/result.py     what the planner chose and predicts: a PlannedStage per
+     |                                      computing tier (cuts, nodes), a PlannedLink per used link
+     |  placement_from_plan                 (control/replan.py)
+     v
+    Placement            this module        what the chain serves under one version: a PlacedStage per
+     |                                      tier (cuts, replicas), a codec per link, exits switched off
+     |  Coordinator._assign_all             (control/coordinator.py; the edge runs the first stage itself)
+     v
+    Assignment           runtime/control_messages.py   what one worker is told: its stage file, the next
+                                                       tier's replicas and the codec to them, who may send
+
+A :data:`~splitexit.control.coordinator.Placer` makes the Placement for the nodes that are live:
+:func:`default_placement` (the cluster file's) or a :class:`~splitexit.control.replan.PlanningPlacer`.
+Cuts are :mod:`splitexit.cuts` values everywhere: ids, ``MODEL_INPUT`` and ``MODEL_OUTPUT``.
 
 Tiers take the chain in order: the edge is tier 0, and the workers of one tier are replicas of one stage.
 Only tiers with a live node get a stage; a tier that has lost every node is left out and its neighbours
@@ -16,48 +33,53 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from splitexit.config import ClusterSpec
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT, Cut, cut_order
 from splitexit.errors import ClusterError, CutError
 from splitexit.model.exits import EarlyExitNet
-from splitexit.model.stages import INPUT
 from splitexit.plan.result import describe_route
 
-__all__ = ["Placement", "StagePlacement", "default_placement", "versioned"]
+__all__ = ["Placement", "PlacedStage", "default_placement", "versioned"]
 
 
 @dataclass(frozen=True)
-class StagePlacement:
+class PlacedStage:
+    """Tier ``tier``'s replicas run the model from ``start`` to ``end`` (an edge that forwards the input:
+    ``MODEL_INPUT`` to ``MODEL_INPUT``)."""
+
     tier: int
     nodes: tuple[str, ...]  # the replicas serving this stage (the edge's stage: the edge alone)
-    start: int | None  # cut the stage starts at (None: the model input)
-    end: int | None  # cut it ends at (None: the model output)
+    start: Cut
+    end: Cut
 
 
 @dataclass(frozen=True)
 class Placement:
-    stages: tuple[StagePlacement, ...]
+    """The chain under one version: see the module docstring."""
+
+    stages: tuple[PlacedStage, ...]
     version: int
     codecs: tuple[str | None, ...] = ()  # per stage, its outgoing link's codec (empty: the cluster file's)
     disabled_exits: frozenset[int] = frozenset()  # early exits not evaluated (their heads do not run)
     label: str = ""  # where the placement came from, for logs and the report
 
-    def codec_after(self, stage: StagePlacement) -> str | None:
+    def codec_after(self, stage: PlacedStage) -> str | None:
         return self.codecs[self.stages.index(stage)] if self.codecs else None
 
-    def stage_of(self, node: str) -> StagePlacement:
+    def stage_of(self, node: str) -> PlacedStage:
         for stage in self.stages:
             if node in stage.nodes:
                 return stage
         raise ClusterError(f"node {node!r} has no stage in this placement ({self.describe()})")
 
-    def after(self, stage: StagePlacement) -> StagePlacement | None:
+    def after(self, stage: PlacedStage) -> PlacedStage | None:
         index = self.stages.index(stage)
         return self.stages[index + 1] if index + 1 < len(self.stages) else None
 
-    def before(self, stage: StagePlacement) -> StagePlacement | None:
+    def before(self, stage: PlacedStage) -> PlacedStage | None:
         index = self.stages.index(stage)
         return self.stages[index - 1] if index > 0 else None
 
@@ -82,35 +104,32 @@ def default_placement(net: EarlyExitNet, cluster: ClusterSpec, live: Collection[
     configured = [end for end, members in zip(configured, tiers) if members]
     tiers = [members for members in tiers if members]
     ends = _ends(net, configured[:-1], len(tiers))
-    if len(ends) != len(tiers) - 1 or ends != sorted(set(ends)):
+    if len(ends) != len(tiers) - 1 or list(ends) != sorted(set(ends), key=cut_order):
         raise ClusterError(f"cannot give each of the {len(tiers)} tiers a stage: stage ends {ends} must be "
                            f"{len(tiers) - 1} distinct cuts in forward order; fix `ends_at` in the cluster file")
     tier_of = cluster.tier_by_name()
-    bounds: list[int | None] = [None, *ends, None]
-    stages = tuple(StagePlacement(tier_of[members[0].name], tuple(n.name for n in members), a, b)
+    bounds: list[Cut] = [MODEL_INPUT, *ends, MODEL_OUTPUT]
+    stages = tuple(PlacedStage(tier_of[members[0].name], tuple(n.name for n in members), a, b)
                    for members, a, b in zip(tiers, bounds[:-1], bounds[1:]))
     return versioned(net, stages, label="cluster file")
 
 
-def versioned(net: EarlyExitNet, stages: tuple[StagePlacement, ...], *, codecs: tuple[str | None, ...] = (),
+def versioned(net: EarlyExitNet, stages: tuple[PlacedStage, ...], *, codecs: tuple[str | None, ...] = (),
               disabled_exits: frozenset[int] = frozenset(), label: str = "") -> Placement:
     """A placement whose version hashes what its stages compute (weights, ranges, codecs, exits)."""
-    if stages and stages[0].end == INPUT:  # the next stage takes the input from the wire
-        stages = (stages[0], *(StagePlacement(s.tier, s.nodes, INPUT if i == 0 else s.start, s.end)
-                               for i, s in enumerate(stages[1:])))
     layout = ([(s.tier, s.start, s.end) for s in stages], codecs, sorted(disabled_exits))
     digest = hashlib.sha256(repr((net.weights_sha256, layout)).encode())
     return Placement(stages, int.from_bytes(digest.digest()[:8], "big") >> 1, codecs, disabled_exits, label)
 
 
-def _ends(net: EarlyExitNet, explicit: list[int | str | None], stages: int) -> list[int]:
+def _ends(net: EarlyExitNet, explicit: list[int | str | None], stages: int) -> Sequence[Cut]:
     """Where each stage but the last ends: the cluster file's ``ends_at``, or spread over the exits."""
     wanted = stages - 1
     if any(e is not None for e in explicit):
         if any(e is None for e in explicit):
             raise ClusterError("set `ends_at` on every tier but the last, or on none of them")
         try:
-            return [INPUT if e == "input" else net.graph.resolve(e).id for e in explicit if e is not None]
+            return [MODEL_INPUT if e is MODEL_INPUT else net.graph.resolve(e).id for e in explicit if e is not None]
         except CutError as exc:
             raise ClusterError(f"cluster file: {exc}") from exc
     exits = [c.id for c in net.exit_cuts]

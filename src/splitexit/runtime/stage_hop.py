@@ -14,6 +14,7 @@ from typing import Protocol
 
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.config.codec_names import CodecSpec
+from splitexit.cuts import MODEL_OUTPUT
 from splitexit.model.stages import Stage
 from splitexit.runtime.executor import StageExecutor
 from splitexit.runtime.hop import Downstream, Hop
@@ -50,7 +51,7 @@ def stage_hop(stage: Stage, *, node: NodeSpec, cluster: ClusterSpec, plan_versio
     the stage ends at the model output."""
     replicas = None
     encode = None
-    if stage.end is not None:
+    if stage.end is not MODEL_OUTPUT:
         if codec is None:
             raise ValueError("a stage that forwards rows needs the codec of its outgoing link")
         encode = lambda tensors: encode_tensors(tensors, codec)  # noqa: E731

@@ -1,5 +1,5 @@
 """The coordinator on a fake clock: when it re-reads the registry, how long it leaves a failing node out,
-how long it waits for the tiers at start; and its CPU work (layout, stage files) leaves the event loop free.
+how long it waits for the tiers at start; and its CPU work (placer, stage files) leaves the event loop free.
 
 Real objects throughout: the embedded registry (on the fake clock), real nodes in this process reached
 through the in-process control twin, and a real model. Only time is faked.
@@ -271,13 +271,13 @@ async def _ticker(ticks: list[float], stop: asyncio.Event) -> None:
 
 
 def test_the_loop_keeps_ticking_while_a_stage_file_builds_and_a_node_describes_itself(tmp_path: Path) -> None:
-    """And the layout (planning, when the planner decides) is called in the executor too."""
+    """And the placer (planning, when the planner decides) is called in the executor too."""
     torch.manual_seed(0)
     wide = EarlyExitNet.from_model(build_model("digits_cnn", WIDE_CLASSES), torch.zeros(1, 1, 8, 8),
                                    source=ModelSource(name="digits_cnn", num_classes=WIDE_CLASSES)).eval()
     spec = ClusterSpec.model_validate(yaml.safe_load(ONE_WORKER))
     executor, describing = RecordingExecutor(max_workers=1), RecordingExecutor(max_workers=1)
-    layout_threads: list[bool] = []  # per layout call: whether an event loop ran in the thread that made it
+    placer_threads: list[bool] = []  # per placer call: whether an event loop ran in the thread that made it
 
     async def go() -> tuple[list[float], tuple[float, float]]:
         registry = EmbeddedRegistry()
@@ -289,12 +289,12 @@ def test_the_loop_keeps_ticking_while_a_stage_file_builds_and_a_node_describes_i
         async def on_plan(placement: Placement, peers: list[NodeSpec], codec: CodecSpec | None) -> None:
             pass
 
-        def layout(live_cluster: ClusterSpec, live: set[str]) -> Placement:
-            layout_threads.append(_has_running_loop())
+        def placer(live_cluster: ClusterSpec, live: set[str]) -> Placement:
+            placer_threads.append(_has_running_loop())
             return default_placement(wide, live_cluster, live)
 
         coordinator = Coordinator(wide, spec, registry, on_plan, connect=lambda node: LocalNodeControl(node, nodes),
-                                  layout=layout, executor=executor)
+                                  placer=placer, executor=executor)
         ticks: list[float] = []
         stop = asyncio.Event()
         ticking = asyncio.get_running_loop().create_task(_ticker(ticks, stop))
@@ -321,7 +321,7 @@ def test_the_loop_keeps_ticking_while_a_stage_file_builds_and_a_node_describes_i
     finally:
         executor.shutdown()
         describing.shutdown()
-    assert layout_threads == [False], "the coordinator called its layout once, in its executor, not on the loop"
+    assert placer_threads == [False], "the coordinator called its placer once, in its executor, not on the loop"
     assert executor.jobs, "the coordinator built the worker's stage file in its executor, not on the loop"
     build_from, build_to = max(executor.jobs, key=lambda job: job[1] - job[0])
     assert [t for t in ticks if build_from < t < build_to], "the loop ticked while the stage file built"

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from splitexit.config import ClusterSpec
-from splitexit.control.replan import HOLD, PlannedLayout, Replanner
+from splitexit.control.replan import HOLD, PlanningPlacer, Replanner
 from synthetic import synthetic_profile
 
 CLUSTER = """
@@ -21,38 +21,38 @@ batching: {max_batch: 1}
 """
 
 
-def planned_layout(seed: int = 2) -> PlannedLayout:
-    layout = PlannedLayout(None, synthetic_profile(seed))  # type: ignore[arg-type] - no placement is built here
-    layout.cluster = ClusterSpec.model_validate(yaml.safe_load(CLUSTER))
-    layout.current = layout.best()
-    return layout
+def planned_layout(seed: int = 2) -> PlanningPlacer:
+    placer = PlanningPlacer(None, synthetic_profile(seed))  # type: ignore[arg-type] - no placement is built here
+    placer.cluster = ClusterSpec.model_validate(yaml.safe_load(CLUSTER))
+    placer.current = placer.best()
+    return placer
 
 
-def replanner(layout: PlannedLayout, compute: dict[str, float]) -> tuple[Replanner, list[str]]:
+def replanner(placer: PlanningPlacer, compute: dict[str, float]) -> tuple[Replanner, list[str]]:
     asked: list[str] = []
-    return Replanner(layout, asked.append, dict, measure_compute=lambda: compute), asked
+    return Replanner(placer, asked.append, dict, measure_compute=lambda: compute), asked
 
 
 def test_a_stage_that_computes_far_slower_than_predicted_moves_the_plan() -> None:
-    layout = planned_layout()
-    first = layout.current
+    placer = planned_layout()
+    first = placer.current
     assert first is not None and first.stages[-1].compute_ms > 0
     slow = first.stages[-1]  # the cloud stage that answers last
     measured = {node: 20 * slow.compute_ms / 1e3 for node in slow.nodes}
-    planner, asked = replanner(layout, measured)
+    planner, asked = replanner(placer, measured)
     assert planner.check(100.0) is None, "a better plan must stay better for the hold time first"
     reason = planner.check(100.0 + HOLD)
     assert reason is not None and asked == [reason]
     assert f"{slow.nodes[0]} computed" in reason and "predicted" in reason
-    assert layout.slowdowns[slow.nodes[0]] == pytest.approx(20.0, rel=0.01)
-    assert slow.nodes[0] not in {n for s in layout.best().stages for n in s.nodes}, \
+    assert placer.slowdowns[slow.nodes[0]] == pytest.approx(20.0, rel=0.01)
+    assert slow.nodes[0] not in {n for s in placer.best().stages for n in s.nodes}, \
         "the new best plan avoids the node that computes 20x slower"
 
 
 def test_compute_within_the_noise_band_changes_nothing() -> None:
-    layout = planned_layout()
-    stages = layout.current.stages  # type: ignore[union-attr]
+    placer = planned_layout()
+    stages = placer.current.stages  # type: ignore[union-attr]
     measured = {s.nodes[0]: 1.3 * s.compute_ms / 1e3 for s in stages}
-    planner, asked = replanner(layout, measured)
+    planner, asked = replanner(placer, measured)
     assert planner.check(100.0) is None and planner.check(100.0 + HOLD) is None
-    assert layout.slowdowns == {} and asked == []
+    assert placer.slowdowns == {} and asked == []

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from splitexit.config import ClusterSpec
-from splitexit.control.replan import PlannedLayout, Replanner
+from splitexit.control.replan import PlanningPlacer, Replanner
 from synthetic import synthetic_profile
 
 #: Four tiers and a profile with many cuts and exits: planning it takes a good fraction of a second.
@@ -35,13 +35,13 @@ TICK_S = 0.005
 MIN_WAKES = 5
 
 
-def large_layout() -> PlannedLayout:
+def large_layout() -> PlanningPlacer:
     profile = synthetic_profile(2, cuts=CUTS, exits=tuple(range(1, CUTS, 3)), samples=200,
                                 codecs=("raw", "int8+zstd", "fp16"))
-    layout = PlannedLayout(None, profile)  # type: ignore[arg-type]  # no placement is built here
-    layout.cluster = ClusterSpec.model_validate(yaml.safe_load(CLUSTER))
-    layout.current = layout.best()
-    return layout
+    placer = PlanningPlacer(None, profile)  # type: ignore[arg-type]  # no placement is built here
+    placer.cluster = ClusterSpec.model_validate(yaml.safe_load(CLUSTER))
+    placer.current = placer.best()
+    return placer
 
 
 async def ticking_while(work: asyncio.Future[Any]) -> list[float]:
@@ -57,9 +57,9 @@ async def ticking_while(work: asyncio.Future[Any]) -> list[float]:
 
 
 def test_the_edges_loop_answers_while_a_replan_computes() -> None:
-    layout = large_layout()
+    placer = large_layout()
     asked: list[str] = []
-    replanner = Replanner(layout, asked.append, lambda: {("edge", "cloud1"): 1e6})  # a link 1000x slower
+    replanner = Replanner(placer, asked.append, lambda: {("edge", "cloud1"): 1e6})  # a link 1000x slower
 
     async def main() -> tuple[float, list[float]]:
         started = time.perf_counter()
@@ -75,12 +75,12 @@ def test_the_edges_loop_answers_while_a_replan_computes() -> None:
     assert took >= MIN_REPLAN_S, f"the re-plan took {took:.3f} s: make the profile larger"
     # a re-plan on the loop would let the ticker wake once, after it; no timing is asserted beyond that
     assert len(gaps) >= MIN_WAKES, f"the loop woke {len(gaps)} times in a {took:.3f} s re-plan"
-    assert layout.measured[("edge", "cloud1")].bandwidth == 1e6, "what the check measured is kept"
+    assert placer.measured[("edge", "cloud1")].bandwidth == 1e6, "what the check measured is kept"
 
 
 def test_a_closed_replanner_plans_no_more() -> None:
-    layout = PlannedLayout(None, synthetic_profile(2))  # type: ignore[arg-type]  # no placement is built here
-    replanner = Replanner(layout, lambda reason: None, dict)
+    placer = PlanningPlacer(None, synthetic_profile(2))  # type: ignore[arg-type]  # no placement is built here
+    replanner = Replanner(placer, lambda reason: None, dict)
     replanner.close()
     with pytest.raises(RuntimeError, match="shutdown"):
         asyncio.run(replanner.check_in_thread(100.0))

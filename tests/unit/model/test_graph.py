@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.errors import CutError, TraceError
 from splitexit.model import zoo
 from splitexit.model.exits import EarlyExitNet
@@ -124,8 +125,8 @@ def test_every_cut_splits_into_two_segments_that_reproduce_the_model(skip_model,
         expected = skip_model(skip_input)
         assert skip_graph.cut_points
         for cut in skip_graph.cut_points:
-            head = skip_graph.segment(None, cut.id)
-            tail = skip_graph.segment(cut.id, None)
+            head = skip_graph.segment(MODEL_INPUT, cut.id)
+            tail = skip_graph.segment(cut.id, MODEL_OUTPUT)
             crossing = head(skip_input)
             assert isinstance(crossing, tuple) and len(crossing) == len(cut.tensors)
             torch.testing.assert_close(tail(*crossing), expected, msg=lambda m, c=cut: f"{c.describe()}: {m}")
@@ -139,8 +140,8 @@ def test_three_segments_at_any_two_cuts_reproduce_the_model(skip_model, skip_inp
     with torch.no_grad():
         expected = skip_model(skip_input)
         for first, second in pairs:
-            segments = [skip_graph.segment(None, first), skip_graph.segment(first, second),
-                        skip_graph.segment(second, None)]
+            segments = [skip_graph.segment(MODEL_INPUT, first), skip_graph.segment(first, second),
+                        skip_graph.segment(second, MODEL_OUTPUT)]
             torch.testing.assert_close(run_chain(segments, skip_input), expected,
                                        msg=lambda m, a=first, b=second: f"cuts {a}, {b}: {m}")
 
@@ -149,7 +150,7 @@ def test_segment_chain_follows_a_different_batch_size(skip_model, skip_graph):
     cut = next(c for c in skip_graph.cut_points if len(c.tensors) == 2)
     x = torch.randn(7, 3, 12, 12)
     with torch.no_grad():
-        out = run_chain([skip_graph.segment(None, cut.id), skip_graph.segment(cut.id, None)], x)
+        out = run_chain([skip_graph.segment(MODEL_INPUT, cut.id), skip_graph.segment(cut.id, MODEL_OUTPUT)], x)
         torch.testing.assert_close(out, skip_model(x))
 
 
@@ -165,7 +166,7 @@ def test_empty_or_backward_segment_is_refused(skip_graph):
 def test_crossing_tensors_are_described_per_sample(skip_input, skip_graph):
     with torch.no_grad():
         for cut in skip_graph.cut_points:
-            crossing = skip_graph.segment(None, cut.id)(skip_input)
+            crossing = skip_graph.segment(MODEL_INPUT, cut.id)(skip_input)
             for info, value in zip(cut.tensors, crossing, strict=True):
                 assert info.shape == tuple(value.shape[1:]), cut.describe()  # batch dimension left out
                 assert value.shape[0] == BATCH
@@ -251,7 +252,7 @@ def test_model_fx_cannot_trace_falls_back_to_export():
         x = torch.randn(batch, 4, 8, 8)
         with torch.no_grad():
             for cut in graph.cut_points:
-                (crossing,) = graph.segment(None, cut.id)(x)
+                (crossing,) = graph.segment(MODEL_INPUT, cut.id)(x)
                 assert tuple(crossing.shape) == (batch, *cut.tensors[0].shape)
 
 
@@ -265,7 +266,7 @@ def test_export_traced_segments_chain_to_the_model_output():
         with torch.no_grad():
             expected = model(x)
             for cut in graph.cut_points:
-                out = run_chain([graph.segment(None, cut.id), graph.segment(cut.id, None)], x)
+                out = run_chain([graph.segment(MODEL_INPUT, cut.id), graph.segment(cut.id, MODEL_OUTPUT)], x)
                 torch.testing.assert_close(out, expected)
 
 

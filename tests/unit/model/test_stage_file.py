@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from splitexit import EarlyExitNet, ExitPolicy, ModelSource, build_model
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.errors import IntegrityError, PackageError
 from splitexit.model.stage_file import load_stage_file, sha256_hex, stage_file
 
@@ -20,12 +21,12 @@ def net() -> EarlyExitNet:
 
 
 def test_a_shipped_stage_computes_exactly_what_the_original_does(net: EarlyExitNet) -> None:
-    start, end = net.exit_cuts[0].id, None
+    start, end = net.exit_cuts[0].id, MODEL_OUTPUT
     data = stage_file(net, start, end)
     loaded = load_stage_file(data, sha256=sha256_hex(data))
     x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        (activation,) = net.segment_between(None, start)(x)
+        (activation,) = net.segment_between(MODEL_INPUT, start)(x)
         want = net.stage(start, end).run((activation,))
         got = loaded.stage.run((activation,))
     torch.testing.assert_close(got.logits, want.logits)
@@ -36,13 +37,13 @@ def test_a_shipped_stage_computes_exactly_what_the_original_does(net: EarlyExitN
 def test_a_stage_file_holds_only_its_stage_and_is_deterministic(net: EarlyExitNet) -> None:
     first, second = net.exit_cuts[0].id, net.exit_cuts[1].id
     middle = stage_file(net, first, second)
-    whole = stage_file(net, None, None)
+    whole = stage_file(net, MODEL_INPUT, MODEL_OUTPUT)
     assert len(middle) < len(whole) / 2, "the middle stage should not carry the other stages' weights"
     assert stage_file(net, first, second) == middle, "same stage, same bytes: the sha256 names it"
 
 
 def test_altered_bytes_are_refused(net: EarlyExitNet) -> None:
-    data = bytearray(stage_file(net, None, net.exit_cuts[0].id))
+    data = bytearray(stage_file(net, MODEL_INPUT, net.exit_cuts[0].id))
     sha = sha256_hex(bytes(data))
     data[-5] ^= 0xFF
     with pytest.raises(IntegrityError, match="sha256"):
@@ -53,6 +54,6 @@ def test_an_untrusted_user_model_is_not_built(net: EarlyExitNet) -> None:
     torch.manual_seed(0)
     user = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8),
                                    source=ModelSource(name="some_module:factory")).eval()
-    data = stage_file(user, None, user.exit_cuts[0].id)
+    data = stage_file(user, MODEL_INPUT, user.exit_cuts[0].id)
     with pytest.raises(PackageError, match="trusted_models"):
         load_stage_file(data, sha256=sha256_hex(data))

@@ -9,6 +9,7 @@ import time
 import torch
 
 from splitexit import EarlyExitNet, ModelSource, build_model
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.model.graph import trace_model
 from splitexit.model.trace_guard import SharedExclusiveLock
 from splitexit.runtime.executor import StageExecutor
@@ -19,10 +20,10 @@ def test_stages_keep_computing_while_the_process_traces_models() -> None:
     net = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8),
                                   source=ModelSource(name="digits_cnn")).eval()
     x = torch.randn(4, 1, 8, 8)
-    expected = net.stage(None, None).run((net._prepare(x),)).prediction
+    expected = net.stage(MODEL_INPUT, MODEL_OUTPUT).run((net._prepare(x),)).prediction
 
     async def compute_while_tracing() -> int:
-        executor = StageExecutor(net.stage(None, None))
+        executor = StageExecutor(net.stage(MODEL_INPUT, MODEL_OUTPUT))
         tracing = asyncio.get_running_loop().run_in_executor(
             None, lambda: [trace_model(build_model("mobilenet_v3_small", 10), torch.zeros(1, 3, 32, 32))
                            for _ in range(3)])

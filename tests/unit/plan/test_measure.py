@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from splitexit import EarlyExitNet
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.plan.candidates import candidate_cuts
 from splitexit.plan.measure import measure_exits, measure_idle_factors, measure_timing
 
@@ -35,8 +36,8 @@ def test_exit_table_routes_every_sample_like_the_stages_do(net: EarlyExitNet, ca
             # and across a split, as a chain of stages runs it
             cut = net.exit_cuts[0].id
             with torch.inference_mode():
-                first = net.stage(None, cut).run((x,))
-                second = net.stage(cut, None).run(first.forward)
+                first = net.stage(MODEL_INPUT, cut).run((x,))
+                second = net.stage(cut, MODEL_OUTPUT).run(first.forward)
             exit_of = torch.empty(len(x), dtype=torch.int64)
             exit_of[first.rows] = first.exit
             exit_of[first.forward_rows[second.rows]] = second.exit
@@ -50,10 +51,10 @@ def test_timing_covers_every_segment_head_and_codec(net: EarlyExitNet, calib, fa
     cuts = candidate_cuts(net, limit=6)
     x = torch.stack([calib[i][0] for i in range(16)])
     timing = measure_timing(net, x, cuts, **fast)
-    assert [(s.start, s.end) for s in timing.segments] == list(zip([None, *cuts], [*cuts, None]))
+    assert [(s.start, s.end) for s in timing.segments] == list(zip([MODEL_INPUT, *cuts], [*cuts, MODEL_OUTPUT]))
     assert sum(s.flops for s in timing.segments) == net.graph.total_flops
-    assert len(timing.heads) == net.num_exits and timing.heads[-1].cut is None
-    assert [t.cut for t in timing.transfers] == [None, *cuts]
+    assert len(timing.heads) == net.num_exits and timing.heads[-1].cut is MODEL_OUTPUT
+    assert [t.cut for t in timing.transfers] == [MODEL_INPUT, *cuts]
     for segment in timing.segments:
         assert set(segment.seconds) == {1, 2} and all(t.median > 0 and t.q1 <= t.median <= t.q3
                                                       for t in segment.seconds.values())

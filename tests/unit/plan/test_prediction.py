@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.errors import ConfigError
 from splitexit.plan.objective import Objective
 from splitexit.plan.prediction import predict
@@ -23,9 +24,10 @@ def test_a_skipped_tier_costs_the_composed_link() -> None:
     assert composed.bandwidth == 8e6 and math.isclose(composed.latency, 0.007) and math.isclose(composed.jitter, 0.002)
     assert math.isclose(composed.loss, 1 - 0.99 * 0.98)
     two = chain((4.0, 1.0), (composed,))
-    stages = [(0, None, profile.cuts[1]), (2, profile.cuts[1], None)]
+    stages = [(0, MODEL_INPUT, profile.cuts[1]), (2, profile.cuts[1], MODEL_OUTPUT)]
     via = predict(profile, three, stages, (0,), ["int8+zstd"])
-    direct = predict(profile, two, [(0, None, profile.cuts[1]), (1, profile.cuts[1], None)], (0,), ["int8+zstd"])
+    direct = predict(profile, two, [(0, MODEL_INPUT, profile.cuts[1]), (1, profile.cuts[1], MODEL_OUTPUT)], (0,),
+                     ["int8+zstd"])
     assert via.skipped == ("cloud1",) and via.links[0].via == ("cloud1",)
     assert math.isclose(via.latency_ms, direct.latency_ms)
     assert math.isclose(via.throughput_per_s, direct.throughput_per_s)
@@ -37,7 +39,7 @@ def test_latency_adds_up_by_hand_for_a_two_tier_split() -> None:
     m, costs = profile.timing, chain().costs
     topology = chain((4.0, 1.0), (LinkEstimate(1e7, 0.01),))
     cut = profile.cuts[2]
-    result = predict(profile, topology, [(0, None, cut), (1, cut, None)], (0,), ["raw"])
+    result = predict(profile, topology, [(0, MODEL_INPUT, cut), (1, cut, MODEL_OUTPUT)], (0,), ["raw"])
     early = float(profile.exits.confident[0].mean())
     c0 = m.call_overhead.median
     fixed = m.stage_call_at(1) + c0
@@ -65,11 +67,11 @@ def test_predict_refuses_candidates_that_are_not_chains() -> None:
     topology = chain()
     a, b = profile.cuts[0], profile.cuts[2]
     with pytest.raises(ConfigError, match="cover input to output"):
-        predict(profile, topology, [(0, None, a), (1, b, None)], (), ["raw"])
+        predict(profile, topology, [(0, MODEL_INPUT, a), (1, b, MODEL_OUTPUT)], (), ["raw"])
     with pytest.raises(ConfigError, match="codecs"):
-        predict(profile, topology, [(0, None, a), (1, a, None)], (), [])
+        predict(profile, topology, [(0, MODEL_INPUT, a), (1, a, MODEL_OUTPUT)], (), [])
     with pytest.raises(ConfigError, match="not a candidate"):
-        predict(profile, topology, [(0, None, 12345), (1, 12345, None)], (), ["raw"])
+        predict(profile, topology, [(0, MODEL_INPUT, 12345), (1, 12345, MODEL_OUTPUT)], (), ["raw"])
     with pytest.raises(ConfigError, match="deadline"):
         Objective("deadline")
     with pytest.raises(ConfigError, match="not profiled"):
@@ -87,7 +89,7 @@ def test_idle_workers_compute_slower_and_the_factor_follows_the_predicted_latenc
     # Edge only, no waiting: the worker idles ~1 ms between requests, so it is only a little cold.
     near = chain((4.0, 1.0, 1.0), (LinkEstimate(1e9, 0.0002), LinkEstimate(1e9, 0.0001)))
     near = replace(near, costs=replace(near.costs, max_wait=0.0005))
-    edge_only = [(0, None, None)]
+    edge_only = [(0, MODEL_INPUT, MODEL_OUTPUT)]
     quick, base = predict(cold, near, edge_only, (), []), predict(flat, near, edge_only, (), [])
     assert 1.2 < (quick.latency_ms - base.latency_ms) / (base.latency_ms - 0.9) + 1 < 2.0
 
@@ -95,7 +97,7 @@ def test_idle_workers_compute_slower_and_the_factor_follows_the_predicted_latenc
     far = chain((4.0, 1.0, 1.0), (LinkEstimate(1e9, 0.05), LinkEstimate(1e9, 0.001)))
     far = replace(far, costs=replace(far.costs, compute_overhead=0.0))  # the runtime's share is not slowed by idling
     no_compute = replace(far, tiers=tuple(replace(t, compute_scale=1e-12) for t in far.tiers))
-    split = [(0, None, cold.cuts[0]), (1, cold.cuts[0], None)]
+    split = [(0, MODEL_INPUT, cold.cuts[0]), (1, cold.cuts[0], MODEL_OUTPUT)]
     slow, warm = predict(cold, far, split, (), ["raw"]), predict(flat, far, split, (), ["raw"])
     transport = predict(flat, no_compute, split, (), ["raw"])
     assert math.isclose(slow.latency_ms - warm.latency_ms, warm.latency_ms - transport.latency_ms, rel_tol=1e-6)

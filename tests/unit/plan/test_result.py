@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from splitexit.config import ClusterSpec
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.errors import ConfigError
 from splitexit.plan.prediction import predict
 from splitexit.plan.result import apply_plan
@@ -19,8 +20,8 @@ def test_apply_plan_writes_ends_codecs_and_drops_skipped_workers() -> None:
     cluster = ClusterSpec.model_validate(yaml.safe_load(THREE_TIER_CLUSTER))
     profile = synthetic_profile(1)
     topology = topology_from_cluster(cluster)
-    skip_middle = predict(profile, topology, [(0, None, profile.cuts[1]), (2, profile.cuts[1], None)], (0, 1),
-                          ["int8+zstd"])
+    stages = [(0, MODEL_INPUT, profile.cuts[1]), (2, profile.cuts[1], MODEL_OUTPUT)]
+    skip_middle = predict(profile, topology, stages, (0, 1), ["int8+zstd"])
     served = apply_plan(cluster, skip_middle)
     assert [n.name for n in served.nodes] == ["edge", "cloud2"]
     assert served.node("edge").ends_at == profile.cuts[1] and served.node("cloud2").ends_at is None
@@ -30,18 +31,18 @@ def test_apply_plan_writes_ends_codecs_and_drops_skipped_workers() -> None:
     assert math.isclose(link.loss, 0.01)
     assert served.batching == cluster.batching
 
-    everything = predict(profile, topology, [(0, None, profile.cuts[0]), (1, profile.cuts[0], profile.cuts[2]),
-                                             (2, profile.cuts[2], None)], (), ["raw", "int8+zstd"])
+    everything = predict(profile, topology, [(0, MODEL_INPUT, profile.cuts[0]), (1, profile.cuts[0], profile.cuts[2]),
+                                             (2, profile.cuts[2], MODEL_OUTPUT)], (), ["raw", "int8+zstd"])
     served = apply_plan(cluster, everything)
     assert [n.ends_at for n in served.nodes] == [profile.cuts[0], profile.cuts[2], None]
     assert [link.codec for link in served.links] == ["raw", "int8+zstd"]
     assert served.links[0].bandwidth == 20e6 and served.links[1].loss == 0.01
 
-    cloud_only = predict(profile, topology, [(1, None, None)], (), ["raw"])
+    cloud_only = predict(profile, topology, [(1, MODEL_INPUT, MODEL_OUTPUT)], (), ["raw"])
     served = apply_plan(cluster, cloud_only)
     assert [(n.name, n.ends_at) for n in served.nodes] == [("edge", "input"), ("cloud1", None)]
 
-    edge_only = predict(profile, topology, [(0, None, None)], (), [])
+    edge_only = predict(profile, topology, [(0, MODEL_INPUT, MODEL_OUTPUT)], (), [])
     served = apply_plan(cluster, edge_only)
     assert [n.name for n in served.nodes] == ["edge"] and served.links == ()
 
@@ -61,7 +62,8 @@ links:
     profile = synthetic_profile(2)
     topology = topology_from_cluster(cluster)
     assert topology.tiers[2].nodes == ("b1", "b2")
-    chosen = predict(profile, topology, [(0, None, profile.cuts[1]), (2, profile.cuts[1], None)], (), ["raw"])
+    stages = [(0, MODEL_INPUT, profile.cuts[1]), (2, profile.cuts[1], MODEL_OUTPUT)]
+    chosen = predict(profile, topology, stages, (), ["raw"])
     served = apply_plan(cluster, chosen)
     assert [(n.name, n.tier) for n in served.nodes] == [("edge", None), ("b1", 1), ("b2", 1)]
     assert [(link.source, link.target) for link in served.links] == [("edge", "b1"), ("edge", "b2")]

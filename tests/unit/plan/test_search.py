@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.plan.costs import CostTables
 from splitexit.plan.objective import Objective
 from splitexit.plan.prediction import predict
@@ -32,7 +33,7 @@ def every_candidate(profile: Profile, topology: Topology, *, edge_may_skip: bool
                 continue
             links = count - 1 + (used[0] != 0)
             for inner in itertools.combinations(cuts, count - 1):
-                bounds = [None, *inner, None]
+                bounds = [MODEL_INPUT, *inner, MODEL_OUTPUT]
                 stages = list(zip(used, bounds[:-1], bounds[1:]))
                 for chosen in itertools.product(codecs, repeat=links):
                     for active in exit_sets:
@@ -119,7 +120,7 @@ def test_baselines_and_candidates_are_what_they_claim() -> None:
     assert [s.tier for s in result.edge_only.stages] == [0] and result.edge_only.links == ()
     assert [s.tier for s in result.cloud_only.stages] == [2]
     (link,) = result.cloud_only.links
-    assert link.cut is None and link.source == "edge" and link.target == "cloud2" and link.via == ("cloud1",)
+    assert link.cut is MODEL_INPUT and link.source == "edge" and link.target == "cloud2" and link.via == ("cloud1",)
     assert result.cloud_only.skipped == ("edge", "cloud1")
     assert result.candidates[0] == result.best and len(result.candidates) == 4
     latencies = [p.latency_ms for p in result.candidates]
@@ -136,7 +137,7 @@ def test_the_choice_follows_the_network() -> None:
     fast = chain((50.0, 1.0, 1.0), (LinkEstimate(1e10, 0.0), LinkEstimate(1e10, 0.0)))
     best = plan(profile, fast).best
     assert not best.edge_computes, "a 50x slower edge next to a free link: send the input"
-    assert best.links[0].cut is None
+    assert best.links[0].cut is MODEL_INPUT
     kept = plan(profile, fast, edge_may_skip=False).best
     assert kept.edge_computes
 

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from splitexit.config import ClusterSpec
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.errors import ConfigError
 from splitexit.plan.prediction import predict
 from splitexit.plan.topology import LinkEstimate, Topology, topology_from_cluster
@@ -39,7 +40,7 @@ def test_a_declared_or_measured_link_past_a_skipped_tier_is_used_as_the_runtime_
     assert [(a, b) for a, b, _ in topology.named_links()] == [("edge", "cloud1"), ("cloud1", "cloud2"),
                                                               ("edge", "cloud2")]
     profile = synthetic_profile(3)
-    skip = [(0, None, profile.cuts[1]), (2, profile.cuts[1], None)]
+    skip = [(0, MODEL_INPUT, profile.cuts[1]), (2, profile.cuts[1], MODEL_OUTPUT)]
     file_only = topology_from_cluster(ClusterSpec.model_validate(yaml.safe_load(THREE_TIER_CLUSTER)))
     composed = predict(profile, file_only, skip, (0,), ["raw"])
     assert predict(profile, topology, skip, (0,), ["raw"]).latency_ms < composed.latency_ms

@@ -12,15 +12,17 @@ import pytest
 from rich.console import Console
 
 from splitexit.control.edge import RunResult
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.report.console import run_table
 from splitexit.report.run_report import RunReport, summarize, write_report
-from splitexit.runtime.placement import Placement, StagePlacement
+from splitexit.runtime.placement import PlacedStage, Placement
 from splitexit.runtime.records import BREAKDOWN, RequestRecord
 from splitexit.runtime.remote import LinkCounters
 
 
 def placement(edge: str = "edge", cloud: str = "cloud1") -> Placement:
-    return Placement(stages=(StagePlacement(0, (edge,), None, 6), StagePlacement(1, (cloud,), 6, None)), version=1)
+    stages = (PlacedStage(0, (edge,), MODEL_INPUT, 6), PlacedStage(1, (cloud,), 6, MODEL_OUTPUT))
+    return Placement(stages=stages, version=1)
 
 
 def record(index: int, *, exit_: int | None, node: str, prediction: int | None, label: int | None,

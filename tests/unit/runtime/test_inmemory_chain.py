@@ -10,6 +10,7 @@ import yaml
 
 from splitexit import EarlyExitNet, ExitPolicy, build_model
 from splitexit.config import BatchingSpec, ClusterSpec
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.runtime.executor import StageExecutor
 from splitexit.runtime.hop import Hop, RowError, RowResult
 from splitexit.runtime.placement import default_placement
@@ -69,6 +70,6 @@ def test_chain_answers_like_net_infer(net: EarlyExitNet, workers: int, max_batch
 def test_placement_spreads_exits_one_per_node(net: EarlyExitNet) -> None:
     placement = default_placement(net, cluster(2))
     assert [s.end for s in placement.stages[:-1]] == [c.id for c in net.exit_cuts]
-    assert placement.stages[0].start is None and placement.stages[-1].end is None
+    assert placement.stages[0].start is MODEL_INPUT and placement.stages[-1].end is MODEL_OUTPUT
     four = default_placement(net, cluster(3))
     assert len(four.stages) == 4 and len({s.end for s in four.stages}) == 4

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from splitexit.model.stages import INPUT
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.plan.result import describe_route
-from splitexit.runtime.placement import Placement, StagePlacement
+from splitexit.runtime.placement import PlacedStage, Placement
 
-CHAIN = (StagePlacement(0, ("edge",), None, 3), StagePlacement(1, ("cloud1", "cloud1b"), 3, None))
-SKIPPED_EDGE = (StagePlacement(0, ("edge",), None, INPUT), StagePlacement(1, ("cloud1",), INPUT, None))
+CHAIN = (PlacedStage(0, ("edge",), MODEL_INPUT, 3), PlacedStage(1, ("cloud1", "cloud1b"), 3, MODEL_OUTPUT))
+SKIPPED_EDGE = (PlacedStage(0, ("edge",), MODEL_INPUT, MODEL_INPUT),
+                PlacedStage(1, ("cloud1",), MODEL_INPUT, MODEL_OUTPUT))
 
 
 def test_full_form_names_every_bound() -> None:

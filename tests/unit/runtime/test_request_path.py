@@ -22,10 +22,11 @@ import yaml
 from splitexit import EarlyExitNet, build_model
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.config.codec_names import parse_codec
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.errors import ConfigError
 from splitexit.runtime.executor import StageExecutor
 from splitexit.runtime.hop import Hop, RowError, Stamp
-from splitexit.runtime.placement import Placement, StagePlacement, default_placement, versioned
+from splitexit.runtime.placement import PlacedStage, Placement, default_placement, versioned
 from splitexit.runtime.records import RequestRecord
 from splitexit.runtime.request_path import RequestPath
 from splitexit.wire.tensor_codec import decode
@@ -65,7 +66,7 @@ class Wiring:
     """What each plan's channel leads to, and every channel the edge opened, in order."""
 
     net: EarlyExitNet
-    onward: dict[int, StagePlacement] = field(default_factory=dict)  # plan version -> the next stage
+    onward: dict[int, PlacedStage] = field(default_factory=dict)  # plan version -> the next stage
     fail_first: dict[int, int] = field(default_factory=dict)  # plan version -> sends lost before one goes through
     late: dict[int, int] = field(default_factory=dict)  # plan version -> sends that also arrive, late
     channels: list[ChannelTwin] = field(default_factory=list)
@@ -119,7 +120,7 @@ class ChannelTwin:
                 return futures
         rows = len(ids)
         decoded = tuple(decode(m, max_bytes=rows * info.bytes_per_sample, expected=(info.dtype, info.shape))
-                        for m, info in zip(tensors, self.stage.input_tensors or ()))
+                        for m, info in zip(tensors, self.stage.input_tensors))
         onward = await self.onward.send(list(ids), decoded, trace)
         for request_id, answer in zip(ids, onward):
             loop.create_task(self._deliver(request_id, answer, late=late))
@@ -192,8 +193,8 @@ def expected(net: EarlyExitNet, x: torch.Tensor) -> list[int]:
 
 
 def split_at(net: EarlyExitNet, cut: int) -> Placement:
-    return versioned(net, (StagePlacement(0, ("edge",), None, cut), StagePlacement(1, ("cloud",), cut, None)),
-                     label=f"split at {cut}")
+    stages = (PlacedStage(0, ("edge",), MODEL_INPUT, cut), PlacedStage(1, ("cloud",), cut, MODEL_OUTPUT))
+    return versioned(net, stages, label=f"split at {cut}")
 
 
 async def until(condition: Callable[[], object], what: str) -> None:

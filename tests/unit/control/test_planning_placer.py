@@ -9,7 +9,7 @@ import yaml
 from splitexit import EarlyExitNet, ExitPolicy, ModelSource, build_model
 from splitexit.config import ClusterSpec
 from splitexit.control.replan import _live, file_codecs, placement_from_plan
-from splitexit.model.stages import INPUT
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.plan.result import PlannedLink, PlannedStage
 
 
@@ -37,18 +37,18 @@ class FakePlan:
 
 
 def test_a_cloud_only_plan_has_the_edge_forward_the_input(net: EarlyExitNet) -> None:
-    chosen = FakePlan((PlannedStage(2, ("cloud2",), None, None),),
-                      (PlannedLink(0, 2, "edge", "cloud2", None, "int8+zstd", 64.0),), (0,), edge_computes=False)
+    chosen = FakePlan((PlannedStage(2, ("cloud2",), MODEL_INPUT, MODEL_OUTPUT),),
+                      (PlannedLink(0, 2, "edge", "cloud2", MODEL_INPUT, "int8+zstd", 64.0),), (0,), edge_computes=False)
     placement = placement_from_plan(net, cluster(), chosen)
-    assert [(s.nodes, s.start, s.end) for s in placement.stages] == [(("edge",), None, INPUT),
-                                                                     (("cloud2",), INPUT, None)]
+    assert [(s.nodes, s.start, s.end) for s in placement.stages] == [(("edge",), MODEL_INPUT, MODEL_INPUT),
+                                                                     (("cloud2",), MODEL_INPUT, MODEL_OUTPUT)]
     assert placement.codecs == ("int8+zstd", None)
     assert placement.disabled_exits == frozenset({1}), "exit 1 is not in the plan's active exits"
 
 
 def test_versions_differ_when_only_codecs_or_exits_differ(net: EarlyExitNet) -> None:
     cut = net.exit_cuts[0].id
-    stages = (PlannedStage(0, ("edge",), None, cut), PlannedStage(1, ("cloud1",), cut, None))
+    stages = (PlannedStage(0, ("edge",), MODEL_INPUT, cut), PlannedStage(1, ("cloud1",), cut, MODEL_OUTPUT))
     def link(codec: str) -> PlannedLink:
         return PlannedLink(0, 1, "edge", "cloud1", cut, codec, 1.0)
     versions = {placement_from_plan(net, cluster(), FakePlan(stages, (link(c),), exits)).version

@@ -2,7 +2,7 @@
 
 An edge (this process) and three worker processes: w1 alone in tier 1, w2 and w3 replicas of tier 2. While
 2000 inputs stream through, one worker is SIGKILLed; it is restarted a little later, and a fourth worker
-(not in the cluster file) joins tier 2. Every input must get exactly one answer, equal to the model's own,
+(not in the cluster file; admitted because TLS proves its name) joins tier 2. Every input must get exactly one answer, equal to the model's own,
 the first resubmitted request must be answered within the lease TTL + 2 s of the kill, and the restarted
 and the new worker must take load.
 """
@@ -26,6 +26,7 @@ from splitexit.control.edge import Entry
 from splitexit.control.etcd_server import DevEtcd
 from splitexit.control.local_cluster import LocalCluster
 from splitexit.runtime.records import RequestRecord
+from splitexit.runtime.security import init_ca, issue_certificate
 from support import digits_net, free_port
 
 pytestmark = pytest.mark.slow
@@ -37,9 +38,15 @@ JOIN_AT, KILL_AT = 1.0, 4.0  # seconds into the run
 
 
 def write_cluster(path: Path, etcd: DevEtcd) -> Path:
+    """The chain, with TLS: w4, which the file does not name, may join only by proving its name."""
+    pki = path.parent / "pki"
+    init_ca(pki)
+    for name in ("edge", "w1", "w2", "w3", "w4"):
+        issue_certificate(pki, name)
     link = {"latency": "20ms"}  # paces the run so that the kill, the restart and the join all happen mid-run
     path.write_text(yaml.safe_dump({
         "registry": {"etcd": [etcd.endpoint], "ttl": TTL},
+        "security": {"tls": "pki"},
         "nodes": [{"name": "edge", "role": "edge"},
                   {"name": "w1", "address": f"127.0.0.1:{free_port()}"},
                   {"name": "w2", "address": f"127.0.0.1:{free_port()}", "tier": 2},

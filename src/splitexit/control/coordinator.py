@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from splitexit.aio import stop
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.config.codec_names import CodecSpec, parse_codec
+from splitexit.control.admission import Proofs, judge
 from splitexit.control.members import NODES, NodeInfo, parse_node_info
 from splitexit.control.registry import Registry
 from splitexit.cuts import MODEL_OUTPUT, Cut
@@ -63,6 +64,8 @@ SETTLE = 0.05
 START_POLL = 0.2
 #: Seconds ``start`` waits for every tier of the cluster file to have a live node.
 START_WAIT = 30.0
+#: Seconds a registration's address has to answer the Health call that proves its name.
+PROOF_TIMEOUT = 2.0
 #: Registry key the current plan is published under (for people and tools).
 PLAN_KEY = "plan"
 
@@ -96,6 +99,8 @@ class Coordinator:
         self.shipments: list[tuple[str, str, int]] = []  # (node, stage sha256, bytes) for every upload
         self.members: dict[str, NodeInfo] = {}
         self.bans = NodeBans(clock=clock)
+        self.proofs = Proofs()  # registrations proven by a TLS handshake, refusals already logged
+        self._unproven = NodeBans(clock=clock)  # name@address whose proof failed, backed off
         self._clock, self._sleep, self._executor = clock, sleep, executor
         self._connect: Connect = connect or self._grpc_control
         self._controls: dict[str, ControlPort] = {}
@@ -140,10 +145,25 @@ class Coordinator:
                 if tier > 0 and not live & {n.name for n in members}}
 
     async def _read_members(self) -> bool:
-        """Re-read the registrations; True if the set of live nodes (or an address) changed."""
+        """Re-read the registrations and keep those the cluster file's rules believe (``control/admission.py``);
+        True if the set of live nodes (or an address) changed."""
         entries = await self.registry.items(NODES)
-        members = {info.name: info for key, value in entries.items()
-                   if (info := parse_node_info(key, value)) is not None}
+        members: dict[str, NodeInfo] = {}
+        for key, value in entries.items():
+            try:
+                info = parse_node_info(key, value)
+            except ValueError as exc:
+                self.proofs.refuse(key, value, str(exc))
+                continue
+            verdict = judge(self.cluster, info)
+            believed, why = verdict.believe, verdict.refused
+            if believed is not None and verdict.needs_proof and not await self._proven(believed):
+                believed, why = verdict.otherwise, (f"{info.address} did not prove it is {info.name} (no TLS handshake "
+                                                    "with a cluster certificate for that name)")
+            if believed is None:
+                self.proofs.refuse(key, value, why)
+                continue
+            members[believed.name] = believed
         changed = members != self.members
         if changed:
             for name, info in members.items():  # a node that (re)registered gets a fresh chance
@@ -167,6 +187,27 @@ class Coordinator:
                     self._dirty.set()
             except Exception as exc:  # noqa: BLE001 - the registry may be restarting; serving goes on
                 logger.warning("coordinator: cannot read the registry (%s); keeping the current plan", exc)
+
+    async def _proven(self, info: NodeInfo) -> bool:
+        """Whether ``info.address`` answers a Health call over TLS with a cluster certificate for ``info.name``
+        (remembered per name, address and incarnation; a failed proof is tried again after a back-off)."""
+        if self.proofs.knows(info):
+            return True
+        attempt = f"{info.name}@{info.address}"
+        if self._unproven.banned(attempt):
+            return False
+        control = self._connect(info.spec())
+        try:
+            await control.health(PROOF_TIMEOUT)
+        except (NodeUnavailableError, ClusterError) as exc:
+            self._unproven.fail(attempt)
+            logger.info("coordinator: %s is not proven yet: %s", attempt, exc)
+            return False
+        finally:
+            await control.close()
+        self._unproven.succeed(attempt)
+        self.proofs.record(info)
+        return True
 
     def request_replan(self, reason: str) -> None:
         """Place the chain again soon (the placer's inputs changed, e.g. a link measured slower)."""

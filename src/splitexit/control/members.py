@@ -64,15 +64,14 @@ class NodeInfo(BaseModel):
         return self.model_dump_json().encode()
 
 
-def parse_node_info(key: str, value: bytes) -> NodeInfo | None:
+def parse_node_info(key: str, value: bytes) -> NodeInfo:
+    """The registration under ``key``; ValueError (saying why) if it is not one, or names another node."""
     try:
         info = NodeInfo.model_validate(json.loads(value))
     except (ValueError, ValidationError) as exc:
-        logger.warning("ignoring registry entry %s: not a valid node registration (%s)", key, exc)
-        return None
+        raise ValueError(f"not a valid node registration ({exc})") from None
     if key != NODES + info.name:
-        logger.warning("ignoring registry entry %s: it names node %s", key, info.name)
-        return None
+        raise ValueError(f"it names node {info.name}")
     return info
 
 

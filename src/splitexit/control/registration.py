@@ -25,7 +25,8 @@ class Registration:
     """Keep ``key`` in ``registry`` while this process runs: put under a lease that a task refreshes.
 
     The lease is refreshed every ``ttl / REFRESHES_PER_TTL``. If it was lost (it expired while the registry was
-    unreachable, or someone revoked it) the key is put again under a new lease. If the registry cannot be
+    unreachable, or someone revoked it) the key is put again under a new lease; if the key holds anything
+    but this value (someone else wrote it), the value is put back. If the registry cannot be
     reached, that is logged once and retried with back-off; the process keeps serving.
     """
 
@@ -83,6 +84,10 @@ class Registration:
                     if self.lease is None or not await self.registry.keep_alive(self.lease):
                         logger.warning("the lease of %s was lost; registering it again", self.key)
                         await self._register()
+                    elif await self.registry.get(self.key) != self.value:
+                        logger.warning("someone else wrote %s in the registry; putting this node's entry back",
+                                       self.key)
+                        await self.registry.put(self.key, self.value, lease=self.lease)
             except RegistryUnavailableError as exc:
                 if not failures:
                     logger.warning("cannot refresh %s in the registry, retrying: %s", self.key, exc)

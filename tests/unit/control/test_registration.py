@@ -1,5 +1,5 @@
-"""A registration keeps its key in the registry: it registers again after losing its lease, and retries an
-unreachable registry with back-off (on the embedded registry; against etcd: tests/system/test_etcd_registry.py)."""
+"""A registration keeps its key in the registry: it registers again after losing its lease, puts its value
+back when someone else wrote the key, and retries an unreachable registry with back-off (on the embedded registry; against etcd: tests/system/test_etcd_registry.py)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,24 @@ def test_registration_registers_again_after_its_lease_was_lost() -> None:
         await registration.close()
         assert await next_event(events) == WatchEvent("delete", "nodes/w1", None)
         assert await registry.get("nodes/w1") is None
+
+    asyncio.run(main())
+
+
+def test_a_registration_puts_its_entry_back_when_someone_else_overwrote_or_deleted_it() -> None:
+    async def main() -> None:
+        registry = open_registry("embedded")
+        registration = Registration(registry, "nodes/w1", b"w1", ttl=0.3)
+        await registration.start()
+        events = registry.watch("nodes/")
+        await registry.put("nodes/w1", b"forged")  # a rogue writer, no lease of ours
+        assert await next_event(events) == WatchEvent("put", "nodes/w1", b"forged")
+        assert await next_event(events) == WatchEvent("put", "nodes/w1", b"w1")  # within ttl/3
+        await registry.delete("nodes/w1")
+        assert await next_event(events) == WatchEvent("delete", "nodes/w1", None)
+        assert await next_event(events) == WatchEvent("put", "nodes/w1", b"w1")
+        await registration.close()
+        assert await registry.get("nodes/w1") is None, "the entry put back is under the registration's lease"
 
     asyncio.run(main())
 

@@ -2,9 +2,9 @@
 
 An edge (this process) and three worker processes: w1 alone in tier 1, w2 and w3 replicas of tier 2. While
 2000 inputs stream through, one worker is SIGKILLed; it is restarted a little later, and a fourth worker
-(not in the cluster file; admitted because TLS proves its name) joins tier 2. Every input must get exactly one answer, equal to the model's own,
-the first resubmitted request must be answered within the lease TTL + 2 s of the kill, and the restarted
-and the new worker must take load.
+(not in the cluster file; admitted because TLS proves its name) joins tier 2. Every input must get exactly
+one answer, equal to the model's own, the first resubmitted request must be answered within the lease
+TTL + 2 s of the kill, and the restarted and the new worker must take load.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """A registration keeps its key in the registry: it registers again after losing its lease, puts its value
-back when someone else wrote the key, and retries an unreachable registry with back-off (on the embedded registry; against etcd: tests/system/test_etcd_registry.py)."""
+back when someone else wrote the key, and retries an unreachable registry with back-off (on the embedded
+registry; against etcd: tests/system/test_etcd_registry.py)."""
 
 from __future__ import annotations
 

@@ -155,8 +155,10 @@ class RetryPolicy(SpecModel):
     first_wait: float = Field(0.02, gt=0, description="seconds before the first resend; doubles each time")
     max_wait: float = Field(1.0, gt=0, description="longest wait between two sends")
     timeout: float = Field(60.0, gt=0, description="after this long the request is reported as failed")
+    attempt_timeout: float = Field(10.0, gt=0, description="an attempt with no answer after this long is sent again "
+                                                           "(a stalled node holds it)")
 
-    @field_validator("first_wait", "max_wait", "timeout", mode="before")
+    @field_validator("first_wait", "max_wait", "timeout", "attempt_timeout", mode="before")
     @classmethod
     def _duration(cls, value: str | float) -> float:
         return parse_duration(value)

@@ -45,7 +45,7 @@ from splitexit.runtime.security import node_credentials
 from splitexit.runtime.stage_cache import StageCache
 from splitexit.runtime.stage_hop import stage_hop
 from splitexit.tensors import TensorInfo
-from splitexit.wire.messages import grpc_options
+from splitexit.wire.messages import SERVER_KEEPALIVE, grpc_options
 
 __all__ = ["Node"]
 
@@ -124,7 +124,7 @@ class Node:
 
     async def start(self, *, port: int | None = None) -> int:
         """Listen (on the cluster file's port unless ``port`` is given; 0 picks a free one)."""
-        self._server = grpc.aio.server(options=grpc_options(self.cluster.message_limit))
+        self._server = grpc.aio.server(options=grpc_options(self.cluster.message_limit) + SERVER_KEEPALIVE)
         add_node_service(self, self._server)
         host, _, configured = (self.spec.address or DEFAULT_LISTEN).rpartition(":")
         listen = f"{host}:{configured if port is None else port}"

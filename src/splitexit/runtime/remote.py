@@ -29,7 +29,14 @@ from splitexit.runtime.meter import ThroughputMeter
 from splitexit.runtime.security import NodeCredentials, token_metadata
 from splitexit.runtime.stream_messages import decode_up
 from splitexit.wire import wire_pb2, wire_pb2_grpc
-from splitexit.wire.messages import RECONNECT_OPTIONS, batch_messages, grpc_options, hello_message, raw_size
+from splitexit.wire.messages import (
+    CLIENT_KEEPALIVE,
+    RECONNECT_OPTIONS,
+    batch_messages,
+    grpc_options,
+    hello_message,
+    raw_size,
+)
 
 __all__ = ["LinkCounters", "LinkReport", "RemoteStage", "open_channel"]
 
@@ -195,7 +202,7 @@ class RemoteStage:
 def open_channel(address: str, name: str, credentials: NodeCredentials | None, message_limit: int
                  ) -> grpc.aio.Channel:
     """A channel to node ``name`` at ``address``; with TLS the server must prove it is that node."""
-    options = grpc_options(message_limit) + RECONNECT_OPTIONS
+    options = grpc_options(message_limit) + RECONNECT_OPTIONS + CLIENT_KEEPALIVE
     if credentials is None:
         return grpc.aio.insecure_channel(address, options=options)
     return grpc.aio.secure_channel(address, credentials.channel(),

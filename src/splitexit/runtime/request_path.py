@@ -38,12 +38,14 @@ from splitexit.runtime.remote import LinkCounters
 from splitexit.runtime.replicas import ReplicaSet
 from splitexit.runtime.stage_hop import NextStage, OpenNextStage, stage_hop
 
-__all__ = ["RETIRE_TIMEOUT", "RETRYABLE", "RequestPath"]
+__all__ = ["EXPIRED", "RETIRE_TIMEOUT", "RETRYABLE", "RequestPath"]
 
 logger = logging.getLogger(__name__)
 
 #: Outcomes that say "this route failed", not "this input is bad": the path sends the input again.
 RETRYABLE = frozenset({"node_unavailable", "no_route", "unknown_plan"})
+#: An attempt that got no answer in time: sent again while the request's deadline allows.
+EXPIRED = "attempt_expired"
 #: Seconds a hop of an earlier plan may keep finishing its requests before it is closed anyway.
 RETIRE_TIMEOUT = 30.0
 
@@ -52,13 +54,15 @@ class RequestPath:
     """Sends each input through the edge's hop of the current plan until it is answered."""
 
     def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, *, window: int,
-                 on_broken: Callable[[str], None] | None = None, open_next: OpenNextStage = ReplicaSet):
-        """``open_next`` opens each plan's streams to the next stage (default: gRPC replicas)."""
+                 on_broken: Callable[[str], None] | None = None, open_next: OpenNextStage = ReplicaSet,
+                 clock: Callable[[], float] = time.monotonic):
+        """``open_next`` opens each plan's streams to the next stage (default: gRPC replicas); ``clock`` is what
+        request deadlines are measured with."""
         self.net, self.cluster, self.window = net, cluster, window
         self.name = cluster.edge.name
         self.retry = Backoff(cluster.retry.first_wait, cluster.retry.max_wait)
         self.compute = ComputeMeter()  # how long each node's stage computed per request, under this plan
-        self._on_broken, self._open_next = on_broken, open_next
+        self._on_broken, self._open_next, self._clock = on_broken, open_next, clock
         self._hop: Hop | None = None
         self._version = 0
         self._retired: dict[Hop, asyncio.Task] = {}  # hops of earlier plans, closing once their requests finish
@@ -102,29 +106,54 @@ class RequestPath:
         async with self._slots:
             request_id = next(self._ids)
             started = time.time()
-            outcome, attempts, version = await self._answer(request_id, self.net._prepare(sample), started)
+            outcome, attempts, version = await self._answer(request_id, self.net._prepare(sample))
             finished = time.time()
         if isinstance(outcome, RowResult) and version == self._version:  # spans of an old plan's stages say nothing
             self.compute.record(outcome.trace)
         return request_record(outcome, index=index, label=label, started=started, finished=finished,
                               attempts=attempts)
 
-    async def _answer(self, request_id: int, sample: torch.Tensor, started: float
-                      ) -> tuple[RowResult | RowError, int, int]:
-        """Send until the request is answered, or fails for a reason a retry cannot fix, or time runs out.
-        Returns the outcome, the attempts, and the plan version the last attempt was sent under."""
+    async def _answer(self, request_id: int, sample: torch.Tensor) -> tuple[RowResult | RowError, int, int]:
+        """Send until the request is answered, or fails for a reason a retry cannot fix, or ``retry.timeout``
+        runs out. An attempt that gets no answer within ``retry.attempt_timeout`` is sent again (under the
+        same id: whichever answer comes first is the one). Deadlines are on the monotonic clock, so a step of
+        the wall clock changes nothing. Returns the outcome, the attempts, and the plan version the last
+        attempt was sent under."""
+        retry = self.cluster.retry
+        deadline = self._clock() + retry.timeout
         for attempt in itertools.count(1):
             version, hop = self._version, self._hop  # each attempt takes the route installed by then
             assert hop is not None  # infer() checked, and install() never unsets it
-            (future,) = await hop.send([request_id], (sample,), [])
-            outcome = await future
-            if not isinstance(outcome, RowError) or outcome.code not in RETRYABLE \
-                    or time.time() - started > self.cluster.retry.timeout:
+            within = min(retry.attempt_timeout, deadline - self._clock())
+            outcome = await self._attempt(hop, request_id, sample, within)
+            left = deadline - self._clock()
+            if isinstance(outcome, RowError) and outcome.code == EXPIRED and left <= 0:
+                expired = RowError(request_id, "deadline_exceeded", f"no answer within retry.timeout "
+                                   f"({retry.timeout:g} s, {attempt} attempts): a node on the route may be stalled",
+                                   self.name)
+                return expired, attempt, version
+            if not isinstance(outcome, RowError) or outcome.code not in (*RETRYABLE, EXPIRED) or left <= 0:
                 return outcome, attempt, version
             if attempt == 1:
                 logger.info("request %d: %s at %s; sending it again", request_id, outcome.code, outcome.node)
-            await asyncio.sleep(self.retry.delay(attempt))
+            await asyncio.sleep(min(self.retry.delay(attempt), left))
+            if self._clock() >= deadline:  # the wait used up the time: the last failure is the answer
+                return outcome, attempt, version
         raise AssertionError("unreachable")
+
+    async def _attempt(self, hop: Hop, request_id: int, sample: torch.Tensor, within: float) -> RowResult | RowError:
+        """One send and its answer, or an ``EXPIRED`` error after ``within`` seconds. A send that has not
+        finished by then (a stalled peer holds its stream) is left to finish in the background, never
+        cancelled half-way through a batch."""
+        sending = asyncio.ensure_future(hop.send([request_id], (sample,), []))
+        try:
+            async with asyncio.timeout(max(within, 0.0)):
+                (future,) = await asyncio.shield(sending)
+                outcome: RowResult | RowError = await asyncio.shield(future)
+                return outcome
+        except TimeoutError:
+            sending.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved, not logged
+            return RowError(request_id, EXPIRED, f"no answer within {within:.3g} s", self.name)
 
     async def run(self, dataset: Dataset, *, on_record: Callable[[RequestRecord], None] | None = None
                   ) -> list[RequestRecord]:

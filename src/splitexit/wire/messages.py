@@ -50,6 +50,16 @@ HEADER_ROOM = 64 * 1024
 #: second; callers keep their own, longer back-off on top.
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                      ("grpc.max_reconnect_backoff_ms", 1000)]
+#: Every channel pings its peer after this many ms without traffic and gives the connection up when no
+#: answer comes within the timeout: a peer that froze (SIGSTOP, a dead host) breaks its streams, so their
+#: rows are resubmitted, instead of holding them until TCP notices.
+KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS = 10_000, 5_000
+CLIENT_KEEPALIVE = [("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                    ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+#: A server accepts those pings (by default gRPC servers refuse pings more often than every 5 minutes).
+SERVER_KEEPALIVE = [("grpc.keepalive_permit_without_calls", 1),
+                    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+                    ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS)]
 
 
 def grpc_options(message_limit: int) -> list[tuple[str, int]]:

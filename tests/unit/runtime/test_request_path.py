@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -39,13 +41,13 @@ RAW = parse_codec("raw")
 SOON = 5.0
 
 
-def make_cluster(timeout: str = "60s") -> ClusterSpec:
+def make_cluster(timeout: str = "60s", attempt_timeout: str = "10s") -> ClusterSpec:
     return ClusterSpec.model_validate(yaml.safe_load(f"""
 nodes:
   - {{name: edge, role: edge}}
   - {{name: cloud, address: "127.0.0.1:50061"}}
 batching: {{max_batch: 4, max_wait: 1ms}}
-retry: {{first_wait: 5ms, max_wait: 20ms, timeout: {timeout}}}
+retry: {{first_wait: 5ms, max_wait: 20ms, timeout: {timeout}, attempt_timeout: {attempt_timeout}}}
 """))
 
 
@@ -310,6 +312,78 @@ def test_resubmission_gives_up_after_the_retry_timeout(net: EarlyExitNet, inputs
     record = run(scenario, loop_errors)
     assert record.error is not None and record.error.startswith("node_unavailable")
     assert record.attempts > 1 and record.latency_ms >= 100
+
+
+def test_an_attempt_left_unanswered_is_sent_again_and_the_first_answer_wins(
+        net: EarlyExitNet, inputs: torch.Tensor, wiring: Wiring, loop_errors: LoopErrors) -> None:
+    """The node holds the first send (it stalled); after ``attempt_timeout`` the path sends again, the copy
+    is answered, and the first send's answer, when it finally comes, is dropped."""
+    cluster = make_cluster(attempt_timeout="300ms")
+    placement = wiring.plan(default_placement(net, cluster))
+    wiring.late[placement.version] = 1
+
+    async def scenario() -> RequestRecord:
+        path = request_path(net, cluster, wiring, window=4)
+        await path.install(placement, [cluster.node("cloud")], RAW)
+        channel = wiring.channel(placement.version)
+        try:
+            record = await path.infer(inputs[2])
+            channel.release_late()
+            await until(lambda: channel.dropped, "the stalled send's answer")
+        finally:
+            await path.close()
+        return record
+
+    record = run(scenario, loop_errors)
+    channel = wiring.channel(placement.version)
+    assert record.error is None and record.attempts >= 2  # 2, unless a loaded machine made the copy late too
+    assert record.prediction == expected(net, inputs[2:3])[0]
+    assert channel.sent == [record.request_id] * record.attempts and record.request_id in channel.dropped
+
+
+def test_a_request_nobody_answers_ends_with_deadline_exceeded(net: EarlyExitNet, inputs: torch.Tensor,
+                                                               wiring: Wiring, loop_errors: LoopErrors) -> None:
+    cluster = make_cluster(timeout="300ms", attempt_timeout="100ms")
+    placement = wiring.plan(default_placement(net, cluster))
+
+    async def scenario() -> RequestRecord:
+        path = request_path(net, cluster, wiring, window=4)
+        await path.install(placement, [cluster.node("cloud")], RAW)
+        wiring.channel(placement.version).holding = True  # answers wait for `hold`, which never comes
+        try:
+            return await asyncio.wait_for(path.infer(inputs[3]), SOON)
+        finally:
+            await path.close()
+
+    record = run(scenario, loop_errors)
+    assert record.error is not None and record.error.startswith("deadline_exceeded")
+    assert "retry.timeout (0.3 s" in record.error
+    assert record.attempts >= 2 and wiring.channel(placement.version).sent == [record.request_id] * record.attempts
+
+
+def test_a_step_back_of_the_wall_clock_does_not_extend_the_deadline(
+        net: EarlyExitNet, inputs: torch.Tensor, wiring: Wiring, loop_errors: LoopErrors,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wall clock jumps back an hour mid-request (an NTP step): the request still ends at its timeout."""
+    cluster = make_cluster(timeout="200ms")
+    placement = wiring.plan(default_placement(net, cluster))
+    wiring.fail_first[placement.version] = 10**6  # the node never comes back
+    wall = time.time
+
+    async def scenario() -> RequestRecord:
+        path = request_path(net, cluster, wiring, window=4)
+        await path.install(placement, [], RAW)
+        reads = itertools.count()  # the first read (the request's start) is before the step, the rest after
+        monkeypatch.setattr(time, "time", lambda: wall() - (3600 if next(reads) else 0))
+        try:
+            return await asyncio.wait_for(path.infer(inputs[4]), SOON)
+        finally:
+            monkeypatch.setattr(time, "time", wall)
+            await path.close()
+
+    record = run(scenario, loop_errors)
+    assert record.error is not None and record.error.startswith("node_unavailable")
+    assert 1 < record.attempts < 100
 
 
 def test_a_plan_switch_answers_every_request_once_and_retires_the_old_hop_when_idle(

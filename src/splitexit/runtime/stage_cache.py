@@ -20,7 +20,7 @@ __all__ = ["MAX_STAGE_BYTES", "StageCache", "default_cache_dir"]
 
 #: Largest stage file a node accepts (a whole ViT-L is ~1.2 GB).
 MAX_STAGE_BYTES = 4 << 30
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # whole names only (fullmatch): `$` would let "…\n" in
 
 
 def default_cache_dir(node: str) -> Path:
@@ -37,10 +37,10 @@ class StageCache:
         return self.directory / f"{sha256}.stage"
 
     def has(self, sha256: str) -> bool:
-        return bool(_SHA256.match(sha256)) and self.path(sha256).is_file()
+        return bool(_SHA256.fullmatch(sha256)) and self.path(sha256).is_file()
 
     def shas(self) -> list[str]:
-        return sorted(p.stem for p in self.directory.glob("*.stage") if _SHA256.match(p.stem))
+        return sorted(p.stem for p in self.directory.glob("*.stage") if _SHA256.fullmatch(p.stem))
 
     def read(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
@@ -56,7 +56,7 @@ class StageCache:
             with os.fdopen(fd, "wb") as handle:
                 async for sha256, total, data in chunks:
                     if expected is None:
-                        if not _SHA256.match(sha256) or not 0 < total <= MAX_STAGE_BYTES:
+                        if not _SHA256.fullmatch(sha256) or not 0 < total <= MAX_STAGE_BYTES:
                             raise WireError(f"a stage file needs a sha256 and a size of 1 to {MAX_STAGE_BYTES} bytes, "
                                             f"got {sha256[:70]!r} and {total}", code="bad_message")
                         expected = (sha256, total)

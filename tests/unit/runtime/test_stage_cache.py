@@ -50,3 +50,14 @@ def test_a_bad_upload_leaves_nothing_behind(tmp_path: Path, case: str, error: ty
     with pytest.raises(error):
         upload(cache, chunks)
     assert list(tmp_path.iterdir()) == [], "no partial or temporary file may stay"
+
+
+def test_a_digest_with_a_trailing_newline_is_not_a_digest(tmp_path: Path) -> None:
+    """A `$`-anchored pattern matches before a final newline; the cache takes whole digests only."""
+    cache = StageCache(tmp_path)
+    data = b"stage weights"
+    sha = hashlib.sha256(data).hexdigest()
+    upload(cache, pieces(data))
+    assert cache.has(sha) and not cache.has(sha + "\n")
+    with pytest.raises(WireError):
+        upload(StageCache(tmp_path / "other"), pieces(data, sha=sha + "\n"))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from splitexit.aio import stop
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.errors import ClusterError, WireError
@@ -103,7 +104,8 @@ class Node:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"splitexit-{name}-decode")
         self.port: int | None = None
         self.metrics_port: int | None = None
-        self._loaded: dict[str, LoadedStage] = {}
+        self._loaded: dict[str, LoadedStage] = {}  # the stages of the kept plans (retired ones are freed)
+        self._retiring: set[asyncio.Task[None]] = set()
         self._assigning = asyncio.Lock()
         self._server: grpc.aio.Server | None = None
         self._accepting = True
@@ -203,8 +205,15 @@ class Node:
     def _retire_old_plans(self) -> None:
         """Keep the newest plans; close older ones once their requests are done (in the background)."""
         for version in sorted(self.plans, key=lambda v: v == self.newest)[:max(0, len(self.plans) - KEEP_PLANS)]:
-            served = self.plans.pop(version)
-            asyncio.get_running_loop().create_task(served.hop.close_when_idle(DRAIN_TIMEOUT))
+            retiring = asyncio.get_running_loop().create_task(self._retire(self.plans.pop(version)))
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, served: Served) -> None:
+        """Close a retired plan's hop once idle, then free its stage unless a kept plan runs the same file."""
+        await served.hop.close_when_idle(DRAIN_TIMEOUT)
+        if all(kept.sha256 != served.sha256 for kept in self.plans.values()):
+            self._loaded.pop(served.sha256, None)
 
     async def health(self) -> NodeHealth:
         """What a health call answers: readiness, load, cached stages, and every link from here on."""
@@ -252,6 +261,7 @@ class Node:
             await self._server.stop(grace=SERVER_GRACE)
         for served in self.plans.values():
             await served.hop.close()
+        await stop(*self._retiring)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.errors import NodeUnavailableError
-from splitexit.runtime.control_messages import NodeHealth
+from splitexit.runtime.control_messages import LinkHealth, NodeHealth
 from splitexit.runtime.failover import Backoff
 from splitexit.runtime.hop import RowError, Stamp
 from splitexit.runtime.meter import ThroughputMeter
@@ -196,12 +196,12 @@ class ReplicaSet:
         measured = self.bandwidths()
         links = {(self.sender, name): LinkReport(counters, measured.get((self.sender, name)))
                  for name, counters in self.counters.items()}
-        for remote in [r for r in self._remotes.values() if not r.broken]:
+        for name, remote in [(n, r) for n, r in self._remotes.items() if not r.broken]:
             try:
                 reply = await remote.health()
             except NodeUnavailableError:  # a nicety; a report without these links is still right
                 continue
-            for link in reply.links:
+            for link in downstream_of(name, reply.links, ours=links):
                 bandwidth = link.bandwidth_bps if math.isfinite(link.bandwidth_bps) and link.bandwidth_bps > 0 else None
                 links[(link.source, link.target)] = LinkReport(
                     LinkCounters(link.raw_bytes, link.wire_bytes, link.messages, link.rows), bandwidth)
@@ -210,3 +210,18 @@ class ReplicaSet:
     async def close(self) -> None:
         for name in list(self._peers):
             await self._drop(name)
+
+
+def downstream_of(replica: str, reported: Sequence[LinkHealth], *, ours: Mapping[tuple[str, str], object]
+                  ) -> list[LinkHealth]:
+    """The links a replica may report: its own, and those of nodes it (transitively) sends to. A report about
+    a link upstream of it, or one this sender measures itself, would let a member steer re-planning."""
+    senders, left = {replica}, list(reported)
+    accepted: list[LinkHealth] = []
+    while True:
+        found = [link for link in left if link.source in senders and (link.source, link.target) not in ours]
+        if not found:
+            return accepted
+        accepted += found
+        senders |= {link.target for link in found}
+        left = [link for link in left if link not in found]

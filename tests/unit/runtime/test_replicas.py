@@ -13,7 +13,7 @@ import yaml
 from fake_clock import FakeClock, settle
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.errors import NodeUnavailableError
-from splitexit.runtime.control_messages import NodeHealth
+from splitexit.runtime.control_messages import LinkHealth, NodeHealth
 from splitexit.runtime.hop import RowError, Stamp
 from splitexit.runtime.meter import ThroughputMeter
 from splitexit.runtime.remote import LinkCounters
@@ -65,7 +65,9 @@ class FakeReplica:
         await self._broken_event.wait()
 
     async def health(self) -> NodeHealth:
-        raise NodeUnavailableError("no health in this test")
+        if not self.network.reports:
+            raise NodeUnavailableError("no health in this test")
+        return NodeHealth(self.name, True, 1, 1, 0, 0, (), "", "", tuple(self.network.reports.get(self.name, ())))
 
     async def close(self) -> None:
         if self._broken is None:
@@ -79,6 +81,7 @@ class FakeNetwork:
         self.down = down or set()
         self.opened: dict[str, list[FakeReplica]] = {}
         self.targets: list[str] = []
+        self.reports: dict[str, list[LinkHealth]] = {}  # the links each replica's Health reports
 
     def open(self, peer: NodeSpec, counters: LinkCounters) -> FakeReplica:
         replica = FakeReplica(self, peer)
@@ -210,3 +213,28 @@ def test_a_peer_that_leaves_is_closed_and_no_longer_chosen(gone: str) -> None:
         await replicas.close()
 
     asyncio.run(main())
+
+
+def report(source: str, target: str, bandwidth: float) -> LinkHealth:
+    return LinkHealth(source, target, raw_bytes=1, wire_bytes=1, messages=1, rows=1, bandwidth_bps=bandwidth)
+
+
+def test_a_replica_reports_only_links_downstream_of_it() -> None:
+    """Replica ``a`` reports its own link and the next one after it, which are kept, and also the edge's link
+    to it, a link from ``b`` and one from a node nobody sends to, which would let it steer re-planning."""
+    async def main() -> dict:
+        network, clock = FakeNetwork(), FakeClock()
+        network.reports["a"] = [report("a", "z", 8e6), report("z", "y", 7e6), report("edge", "a", 1.0),
+                                report("b", "z", 1.0), report("q", "r", 1.0)]
+        replicas = replica_set(network, clock)
+        await replicas.update([PEERS["a"]])
+        replicas.counters.setdefault("a", LinkCounters())
+        try:
+            return await replicas.health_links()
+        finally:
+            await replicas.close()
+
+    links = asyncio.run(main())
+    assert sorted(links) == [("a", "z"), ("edge", "a"), ("z", "y")]
+    assert links[("a", "z")].bandwidth == 8e6 and links[("z", "y")].bandwidth == 7e6
+    assert links[("edge", "a")].bandwidth != 1.0, "the edge's own link keeps the edge's own figure"

@@ -96,7 +96,7 @@ class Node:
         self.tier = cluster.tier_by_name().get(name, self.spec.tier or 1)
         self.incarnation = uuid.uuid4().hex
         self.machine = machine_identity()
-        self.cache = StageCache(cache_dir)
+        self.cache = StageCache(cache_dir, pinned=lambda: {served.sha256 for served in self.plans.values()})
         self.plans: dict[int, Served] = {}
         self.newest = 0
         self.metrics = NodeMetrics(name)

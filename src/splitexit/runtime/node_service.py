@@ -95,7 +95,9 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
 
     async def _refuse(self, context: grpc.aio.ServicerContext, what: str, exc: Exception) -> NoReturn:
         logger.warning("node %s refused %s: %s", self.node.name, what, exc)
-        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{self.node.name}: {exc}")
+        busy = isinstance(exc, WireError) and exc.code == "busy"  # try again later, not a bad request
+        status = grpc.StatusCode.RESOURCE_EXHAUSTED if busy else grpc.StatusCode.INVALID_ARGUMENT
+        await _abort(context, status, f"{self.node.name}: {exc}")
 
     async def Health(self, request: wire_pb2.HealthRequest, context: grpc.aio.ServicerContext
                      ) -> wire_pb2.HealthReply:

@@ -2,7 +2,8 @@
 
 A file is written through a temporary name while its chunks arrive, hashed on the way, and kept only if
 its size and sha256 are the ones announced; a restarted node finds its stages again and is not re-sent
-them.
+them. One upload at a time, only if the disk has room for it; past ``max_bytes`` the least recently used
+files go, never one the node is serving (``pinned``).
 """
 
 from __future__ import annotations
@@ -10,16 +11,21 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Collection
 from pathlib import Path
 
 from splitexit.errors import IntegrityError, WireError
 
-__all__ = ["MAX_STAGE_BYTES", "StageCache", "default_cache_dir"]
+__all__ = ["CACHE_BYTES", "FREE_RESERVE", "MAX_STAGE_BYTES", "StageCache", "default_cache_dir"]
 
 #: Largest stage file a node accepts (a whole ViT-L is ~1.2 GB).
-MAX_STAGE_BYTES = 4 << 30
+MAX_STAGE_BYTES = 2 << 30
+#: Bytes of stage files a node keeps on disk before it evicts the least recently used ones.
+CACHE_BYTES = 8 << 30
+#: Bytes an upload must leave free on the cache's disk.
+FREE_RESERVE = 256 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")  # whole names only (fullmatch): `$` would let "…\n" in
 
 
@@ -29,8 +35,11 @@ def default_cache_dir(node: str) -> Path:
 
 
 class StageCache:
-    def __init__(self, directory: Path):
-        self.directory = directory
+    def __init__(self, directory: Path, *, max_bytes: int = CACHE_BYTES,
+                 pinned: Callable[[], Collection[str]] = frozenset):
+        """``pinned`` names the files in use, which eviction keeps whatever their age."""
+        self.directory, self.max_bytes, self.pinned = directory, max_bytes, pinned
+        self._storing = False
         directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
@@ -43,10 +52,24 @@ class StageCache:
         return sorted(p.stem for p in self.directory.glob("*.stage") if _SHA256.fullmatch(p.stem))
 
     def read(self, sha256: str) -> bytes:
-        return self.path(sha256).read_bytes()
+        path = self.path(sha256)
+        data = path.read_bytes()
+        os.utime(path)  # used now: the last to be evicted
+        return data
 
     async def store(self, chunks: AsyncIterator[tuple[str, int, bytes]]) -> tuple[str, int]:
         """Write a stage from ``(sha256, total_size, data)`` chunks; return its sha256 and size once verified."""
+        if self._storing:
+            raise WireError("another stage upload to this node is under way; send this one after it", code="busy")
+        self._storing = True
+        try:
+            stored = await self._store(chunks)
+        finally:
+            self._storing = False
+        self._evict(keep={stored[0]})
+        return stored
+
+    async def _store(self, chunks: AsyncIterator[tuple[str, int, bytes]]) -> tuple[str, int]:
         digest = hashlib.sha256()
         expected: tuple[str, int] | None = None
         size = 0
@@ -59,6 +82,10 @@ class StageCache:
                         if not _SHA256.fullmatch(sha256) or not 0 < total <= MAX_STAGE_BYTES:
                             raise WireError(f"a stage file needs a sha256 and a size of 1 to {MAX_STAGE_BYTES} bytes, "
                                             f"got {sha256[:70]!r} and {total}", code="bad_message")
+                        free = shutil.disk_usage(self.directory).free
+                        if total > free - FREE_RESERVE:
+                            raise WireError(f"no room for a {total}-byte stage file: {free} bytes free in "
+                                            f"{self.directory}", code="too_large")
                         expected = (sha256, total)
                     elif (sha256, total) != expected:
                         raise WireError("the chunks of one stage file must all name the same sha256 and size",
@@ -78,3 +105,16 @@ class StageCache:
             return expected
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _evict(self, *, keep: Collection[str]) -> None:
+        """Delete the least recently used files until the cache is within ``max_bytes`` (pinned ones stay)."""
+        files = sorted((p for p in self.directory.glob("*.stage") if _SHA256.fullmatch(p.stem)),
+                       key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        protected = {*keep, *self.pinned()}
+        for path in files:
+            if total <= self.max_bytes:
+                return
+            if path.stem not in protected:
+                total -= path.stat().st_size
+                path.unlink(missing_ok=True)

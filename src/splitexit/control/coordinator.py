@@ -24,7 +24,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
@@ -85,10 +85,12 @@ class Coordinator:
     def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, registry: Registry, on_plan: OnPlan, *,
                  placer: Placer | None = None, connect: Connect | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, executor: Executor | None = None):
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, executor: Executor | None = None,
+                 refusals: Callable[[], Mapping[str, str]] = dict):
         """``connect`` opens a node's control calls (default: gRPC with the edge's credentials); ``clock`` and
         ``sleep`` are what the coordinator times and waits with; ``executor`` runs its CPU work: the placer
-        (planning), stage files and codec choice (default: the loop's)."""
+        (planning), stage files and codec choice (default: the loop's); ``refusals`` says which nodes turn this
+        edge away and why (wrong token, CA, name), so that ``start`` can say so at once."""
         self.net, self.cluster, self.registry = net, cluster, registry
         self.on_plan = on_plan
         self.placer: Placer = placer or (lambda live_cluster, live: default_placement(net, live_cluster, live))
@@ -111,6 +113,7 @@ class Coordinator:
         self._tasks: list[asyncio.Task[None]] = []
         self._publishing: asyncio.Task[None] | None = None
         self._credentials = node_credentials(cluster, self.edge.name)
+        self._refusals = refusals
 
     async def start(self, *, wait: float = START_WAIT) -> None:
         """Place the chain once every tier of the cluster file has a live node (or fail after ``wait`` s)."""
@@ -120,6 +123,11 @@ class Coordinator:
             missing = self._missing_tiers()
             if not missing:
                 break
+            refused = self._refusals()
+            for tier, members in missing.items():
+                if all(name in refused for name in members):  # every node of the tier answers, and refuses us
+                    raise ClusterError(f"no node of tier {tier} accepts this edge:\n" +
+                                       "\n".join(f"  {refused[name]}" for name in members))
             if self._clock() >= deadline:
                 names = "; ".join(f"tier {t}: {', '.join(n)}" for t, n in missing.items())
                 raise ClusterError(f"no node of {names} is up after {wait:.0f} s. Start them with `splitexit up "

@@ -94,8 +94,9 @@ class Entry:
         if isinstance(self.registry, EmbeddedRegistry):  # nodes cannot register themselves: probe them
             self._prober = HealthProber(self.cluster, self.registry, node_credentials(self.cluster, self.name))
             await self._prober.start()
+        prober = self._prober
         self.coordinator = Coordinator(self.net, self.cluster, self.registry, on_plan=self.requests.install,
-                                       placer=self.placer)
+                                       placer=self.placer, refusals=lambda: prober.refusals if prober else {})
         await self.coordinator.start(wait=self.start_timeout)
         if isinstance(self.placer, PlanningPlacer) and self.replan:
             one_at_a_time = self.window == 1  # larger windows batch requests: a span is then a batch's

@@ -104,7 +104,7 @@ class HealthProber:
         self.cluster, self.registry, self.credentials = cluster, registry, credentials
         self._leases: dict[str, int] = {}
         self._infos: dict[str, NodeInfo] = {}
-        self._refused: set[str] = set()
+        self.refusals: dict[str, str] = {}  # node -> why it turns this edge away (until it answers again)
         self._tasks: list[asyncio.Task[None]] = []
         self._wake: dict[str, asyncio.Event] = {}
 
@@ -127,12 +127,14 @@ class HealthProber:
                 reply: NodeHealth | None
                 try:
                     reply = await control.health(timeout=PROBE_TTL)
+                    self.refusals.pop(node.name, None)
                 except NodeUnavailableError:
                     reply = None
+                    self.refusals.pop(node.name, None)
                 except ClusterError as exc:  # it answers, but not to us: say why once, it will not fix itself
-                    if node.name not in self._refused:
+                    if node.name not in self.refusals:
                         logger.warning("%s", exc)
-                        self._refused.add(node.name)
+                    self.refusals[node.name] = str(exc)
                     reply = None
                 info = None
                 if reply is not None and reply.ready:

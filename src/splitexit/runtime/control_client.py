@@ -41,7 +41,33 @@ PROFILE_TIMEOUT = 1800.0
 #: Stage files travel in pieces of at most this size (less when the message limit is lower).
 UPLOAD_CHUNK = 1 << 20
 #: Status codes that mean the node answered and refused (anything else: it could not be reached).
-_REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+#: What a TLS failure's details say when the node answered with a certificate this edge does not accept.
+_WRONG_CA = ("CERTIFICATE_VERIFY_FAILED", "BAD_SIGNATURE", "certificate signature failure", "unknown ca")
+_WRONG_NAME = ("Peer name", "not in peer certificate", "hostname mismatch", "Hostname Verification")
+_HANDSHAKE = ("handshake failed", "Handshake failed", "SSL_ERROR")
+
+
+def refusal_cause(code: grpc.StatusCode, details: str, node: str) -> str | None:
+    """Why a node turned us away, and what to do; None when the call failed for a reason that may pass (the
+    node is down or restarting). A refusal will not fix itself, so it is reported at once."""
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return "wrong or missing token: give the edge and the node the same `security.token` / `token_file`"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return ("this certificate may not make that call: the edge needs its own certificate (`splitexit certs "
+                "issue DIR edge`) and the node must be in this cluster file")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return "the node refused the request as invalid: do the node and this edge use the same cluster file?"
+    if code != grpc.StatusCode.UNAVAILABLE:
+        return None
+    if any(marker in details for marker in _WRONG_NAME):
+        return (f"its certificate does not name it {node!r}: issue one with `splitexit certs issue DIR {node}` "
+                "and give the node that one")
+    if any(marker in details for marker in _WRONG_CA):
+        return ("the TLS handshake failed on the certificates: the node and this edge must have certificates from "
+                "the same cluster CA (`security.tls`, ca.pem)")
+    if any(marker in details for marker in _HANDSHAKE):
+        return "the TLS handshake failed: does the node run with the same `security.tls` as this edge?"
+    return None
 
 T = TypeVar("T")
 
@@ -113,9 +139,10 @@ class NodeControl:
             return await call
         except grpc.aio.AioRpcError as exc:
             detail = f"{exc.code().name}: {exc.details()}"
-            if exc.code() in _REFUSALS:
-                raise ClusterError(f"node {self.node.name} refused the {what} ({detail}); check that the node "
-                                   "and this edge use the same cluster file, certificates and token") from exc
+            cause = refusal_cause(exc.code(), exc.details() or "", self.node.name)
+            if cause is not None:
+                raise ClusterError(f"node {self.node.name} at {self.address} refused the {what}: {cause} "
+                                   f"({detail})") from exc
             raise NodeUnavailableError(f"{what} to {self.node.name} at {self.address} failed ({detail})") from exc
 
     async def close(self) -> None:

@@ -80,3 +80,24 @@ def test_a_refusing_node_is_reported_at_once_with_the_cause(case: str, says: str
     message, elapsed = asyncio.run(start_refused(node_cluster, edge_cluster, tmp_path / "stages"))
     assert "no node of tier 1 accepts this edge" in message and "cloud1" in message and says in message, message
     assert elapsed < START_WAIT / 3, f"reported after {elapsed:.1f} s"
+
+
+def test_plain_text_to_an_address_outside_loopback_is_refused_at_once(tmp_path: Path) -> None:
+    """The edge never sends a byte in plain text beyond loopback (nodes already refuse to listen there)."""
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({"nodes": [{"name": "edge", "role": "edge"},
+                                              {"name": "cloud1", "address": "10.255.255.1:50061"}]}))
+
+    async def main() -> tuple[str, float]:
+        entry = Entry(digits_net(), load_cluster(path), start_timeout=START_WAIT)
+        started = time.monotonic()
+        try:
+            with pytest.raises(ClusterError) as refused:
+                await entry.start()
+            return str(refused.value), time.monotonic() - started
+        finally:
+            await entry.close()
+
+    message, elapsed = asyncio.run(main())
+    assert "refusing to talk to cloud1 at 10.255.255.1:50061 in plain text" in message and "security" in message
+    assert elapsed < START_WAIT / 3, f"reported after {elapsed:.1f} s"

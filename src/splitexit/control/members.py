@@ -120,8 +120,13 @@ class HealthProber:
             self._wake[name].set()
 
     async def _probe(self, node: NodeSpec, tier: int) -> None:
-        control = NodeControl(node, credentials=self.credentials, token=self.cluster.security.token,
-                              message_limit=self.cluster.message_limit)
+        try:
+            control = NodeControl(node, credentials=self.credentials, token=self.cluster.security.token,
+                                  message_limit=self.cluster.message_limit)
+        except ClusterError as exc:  # e.g. plain text to an address outside loopback: never probed
+            logger.warning("%s", exc)
+            self.refusals[node.name] = str(exc)
+            return
         try:
             while True:
                 reply: NodeHealth | None

@@ -42,7 +42,7 @@ from splitexit.runtime.node_profile import (
 from splitexit.runtime.node_service import add_node_service
 from splitexit.runtime.remote import LinkReport
 from splitexit.runtime.replicas import ReplicaSet
-from splitexit.runtime.security import node_credentials
+from splitexit.runtime.security import is_loopback, node_credentials
 from splitexit.runtime.stage_cache import StageCache
 from splitexit.runtime.stage_hop import stage_hop
 from splitexit.tensors import TensorInfo
@@ -58,7 +58,6 @@ DRAIN_TIMEOUT = 30.0
 DRAIN_POLL = 0.02
 #: Seconds gRPC gets to finish its calls once draining is over.
 SERVER_GRACE = 1.0
-_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 #: Where a node without an address in the cluster file listens (a free port on loopback).
 DEFAULT_LISTEN = "127.0.0.1:0"
 #: Plans whose stages a node keeps, so requests sent under the previous plans still finish.
@@ -133,7 +132,7 @@ class Node:
         credentials = node_credentials(self.cluster, self.name)
         if credentials is not None:
             self.port = self._server.add_secure_port(listen, credentials.server())
-        elif host in _LOOPBACK:
+        elif is_loopback(host):
             logger.info("node %s speaks plain text on loopback %s (no security.tls in the cluster file)",
                         self.name, listen)
             self.port = self._server.add_insecure_port(listen)

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import grpc
 
 from splitexit.config import LinkSpec, NodeSpec
-from splitexit.errors import NodeUnavailableError
+from splitexit.errors import ClusterError, NodeUnavailableError
 from splitexit.runtime.control_messages import NodeHealth, decode_health
 from splitexit.runtime.hop import Outcome, RowError, Stamp, stamp
 from splitexit.runtime.link import EmulatedLink
 from splitexit.runtime.meter import ThroughputMeter
-from splitexit.runtime.security import NodeCredentials, token_metadata
+from splitexit.runtime.security import NodeCredentials, is_loopback, token_metadata
 from splitexit.runtime.stream_messages import decode_up
 from splitexit.wire import wire_pb2, wire_pb2_grpc
 from splitexit.wire.messages import (
@@ -204,6 +204,10 @@ def open_channel(address: str, name: str, credentials: NodeCredentials | None, m
     """A channel to node ``name`` at ``address``; with TLS the server must prove it is that node."""
     options = grpc_options(message_limit) + RECONNECT_OPTIONS + CLIENT_KEEPALIVE
     if credentials is None:
+        host = address.rpartition(":")[0]
+        if not is_loopback(host):  # plain text only where nobody else can read it, in both directions
+            raise ClusterError(f"refusing to talk to {name} at {address} in plain text: outside loopback set "
+                               "`security: {tls: DIR}` in the cluster file (see docs/security.md)")
         return grpc.aio.insecure_channel(address, options=options)
     return grpc.aio.secure_channel(address, credentials.channel(),
                                    options=[*options, ("grpc.ssl_target_name_override", name)])

@@ -141,8 +141,8 @@ class NodeControl:
             detail = f"{exc.code().name}: {exc.details()}"
             cause = refusal_cause(exc.code(), exc.details() or "", self.node.name)
             if cause is not None:
-                raise ClusterError(f"node {self.node.name} at {self.address} refused the {what}: {cause} "
-                                   f"({detail})") from exc
+                raise ClusterError(f"node {self.node.name} refused the {what}: {cause} ({detail}; the node is at "
+                                   f"{self.address})") from exc
             raise NodeUnavailableError(f"{what} to {self.node.name} at {self.address} failed ({detail})") from exc
 
     async def close(self) -> None:

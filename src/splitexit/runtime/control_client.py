@@ -56,7 +56,7 @@ def refusal_cause(code: grpc.StatusCode, details: str, node: str) -> str | None:
         return ("this certificate may not make that call: the edge needs its own certificate (`splitexit certs "
                 "issue DIR edge`) and the node must be in this cluster file")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return "the node refused the request as invalid: do the node and this edge use the same cluster file?"
+        return "it refused the request as invalid (its reason is in the detail)"
     if code != grpc.StatusCode.UNAVAILABLE:
         return None
     if any(marker in details for marker in _WRONG_NAME):

@@ -15,17 +15,16 @@ file before it gets any traffic:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 from splitexit.config import ClusterSpec
 from splitexit.control.members import NodeInfo
+from splitexit.runtime.refusal_log import RefusalLog
 
 __all__ = ["Proofs", "Verdict", "judge"]
 
 logger = logging.getLogger(__name__)
-
-#: Refusals remembered so that each is logged once; past this many the memory starts over.
-LOGGED_REFUSALS = 1024
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ class Proofs:
 
     def __init__(self) -> None:
         self._proven: set[tuple[str, str, str]] = set()
-        self._logged: set[tuple[str, str]] = set()
+        self._refusals = RefusalLog(logger, interval=math.inf)  # once per key and value
 
     def knows(self, info: NodeInfo) -> bool:
         return (info.name, info.address, info.incarnation) in self._proven
@@ -76,9 +75,5 @@ class Proofs:
 
     def refuse(self, key: str, value: bytes, reason: str) -> None:
         """Log a refused registration once per key and value (a rogue writer must not flood the log)."""
-        seen = (key, value.decode(errors="replace"))
-        if seen not in self._logged:
-            if len(self._logged) >= LOGGED_REFUSALS:
-                self._logged.clear()
-            self._logged.add(seen)
-            logger.warning("not routing to registry entry %s: %s", key, reason)
+        self._refusals.warning((key, value.decode(errors="replace")), "not routing to registry entry %s: %s",
+                               key, reason)

@@ -30,7 +30,7 @@ from splitexit.runtime.control_messages import (
 )
 from splitexit.runtime.hop import RowResult, stamp
 from splitexit.runtime.link import EmulatedLink
-from splitexit.runtime.refusal_log import RefusalLog
+from splitexit.runtime.refusal_log import RefusalLog, peer_host
 from splitexit.runtime.security import token_matches
 from splitexit.runtime.stream_messages import encode_outcome, encode_rejection
 from splitexit.wire import wire_pb2, wire_pb2_grpc
@@ -74,8 +74,8 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
         peer = context.peer()
         if not token_matches(context.invocation_metadata(), node.cluster.security.token):
             node.metrics.rejected("unauthenticated")
-            self.refusals.warning("token", peer, "node %s refused a %s from %s: missing or wrong token", node.name,
-                                  what, peer)
+            self.refusals.warning(("token", peer_host(peer)), "node %s refused a %s from %s: missing or wrong token",
+                                  node.name, what, peer)
             await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
         if not node.cluster.security.tls:
             return set()
@@ -90,14 +90,15 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
         if not allowed:
             node.metrics.rejected("wrong_peer")
             expected = _EXPECTED[caller]
-            self.refusals.warning("peer", peer, "node %s refused a %s from %s: certificate names %s, expected %s",
+            self.refusals.warning(("peer", peer_host(peer)),
+                                  "node %s refused a %s from %s: certificate names %s, expected %s",
                                   node.name, what, peer, sorted(names) or "nobody", expected)
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
                          f"only {expected} may make this call to {node.name}")
         return names
 
     async def _refuse(self, context: grpc.aio.ServicerContext, what: str, exc: Exception) -> NoReturn:
-        self.refusals.warning(what, context.peer(), "node %s refused %s: %s", self.node.name, what, exc)
+        self.refusals.warning((what, peer_host(context.peer())), "node %s refused %s: %s", self.node.name, what, exc)
         busy = isinstance(exc, WireError) and exc.code == "busy"  # try again later, not a bad request
         status = grpc.StatusCode.RESOURCE_EXHAUSTED if busy else grpc.StatusCode.INVALID_ARGUMENT
         await _abort(context, status, f"{self.node.name}: {exc}")

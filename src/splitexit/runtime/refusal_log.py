@@ -1,5 +1,5 @@
-"""Refusals a node logs, at most once per kind and caller host per interval: a misconfigured or hostile
-client that retries in a loop must not flood the node's log (the metrics still count every refusal)."""
+"""Refusals logged at most once per key per interval: a misconfigured or hostile client that retries in a
+loop, or a rogue registry writer, must not flood the log (a node's metrics still count every refusal)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,29 @@ import logging
 import time
 from collections.abc import Callable
 
-__all__ = ["REFUSAL_LOG_INTERVAL", "RefusalLog"]
+__all__ = ["REFUSAL_LOG_INTERVAL", "RefusalLog", "peer_host"]
 
 #: Seconds between two log lines for the same kind of refusal from the same host.
 REFUSAL_LOG_INTERVAL = 10.0
-#: (kind, host) pairs remembered; past this many the memory starts over.
+#: Keys remembered; past this many the memory starts over.
 _KEPT = 1024
 
 
+def peer_host(peer: str) -> str:
+    """The host of a gRPC peer (``ipv4:10.0.0.9:50061``): every connection has a port of its own."""
+    return peer.rpartition(":")[0] or peer
+
+
 class RefusalLog:
+    """``interval`` may be ``math.inf``: then each key is logged once (until the memory starts over)."""
+
     def __init__(self, logger: logging.Logger, *, interval: float = REFUSAL_LOG_INTERVAL,
                  clock: Callable[[], float] = time.monotonic):
         self.logger, self.interval, self._clock = logger, interval, clock
-        self._last: dict[tuple[str, str], tuple[float, int]] = {}  # -> (when last logged, refusals not logged since)
+        self._last: dict[tuple[str, ...], tuple[float, int]] = {}  # -> (when last logged, refusals not logged since)
 
-    def warning(self, kind: str, peer: str, message: str, *args: object) -> None:
-        """Log ``message % args`` unless this kind of refusal from ``peer``'s host was logged lately."""
-        key = (kind, peer.rpartition(":")[0] or peer)  # the host: every connection has a port of its own
+    def warning(self, key: tuple[str, ...], message: str, *args: object) -> None:
+        """Log ``message % args`` unless a refusal with this key was logged lately."""
         now = self._clock()
         last, quiet = self._last.get(key, (-self.interval, 0))
         if now - last < self.interval:

@@ -108,13 +108,13 @@ class StageCache:
 
     def _evict(self, *, keep: Collection[str]) -> None:
         """Delete the least recently used files until the cache is within ``max_bytes`` (pinned ones stay)."""
-        files = sorted((p for p in self.directory.glob("*.stage") if _SHA256.fullmatch(p.stem)),
-                       key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
+        files = sorted(((p.stat(), p) for p in self.directory.glob("*.stage") if _SHA256.fullmatch(p.stem)),
+                       key=lambda entry: entry[0].st_mtime)  # one stat per file
+        total = sum(stat.st_size for stat, _ in files)
         protected = {*keep, *self.pinned()}
-        for path in files:
+        for stat, path in files:
             if total <= self.max_bytes:
                 return
             if path.stem not in protected:
-                total -= path.stat().st_size
+                total -= stat.st_size
                 path.unlink(missing_ok=True)

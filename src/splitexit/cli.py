@@ -24,6 +24,7 @@ from splitexit.app.plan import objective_from, plan_package, profile_package
 from splitexit.app.run import (
     DEV_ETCD_DIR,
     DEV_ETCD_PORT,
+    ensure_cluster_token,
     run_cluster,
     serve,
     serve_dev_etcd,
@@ -69,6 +70,13 @@ SWEEP_FILE = Path("bandwidth-sweep.png")
 #: Failed requests `run` lists on stderr (the rest are in --out).
 SHOWN_FAILURES = 5
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+TRUST_HELP = ("User code (module:factory or file.py:factory) the package names, as its model or its dataset, that "
+              "this command may import; repeat for several")
+
+
+def _trust_option() -> list[str]:
+    """``--trust-model``, the same on every command that loads a package."""
+    return typer.Option([], "--trust-model", metavar="SPEC", help=TRUST_HELP)
 
 
 @contextmanager
@@ -143,11 +151,13 @@ def calibrate(
                                                         f"(default {DEFAULT_MAX_DROP:g} without --budget)"),
     budget: Optional[float] = typer.Option(None, help="Mean compute as a fraction of the full model, e.g. 0.5"),
     confidence: Optional[str] = typer.Option(None, help="Override the package's confidence function"),
+    trust: list[str] = _trust_option(),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Fit per-exit temperatures and thresholds on the held-out calibration split."""
     with _user_errors():
-        report = calibrate_package(package, data=data, max_drop=max_drop, budget=budget, confidence=confidence)
+        report = calibrate_package(package, data=data, max_drop=max_drop, budget=budget, confidence=confidence,
+                                   trust_models=trust)
     if as_json:
         _json({"policy": report.policy.model_dump(), **report.as_metadata()})
         return
@@ -160,11 +170,12 @@ def evaluate(
     package: Path = typer.Argument(..., help="Package directory"),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset (default: the one used for training)"),
     split: str = typer.Option(DEFAULT_SPLIT, help="test, calib, train or all"),
+    trust: list[str] = _trust_option(),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Per-exit accuracy, exit rates, cumulative accuracy and compute saved."""
     with _user_errors():
-        report = evaluate_package(package, data=data, split=split)
+        report = evaluate_package(package, data=data, split=split, trust_models=trust)
     if as_json:
         _json(report.to_dict())
     else:
@@ -205,6 +216,7 @@ def profile(
                                                     "(default: raw, fp16, int8, each plain, +lz4, +zstd)"),
     repeats: int = typer.Option(DEFAULT_REPEATS, help="Timed runs per measurement (after warm-up)"),
     force: bool = typer.Option(False, "--force", help="Measure again even if profile.json is up to date"),
+    trust: list[str] = _trust_option(),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Time every segment and head, and the bytes and codec time per cut; saved as PACKAGE/profile.json."""
@@ -214,7 +226,7 @@ def profile(
             task = progress.add_task("profiling", total=None)
             summary = profile_package(package, cluster_file=cluster, data=data, batch_sizes=sizes,
                                       codecs=_names(codecs) if codecs else None, repeats=repeats, force=force,
-                                      progress=lambda what, done, total: progress.update(
+                                      trust_models=trust, progress=lambda what, done, total: progress.update(
                                           task, completed=done, total=total, description=f"profiling {what}"))
     if as_json:
         _json(profile_json(summary))
@@ -249,6 +261,7 @@ def plan(
     sweep_out: Path = typer.Option(SWEEP_FILE, help="Where --sweep-bandwidth writes its PNG"),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset (default: the one used for training)"),
     reprofile: bool = typer.Option(False, "--reprofile", help="Measure the profile again first"),
+    trust: list[str] = _trust_option(),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Choose cuts, active exits and codecs for a cluster: the best plans, and edge-only and cloud-only."""
@@ -259,7 +272,7 @@ def plan(
             summary = plan_package(package, cluster, objective=goal, top=top,
                                    codecs=_names(codecs) if codecs else None, keep_exits=keep_exits,
                                    edge_may_skip=not edge_must_compute, data=data, force_profile=reprofile,
-                                   write_to=write, sweep=sweep,
+                                   write_to=write, sweep=sweep, trust_models=trust,
                                    progress=lambda what, done, total: progress.update(
                                        task, completed=done, total=total, description=f"profiling {what}"))
     swept = plot_sweep(summary.sweep, goal, summary.topology, sweep_out) if sweep else None
@@ -326,6 +339,7 @@ def run(
     limit: Optional[int] = typer.Option(None, help="Only the first N inputs"),
     results: Optional[Path] = typer.Option(None, "--out", help="Write one JSON line per input here"),
     report_dir: Optional[Path] = typer.Option(None, "--report", help="Write report.json, report.html and plots here"),
+    trust: list[str] = _trust_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object"),
     objective: Optional[str] = typer.Option(None, help="What the planner optimises: latency, throughput or "
                                                        "deadline (with --deadline); default latency"),
@@ -339,7 +353,7 @@ def run(
     with _user_errors():
         goal = objective_from(objective, deadline) if planned else None
         result = run_cluster(package, cluster, data=data, split=split, window=window, limit=limit, objective=goal,
-                             replan=replan)
+                             replan=replan, trust_models=trust)
     _show_run(result, results=results, report_dir=report_dir, as_json=as_json)
 
 
@@ -384,11 +398,16 @@ app.add_typer(certs_app, name="certs")
 def certs_init(
     directory: Path = typer.Argument(..., help="Where the CA (ca.pem, ca.key) and node certificates live"),
     overwrite: bool = typer.Option(False, help="Replace an existing CA (invalidates its certificates)"),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help="Also write a cluster token beside this "
+                                                                        "cluster file if it names none"),
 ) -> None:
-    """Create the cluster CA."""
+    """Create the cluster CA (and, with --cluster, the cluster token)."""
     with _user_errors():
         path = init_ca(directory, overwrite=overwrite)
+        token = ensure_cluster_token(cluster) if cluster is not None else None
     out.print(f"wrote {path} (and ca.key, mode 0600); next: splitexit certs issue {directory} NODE")
+    if token is not None:
+        out.print(f"wrote the cluster token {token} (mode 0600); copy it beside the cluster file on every machine")
 
 
 @certs_app.command("issue")

@@ -18,6 +18,7 @@ from splitexit import (
     build_model,
     save,
 )
+from splitexit.app.run import ensure_cluster_token
 from splitexit.config.load import load_cluster
 from splitexit.control.local_cluster import LocalCluster
 from support import free_port
@@ -42,6 +43,7 @@ def test_submit_and_run_through_local_node_processes(tmp_path: Path) -> None:
         "nodes": [{"name": "edge", "role": "edge"},
                   {"name": "cloud1", "address": f"127.0.0.1:{free_port()}"},
                   {"name": "cloud2", "address": f"127.0.0.1:{free_port()}"}]}))
+    ensure_cluster_token(cluster_file)
     cluster = load_cluster(cluster_file)
     expected = net.infer(x)
     with LocalCluster(cluster_file, cluster, log_dir=tmp_path, cache_root=tmp_path / "stages") as local:

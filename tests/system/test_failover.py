@@ -21,6 +21,7 @@ import yaml
 from torch.utils.data import TensorDataset
 
 from splitexit import EarlyExitNet
+from splitexit.app.run import ensure_cluster_token
 from splitexit.config.load import load_cluster
 from splitexit.control.edge import Entry
 from splitexit.control.etcd_server import DevEtcd
@@ -56,6 +57,7 @@ def write_cluster(path: Path, etcd: DevEtcd) -> Path:
                   {"from": "edge", "to": "w2", **link}, {"from": "edge", "to": "w3", **link}],  # while w1 is down
         "batching": {"max_batch": 8, "max_wait": "1ms"},
         "window": 16}))
+    ensure_cluster_token(path)
     return path
 
 

@@ -12,11 +12,13 @@ import torch
 import yaml
 
 from splitexit import EarlyExitNet, ExitPolicy, ModelSource, build_model, save
+from splitexit.app.run import ensure_cluster_token
 from splitexit.config.codec_names import parse_codec
 from splitexit.config.load import load_cluster
 from splitexit.control.edge import Entry
 from splitexit.control.local_cluster import LocalCluster
 from splitexit.cuts import MODEL_INPUT
+from splitexit.runtime.security import token_metadata
 from splitexit.wire import wire_pb2
 from splitexit.wire.messages import encode_tensors, grpc_options
 from support import free_port
@@ -59,6 +61,7 @@ def test_ten_thousand_fuzzed_messages(tmp_path: Path) -> None:
     cluster_file.write_text(yaml.safe_dump({"package": "pkg", "nodes": [
         {"name": "edge", "role": "edge", "ends_at": net.exit_cuts[0].id},
         {"name": "cloud1", "address": f"127.0.0.1:{free_port()}"}]}))
+    ensure_cluster_token(cluster_file)
     cluster = load_cluster(cluster_file)
     good_input = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -83,7 +86,8 @@ def test_ten_thousand_fuzzed_messages(tmp_path: Path) -> None:
         answers: dict[int, int] = {}
         async with grpc.aio.insecure_channel(cluster.node("cloud1").address, options=grpc_options(1 << 26)) as channel:
             call = channel.stream_stream("/splitexit.wire.StageService/Stream", request_serializer=None,
-                                         response_deserializer=wire_pb2.Up.FromString)()
+                                         response_deserializer=wire_pb2.Up.FromString,
+                                         )(metadata=token_metadata(cluster.security.token))
 
             async def read() -> None:
                 async for up in call:

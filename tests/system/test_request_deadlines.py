@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from splitexit.app.run import ensure_cluster_token
 from splitexit.config.load import load_cluster
 from splitexit.control.edge import Entry
 from splitexit.control.local_cluster import LocalCluster
@@ -43,6 +44,7 @@ def write_cluster(root: Path, *, slowdown: float = 1.0) -> Path:
         "nodes": [{"name": "edge", "role": "edge"},
                   {"name": "cloud1", "address": f"127.0.0.1:{free_port()}", "slowdown": slowdown}],
         "retry": {"first_wait": "20ms", "max_wait": "200ms", "timeout": f"{TIMEOUT}s", "attempt_timeout": "500ms"}}))
+    ensure_cluster_token(path)  # as `splitexit up` does: nodes refuse to serve without a token
     return path
 
 

@@ -23,7 +23,8 @@ from splitexit.control.local_cluster import free_port
 from splitexit.errors import PackageError
 from splitexit.model.calibrate import CalibrationReport
 from splitexit.model.evaluate import EvalReport
-from splitexit.model.package import read_spec
+from splitexit.model.manifest import read_manifest
+from splitexit.model.package import SPEC_FILE, read_spec
 
 __all__ = ["DEMO_DIR", "DEMO_DROPPED", "DEMO_DROP_AFTER", "DEMO_EPOCHS", "DEMO_MAX_DROP", "DEMO_MODEL",
            "DEMO_SLOWDOWN", "DEMO_UPLINK", "DemoObserver", "DemoPaths", "DemoStep", "run_demo",
@@ -146,9 +147,10 @@ def write_demo_cluster(path: Path, package: Path, *, drop_after: float = DEMO_DR
 
 
 def _usable(package: Path) -> bool:
-    """Whether an earlier demo left a readable package to reuse."""
+    """Whether an earlier demo left a readable package to reuse (one older splitexits wrote has no manifest)."""
     try:
         read_spec(package)
+        read_manifest(package, package / SPEC_FILE)
         return True
     except PackageError:
         return False

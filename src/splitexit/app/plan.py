@@ -89,7 +89,7 @@ class PlanSummary:
 def profile_package(package: Path, *, cluster_file: Path | None = None, data: str | None = None,
                     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, codecs: Sequence[str] | None = None,
                     repeats: int = DEFAULT_REPEATS, force: bool = False,
-                    progress: Progress | None = None) -> ProfileSummary:
+                    progress: Progress | None = None, trust_models: Sequence[str] = ()) -> ProfileSummary:
     """Measure (or reuse) ``profile.json`` in the package directory; see :mod:`splitexit.plan.profile`.
 
     Each part is measured again only when its key changed (or with ``force``); the package's thread count
@@ -97,11 +97,12 @@ def profile_package(package: Path, *, cluster_file: Path | None = None, data: st
     cluster's running workers are profiled too, and its links probed (see
     :mod:`splitexit.control.cluster_profile`).
     """
+    cluster = load_cluster(cluster_file) if cluster_file is not None else None
+    trusted = (*trust_models, *(cluster.trusted_models if cluster else ()))
     summary, net = _profile(package, data=data, batch_sizes=batch_sizes, codecs=codecs or DEFAULT_CODECS,
-                            repeats=repeats, force=force, progress=progress)
-    if cluster_file is None:
+                            repeats=repeats, force=force, progress=progress, trust_models=trusted)
+    if cluster is None:
         return summary
-    cluster = load_cluster(cluster_file)
     if progress is not None:
         progress("the cluster's nodes and links", 0, 1)
     measured = asyncio.run(profile_cluster(net, summary.profile, cluster, force=force))
@@ -114,11 +115,12 @@ def profile_package(package: Path, *, cluster_file: Path | None = None, data: st
 
 def _profile(package: Path, *, data: str | None, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
              codecs: Sequence[str] = DEFAULT_CODECS, repeats: int = DEFAULT_REPEATS, force: bool,
-             progress: Progress | None) -> tuple[ProfileSummary, EarlyExitNet]:
+             progress: Progress | None, trust_models: Sequence[str]) -> tuple[ProfileSummary, EarlyExitNet]:
     spec = read_spec(package)
-    net = load(package)
+    net = load(package, trust_models=trust_models)
     apply_threads(net.cpu)
-    dataset, split = package_dataset(package, net, spec.data, data)  # timing needs real calibration inputs
+    # timing needs real calibration inputs
+    dataset, split = package_dataset(package, net, spec.data, data, trust_models)
     calib = split_dataset(dataset, split).calib
     cuts = candidate_cuts(net)
     path = package / PROFILE_FILE
@@ -158,7 +160,7 @@ def plan_package(package: Path, cluster_file: Path, *, objective: Objective = DE
                  edge_may_skip: bool = True, data: str | None = None, force_profile: bool = False,
                  measured_links: Mapping[tuple[str, str], LinkEstimate] | None = None,
                  write_to: Path | None = None, sweep: bool = False,
-                 progress: Progress | None = None) -> PlanSummary:
+                 progress: Progress | None = None, trust_models: Sequence[str] = ()) -> PlanSummary:
     """Profile (or reuse the profile), then plan ``package`` on the cluster file's chain.
 
     ``keep_exits`` keeps every calibrated exit active (what ``run --no-plan`` serves) instead of choosing.
@@ -169,7 +171,8 @@ def plan_package(package: Path, cluster_file: Path, *, objective: Objective = DE
     bandwidths (:func:`sweep_bandwidth`).
     """
     cluster = load_cluster(cluster_file)
-    summary, net = _profile(package, data=data, force=force_profile, progress=progress)
+    summary, net = _profile(package, data=data, force=force_profile, progress=progress,
+                            trust_models=(*trust_models, *cluster.trusted_models))
     if measured_links is None:
         measured_links = stored_link_estimates(summary.profile, cluster)
     topology = topology_from_cluster(cluster, measured_links=measured_links)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import threading
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import asdict
 from pathlib import Path
 from typing import cast
@@ -16,7 +17,7 @@ from torch.utils.data import Subset
 from splitexit.app.package_data import DEFAULT_SPLIT, package_dataset
 from splitexit.app.plan import DEFAULT_OBJECTIVE, profile_package
 from splitexit.config import ClusterSpec, NodeSpec
-from splitexit.config.load import load_cluster, resolve_package
+from splitexit.config.load import default_token_file, load_cluster, require_token, resolve_package
 from splitexit.control.edge import Entry, RunResult
 from splitexit.control.etcd_server import DevEtcd
 from splitexit.control.local_cluster import LocalCluster, die_with_parent
@@ -29,10 +30,13 @@ from splitexit.model.package import load, read_spec
 from splitexit.plan.objective import Objective
 from splitexit.runtime.node import Node
 from splitexit.runtime.records import RequestRecord
+from splitexit.runtime.security import write_token
 from splitexit.runtime.stage_cache import default_cache_dir
 
-__all__ = ["DEV_ETCD_DIR", "DEV_ETCD_PORT", "run_cluster", "serve", "serve_dev_etcd", "serve_local_cluster",
-           "start_cluster", "wait_for_stop", "write_records"]
+__all__ = ["DEV_ETCD_DIR", "DEV_ETCD_PORT", "ensure_cluster_token", "run_cluster", "serve", "serve_dev_etcd",
+           "serve_local_cluster", "start_cluster", "wait_for_stop", "write_records"]
+
+logger = logging.getLogger(__name__)
 
 #: Where `splitexit etcd` keeps its data (kept between runs), and its client port on 127.0.0.1 (etcd's own;
 #: the peer port is the next one).
@@ -51,6 +55,7 @@ def serve(cluster_file: Path, name: str, *, address: str | None = None, tier: in
     if parent is not None:
         die_with_parent(parent)
     cluster = load_cluster(cluster_file)
+    require_token(cluster_file, cluster)
     spec = _node_spec(cluster, cluster_file, name, address, tier)
     node = Node(cluster, name, spec=spec, cache_dir=cache_dir or default_cache_dir(name))
     asyncio.run(serve_node(node, port=port))
@@ -72,11 +77,30 @@ def _node_spec(cluster: ClusterSpec, cluster_file: Path, name: str, address: str
 
 def start_cluster(cluster_file: Path, *, log_dir: Path | None = None, cache_root: Path | None = None,
                   verbose: bool = False) -> LocalCluster:
-    """Start every worker of the file locally and wait until all are ready (the caller stops them)."""
+    """Start every worker of the file locally and wait until all are ready (the caller stops them).
+
+    A file that names no token gets one generated beside it first (see :func:`ensure_cluster_token`).
+    """
+    ensure_cluster_token(cluster_file)
     cluster = load_cluster(cluster_file)
     local = LocalCluster(cluster_file, cluster, log_dir=log_dir, cache_root=cache_root, verbose=verbose)
     local.start()
     return local
+
+
+def ensure_cluster_token(cluster_file: Path) -> Path | None:
+    """Write a random token beside a cluster file that names none (and has none there yet); the path written.
+
+    Every process started from the file (nodes, the edge, `profile`, `plan`) then reads the same token, so a
+    cluster is never open to any local process by default.
+    """
+    target = default_token_file(cluster_file, load_cluster(cluster_file, read_secrets=False))
+    if target is None:
+        return None
+    write_token(target)
+    logger.warning("wrote a new cluster token to %s (mode 0600): every node and the edge need this file beside "
+                   "their copy of %s", target, cluster_file.name)
+    return target
 
 
 def serve_local_cluster(cluster_file: Path, *, log_dir: Path | None = None,
@@ -121,19 +145,22 @@ def wait_for_stop(alive: Callable[[], bool] | None = None) -> bool:
 def run_cluster(package: Path | None, cluster_file: Path, *, data: str | None = None, split: str = DEFAULT_SPLIT,
                 window: int | None = None, limit: int | None = None,
                 objective: Objective | None = DEFAULT_OBJECTIVE,
-                replan: bool = True, on_record: Callable[[RequestRecord], None] | None = None) -> RunResult:
+                replan: bool = True, on_record: Callable[[RequestRecord], None] | None = None,
+                trust_models: Sequence[str] = ()) -> RunResult:
     """Be the edge: stream a dataset split through the running cluster and collect every outcome.
 
     With an ``objective`` the planner places the model (profiling the package first if it has no
     profile yet) and, with ``replan``, places it again when measured links make another plan better;
     with ``objective=None`` the cluster file's layout (``ends_at``, or exits spread over the tiers) is used.
+    User code the package names is imported only if ``trust_models`` or the file's `trusted_models` list it.
     """
     cluster = load_cluster(cluster_file)
+    trusted = (*trust_models, *cluster.trusted_models)
     package = resolve_package(cluster_file, cluster, package)
     spec = read_spec(package)
-    net = load(package)
+    net = load(package, trust_models=trusted)
     apply_threads(net.cpu)
-    loaded, data_split = package_dataset(package, net, spec.data, data)
+    loaded, data_split = package_dataset(package, net, spec.data, data, trusted)
     dataset = split_dataset(loaded, data_split).get(split)
     if limit is not None:
         size = len(cast(Sized, dataset))  # every split is a Subset or ConcatDataset, both sized
@@ -141,7 +168,7 @@ def run_cluster(package: Path | None, cluster_file: Path, *, data: str | None = 
 
     placer = None
     if objective is not None:
-        profile = profile_package(package, data=data).profile
+        profile = profile_package(package, data=data, trust_models=trusted).profile
         placer = PlanningPlacer(net, profile, objective, codecs=file_codecs(cluster))
 
     async def go() -> RunResult:

@@ -86,7 +86,8 @@ def train_package(model: str, data: str, out: Path, *, exits: str | Sequence[str
 
 
 def calibrate_package(package: Path, *, data: str | None = None, max_drop: float | None = None,
-                      budget: float | None = None, confidence: str | None = None) -> CalibrationReport:
+                      budget: float | None = None, confidence: str | None = None,
+                      trust_models: Sequence[str] = ()) -> CalibrationReport:
     """Fit temperatures and thresholds on the package's calibration split and write them back.
 
     With neither ``max_drop`` nor ``budget``, the target is ``DEFAULT_MAX_DROP``.
@@ -94,18 +95,19 @@ def calibrate_package(package: Path, *, data: str | None = None, max_drop: float
     if max_drop is None and budget is None:
         max_drop = DEFAULT_MAX_DROP
     spec = read_spec(package)
-    net = load(package)
-    dataset, split = package_dataset(package, net, spec.data, data)
+    net = load(package, trust_models=trust_models)
+    dataset, split = package_dataset(package, net, spec.data, data, trust_models)
     report = calibrate(net, split_dataset(dataset, split).calib, max_drop=max_drop, budget=budget,
                        confidence=confidence)
     save(net, package, data=split, training=spec.training, calibration=report.as_metadata())
     return report
 
 
-def evaluate_package(package: Path, *, data: str | None = None, split: str = DEFAULT_SPLIT) -> EvalReport:
+def evaluate_package(package: Path, *, data: str | None = None, split: str = DEFAULT_SPLIT,
+                     trust_models: Sequence[str] = ()) -> EvalReport:
     """Accuracy, exit rates and compute fraction of a package on one split of its dataset."""
     spec = read_spec(package)
-    net = load(package)
+    net = load(package, trust_models=trust_models)
     apply_threads(net.cpu)
-    dataset, data_split = package_dataset(package, net, spec.data, data)
+    dataset, data_split = package_dataset(package, net, spec.data, data, trust_models)
     return evaluate(net, split_dataset(dataset, data_split).get(split))

@@ -1,7 +1,9 @@
 """The one cluster-file loader: validate, make relative paths relative to the file, read the secret files.
 
 Every command that takes `--cluster` reads the file here, so `tls:`, `token_file` and `password_file`
-mean the same thing to `up`, `node`, `run`, `profile` and `plan`.
+mean the same thing to `up`, `node`, `run`, `profile` and `plan`. A file that names no token uses
+``cluster.token`` beside it when that exists (``splitexit up`` writes one), so every process started from
+the same file shares the generated token.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from splitexit.config.base import describe_validation_error
 from splitexit.config.cluster import MIN_TOKEN_LENGTH, ClusterSpec
 from splitexit.errors import ClusterError
 
-__all__ = ["load_cluster", "read_secret", "resolve_package"]
+__all__ = ["DEFAULT_TOKEN_FILE", "default_token_file", "load_cluster", "read_secret", "require_token",
+           "resolve_package"]
+
+#: The token a cluster file without `token`/`token_file` uses: this file beside it (made by `splitexit up`).
+DEFAULT_TOKEN_FILE = "cluster.token"
 
 
 def load_cluster(path: Path, *, read_secrets: bool = True) -> ClusterSpec:
@@ -38,11 +44,15 @@ def load_cluster(path: Path, *, read_secrets: bool = True) -> ClusterSpec:
 
 
 def _absolute_paths(cluster: ClusterSpec, base: Path) -> ClusterSpec:
-    """The file's relative paths, made relative to its directory ``base``."""
+    """The file's relative paths, made relative to its directory ``base``; the default token file if it exists."""
     security = cluster.security
+    token_file = base / security.token_file if security.token_file else None
+    default = base / DEFAULT_TOKEN_FILE
+    if token_file is None and security.token is None and (default.is_file() or default.is_symlink()):
+        token_file = default
     secured = security.model_copy(update={
         "tls": str(base / security.tls) if security.tls else None,
-        "token_file": str(base / security.token_file) if security.token_file else None})
+        "token_file": str(token_file) if token_file else None})
     registry = cluster.registry
     if not isinstance(registry, str):  # an EtcdSpec
         etcd_tls = registry.tls and registry.tls.model_copy(
@@ -65,6 +75,25 @@ def _with_secrets(cluster: ClusterSpec, path: Path) -> ClusterSpec:
         password = read_secret(path, Path(registry.password_file), "registry password_file")
         registry = registry.model_copy(update={"password": password, "password_file": None})
     return cluster.model_copy(update={"security": security, "registry": registry})
+
+
+def default_token_file(cluster_file: Path, cluster: ClusterSpec) -> Path | None:
+    """Where a token for ``cluster`` should be generated: beside the file, when the file names none."""
+    security = cluster.security
+    if security.token is not None or security.token_file is not None:
+        return None
+    return cluster_file.resolve().parent / DEFAULT_TOKEN_FILE
+
+
+def require_token(cluster_file: Path, cluster: ClusterSpec) -> None:
+    """Refuse to serve a node without a cluster token: without one, any process that can reach the node's port
+    (on loopback: any local user) could assign it stages and read the inputs it is sent."""
+    if cluster.security.token is None:
+        default = cluster_file.resolve().parent / DEFAULT_TOKEN_FILE
+        raise ClusterError(f"{cluster_file} gives no cluster token, and a node without one would obey any local "
+                           f"process. Run `splitexit up --cluster {cluster_file}` (it writes {default} when the file "
+                           f"names no token), or `splitexit certs init DIR --cluster {cluster_file}`, or set "
+                           "`security: {token_file: PATH}`; copy the token file to every machine of the cluster")
 
 
 def read_secret(cluster_file: Path, secret: Path, what: str) -> str:

@@ -126,3 +126,26 @@ class PackageSpec(SpecModel):
         if cuts != sorted(set(cuts)):
             raise ValueError(f"exit cuts must be distinct and increasing, got {cuts}")
         return self
+
+
+MANIFEST_FORMAT: Final = "splitexit.manifest/1"
+_SHA256 = r"^[0-9a-f]{64}$"
+
+
+class CodeDigest(SpecModel):
+    """The user's source file a package's backbone was built from, as it was when the package was written."""
+
+    file: str = Field(description="the file hashed: the .py file, or the module's file (absolute)")
+    sha256: str = Field(pattern=_SHA256)
+
+
+class PackageManifest(SpecModel):
+    """The contents of a package's manifest.json: what the package was written from.
+
+    ``model.yaml`` records the weights' sha256; the manifest records model.yaml's, and the code's for a backbone
+    from the user's own code, so neither the spec nor the code can change unnoticed.
+    """
+
+    format: Literal["splitexit.manifest/1"] = MANIFEST_FORMAT
+    spec_sha256: str = Field(pattern=_SHA256, description="sha256 of model.yaml")
+    code: CodeDigest | None = Field(None, description="set when the backbone is `module:factory` / `file.py:factory`")

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from splitexit.config import ClusterSpec
+from splitexit.config.load import require_token
 from splitexit.errors import ClusterError
 
 __all__ = ["LocalCluster", "die_with_parent", "free_port"]
@@ -62,7 +63,8 @@ class LocalCluster:
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, timeout: float = READY_TIMEOUT) -> None:
-        """Start every worker; return when each has printed its ready line."""
+        """Start every worker; return when each has printed its ready line (each needs the cluster token)."""
+        require_token(self.cluster_file, self.cluster)
         try:
             for node in self.cluster.nodes[1:]:
                 self.launch(node.name)

@@ -9,17 +9,43 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 from splitexit.errors import ConfigError
 
-__all__ = ["import_object", "is_import_spec"]
+__all__ = ["code_file", "import_object", "is_import_spec", "is_trusted"]
 
 
 def is_import_spec(spec: str) -> bool:
     """True for `module:attr` and `file.py:attr` (but not for `folder:PATH` or `synthetic:...`)."""
     head, sep, attr = spec.rpartition(":")
     return bool(sep and head and attr.isidentifier() and (head.endswith(".py") or _looks_like_module(head)))
+
+
+def is_trusted(spec: str, trusted: Collection[str]) -> bool:
+    """Whether ``spec`` is one of ``trusted`` (file paths compared resolved, so `./m.py:f` is `m.py:f`)."""
+    canonical = _canonical(spec)
+    return any(_canonical(entry) == canonical for entry in trusted)
+
+
+def _canonical(spec: str) -> str:
+    location, _, attr = spec.rpartition(":")
+    return f"{Path(location).expanduser().resolve()}:{attr}" if location.endswith(".py") else spec
+
+
+def code_file(spec: str) -> Path | None:
+    """The source file ``spec``'s code lives in, found without running it (None when it has no file)."""
+    location, _, _ = spec.rpartition(":")
+    if location.endswith(".py"):
+        path = Path(location).expanduser().resolve()
+        return path if path.is_file() else None
+    try:  # finding a submodule imports its parent packages, so this runs only for trusted specs
+        found = importlib.util.find_spec(location)
+    except (ImportError, ValueError):
+        return None
+    origin = found.origin if found is not None else None
+    return Path(origin) if origin and Path(origin).is_file() else None
 
 
 def _looks_like_module(name: str) -> bool:

@@ -1,16 +1,16 @@
-"""Model packages: a directory with ``model.yaml`` (the spec) and ``weights.safetensors``.
+"""Model packages: a directory with ``model.yaml`` (the spec), ``weights.safetensors`` and ``manifest.json``.
 
 A package names its backbone (zoo name, torchvision name or ``module:factory``) instead of containing
-code, so loading rebuilds the model from code the user already trusts, re-traces it, checks that every
-exit still sits after the same graph node, verifies the weights' sha256 and loads them with safetensors.
-Nothing is ever unpickled.
+code, so loading rebuilds the model from code the user trusts (user code only when named in
+``trust_models``; see ``manifest.py``), re-traces it, checks that every exit still sits after the same
+graph node, verifies the weights' sha256 and loads them with safetensors. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -29,10 +29,11 @@ from splitexit.config import (
 from splitexit.errors import IntegrityError, PackageError, SplitExitError
 from splitexit.model.exits import EarlyExitNet, output_classes
 from splitexit.model.graph import trace_model
+from splitexit.model.manifest import MANIFEST_FILE, check_code, file_sha256, manifest_text, read_manifest
 from splitexit.model.zoo import build_model
 
-__all__ = ["SPEC_FILE", "WEIGHTS_FILE", "apply_spec_settings", "load", "load_backbone_weights", "package_spec",
-           "read_spec", "rebuild", "save"]
+__all__ = ["MANIFEST_FILE", "SPEC_FILE", "WEIGHTS_FILE", "apply_spec_settings", "load", "load_backbone_weights",
+           "package_spec", "read_spec", "rebuild", "save"]
 
 SPEC_FILE = "model.yaml"
 WEIGHTS_FILE = "weights.safetensors"
@@ -54,10 +55,12 @@ def save(net: EarlyExitNet, path: str | os.PathLike[str], *, data: DataSplit | N
     tensors.update({_HEADS + k: v.detach().clone().contiguous() for k, v in net.heads.state_dict().items()})
     weights = directory / WEIGHTS_FILE
     _atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "splitexit"}))
-    spec = package_spec(net, weights_sha256=_sha256(weights), data=data, training=training,
+    spec = package_spec(net, weights_sha256=file_sha256(weights), data=data, training=training,
                         calibration=calibration)
     text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
     _atomic_write(directory / SPEC_FILE, lambda tmp: tmp.write_text(text))
+    manifest = manifest_text(directory / SPEC_FILE, spec.model.name)
+    _atomic_write(directory / MANIFEST_FILE, lambda tmp: tmp.write_text(manifest))
     net.weights_sha256 = spec.weights_sha256
     return directory
 
@@ -97,14 +100,20 @@ def read_spec(path: str | os.PathLike[str]) -> PackageSpec:
                            f"{describe_validation_error(exc)}") from exc
 
 
-def load(path: str | os.PathLike[str]) -> EarlyExitNet:
-    """Rebuild, verify and load a package written by :func:`save`."""
+def load(path: str | os.PathLike[str], *, trust_models: Collection[str] = ()) -> EarlyExitNet:
+    """Verify, rebuild and load a package written by :func:`save`.
+
+    A backbone from user code (``module:factory``, ``file.py:factory``) is imported only when it is in
+    ``trust_models`` and its source file is the one the package was built from.
+    """
     directory = Path(path)
     spec = read_spec(directory)
+    manifest = read_manifest(directory, directory / SPEC_FILE)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise PackageError(f"{weights} is missing; the package is incomplete. Re-run `splitexit train`.")
-    if _sha256(weights) != spec.weights_sha256:
+    check_code(manifest, spec.model.name, trust_models, where=directory)
+    if file_sha256(weights) != spec.weights_sha256:
         raise IntegrityError(f"{weights} does not match the sha256 recorded in {directory / SPEC_FILE}: the file was "
                              "changed or corrupted after the package was written. Restore it or re-run training.")
     net = rebuild(spec, where=str(directory))
@@ -188,14 +197,6 @@ def _dtype_name(net: EarlyExitNet) -> str:
         if dtype == net.input_dtype:
             return name
     raise PackageError(f"inputs of dtype {net.input_dtype} cannot be packaged; use one of {', '.join(_DTYPES)}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write(target: Path, write) -> None:  # noqa: ANN001 - callable(Path) -> None

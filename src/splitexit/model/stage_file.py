@@ -26,9 +26,9 @@ from splitexit.config import NEVER, ExitPolicy, PackageSpec, describe_validation
 from splitexit.cuts import Boundary, Cut, cut_from_json
 from splitexit.errors import IntegrityError, PackageError
 from splitexit.model.exits import EarlyExitNet
+from splitexit.model.importing import is_import_spec, is_trusted
 from splitexit.model.package import apply_spec_settings, package_spec, rebuild
 from splitexit.model.stages import Stage
-from splitexit.model.zoo import is_import_spec
 
 __all__ = ["LoadedStage", "load_stage_file", "sha256_hex", "stage_file", "without_exits"]
 
@@ -97,7 +97,7 @@ def load_stage_file(data: bytes, *, sha256: str, trusted_models: Collection[str]
         detail = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
         raise PackageError(f"stage file {sha256[:12]}… carries an invalid spec: {detail}") from exc
     name = spec.model.name
-    if is_import_spec(name) and name not in trusted_models:
+    if is_import_spec(name) and not is_trusted(name, trusted_models):
         raise PackageError(f"stage file {sha256[:12]}… asks for the user model {name!r}, which this node does not "
                            f"trust; list it under `trusted_models:` in the cluster file if the nodes should build it")
     net = rebuild(spec, where=f"stage file {sha256[:12]}…")

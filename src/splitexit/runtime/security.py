@@ -15,6 +15,7 @@ import datetime
 import hmac
 import ipaddress
 import os
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +30,15 @@ from splitexit.config import ClusterSpec
 from splitexit.errors import ClusterError, ConfigError
 
 __all__ = ["CA_CERT", "CA_KEY", "TOKEN_HEADER", "NodeCredentials", "init_ca", "is_loopback", "issue_certificate",
-           "node_credentials", "token_matches"]
+           "node_credentials", "token_matches", "write_token"]
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 TOKEN_HEADER = "x-splitexit-token"
 CA_DAYS = 3650
 NODE_DAYS = 825
+#: Random bytes in a generated cluster token (written URL-safe base64: 43 characters).
+TOKEN_BYTES = 32
 
 
 def init_ca(directory: Path, *, name: str = "splitexit cluster CA", overwrite: bool = False) -> Path:
@@ -143,14 +146,23 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-    # O_NOFOLLOW: a symlink planted at the key's path must not redirect the key elsewhere; fchmod: an existing
-    # file keeps its mode under O_CREAT, and a key must never be readable by others.
+    _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()), what="key")
+
+
+def write_token(path: Path) -> Path:
+    """Write a new random cluster token to ``path`` (mode 0600) and return the path."""
+    _write_private(path, (secrets.token_urlsafe(TOKEN_BYTES) + "\n").encode(), what="token file")
+    return path
+
+
+def _write_private(path: Path, data: bytes, *, what: str) -> None:
+    """Write a secret: O_NOFOLLOW, so a symlink planted at the path cannot redirect it; fchmod 0600, because an
+    existing file keeps its mode under O_CREAT and a secret must never be readable by others."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
-        raise ConfigError(f"cannot write the key {path} ({exc.strerror}); if it is a symlink, remove it") from exc
+        raise ConfigError(f"cannot write the {what} {path} ({exc.strerror}); if it is a symlink, remove it") from exc
     with os.fdopen(fd, "wb") as handle:
         os.fchmod(handle.fileno(), 0o600)
         handle.write(data)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from splitexit.app.run import ensure_cluster_token
 from splitexit.config import EtcdSpec
-from splitexit.config.load import load_cluster, resolve_package
+from splitexit.config.load import DEFAULT_TOKEN_FILE, default_token_file, load_cluster, require_token, resolve_package
 from splitexit.errors import ClusterError
 
 TOKEN = "a-token-of-32-characters-exactly"
@@ -164,3 +165,26 @@ def test_the_package_is_the_flag_else_the_file_entry_relative_to_the_file(tmp_pa
     bare = write(tmp_path / "conf", NODES, "bare.yaml")
     with pytest.raises(ClusterError, match="names no package"):
         resolve_package(bare, load_cluster(bare), None)
+
+
+def test_a_file_without_a_token_uses_the_generated_one_beside_it(tmp_path: Path, elsewhere: Path) -> None:
+    path = write(tmp_path / "conf", NODES)
+    assert load_cluster(path).security.token is None
+    assert default_token_file(path, load_cluster(path)) == (tmp_path / "conf" / DEFAULT_TOKEN_FILE)
+    with pytest.raises(ClusterError, match="gives no cluster token"):
+        require_token(path, load_cluster(path))
+    written = ensure_cluster_token(path)
+    assert written == tmp_path / "conf" / DEFAULT_TOKEN_FILE
+    cluster = load_cluster(path)
+    assert cluster.security.token == written.read_text().strip()
+    require_token(path, cluster)
+    assert ensure_cluster_token(path) is None  # one token per cluster: a second `up` keeps it
+    assert load_cluster(path, read_secrets=False).security.token_file == str(written)  # `plan --write` names it
+
+
+def test_a_file_that_names_its_token_gets_no_generated_one(tmp_path: Path) -> None:
+    write(tmp_path, TOKEN, "token")
+    path = write(tmp_path, NODES + "security: {token_file: token}\n")
+    assert ensure_cluster_token(path) is None
+    assert not (tmp_path / DEFAULT_TOKEN_FILE).exists()
+    assert load_cluster(path).security.token == TOKEN

@@ -20,7 +20,14 @@ from splitexit import (
     read_spec,
     save,
 )
-from splitexit.model.package import SPEC_FILE, WEIGHTS_FILE, _sha256
+from splitexit.model.manifest import file_sha256, manifest_text
+from splitexit.model.package import MANIFEST_FILE, SPEC_FILE, WEIGHTS_FILE
+
+
+def write_spec(package: Path, spec: dict) -> None:
+    """Edit model.yaml the way a forger would: with a manifest that matches the edit."""
+    (package / SPEC_FILE).write_text(yaml.safe_dump(spec))
+    (package / MANIFEST_FILE).write_text(manifest_text(package / SPEC_FILE, spec["model"]["name"]))
 
 
 @pytest.fixture
@@ -49,10 +56,10 @@ def test_save_then_load_gives_identical_outputs_and_policy(net: EarlyExitNet, pa
     assert torch.equal(first.prediction, second.prediction) and torch.equal(first.exit, second.exit)
 
 
-def test_package_holds_only_yaml_and_safetensors(package: Path) -> None:
-    assert sorted(p.name for p in package.iterdir()) == [SPEC_FILE, WEIGHTS_FILE]
+def test_package_holds_only_yaml_safetensors_and_its_manifest(package: Path) -> None:
+    assert sorted(p.name for p in package.iterdir()) == sorted([SPEC_FILE, WEIGHTS_FILE, MANIFEST_FILE])
     spec = read_spec(package)
-    assert spec.weights_sha256 == _sha256(package / WEIGHTS_FILE)
+    assert spec.weights_sha256 == file_sha256(package / WEIGHTS_FILE)
     assert spec.model.name == "digits_cnn"
 
 
@@ -89,8 +96,8 @@ def test_replaced_weights_with_wrong_shapes_are_refused_even_with_matching_check
     tensors[key] = torch.zeros(3, 3)
     save_file(tensors, str(weights))
     spec = yaml.safe_load((package / SPEC_FILE).read_text())
-    spec["weights_sha256"] = _sha256(weights)
-    (package / SPEC_FILE).write_text(yaml.safe_dump(spec))
+    spec["weights_sha256"] = file_sha256(weights)
+    write_spec(package, spec)
     with pytest.raises(PackageError, match="do not fit"):
         load(package)
 
@@ -113,7 +120,7 @@ def test_invalid_spec_values_are_named(package: Path, edit, message: str) -> Non
 def test_exit_moved_to_another_node_is_detected(package: Path) -> None:
     spec = yaml.safe_load((package / SPEC_FILE).read_text())
     spec["exits"][0]["after"] = "some_other_node"
-    (package / SPEC_FILE).write_text(yaml.safe_dump(spec))
+    write_spec(package, spec)
     with pytest.raises(PackageError, match="different version"):
         load(package)
 

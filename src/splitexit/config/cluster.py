@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, field_serializer, field_validator, model_validator
 
 from splitexit.config.base import SpecModel
 from splitexit.config.codec_names import AUTO, parse_codec
@@ -199,13 +200,49 @@ class EtcdTLS(SpecModel):
         return self
 
 
+#: ``registry.tls: cluster``: every process talks to etcd with its own node certificate from ``security.tls``.
+CLUSTER_TLS = "cluster"
+#: The CA certificate's file in ``security.tls`` (as ``runtime/security.py`` writes it).
+_CA_FILE = "ca.pem"
+
+
+class ClusterTLS(SpecModel):
+    """``tls: cluster``: the CA is ``<security.tls>/ca.pem``; the client certificate is the process's own node
+    certificate, ``<security.tls>/<node>.pem`` and ``.key`` (the node name is etcd's user, when etcd runs as
+    ``splitexit etcd --cluster`` does). Resolved by :meth:`EtcdSpec.for_node` where the registry is opened.
+
+    A model without fields rather than a bare string, so that code that handles ``tls`` as a model (the loader,
+    making its paths absolute) passes it through unchanged; YAML and ``model_dump`` spell it ``cluster``.
+    """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_the_word(cls, value: object) -> object:
+        if isinstance(value, ClusterTLS):
+            return value
+        if value == CLUSTER_TLS:
+            return {}
+        raise ValueError(f"`tls` is either {CLUSTER_TLS!r} or {{ca, cert, key}}, got {value!r}")
+
+
+def _tls_kind(value: object) -> str:
+    """Which kind of ``tls`` a value is, so that a wrong ``{ca, cert, key}`` reports only its own errors."""
+    return CLUSTER_TLS if value == CLUSTER_TLS or isinstance(value, ClusterTLS) else "files"
+
+
+#: ``tls:`` of an etcd registry: the files, or ``cluster``.
+EtcdTLSChoice = Annotated[Annotated[EtcdTLS, Tag("files")] | Annotated[ClusterTLS, Tag(CLUSTER_TLS)],
+                          Discriminator(_tls_kind)]
+
+
 class EtcdSpec(SpecModel):
     """A real etcd as the registry: ``registry: {etcd: [10.0.0.5:2379, 10.0.0.6:2379]}``."""
 
     etcd: tuple[str, ...] = Field(min_length=1, description="endpoints as host:port; calls are spread over all of them")
     prefix: str = Field(DEFAULT_ETCD_PREFIX, min_length=1, description="key prefix of this cluster's entries")
     ttl: float = Field(DEFAULT_REGISTRATION_TTL, ge=2, description="lease TTL of node registrations, seconds")
-    tls: EtcdTLS | None = None
+    tls: EtcdTLSChoice | None = Field(None, description="{ca, cert, key} files, or `cluster`: each node's own "
+                                                               "certificate from `security.tls`")
     user: str | None = Field(None, min_length=1, description="etcd user, when etcd has auth enabled")
     password: str | None = None
     password_file: str | None = Field(None, description="file holding the password (kept out of the cluster file)")
@@ -229,6 +266,34 @@ class EtcdSpec(SpecModel):
     @classmethod
     def _ends_with_slash(cls, prefix: str) -> str:
         return prefix if prefix.endswith("/") else prefix + "/"
+
+    @field_validator("tls", mode="before")
+    @classmethod
+    def _tls_word(cls, value: object) -> object:
+        """A string must be ``cluster`` (said once here, rather than once per kind of ``tls``)."""
+        if isinstance(value, str) and value != CLUSTER_TLS:
+            raise ValueError(f"`tls` is either {CLUSTER_TLS!r} (each node's certificate from `security.tls`) or "
+                             f"{{ca: FILE, cert: FILE, key: FILE}}, got {value!r}")
+        return value
+
+    @field_serializer("tls")
+    def _tls_out(self, tls: EtcdTLS | ClusterTLS | None) -> object:
+        return CLUSTER_TLS if isinstance(tls, ClusterTLS) else tls
+
+    def for_node(self, node: str | None, certificates: str | None) -> EtcdSpec:
+        """This spec as node ``node`` uses it: ``tls: cluster`` becomes the CA and ``node``'s certificate and key
+        in ``certificates`` (the cluster's ``security.tls``); any other spec is returned as it is."""
+        if not isinstance(self.tls, ClusterTLS):
+            return self
+        if certificates is None:
+            raise ConfigError("`registry.tls: cluster` takes etcd's client certificates from `security.tls`, which "
+                              "the cluster file does not set: add `security: {tls: DIR}` (`splitexit certs init DIR`)")
+        if node is None:
+            raise ConfigError("`registry.tls: cluster` needs the name of the node that opens the registry")
+        directory = Path(certificates)
+        files = EtcdTLS(ca=str(directory / _CA_FILE), cert=str(directory / f"{node}.pem"),
+                        key=str(directory / f"{node}.key"))
+        return self.model_copy(update={"tls": files})
 
     @model_validator(mode="after")
     def _credentials(self) -> EtcdSpec:
@@ -290,6 +355,15 @@ class ClusterSpec(SpecModel):
             a, b = tier.get(link.source), tier.get(link.target)
             if a is None or b is None or b <= a:
                 raise ValueError(f"link {link.source} -> {link.target} must join a node to one of a later tier")
+        return self
+
+    @model_validator(mode="after")
+    def _cluster_tls_has_certificates(self) -> ClusterSpec:
+        """``registry.tls: cluster`` reads ``security.tls``; say so when the file loads, not when a node starts."""
+        if isinstance(self.registry, EtcdSpec) and isinstance(self.registry.tls, ClusterTLS) and not self.security.tls:
+            raise ValueError("`registry.tls: cluster` uses each node's certificate from `security.tls`, which is not "
+                             "set: add `security: {tls: DIR}` (made by `splitexit certs init DIR`), or give "
+                             "`registry.tls: {ca: FILE, cert: FILE, key: FILE}`")
         return self
 
     def tier_by_name(self) -> dict[str, int]:

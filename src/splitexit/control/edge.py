@@ -89,7 +89,8 @@ class Entry:
     async def start(self) -> None:
         """Join the registry, wait until every tier has a live node, and place the chain."""
         if self.registry is None:
-            self.registry = open_registry(self.cluster.registry)
+            self.registry = open_registry(self.cluster.registry, node=self.name,
+                                          certificates=self.cluster.security.tls)
         await self.registry.start()
         if isinstance(self.registry, EmbeddedRegistry):  # nodes cannot register themselves: probe them
             self._prober = HealthProber(self.cluster, self.registry, node_credentials(self.cluster, self.name))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 from etcd3aio import EtcdConnectionError, EtcdTransientError, EtcdUnauthenticatedError
 
-from splitexit.config import EtcdSpec
+from splitexit.config import EtcdSpec, EtcdTLS
 from splitexit.errors import RegistryUnavailableError
 
 __all__ = ["FIX_ENDPOINT", "error_detail", "fix_hint", "is_stale_token", "is_unreachable", "translate"]
@@ -34,6 +34,14 @@ def translate(exc: BaseException, spec: EtcdSpec, action: str) -> RegistryUnavai
         return RegistryUnavailableError(f"etcd at {where} requires a user ({detail}): set `registry.user` "
                                         "and `registry.password_file` in the cluster file")
     if "permission denied" in detail:
+        if spec.user is None and isinstance(spec.tls, EtcdTLS) and spec.tls.cert:
+            # etcd's user is the client certificate's name; `splitexit etcd --cluster` lets a node write only its
+            # own key, and a certificate whose name is no user read nothing
+            return RegistryUnavailableError(f"etcd at {where} refused to {action} for the user its client "
+                                            f"certificate names ({detail}): a node may write only its own "
+                                            f"{spec.prefix}nodes/NAME, and a name etcd has no user for nothing; "
+                                            "add the node to the cluster file and restart `splitexit etcd "
+                                            "--cluster`, or grant its user a role (docs/registry.md)")
         return RegistryUnavailableError(f"etcd at {where} refused to {action} for user {spec.user!r} "
                                         f"({detail}): grant it readwrite on {spec.prefix}* "
                                         "(`etcdctl role grant-permission ROLE readwrite --prefix ...`)")

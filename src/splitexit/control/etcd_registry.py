@@ -25,6 +25,7 @@ from etcd3aio.lease import LeaseService
 from etcd3aio.watch import WatchResponse, WatchService
 
 from splitexit.config import EtcdSpec
+from splitexit.config.cluster import ClusterTLS
 from splitexit.control.etcd_errors import (
     FIX_ENDPOINT,
     error_detail,
@@ -93,6 +94,10 @@ class EtcdRegistry:
         """Connect and check that we may read our prefix; retry for ``connect_timeout`` s while etcd is down."""
         credentials = self._tls_files()
         self._password = self._read_password() if self.spec.user else None
+        if "cert_chain" not in credentials and not self.spec.user:
+            logger.warning("connecting to etcd at %s without a client certificate or user: any process that reaches "
+                           "it can rewrite this cluster's registrations and plan. Secure it: `splitexit etcd --cluster "
+                           "FILE` and `registry: {etcd: [...], tls: cluster}` (docs/registry.md)", self._where)
         targets, server_name = await self._ipv4_targets()
         self._client = Etcd3Client(targets, watch_reconnect_backoff_seconds=WATCH_RETRY.first,
                                    watch_max_reconnect_backoff_seconds=WATCH_RETRY.cap,
@@ -281,6 +286,9 @@ class EtcdRegistry:
         tls = self.spec.tls
         if tls is None:
             return {}
+        if isinstance(tls, ClusterTLS):  # a caller's mistake: open_registry resolves it for the node
+            raise RegistryUnavailableError("`registry.tls: cluster` names no files until the node is known: open the "
+                                           "registry with `open_registry(spec, node=NAME, certificates=DIR)`")
         names = {"ca_cert": tls.ca, "cert_chain": tls.cert, "cert_key": tls.key}
         try:
             return {arg: Path(path).read_bytes() for arg, path in names.items() if path is not None}

@@ -60,13 +60,15 @@ class DevEtcd:
     ``data_dir``: where etcd keeps its data (default: a temporary directory removed on :meth:`stop`).
     ``port``/``peer_port``: client and peer ports (default: free ones, kept across :meth:`restart`).
     ``tls``: ``(ca, cert, key)`` files; etcd then serves https and requires client certificates signed by
-    ``ca``. Readiness is checked on a separate plain-HTTP ``/health`` port on loopback, so it needs no
-    client certificate or password. etcd's log goes to ``<data_dir>.log``; its tail is part of every
-    startup error.
+    ``ca``. ``peer_cn``: with ``tls``, the peer port speaks TLS too and accepts only this certificate name
+    (etcd's own), so a node's certificate from the same CA cannot send it raft messages. Readiness is
+    checked on a separate plain-HTTP ``/health`` port on loopback, so it needs no client certificate or
+    password. etcd's log goes to ``<data_dir>.log``; its tail is part of every startup error.
     """
 
     def __init__(self, data_dir: Path | None = None, *, port: int | None = None, peer_port: int | None = None,
-                 tls: tuple[Path, Path, Path] | None = None, ready_timeout: float = READY_TIMEOUT):
+                 tls: tuple[Path, Path, Path] | None = None, peer_cn: str | None = None,
+                 ready_timeout: float = READY_TIMEOUT):
         self._temp: str | None = None  # a temporary data directory's parent, removed on stop()
         if data_dir is None:
             self._temp = tempfile.mkdtemp(prefix="splitexit-etcd-")
@@ -77,6 +79,7 @@ class DevEtcd:
         self.peer_port = peer_port or free_port()
         self.health_port = free_port()
         self.tls = tuple(Path(p) for p in tls) if tls else None
+        self.peer_cn = peer_cn if tls else None
         self.ready_timeout = ready_timeout
         self.process: subprocess.Popen | None = None
 
@@ -94,7 +97,8 @@ class DevEtcd:
         if self.running:
             return self
         scheme = "https" if self.tls else "http"
-        client_url, peer_url = f"{scheme}://{self.endpoint}", f"http://127.0.0.1:{self.peer_port}"
+        peer_scheme = "https" if self.peer_cn else "http"
+        client_url, peer_url = f"{scheme}://{self.endpoint}", f"{peer_scheme}://127.0.0.1:{self.peer_port}"
         command = [str(find_etcd()), "--name", _MEMBER, "--data-dir", str(self.data_dir),
                    "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
                    "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
@@ -107,6 +111,9 @@ class DevEtcd:
             ca, cert, key = self.tls
             command += ["--trusted-ca-file", str(ca), "--cert-file", str(cert), "--key-file", str(key),
                         "--client-cert-auth"]
+            if self.peer_cn:
+                command += ["--peer-trusted-ca-file", str(ca), "--peer-cert-file", str(cert), "--peer-key-file",
+                            str(key), "--peer-client-cert-auth", "--peer-cert-allowed-cn", self.peer_cn]
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,

@@ -9,9 +9,9 @@ import asyncio
 import logging
 import signal
 
-from splitexit.control.etcd_registry import EtcdRegistry
 from splitexit.control.members import NODES, describe_node
 from splitexit.control.registration import Registration
+from splitexit.control.registry_backends import open_registry
 from splitexit.runtime.node import Node
 
 __all__ = ["serve_node"]
@@ -48,7 +48,7 @@ async def _register_node(node: Node) -> Registration | None:
     spec = node.cluster.registry
     if spec == "embedded":
         return None
-    registry = EtcdRegistry(spec)
+    registry = open_registry(spec, node=node.name, certificates=node.cluster.security.tls)
     await registry.start()
     info = await describe_node(node.name, node.address, node.tier, node.incarnation, slowdown=node.spec.slowdown)
     registration = Registration(registry, NODES + node.name, info.to_bytes(), ttl=spec.ttl)

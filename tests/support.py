@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from splitexit.control.local_cluster import free_port
 
-__all__ = ["digits_net", "free_port", "start_nodes", "stop_nodes"]
+__all__ = ["assign_plans", "digits_net", "free_port", "rss_kib", "start_nodes", "stop_nodes"]
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of process ``pid``, KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def assign_plans(control, files, after=None) -> None:  # noqa: ANN001 - ControlPort, [bytes], callable
+    """Assign plan 1, 2, ... each running one stage file, as the edge's coordinator does: Assign, and PutStage
+    first when the node lacks the file. ``after(version)`` is awaited after each plan."""
+    from splitexit.model.stage_file import sha256_hex
+    from splitexit.runtime.control_messages import Assignment
+
+    for version, data in enumerate(files, start=1):
+        sha = sha256_hex(data)
+        assignment = Assignment(plan_version=version, stage_sha256=sha, upstream=("edge",))
+        if not await control.assign(assignment):
+            await control.put_stage(sha, data)
+            assert await control.assign(assignment)
+        if after is not None:
+            await after(version)
 
 
 async def start_nodes(cluster, cache_root):  # noqa: ANN001, ANN201 - ClusterSpec, Path -> list[Node]

@@ -21,20 +21,13 @@ from splitexit.cuts import MODEL_INPUT
 from splitexit.runtime.security import token_metadata
 from splitexit.wire import wire_pb2
 from splitexit.wire.messages import encode_tensors, grpc_options
-from support import free_port
+from support import free_port, rss_kib
 
 pytestmark = pytest.mark.slow
 
 FUZZED = 10_000
 GOOD_EVERY = 100
 
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def mutations(valid: bytes, rng: random.Random) -> bytes:

@@ -22,24 +22,16 @@ from splitexit.app.run import ensure_cluster_token
 from splitexit.config.load import load_cluster
 from splitexit.control.local_cluster import LocalCluster
 from splitexit.cuts import MODEL_OUTPUT
-from splitexit.model.stage_file import sha256_hex, stage_file
+from splitexit.model.stage_file import stage_file
 from splitexit.runtime.control_client import NodeControl
-from splitexit.runtime.control_messages import Assignment
 from splitexit.runtime.node import KEEP_PLANS
-from support import free_port
+from support import assign_plans, free_port, rss_kib
 
 pytestmark = pytest.mark.slow
 
 PLANS = 8
 #: Seconds the node has to close a retired plan's idle hop and free its stage.
 SETTLE = 3.0
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_eight_plan_changes_give_the_memory_of_retired_plans_back(tmp_path: Path) -> None:
@@ -57,16 +49,14 @@ def test_eight_plan_changes_give_the_memory_of_retired_plans_back(tmp_path: Path
     async def change_plans(pid: int) -> list[float]:
         control = NodeControl(cluster.node("cloud1"), credentials=None, token=cluster.security.token,
                               message_limit=cluster.message_limit)
-        rss = []
+        rss: list[float] = []
+
+        async def measure(_: int) -> None:
+            await asyncio.sleep(SETTLE)
+            rss.append(rss_kib(pid) / 1024)
+
         try:
-            for version, data in enumerate(files, start=1):
-                sha = sha256_hex(data)
-                assignment = Assignment(plan_version=version, stage_sha256=sha, upstream=("edge",))
-                if not await control.assign(assignment):
-                    await control.put_stage(sha, data)
-                    assert await control.assign(assignment)
-                await asyncio.sleep(SETTLE)
-                rss.append(rss_mib(pid))
+            await assign_plans(control, files, measure)
         finally:
             await control.close()
         return rss

@@ -16,11 +16,10 @@ import yaml
 
 from splitexit.config import ClusterSpec
 from splitexit.cuts import MODEL_OUTPUT
-from splitexit.model.stage_file import sha256_hex, stage_file
-from splitexit.runtime.control_messages import Assignment
+from splitexit.model.stage_file import stage_file
 from splitexit.runtime.local_control import LocalNodeControl
 from splitexit.runtime.node import KEEP_PLANS, Node
-from support import digits_net
+from support import assign_plans, digits_net
 
 CLUSTER = """
 nodes:
@@ -41,14 +40,11 @@ def test_eight_plan_changes_keep_only_the_newest_plans_stages_in_memory(tmp_path
         node = Node(cluster, "cloud1", cache_dir=tmp_path / "cache")
         control = LocalNodeControl(cluster.node("cloud1"), {"cloud1": node})
         nets: list[weakref.ref] = []
+        async def keep_a_reference(version: int) -> None:
+            nets.append(weakref.ref(node.plans[version].stage.net))
+
         try:
-            for version, data in enumerate(files, start=1):
-                sha = sha256_hex(data)
-                assignment = Assignment(plan_version=version, stage_sha256=sha, upstream=("edge",))
-                if not await control.assign(assignment):
-                    await control.put_stage(sha, data)
-                    assert await control.assign(assignment)
-                nets.append(weakref.ref(node.plans[version].stage.net))
+            await assign_plans(control, files, keep_a_reference)
             deadline = time.monotonic() + PATIENCE
             while node._retiring and time.monotonic() < deadline:  # the retired hops close once idle
                 await asyncio.sleep(0.05)

@@ -65,6 +65,8 @@ class LocalCluster:
     def start(self, timeout: float = READY_TIMEOUT) -> None:
         """Start every worker; return when each has printed its ready line (each needs the cluster token)."""
         require_token(self.cluster_file, self.cluster)
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             for node in self.cluster.nodes[1:]:
                 self.launch(node.name)

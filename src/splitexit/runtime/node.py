@@ -48,7 +48,7 @@ from splitexit.runtime.security import is_loopback, node_credentials
 from splitexit.runtime.stage_cache import StageCache
 from splitexit.runtime.stage_hop import stage_hop
 from splitexit.tensors import TensorInfo
-from splitexit.wire.messages import SERVER_KEEPALIVE, grpc_options
+from splitexit.wire.messages import SERVER_KEEPALIVE, SERVER_OWN_PORT, grpc_options
 
 __all__ = ["Node"]
 
@@ -127,25 +127,36 @@ class Node:
 
     async def start(self, *, port: int | None = None) -> int:
         """Listen (on the cluster file's port unless ``port`` is given; 0 picks a free one)."""
-        self._server = grpc.aio.server(options=grpc_options(self.cluster.message_limit) + SERVER_KEEPALIVE)
+        self._server = grpc.aio.server(
+            options=grpc_options(self.cluster.message_limit) + SERVER_KEEPALIVE + SERVER_OWN_PORT)
         add_node_service(self, self._server)
         host, _, configured = (self.spec.address or DEFAULT_LISTEN).rpartition(":")
         listen = f"{host}:{configured if port is None else port}"
         credentials = node_credentials(self.cluster, self.name)
-        if credentials is not None:
-            self.port = self._server.add_secure_port(listen, credentials.server())
-        elif is_loopback(host):
-            logger.info("node %s speaks plain text on loopback %s (no security.tls in the cluster file)",
-                        self.name, listen)
-            self.port = self._server.add_insecure_port(listen)
-        else:
+        if credentials is None and not is_loopback(host):
             raise ClusterError(f"node {self.name} would listen on {host} in plain text; outside loopback set "
                                "`security: {tls: DIR}` in the cluster file (see docs/security.md)")
+        if credentials is None:
+            logger.info("node %s speaks plain text on loopback %s (no security.tls in the cluster file)",
+                        self.name, listen)
+        try:
+            self.port = self._server.add_secure_port(listen, credentials.server()) if credentials is not None \
+                else self._server.add_insecure_port(listen)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise ClusterError(f"node {self.name} cannot listen on {self.spec.address}: is the port in use?")
+            raise ClusterError(f"node {self.name} cannot listen on {listen}: the port is in use (another node, or "
+                               "an earlier one still running?). Stop that process, or give this node another "
+                               "port (`--port`, or its `address` in the cluster file)")
         await self._server.start()
         if self.spec.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.spec.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve(self.spec.metrics_port)
+            except OSError as exc:
+                await self._server.stop(grace=0)
+                raise ClusterError(f"node {self.name} cannot serve its metrics on port {self.spec.metrics_port} "
+                                   f"({exc.strerror}): give `metrics_port` another port in the cluster file, or 0 "
+                                   "for a free one") from exc
         logger.info("node %s (tier %d) listening on port %d; waiting for a stage", self.name, self.tier, self.port)
         return self.port
 

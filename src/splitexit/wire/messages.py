@@ -60,6 +60,9 @@ CLIENT_KEEPALIVE = [("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_t
 SERVER_KEEPALIVE = [("grpc.keepalive_permit_without_calls", 1),
                     ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
                     ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS)]
+#: A node's port is its own: without this, gRPC sets SO_REUSEPORT and a second node on a used port starts,
+#: says it is ready, and silently shares the port with the first.
+SERVER_OWN_PORT = [("grpc.so_reuseport", 0)]
 
 
 def grpc_options(message_limit: int) -> list[tuple[str, int]]:

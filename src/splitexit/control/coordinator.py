@@ -64,6 +64,8 @@ SETTLE = 0.05
 START_POLL = 0.2
 #: Seconds ``start`` waits for every tier of the cluster file to have a live node.
 START_WAIT = 30.0
+#: Seconds without a live node in some tier before the edge says what it is waiting for (then it waits on).
+START_HINT_AFTER = 3.0
 #: Seconds a registration's address has to answer the Health call that proves its name.
 PROOF_TIMEOUT = 2.0
 #: Registry key the current plan is published under (for people and tools).
@@ -117,7 +119,8 @@ class Coordinator:
 
     async def start(self, *, wait: float = START_WAIT) -> None:
         """Place the chain once every tier of the cluster file has a live node (or fail after ``wait`` s)."""
-        deadline = self._clock() + wait
+        started = self._clock()
+        deadline, hinted = started + wait, False
         while True:
             await self._read_members()
             missing = self._missing_tiers()
@@ -128,6 +131,11 @@ class Coordinator:
                 if all(name in refused for name in members):  # every node of the tier answers, and refuses us
                     raise ClusterError(f"no node of tier {tier} accepts this edge:\n" +
                                        "\n".join(f"  {refused[name]}" for name in members))
+            if not hinted and self._clock() >= started + START_HINT_AFTER:
+                hinted = True
+                logger.warning("waiting for %s: nothing answers there yet. Start the workers with `splitexit up "
+                               "--cluster FILE` (or `splitexit node` on each machine); waiting up to %.0f s",
+                               self._describe_missing(missing), wait)
             if self._clock() >= deadline:
                 names = "; ".join(f"tier {t}: {', '.join(n)}" for t, n in missing.items())
                 raise ClusterError(f"no node of {names} is up after {wait:.0f} s. Start them with `splitexit up "
@@ -138,6 +146,11 @@ class Coordinator:
         self._tasks = [loop.create_task(self._watch(), name="coordinator-watch"),
                        loop.create_task(self._resync(), name="coordinator-resync"),
                        loop.create_task(self._follow(), name="coordinator-replan")]
+
+    def _describe_missing(self, missing: dict[int, list[str]]) -> str:
+        """``tier 1 (cloud1 at 127.0.0.1:50061)``: the tiers with no live node, and where the file puts them."""
+        return "; ".join(f"tier {t} ({', '.join(f'{n} at {self.cluster.node(n).address}' for n in names)})"
+                         for t, names in missing.items())
 
     def node_broke(self, name: str) -> None:
         """A stream to ``name`` broke: re-plan without it now, rather than when its lease runs out. It is

@@ -22,7 +22,7 @@ from fake_clock import FakeClock
 from splitexit import EarlyExitNet, build_model
 from splitexit.config import ClusterSpec, ModelSource, NodeSpec
 from splitexit.config.codec_names import CodecSpec
-from splitexit.control.coordinator import RESYNC_INTERVAL, SETTLE, START_POLL, Coordinator
+from splitexit.control.coordinator import RESYNC_INTERVAL, SETTLE, START_HINT_AFTER, START_POLL, Coordinator
 from splitexit.control.embedded_registry import EmbeddedRegistry
 from splitexit.control.members import NODES, SPEED_SECONDS, NodeInfo, describe_node
 from splitexit.errors import ClusterError
@@ -214,7 +214,8 @@ def test_an_unreachable_node_is_retried_with_a_growing_back_off(net: EarlyExitNe
     asyncio.run(with_coordinator(net, tmp_path, ("cloud1",), scenario))
 
 
-def test_start_waits_for_every_tier_then_gives_up_with_a_hint(net: EarlyExitNet, tmp_path: Path) -> None:
+def test_start_waits_for_every_tier_then_gives_up_with_a_hint(net: EarlyExitNet, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     async def late_node(h: Harness) -> None:
         starting = asyncio.get_running_loop().create_task(h.coordinator.start(wait=30.0))
         await h.clock.advance(5.0)
@@ -226,8 +227,12 @@ def test_start_waits_for_every_tier_then_gives_up_with_a_hint(net: EarlyExitNet,
         assert h.peers() == ["cloud1"]
 
     async def no_node(h: Harness) -> None:
+        caplog.clear()  # late_node waited past the hint too
         starting = asyncio.get_running_loop().create_task(h.coordinator.start(wait=30.0))
-        await h.clock.advance(30.0 - START_POLL)
+        await h.clock.advance(START_HINT_AFTER + START_POLL)  # the edge says what it waits for, and waits on
+        hints = [r.getMessage() for r in caplog.records if "waiting for tier 1" in r.getMessage()]
+        assert len(hints) == 1 and "cloud1 at 127.0.0.1:" in hints[0] and "splitexit up" in hints[0], hints
+        await h.clock.advance(30.0 - START_HINT_AFTER - 2 * START_POLL)
         assert not starting.done()
         await h.clock.advance(2 * START_POLL)
         await eventually(starting.done, "start to give up")

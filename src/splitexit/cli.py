@@ -7,7 +7,6 @@ invalid setting) becomes ``error: <message>`` on stderr and exit code 1.
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +40,7 @@ from splitexit.app.train import (
     model_cuts,
     train_package,
 )
+from splitexit.cli_options import Command, Group
 from splitexit.config import TrainConfig, describe_validation_error
 from splitexit.control.edge import RunResult
 from splitexit.errors import ConfigError, SplitExitError
@@ -48,7 +48,14 @@ from splitexit.model.exits import DEFAULT_AUTO_EXITS
 from splitexit.model.zoo import list_models
 from splitexit.plan.measure import DEFAULT_BATCH_SIZES, DEFAULT_REPEATS
 from splitexit.plan.search import DEFAULT_TOP
-from splitexit.report.console import calibration_table, cuts_table, eval_table, run_table
+from splitexit.report.console import (
+    calibration_table,
+    cuts_table,
+    eval_table,
+    run_table,
+    train_json,
+    train_text,
+)
 from splitexit.report.demo_console import DemoConsole
 from splitexit.report.formats import json_line
 from splitexit.report.planning import plan_json, plan_table, plot_sweep, profile_json, profile_tables
@@ -57,8 +64,9 @@ from splitexit.report.run_report import summarize, write_report
 from splitexit.runtime.security import init_ca, issue_certificate
 from splitexit.units import parse_shape
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
-                  help="splitexit: early-exit, split-computing inference for any PyTorch model.")
+app = typer.Typer(cls=Group, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  help="splitexit: early-exit, split-computing inference for any PyTorch model. Every command takes "
+                       "-v, --log-level and --log-json, before or after its name.")
 #: Piped output (logs, CI) gets room for the plan tables instead of rich's 80-column default.
 PIPED_WIDTH = 132
 out = Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
@@ -69,7 +77,8 @@ TRAIN_DEFAULTS = TrainConfig()
 SWEEP_FILE = Path("bandwidth-sweep.png")
 #: Failed requests `run` lists on stderr (the rest are in --out).
 SHOWN_FAILURES = 5
-LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+MODEL_HELP = "digits_cnn, a torchvision name (`splitexit models`), module:factory or file.py:factory"
+JSON_HELP = "Print one JSON object instead of tables"
 TRUST_HELP = ("User code (module:factory or file.py:factory) the package names, as its model or its dataset, that "
               "this command may import; repeat for several")
 
@@ -85,10 +94,11 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except SplitExitError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, whatever its length
         raise typer.Exit(1) from None
     except ValidationError as exc:
-        err.print(f"[bold red]error:[/] invalid setting: {describe_validation_error(exc)}", highlight=False)
+        err.print(f"[bold red]error:[/] invalid setting: {describe_validation_error(exc)}", highlight=False,
+                  soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -96,15 +106,9 @@ def _json(data: object) -> None:
     typer.echo(json_line(data))
 
 
-@app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens, to stderr.")) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=LOG_FORMAT)
-
-
-@app.command()
+@app.command(cls=Command)
 def train(
-    model: str = typer.Option(..., "--model", "-m",
-                              help="digits_cnn, a torchvision name, module:factory or file.py:factory"),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     data: str = typer.Option(..., "--data", "-d", help="digits, folder:PATH, synthetic:CxHxW[:N], module:factory"),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Package directory to write"),
     exits: str = typer.Option(AUTO, help=f"'{AUTO}', or comma-separated module names / cut ids (see `splitexit cuts`)"),
@@ -114,11 +118,12 @@ def train(
     mode: Optional[str] = typer.Option(None, help="joint (train everything) or heads (frozen backbone); "
                                                   "default: heads with --weights, else joint"),
     weights: Optional[Path] = typer.Option(None, help="Pretrained backbone weights (.safetensors, or .pt/.pth)"),
-    epochs: int = typer.Option(TRAIN_DEFAULTS.epochs), batch_size: int = typer.Option(TRAIN_DEFAULTS.batch_size),
-    lr: float = typer.Option(TRAIN_DEFAULTS.lr),
+    epochs: int = typer.Option(TRAIN_DEFAULTS.epochs, help="Passes over the train split"),
+    batch_size: int = typer.Option(TRAIN_DEFAULTS.batch_size, help="Samples per optimiser step"),
+    lr: float = typer.Option(TRAIN_DEFAULTS.lr, help="Peak learning rate (AdamW, one-cycle schedule)"),
     distill: float = typer.Option(TRAIN_DEFAULTS.distill, help="Weight of distillation from the final exit (0: off)"),
-    seed: int = typer.Option(TRAIN_DEFAULTS.seed),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables"),
+    seed: int = typer.Option(TRAIN_DEFAULTS.seed, help="Seed of the initial weights and the batch order"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Attach exit heads to a model and train them; writes a package directory."""
     with _user_errors():
@@ -130,20 +135,14 @@ def train(
                                     confidence=confidence, weights=weights, config=config,
                                     on_epoch=lambda e, n, loss: progress.update(
                                         task, completed=e, description=f"training (loss {loss:.4f})"))
-    net = summary.net
     if as_json:
-        _json({"package": str(summary.package), "exits": [c.describe() for c in net.exit_cuts],
-               "losses": summary.report.losses, "cpu": net.cpu.model_dump()})
+        _json(train_json(summary))
         return
-    out.print(f"trained {summary.report.mode} for {config.epochs} epochs on {summary.train_samples} samples; "
-              f"final loss {summary.report.losses[-1]:.4f}")
-    for cut in net.exit_cuts:
-        out.print(f"  exit at {cut.describe()}")
-    out.print(f"  cpu: {net.cpu.memory_format}, {net.cpu.threads} threads (measured fastest)")
+    out.print(train_text(summary))
     out.print(f"wrote {summary.package}; next: splitexit calibrate {summary.package} --max-drop {DEFAULT_MAX_DROP:g}")
 
 
-@app.command()
+@app.command(cls=Command)
 def calibrate(
     package: Path = typer.Argument(..., help="Package directory from `splitexit train`"),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset (default: the one used for training)"),
@@ -152,7 +151,7 @@ def calibrate(
     budget: Optional[float] = typer.Option(None, help="Mean compute as a fraction of the full model, e.g. 0.5"),
     confidence: Optional[str] = typer.Option(None, help="Override the package's confidence function"),
     trust: list[str] = _trust_option(),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Fit per-exit temperatures and thresholds on the held-out calibration split."""
     with _user_errors():
@@ -165,13 +164,13 @@ def calibrate(
     out.print(f"next: splitexit eval {package}")
 
 
-@app.command("eval")
+@app.command("eval", cls=Command)
 def evaluate(
     package: Path = typer.Argument(..., help="Package directory"),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset (default: the one used for training)"),
     split: str = typer.Option(DEFAULT_SPLIT, help="test, calib, train or all"),
     trust: list[str] = _trust_option(),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Per-exit accuracy, exit rates, cumulative accuracy and compute saved."""
     with _user_errors():
@@ -182,9 +181,9 @@ def evaluate(
         out.print(eval_table(report, title=f"Evaluation of {package} ({split} split)"))
 
 
-@app.command()
+@app.command(cls=Command)
 def cuts(
-    model: str = typer.Option(..., "--model", "-m"),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     input_shape: Optional[str] = typer.Option(None, help="Per-sample input shape, e.g. 3x224x224 "
                                                          "(default: the model's usual input)"),
     all_cuts: bool = typer.Option(False, "--all", help="Also list cuts that cross several tensors"),
@@ -195,7 +194,7 @@ def cuts(
     out.print(cuts_table(graph.cut_points, graph.total_flops, exits_only=not all_cuts))
 
 
-@app.command()
+@app.command(cls=Command)
 def models() -> None:
     """List the built-in and torchvision model names."""
     built_in = list_models()
@@ -204,7 +203,7 @@ def models() -> None:
     out.print("yours: module:factory or path/to/file.py:factory")
 
 
-@app.command()
+@app.command(cls=Command)
 def profile(
     package: Path = typer.Argument(..., help="Package directory"),
     cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help="Also time the model on each running "
@@ -217,7 +216,7 @@ def profile(
     repeats: int = typer.Option(DEFAULT_REPEATS, help="Timed runs per measurement (after warm-up)"),
     force: bool = typer.Option(False, "--force", help="Measure again even if profile.json is up to date"),
     trust: list[str] = _trust_option(),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Time every segment and head, and the bytes and codec time per cut; saved as PACKAGE/profile.json."""
     with _user_errors():
@@ -240,7 +239,7 @@ def profile(
               soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=Command)
 def plan(
     package: Path = typer.Argument(..., help="Package directory"),
     cluster: Path = typer.Option(..., "--cluster", "-c", help="Cluster file: nodes, slowdowns, links, batching"),
@@ -262,7 +261,7 @@ def plan(
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset (default: the one used for training)"),
     reprofile: bool = typer.Option(False, "--reprofile", help="Measure the profile again first"),
     trust: list[str] = _trust_option(),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Choose cuts, active exits and codecs for a cluster: the best plans, and edge-only and cloud-only."""
     with _user_errors():
@@ -287,7 +286,7 @@ def plan(
         out.print(f"bandwidth sweep: {swept}")
 
 
-@app.command()
+@app.command(cls=Command)
 def demo(
     workdir: Path = typer.Option(DEMO_DIR, help="Where the demo keeps its package and cluster file between runs"),
     fresh: bool = typer.Option(False, help="Retrain even if a package from an earlier run exists"),
@@ -300,7 +299,7 @@ def demo(
     _show_run(result, results=paths.results, report_dir=paths.report_dir, as_json=False)
 
 
-@app.command()
+@app.command(cls=Command)
 def node(
     cluster: Path = typer.Option(..., "--cluster", "-c", help="Cluster file (YAML)"),
     name: str = typer.Option(..., "--name", "-n", help="This node's name (in the file, or new with --address/--tier)"),
@@ -317,7 +316,7 @@ def node(
         serve(cluster, name, address=address, tier=tier, cache_dir=cache, port=port, parent=parent)
 
 
-@app.command()
+@app.command(cls=Command)
 def up(
     cluster: Path = typer.Option(..., "--cluster", "-c", help="Cluster file (YAML)"),
     log_dir: Optional[Path] = typer.Option(None, help="Write each node's log here"),
@@ -329,7 +328,7 @@ def up(
     out.print("cluster stopped")
 
 
-@app.command()
+@app.command(cls=Command)
 def run(
     package: Optional[Path] = typer.Argument(None, help="Package directory (default: the cluster file's `package:`)"),
     cluster: Path = typer.Option(..., "--cluster", "-c", help="Cluster file; its workers must be running"),
@@ -374,10 +373,12 @@ def _show_run(result: RunResult, *, results: Optional[Path], report_dir: Optiona
         out.print(f"report: {report_dir / 'report.html'}")
 
 
-@app.command()
+@app.command(cls=Command)
 def etcd(
     data_dir: Path = typer.Option(DEV_ETCD_DIR, help="Where etcd keeps its data (kept between runs)"),
     port: int = typer.Option(DEV_ETCD_PORT, help="Client port on 127.0.0.1"),
+    peer_port: Optional[int] = typer.Option(None, help="Peer (raft) port on 127.0.0.1; default: --port + 1. Keep it "
+                                                       "the same across runs on one --data-dir"),
     cluster: Optional[Path] = typer.Option(None, "--cluster", help="Secure it for this cluster file: TLS from its "
                                            "`security.tls` CA, a user per node, each node may write only its own key"),
 ) -> None:
@@ -387,24 +388,24 @@ def etcd(
                   "registrations and the plan.[/] Secure it for a cluster with `splitexit etcd --cluster FILE` "
                   "(see docs/registry.md).", highlight=False, soft_wrap=True)
 
-    def ready(endpoint: str, log: Path, tls: tuple[Path, ...] | None) -> None:
+    def ready(endpoint: str, peer: int, log: Path, tls: tuple[Path, ...] | None) -> None:
         secured = f"TLS and a user per node, CA {tls[0]}; " if tls else ""
-        out.print(f"etcd ready at {endpoint} ({secured}data: {data_dir}, log: {log}); Ctrl-C to stop",
+        out.print(f"etcd ready at {endpoint} ({secured}peer port {peer}; data: {data_dir}, log: {log}); Ctrl-C to stop",
                   soft_wrap=True, highlight=False)
         registry = f"{{etcd: [{endpoint}], tls: cluster}}" if tls else f"{{etcd: [{endpoint}]}}"
         out.print(f"in a cluster file:  registry: {registry}", soft_wrap=True, highlight=False)
 
     with _user_errors():
-        serve_dev_etcd(data_dir, port=port, cluster_file=cluster,
-                       on_ready=lambda server: ready(server.endpoint, server.log_path, server.tls))
+        serve_dev_etcd(data_dir, port=port, peer_port=peer_port, cluster_file=cluster,
+                       on_ready=lambda server: ready(server.endpoint, server.peer_port, server.log_path, server.tls))
     out.print("etcd stopped")
 
 
-certs_app = typer.Typer(no_args_is_help=True, help="A cluster CA and node certificates for mutual TLS.")
+certs_app = typer.Typer(cls=Group, no_args_is_help=True, help="A cluster CA and node certificates for mutual TLS.")
 app.add_typer(certs_app, name="certs")
 
 
-@certs_app.command("init")
+@certs_app.command("init", cls=Command)
 def certs_init(
     directory: Path = typer.Argument(..., help="Where the CA (ca.pem, ca.key) and node certificates live"),
     overwrite: bool = typer.Option(False, help="Replace an existing CA (invalidates its certificates)"),
@@ -420,11 +421,12 @@ def certs_init(
         out.print(f"wrote the cluster token {token} (mode 0600); copy it beside the cluster file on every machine")
 
 
-@certs_app.command("issue")
+@certs_app.command("issue", cls=Command)
 def certs_issue(
     directory: Path = typer.Argument(..., help="Directory holding the cluster CA"),
     name: str = typer.Argument(..., help="Node name, as in the cluster file (the edge needs one too)"),
-    host: list[str] = typer.Option([], "--host", help="Extra host names or IPs the certificate is valid for"),
+    host: list[str] = typer.Option([], "--host", metavar="HOST",
+                                   help="Extra host names or IPs the certificate is valid for; repeat for several"),
 ) -> None:
     """Issue a key and certificate for one node, signed by the cluster CA."""
     with _user_errors():

@@ -31,9 +31,10 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("splitexit.control", 5),
     ("splitexit.app", 6),
     ("splitexit.report", 7),
-    ("splitexit.cli", 8),
-    ("splitexit.__main__", 9),
-    ("splitexit", 9),  # the package's __init__: the public API re-exports from every layer
+    ("splitexit.cli_options", 8),  # the command line's shared options, below the commands that use them
+    ("splitexit.cli", 9),
+    ("splitexit.__main__", 10),
+    ("splitexit", 10),  # the package's __init__: the public API re-exports from every layer
 )
 MAX_LINES = 500
 GENERATED = ("wire_pb2.py", "wire_pb2_grpc.py", "wire_pb2.pyi")

@@ -116,17 +116,34 @@ def serve_local_cluster(cluster_file: Path, *, log_dir: Path | None = None,
         local.stop()
 
 
-def serve_dev_etcd(data_dir: Path = DEV_ETCD_DIR, *, port: int = DEV_ETCD_PORT, cluster_file: Path | None = None,
-                   on_ready: Callable[[DevEtcd], None] | None = None) -> None:
+def serve_dev_etcd(data_dir: Path = DEV_ETCD_DIR, *, port: int = DEV_ETCD_PORT, peer_port: int | None = None,
+                   cluster_file: Path | None = None, on_ready: Callable[[DevEtcd], None] | None = None) -> None:
     """Run a development etcd on 127.0.0.1 until SIGTERM or Ctrl-C; one that exits on its own is an error.
 
-    With ``cluster_file`` it is secured for that cluster: TLS from its CA, a user per node (`etcd_auth.py`).
+    Its peer port (raft's, unused by one member but always bound) is ``peer_port``, by default ``port + 1``: a
+    fixed port, because etcd keeps the peer address it started with in its data directory. Both ports are
+    checked first, so that a busy one is named instead of hidden in etcd's log. With ``cluster_file`` it is
+    secured for that cluster: TLS from its CA, a user per node (`etcd_auth.py`).
     """
+    import socket  # only here: the one command that binds ports it is told
+
+    peer = port + 1 if peer_port is None else peer_port
+    if peer == port:
+        raise ClusterError(f"--peer-port {peer} is the client port too; give etcd two different ports")
+    for number, flag in ((port, "--port"), (peer, "--peer-port" if peer_port is not None else "--port + 1")):
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as etcd binds: TIME_WAIT is no obstacle
+            try:
+                probe.bind(("127.0.0.1", number))
+            except OSError as exc:
+                raise ClusterError(f"etcd's {'client' if number == port else 'peer'} port {number} ({flag}) cannot "
+                                   f"be used on 127.0.0.1: {exc.strerror}. Is another etcd running? Choose another "
+                                   "with --port / --peer-port") from None
     if cluster_file is None:
-        server = DevEtcd(data_dir, port=port, peer_port=port + 1).start()
+        server = DevEtcd(data_dir, port=port, peer_port=peer).start()
     else:
         cluster = load_cluster(cluster_file, read_secrets=False)  # etcd needs no token
-        server = start_secured_etcd(cluster, data_dir, port=port, peer_port=port + 1)
+        server = start_secured_etcd(cluster, data_dir, port=port, peer_port=peer)
     try:
         if on_ready is not None:
             on_ready(server)

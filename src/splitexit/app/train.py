@@ -16,7 +16,7 @@ import torch
 from splitexit.app.package_data import DEFAULT_SPLIT, package_dataset
 from splitexit.config import DataSplit, ModelSource, TrainConfig
 from splitexit.errors import ConfigError
-from splitexit.model.calibrate import CalibrationReport, calibrate
+from splitexit.model.calibrate import CalibrationReport, calibrate, collect_outputs
 from splitexit.model.cpu import apply_threads, tune_cpu
 from splitexit.model.data import load_dataset, split_dataset
 from splitexit.model.evaluate import EvalReport, evaluate
@@ -43,14 +43,26 @@ class TrainSummary:
     net: EarlyExitNet
     report: TrainReport
     train_samples: int
+    #: Each exit's accuracy on the held-out calibration split (the final exit last): a falling loss alone
+    #: does not say whether the model learnt anything it can use on data it has not seen.
+    calib_accuracy: tuple[float, ...]
+    calib_samples: int
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.calib_accuracy[-1]
 
 
 def model_cuts(model: str, input_shape: tuple[int, ...] | None = None) -> ModelGraph:
-    """Trace ``model`` on one input of ``input_shape`` (default: the model's usual input) to list its cuts."""
+    """Trace ``model`` on one input of ``input_shape`` (default: the model's usual input) to list its cuts.
+
+    The model is built first, so that a misspelt name is reported as unknown, not as lacking a shape.
+    """
+    backbone = build_model(model)
     shape = input_shape or default_input_shape(model)
     if shape is None:
         raise ConfigError(f"pass --input-shape for {model} (e.g. --input-shape 3x224x224)")
-    return trace_model(build_model(model), torch.zeros(1, *shape))
+    return trace_model(backbone, torch.zeros(1, *shape))
 
 
 def default_mode(weights: Path | None) -> Literal["heads", "joint"]:
@@ -77,12 +89,15 @@ def train_package(model: str, data: str, out: Path, *, exits: str | Sequence[str
     net = EarlyExitNet.from_model(backbone, example, exits, num_exits=num_exits, head=head, confidence=confidence,
                                   source=ModelSource(name=model, num_classes=dataset.num_classes))
     report = train(net, splits.train, config, on_epoch=on_epoch)
+    held_out = collect_outputs(net, splits.calib)
+    accuracy = tuple(float((logits.argmax(1) == held_out.labels).float().mean()) for logits in held_out.logits)
     tune_cpu(net)
     package = save(net, out, data=DataSplit(dataset=data),
                    training={"mode": config.mode, "epochs": config.epochs, "seed": config.seed,
                              "lr": config.lr, "final_loss": round(report.losses[-1], 6),
+                             "calib_accuracy": round(accuracy[-1], 6),
                              "weights": str(weights) if weights else None})
-    return TrainSummary(package, net, report, len(splits.train))
+    return TrainSummary(package, net, report, len(splits.train), accuracy, len(held_out.labels))
 
 
 def calibrate_package(package: Path, *, data: str | None = None, max_drop: float | None = None,

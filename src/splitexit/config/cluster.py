@@ -6,16 +6,38 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, field_serializer, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
-from splitexit.config.base import SpecModel
+from splitexit.config.base import SpecModel, did_you_mean
 from splitexit.config.codec_names import AUTO, parse_codec
 from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT, Cut
 from splitexit.errors import ConfigError
 from splitexit.links import in_series
-from splitexit.units import parse_bandwidth, parse_duration, parse_size
+from splitexit.units import format_duration, parse_bandwidth, parse_duration, parse_size
 
 DEFAULT_CODEC = "raw"
+#: Validation context key that `config/load.py` sets for a cluster *file*: there a duration needs its unit
+#: (``latency: 10`` is refused: 10 ms or 10 s?); from Python a bare number is seconds.
+FROM_FILE = "cluster_file"
+
+
+def _seconds(value: str | float, info: ValidationInfo) -> float:
+    """A duration field's value in seconds, with units required when it comes from a cluster file."""
+    return parse_duration(value, need_unit=bool(info.context and info.context.get(FROM_FILE)))
+
+
+def _written(seconds: float | None) -> str | None:
+    """A duration as splitexit writes it into files (`plan --write`), so that it loads back under the file rule."""
+    return None if seconds is None else format_duration(seconds)
 
 
 def _check_codec(name: str) -> str:
@@ -71,14 +93,18 @@ class LinkChange(SpecModel):
     """From ``at`` seconds after a link first carried a message in this process, it has this bandwidth and/or
     latency: experiments with a network that changes mid-run (the planner is not told; it must measure)."""
 
-    at: float = Field(ge=0, description="seconds; YAML takes 5s")
+    at: float = Field(ge=0, description="seconds; a file needs the unit: 5s")
     bandwidth: float | None = Field(None, description="bits per second from then on (unset: unchanged)")
     latency: float | None = Field(None, ge=0, description="one-way seconds from then on (unset: unchanged)")
 
     @field_validator("at", "latency", mode="before")
     @classmethod
-    def _duration(cls, value: str | float | None) -> float | None:
-        return None if value is None else parse_duration(value)
+    def _duration(cls, value: str | float | None, info: ValidationInfo) -> float | None:
+        return None if value is None else _seconds(value, info)
+
+    @field_serializer("at", "latency", when_used="json")
+    def _duration_out(self, seconds: float | None) -> str | None:
+        return _written(seconds)
 
     @field_validator("bandwidth", mode="before")
     @classmethod
@@ -94,7 +120,7 @@ class LinkSpec(SpecModel):
     source: str = Field(alias="from")
     target: str = Field(alias="to")
     bandwidth: float | None = Field(None, description="bits per second; YAML takes 20Mbit, 1Gbit, ...")
-    latency: float = Field(0.0, ge=0, description="one-way seconds; YAML takes 10ms")
+    latency: float = Field(0.0, ge=0, description="one-way seconds; a file needs the unit: 10ms")
     jitter: float = Field(0.0, ge=0, description="seconds of uniform random extra latency")
     loss: float = Field(0.0, ge=0, lt=1, description="fraction of messages that need a retransmission")
     codec: str = Field(DEFAULT_CODEC, description="raw, fp16, bf16, int8, int8c, +lz4/+zstd, or auto")
@@ -119,8 +145,12 @@ class LinkSpec(SpecModel):
 
     @field_validator("latency", "jitter", mode="before")
     @classmethod
-    def _duration(cls, value: str | float) -> float:
-        return parse_duration(value)
+    def _duration(cls, value: str | float, info: ValidationInfo) -> float:
+        return _seconds(value, info)
+
+    @field_serializer("latency", "jitter", when_used="json")
+    def _duration_out(self, seconds: float) -> str | None:
+        return _written(seconds)
 
     @property
     def emulated(self) -> bool:
@@ -142,16 +172,22 @@ class BatchingSpec(SpecModel):
     """Micro-batching at every stage: wait up to ``max_wait`` for up to ``max_batch`` rows."""
 
     max_batch: int = Field(8, ge=1, le=4096)
-    max_wait: float = Field(0.002, ge=0, description="seconds; YAML takes 2ms")
+    max_wait: float = Field(0.002, ge=0, description="seconds; a file needs the unit: 2ms")
 
     @field_validator("max_wait", mode="before")
     @classmethod
-    def _duration(cls, value: str | float) -> float:
-        return parse_duration(value)
+    def _duration(cls, value: str | float, info: ValidationInfo) -> float:
+        return _seconds(value, info)
+
+    @field_serializer("max_wait", when_used="json")
+    def _duration_out(self, seconds: float) -> str | None:
+        return _written(seconds)
 
 
 class RetryPolicy(SpecModel):
-    """How the entry sends a request again when its route failed (a node died holding it, or no route yet)."""
+    """How the entry sends a request again when its route failed (a node died holding it, or no route yet).
+
+    Every field is seconds; a file needs the unit (``timeout: 60s``)."""
 
     first_wait: float = Field(0.02, gt=0, description="seconds before the first resend; doubles each time")
     max_wait: float = Field(1.0, gt=0, description="longest wait between two sends")
@@ -161,8 +197,12 @@ class RetryPolicy(SpecModel):
 
     @field_validator("first_wait", "max_wait", "timeout", "attempt_timeout", mode="before")
     @classmethod
-    def _duration(cls, value: str | float) -> float:
-        return parse_duration(value)
+    def _duration(cls, value: str | float, info: ValidationInfo) -> float:
+        return _seconds(value, info)
+
+    @field_serializer("first_wait", "max_wait", "timeout", "attempt_timeout", when_used="json")
+    def _duration_out(self, seconds: float) -> str | None:
+        return _written(seconds)
 
 
 class SecuritySpec(SpecModel):
@@ -262,6 +302,12 @@ class EtcdSpec(SpecModel):
                                  "(no http://; set `tls` for https)")
         return endpoints
 
+    @field_validator("ttl", mode="before")
+    @classmethod
+    def _ttl(cls, value: str | float) -> float:
+        """etcd counts lease TTLs in whole seconds, so here a bare number is seconds even in a file (``3s`` too)."""
+        return parse_duration(value)
+
     @field_validator("prefix")
     @classmethod
     def _ends_with_slash(cls, prefix: str) -> str:
@@ -352,6 +398,11 @@ class ClusterSpec(SpecModel):
                                  f"`ends_at`, got {sorted(map(str, ends))}")
         tier = self.tier_by_name()
         for link in self.links:  # links past the next tier are used while the tiers between have no live node
+            for end, name in (("from", link.source), ("to", link.target)):
+                if name not in tier:
+                    raise ValueError(f"link {link.source} -> {link.target} must join a node to one of a later tier, "
+                                     f"but `{end}: {name}` is no node of this file{did_you_mean(name, names)} "
+                                     f"(nodes: {', '.join(names)})")
             a, b = tier.get(link.source), tier.get(link.target)
             if a is None or b is None or b <= a:
                 raise ValueError(f"link {link.source} -> {link.target} must join a node to one of a later tier")

@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from splitexit.config.base import describe_validation_error
-from splitexit.config.cluster import MIN_TOKEN_LENGTH, ClusterSpec
+from splitexit.config.cluster import FROM_FILE, MIN_TOKEN_LENGTH, ClusterSpec
 from splitexit.errors import ClusterError
 
 __all__ = ["DEFAULT_TOKEN_FILE", "default_token_file", "load_cluster", "read_secret", "require_token",
@@ -35,7 +35,9 @@ def load_cluster(path: Path, *, read_secrets: bool = True) -> ClusterSpec:
         raise ClusterError(f"cluster file {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-        cluster = _absolute_paths(ClusterSpec.model_validate(raw), path.resolve().parent)
+        # from a file, a duration needs its unit (`latency: 10` is refused): see docs/cluster.md
+        cluster = _absolute_paths(ClusterSpec.model_validate(raw, context={FROM_FILE: str(path)}),
+                                  path.resolve().parent)
     except yaml.YAMLError as exc:
         raise ClusterError(f"{path} is not valid YAML: {exc}") from exc
     except ValidationError as exc:

@@ -166,10 +166,29 @@ def load_backbone_weights(model: torch.nn.Module, path: str | os.PathLike[str]) 
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PackageError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    # torch's own message lists every key over many lines; say what differs, a few of each, on one line
+    shown, detail_chars = 3, 400
+
+    def shape(tensor: torch.Tensor) -> str:
+        return "x".join(map(str, tensor.shape)) or "a scalar"
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} is {shape(state[k])} in the file, {shape(v)} in the model" for k, v in expected.items()
+                if k in state and state[k].shape != v.shape]
+    problems = [f"{len(keys)} key{'s' if len(keys) > 1 else ''} {what}: {', '.join(keys[:shown])}"
+                f"{', ...' if len(keys) > shown else ''}"
+                for what, keys in (("missing from the file", missing), ("the model does not have", unexpected),
+                                   ("of another shape", reshaped)) if keys]
+    if problems:
+        raise PackageError(f"weights in {path} do not fit the model: {'; '.join(problems)}. Were they saved from "
+                           "this --model, with as many classes as the dataset has?")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise PackageError(f"weights in {path} do not fit the model: {str(exc).splitlines()[0]}") from exc
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:detail_chars]
+        raise PackageError(f"weights in {path} do not fit the model: {detail}") from exc
 
 
 def _load_weights(net: EarlyExitNet, weights: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
+from splitexit.config.base import did_you_mean
 from splitexit.errors import ConfigError, UnknownModelError
 from splitexit.model.importing import import_object, is_import_spec
 
@@ -69,10 +70,16 @@ def build_model(name: str, num_classes: int | None = None) -> nn.Module:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes or DEFAULT_CLASSES)
     if is_import_spec(name):
         return _from_factory(name, num_classes)
+    raise _unknown_model(name)
+
+
+def _unknown_model(name: str) -> UnknownModelError:
+    """The error for a model name that is none of ours, with the closest name if it looks like a typo."""
     choices = ", ".join(list_models())
-    raise UnknownModelError(
-        f"unknown model {name!r}. Built-in: {choices}; torchvision classifiers such as resnet18, resnet50, "
-        f"mobilenet_v3_small, vit_b_16 (all {len(_torchvision_classifiers())} are listed by "
+    hint = did_you_mean(name, list_models(include_torchvision=True))
+    return UnknownModelError(
+        f"unknown model {name!r}{hint}{' ' if hint else '. '}Built-in: {choices}; torchvision classifiers such as "
+        f"resnet18, resnet50, mobilenet_v3_small, vit_b_16 (all {len(_torchvision_classifiers())} are listed by "
         "`splitexit models`); or your own as module:factory or path/to/file.py:factory."
     )
 

@@ -6,13 +6,34 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from splitexit.app.train import TrainSummary
 from splitexit.model.calibrate import CalibrationReport
 from splitexit.model.evaluate import EvalReport
 from splitexit.model.graph import CutPoint
 from splitexit.report.formats import format_bytes, format_flops
 from splitexit.report.run_report import RunReport
 
-__all__ = ["calibration_table", "cuts_table", "eval_table", "run_table"]
+__all__ = ["calibration_table", "cuts_table", "eval_table", "run_table", "train_json", "train_text"]
+
+
+def train_text(summary: TrainSummary) -> Group:
+    """What `train` did: the loss, then accuracy on held-out data (the final exit's, then each early exit's)."""
+    report, net = summary.report, summary.net
+    lines = [f"trained {report.mode} for {report.epochs} epochs on {summary.train_samples} samples; final loss "
+             f"{report.losses[-1]:.4f}; final-exit accuracy {summary.final_accuracy:.2%} on the "
+             f"{summary.calib_samples} held-out calibration samples"]
+    lines += [f"  exit at {cut.describe()}: accuracy {accuracy:.2%}"
+              for cut, accuracy in zip(net.exit_cuts, summary.calib_accuracy)]
+    lines.append(f"  cpu: {net.cpu.memory_format}, {net.cpu.threads} threads (measured fastest)")
+    return Group(*(Text(line) for line in lines))
+
+
+def train_json(summary: TrainSummary) -> dict[str, object]:
+    net = summary.net
+    return {"package": str(summary.package), "exits": [c.describe() for c in net.exit_cuts],
+            "losses": summary.report.losses, "calib_accuracy": summary.final_accuracy,
+            "exit_accuracy": list(summary.calib_accuracy), "calib_samples": summary.calib_samples,
+            "cpu": net.cpu.model_dump()}
 
 
 def eval_table(report: EvalReport, title: str = "Evaluation") -> Table:

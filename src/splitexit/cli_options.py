@@ -1,0 +1,125 @@
+"""What every command shares: ``-v``, ``--log-level`` and ``--log-json`` (before or after the command's name),
+and help that shows flags as flags. One place, so that no command repeats the logging setup.
+
+Typer builds a command's options from its function's signature; these come from one template function
+instead, which :class:`Command` and :class:`Group` add to every command and group they make. Each option's
+callback records what was given in the context's ``meta`` (shared by a group and its subcommand) and sets
+the logging up again, so ``splitexit -v run`` and ``splitexit run -v`` mean the same, and a level given
+after the command's name wins over one given before it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Optional
+
+import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
+
+__all__ = ["LOG_FORMAT", "Command", "Group", "JsonFormatter", "LogLevel", "configure_logging"]
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+#: Where the options' callbacks keep what was given, in the context's ``meta``.
+_META = "splitexit.logging"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line: for log collectors that parse lines, not prose."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: LogLevel = LogLevel.WARNING, *, as_json: bool = False) -> None:
+    """Log records at ``level`` and above to stderr, as text or as JSON lines (replacing any earlier setup)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if as_json else logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=getattr(logging, level.name), handlers=[handler], force=True)
+
+
+def _given(key: str) -> Any:
+    """The callback of option ``key``: remember a value given on the command line, then set logging up."""
+
+    def remember(ctx: typer.Context, value: object) -> None:
+        if ctx.resilient_parsing:
+            return
+        settings: dict[str, Any] = ctx.meta.setdefault(_META, {})
+        if value:  # every default is falsy: a command's unset option keeps what its group was given
+            settings[key] = value
+        level = settings.get("level") or (LogLevel.INFO if settings.get("verbose") else LogLevel.WARNING)
+        configure_logging(level, as_json=bool(settings.get("json")))
+
+    return remember
+
+
+def _logging_options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", callback=_given("verbose"),
+                                 help="Log what happens to stderr (level info)"),
+    log_level: Optional[LogLevel] = typer.Option(None, "--log-level", case_sensitive=False, callback=_given("level"),
+                                                 metavar="LEVEL", help="debug, info, warning or error: log this level "
+                                                 "and above to stderr (default: warning; info with -v)"),
+    log_json: bool = typer.Option(False, "--log-json", callback=_given("json"),
+                                  help="Log one JSON object per line (time, level, logger, message) instead of text"),
+) -> None:
+    """The template the shared options are built from (never called)."""
+
+
+def _shared_options() -> list[Any]:
+    """Fresh copies of the shared options, built by typer from :func:`_logging_options`'s signature."""
+    template = typer.Typer(add_completion=False)
+    template.command()(_logging_options)
+    options = list(typer.main.get_command(template).params)
+    for option in options:
+        option.expose_value = False  # the command's function does not take them
+    return options
+
+
+def _as_flags(params: list[Any]) -> None:
+    """Show on/off options as plain flags: without a metavar typer writes ``--json <bool>``."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+
+
+class Command(TyperCommand):
+    """Every command: the shared options, and flags shown as flags (``--help`` too)."""
+
+    def __init__(self, name: str | None, **settings: Any) -> None:
+        super().__init__(name, **settings)
+        self.params.extend(_shared_options())
+        _as_flags(self.params)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        _as_flags([option])
+        return option
+
+
+class Group(TyperGroup):
+    """Every group (``splitexit``, ``splitexit certs``): the shared options before the command's name too."""
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.params.extend(_shared_options())
+        _as_flags(self.params)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        _as_flags([option])
+        return option

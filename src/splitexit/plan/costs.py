@@ -168,6 +168,8 @@ class CostTables:
         latency, encode, loads = np.full(shape, np.inf), np.full(shape, np.inf), np.full(shape, np.inf)
         up = costs.up_bytes(hop, classes)
         for ci, codec in enumerate(self.codecs):
+            if link.codecs is not None and codec not in link.codecs:
+                continue  # the cluster file names this link's codec: no other may be chosen for it
             out = self.transfer[source][codec]
             into = self.transfer[target][codec]
             for p in range(self.K + 1):

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from splitexit.config import ClusterSpec, LinkSpec, NodeSpec
+from splitexit.config.codec_names import AUTO
 from splitexit.errors import ConfigError
 from splitexit.links import in_series, retransmission_timeout
 
@@ -20,6 +21,7 @@ __all__ = [
     "RuntimeCosts",
     "Tier",
     "Topology",
+    "pinned_codecs",
     "tier_groups",
     "topology_from_cluster",
     "visited_tiers",
@@ -32,6 +34,7 @@ class LinkEstimate:
 
     ``bandwidth`` is bits per second (None: not limited), ``latency`` and ``jitter`` seconds, ``loss`` the
     fraction of messages that need a retransmission. ``origin`` says where the figures come from.
+    ``codecs``: the only codecs this link may use (the cluster file names one for it); None: any the plan may.
     """
 
     bandwidth: float | None = None
@@ -40,6 +43,7 @@ class LinkEstimate:
     loss: float = 0.0
     origin: str = "cluster file"
     emulated: bool = False  # delayed by the runtime's emulation (its sleeps wake late: RuntimeCosts.emulation_overhead)
+    codecs: tuple[str, ...] | None = None
 
     @classmethod
     def from_spec(cls, spec: LinkSpec) -> LinkEstimate:
@@ -51,7 +55,7 @@ class LinkEstimate:
         if len(links) == 1:
             return links[0]
         return cls(*in_series(links), origin=" + ".join(sorted({link.origin for link in links})),
-                   emulated=any(link.emulated for link in links))
+                   emulated=any(link.emulated for link in links))  # a path the file does not describe: any codec
 
     def delay(self) -> float:
         """Expected seconds from the end of serialisation to delivery."""
@@ -183,7 +187,9 @@ def topology_from_cluster(cluster: ClusterSpec, *,
     declared = {(link.source, link.target) for link in cluster.links}
 
     def estimate(pair: tuple[str, str]) -> LinkEstimate:
-        return measured[pair] if pair in measured else LinkEstimate.from_spec(cluster.link(*pair))
+        spec = cluster.link(*pair)
+        figures = measured[pair] if pair in measured else LinkEstimate.from_spec(spec)
+        return replace(figures, codecs=pinned_codecs(spec) if pair in declared else None)
 
     links = tuple(estimate(pair) for pair in zip(heads, heads[1:]))
     direct = {(i, j): estimate((heads[i], heads[j])) for i in range(len(heads)) for j in range(i + 2, len(heads))
@@ -191,6 +197,12 @@ def topology_from_cluster(cluster: ClusterSpec, *,
     base = costs or RuntimeCosts()
     base = replace(base, max_batch=cluster.batching.max_batch, max_wait=cluster.batching.max_wait)
     return Topology(tiers, links, base, direct)
+
+
+def pinned_codecs(spec: LinkSpec) -> tuple[str, ...] | None:
+    """The codec a cluster file's link names for itself (``codec: raw``), which the planner must keep; None when
+    the link names none or says ``auto`` (the plan chooses)."""
+    return (spec.codec,) if "codec" in spec.model_fields_set and spec.codec != AUTO else None
 
 
 def tier_groups(cluster: ClusterSpec) -> list[list[NodeSpec]]:

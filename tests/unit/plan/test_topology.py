@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import yaml
 
@@ -26,7 +28,8 @@ def test_topology_comes_from_the_cluster_file_and_measured_links_plug_in() -> No
     assert topology.costs.max_batch == 4 and topology.costs.max_wait == 0.003
     measured = LinkEstimate(5e6, 0.03, origin="measured")
     plugged = topology_from_cluster(cluster, measured_links={("edge", "cloud1"): measured})
-    assert plugged.links[0] == measured and plugged.links[1] == topology.links[1]
+    assert plugged.links[0] == replace(measured, codecs=("int8+zstd",)), "measured figures, the file's codec"
+    assert plugged.links[1] == topology.links[1]
 
 
 def test_a_declared_or_measured_link_past_a_skipped_tier_is_used_as_the_runtime_uses_it() -> None:
@@ -60,3 +63,36 @@ def test_a_declared_or_measured_link_past_a_skipped_tier_is_used_as_the_runtime_
     with pytest.raises(ConfigError, match="skip a tier"):
         Topology(topology.tiers, topology.links, direct={(0, 1): direct})
 
+
+
+PINNED = """
+nodes:
+  - {name: edge, role: edge, slowdown: 2}
+  - {name: cloud1, address: 127.0.0.1:50061}
+  - {name: cloud2, address: 127.0.0.1:50062}
+links:
+  - {from: edge, to: cloud1, bandwidth: 2Mbit, latency: 5ms%s}
+  - {from: cloud1, to: cloud2, bandwidth: 1Gbit, latency: 1ms, codec: int8+zstd}
+"""
+
+
+def test_a_link_that_names_its_codec_keeps_it_and_the_others_may_choose() -> None:
+    """A slow uplink would go int8+zstd (the other link names it, so it is in the plan's set); an uplink that
+    says `codec: raw` must stay raw (issue 15: the planner pooled codecs named anywhere)."""
+    from splitexit.control.replan import file_codecs
+    from splitexit.plan.search import plan
+
+    profile = synthetic_profile(3)
+
+    def uplink_codecs(extra: str) -> set[str]:
+        cluster = ClusterSpec.model_validate(yaml.safe_load(PINNED % extra))
+        topology = topology_from_cluster(cluster)
+        result = plan(profile, topology, codecs=file_codecs(cluster), top=20)
+        return {link.codec for p in result.candidates for link in p.links
+                if (link.source, link.target) == ("edge", "cloud1")}
+
+    assert "int8+zstd" in uplink_codecs(""), "free to choose, the slow uplink compresses"
+    assert uplink_codecs(", codec: raw") == {"raw"}
+    measured = topology_from_cluster(ClusterSpec.model_validate(yaml.safe_load(PINNED % ", codec: raw")),
+                                     measured_links={("edge", "cloud1"): LinkEstimate(1e6, 0.01, origin="measured")})
+    assert measured.links[0].codecs == ("raw",) and measured.links[0].bandwidth == 1e6, "measured figures, file codec"

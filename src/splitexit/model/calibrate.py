@@ -34,6 +34,8 @@ TEMPERATURE_GRID = np.geomspace(0.05, 20.0, 400)
 #: Candidate thresholds per exit: these quantiles of that exit's confidences (plus "never").
 THRESHOLD_QUANTILES = np.linspace(0.0, 1.0, 201)
 MAX_ROUNDS = 20
+#: A final exit no better than this many times chance (1 / classes) has learnt nothing worth calibrating.
+CHANCE_FACTOR = 1.5
 EVAL_BATCH = 256
 
 
@@ -55,12 +57,14 @@ class CalibrationReport:
     accuracy: float
     compute_fraction: float
     samples: int
+    warning: str | None = None  # something the user should know before trusting these thresholds
 
     def as_metadata(self) -> dict[str, float | int | str]:
         return {"mode": self.mode, "target": self.target, "samples": self.samples,
                 "calib_accuracy": round(self.accuracy, 6),
                 "calib_final_exit_accuracy": round(self.final_exit_accuracy, 6),
-                "calib_compute_fraction": round(self.compute_fraction, 6)}
+                "calib_compute_fraction": round(self.compute_fraction, 6),
+                **({"warning": self.warning} if self.warning else {})}
 
 
 def collect_outputs(net: EarlyExitNet, dataset: Dataset, batch_size: int = EVAL_BATCH) -> ExitOutputs:
@@ -116,7 +120,16 @@ def calibrate(net: EarlyExitNet, dataset: Dataset, *, max_drop: float | None = N
     policy = ExitPolicy(confidence=name, temperatures=tuple(temperatures), thresholds=tuple(thresholds))
     net.set_policy(policy)
     return CalibrationReport(policy, net.exit_names(), mode, float(target), final_accuracy, accuracy, compute,
-                             len(outputs.labels))
+                             len(outputs.labels), warning=chance_warning(final_accuracy, net.num_classes))
+
+
+def chance_warning(final_accuracy: float, classes: int) -> str | None:
+    """Say so when the model itself is at chance level: thresholds are then fitted to noise."""
+    if classes < 2 or final_accuracy > CHANCE_FACTOR / classes:
+        return None
+    return (f"the final exit is at chance level ({final_accuracy:.1%} with {classes} classes): the model has not "
+            "learnt the task, so these thresholds mean nothing. Train longer (--epochs), check the data and labels, "
+            "or load pretrained weights (--weights), then calibrate again.")
 
 
 class _ThresholdSearch:

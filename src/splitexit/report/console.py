@@ -60,6 +60,8 @@ def calibration_table(report: CalibrationReport) -> Table:
         table.add_row(str(i), name, f"{report.policy.temperatures[i]:.3f}", shown)
     table.caption = (f"calibration split: cascade accuracy {report.accuracy:.2%} vs final exit "
                      f"{report.final_exit_accuracy:.2%}, compute {report.compute_fraction:.1%}")
+    if report.warning:
+        table.caption += f"\nwarning: {report.warning}"
     return table
 
 

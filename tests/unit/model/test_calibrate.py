@@ -75,3 +75,16 @@ def test_calibrate_installs_a_policy_with_fitted_temperatures() -> None:
     assert net.policy is report.policy
     assert len(report.policy.thresholds) == len(net.exit_cuts)
     assert report.compute_fraction <= 0.9 + 1e-9
+
+
+def test_a_model_at_chance_level_is_called_out_and_a_learnt_one_is_not() -> None:
+    torch.manual_seed(0)
+    net = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8)).eval()
+    x = torch.randn(200, 1, 8, 8)
+    noise = calibrate(net, TensorDataset(x, torch.randint(0, 10, (200,))), budget=0.9)
+    assert noise.warning is not None and "chance level" in noise.warning and "--epochs" in noise.warning
+    assert noise.as_metadata()["warning"] == noise.warning
+    with torch.no_grad():
+        own = net(x)[-1].argmax(1)  # labels the model gets right: it has "learnt" them
+    learnt = calibrate(net, TensorDataset(x, own), budget=0.9)
+    assert learnt.warning is None and "warning" not in learnt.as_metadata()

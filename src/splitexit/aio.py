@@ -8,6 +8,7 @@ cancels until the task has ended.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 __all__ = ["stop"]
 
@@ -15,7 +16,7 @@ __all__ = ["stop"]
 RECANCEL_EVERY = 0.1
 
 
-async def stop(*tasks: asyncio.Task[None]) -> None:
+async def stop(*tasks: asyncio.Task[Any]) -> None:
     """Cancel ``tasks`` and wait until each has ended; what they ended with (an error too) is discarded."""
     pending = [task for task in tasks if not task.done()]
     while pending:

@@ -354,6 +354,10 @@ def run(
         result = run_cluster(package, cluster, data=data, split=split, window=window, limit=limit, objective=goal,
                              replan=replan, trust_models=trust)
     _show_run(result, results=results, report_dir=report_dir, as_json=as_json)
+    if result.interrupted_of is not None:  # Ctrl-C: what was answered is written above; say so, exit as SIGINT does
+        err.print(f"interrupted after {len(result.records)}/{result.interrupted_of} inputs; the results and report "
+                  "cover those", highlight=False)
+        raise typer.Exit(130)
 
 
 def _show_run(result: RunResult, *, results: Optional[Path], report_dir: Optional[Path], as_json: bool) -> None:

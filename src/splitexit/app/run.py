@@ -7,13 +7,15 @@ import json
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence, Sized
 from dataclasses import asdict
 from pathlib import Path
 from typing import cast
 
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
+from splitexit.aio import stop as aio_stop
 from splitexit.app.package_data import DEFAULT_SPLIT, package_dataset
 from splitexit.app.plan import DEFAULT_OBJECTIVE, profile_package
 from splitexit.config import ClusterSpec, NodeSpec
@@ -178,6 +180,8 @@ def run_cluster(package: Path | None, cluster_file: Path, *, data: str | None = 
     profile yet) and, with ``replan``, places it again when measured links make another plan better;
     with ``objective=None`` the cluster file's layout (``ends_at``, or exits spread over the tiers) is used.
     User code the package names is imported only if ``trust_models`` or the file's `trusted_models` list it.
+    Ctrl-C (SIGINT, in the main thread) stops the run: the result then holds what was answered so far and
+    ``interrupted_of`` says of how many inputs.
     """
     cluster = load_cluster(cluster_file)
     trusted = (*trust_models, *cluster.trusted_models)
@@ -200,11 +204,41 @@ def run_cluster(package: Path | None, cluster_file: Path, *, data: str | None = 
         entry = Entry(net, cluster, window=window, placer=placer, replan=replan)
         try:
             await entry.start()
-            return await entry.run(dataset, on_record=on_record)
+            return await _until_interrupted(entry, dataset, on_record)
         finally:
             await entry.close()
 
     return asyncio.run(go())
+
+
+async def _until_interrupted(entry: Entry, dataset: Dataset,
+                             on_record: Callable[[RequestRecord], None] | None) -> RunResult:
+    """``entry.run(dataset)``, or on SIGINT what was answered until then (a partial result, not an exception)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    try:
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+    except (RuntimeError, ValueError):  # not the main thread: Ctrl-C is the caller's business
+        return await entry.run(dataset, on_record=on_record)
+    answered: list[RequestRecord] = []
+
+    def keep(record: RequestRecord) -> None:
+        answered.append(record)
+        if on_record is not None:
+            on_record(record)
+
+    started = time.perf_counter()
+    running = loop.create_task(entry.run(dataset, on_record=keep))
+    stopping = loop.create_task(stop.wait())
+    try:
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        stopping.cancel()
+    if running.done():
+        return running.result()
+    await aio_stop(running)
+    return await entry.result(answered, time.perf_counter() - started, interrupted_of=len(cast(Sized, dataset)))
 
 
 def write_records(records: list[RequestRecord], path: Path) -> None:

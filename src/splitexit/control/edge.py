@@ -53,6 +53,7 @@ class RunResult:
     placement: Placement
     plan_changes: list[PlanChange] = field(default_factory=list)
     stage_shipments: list[tuple[str, str, int]] = field(default_factory=list)  # (node, stage sha256, bytes)
+    interrupted_of: int | None = None  # stopped early (Ctrl-C): how many inputs were asked for
 
 
 class Entry:
@@ -138,11 +139,16 @@ class Entry:
         """Every item of ``dataset`` ((input, label) pairs or bare inputs), ``window`` in flight at a time."""
         started = time.perf_counter()
         records = await self.requests.run(dataset, on_record=on_record)
-        wall = time.perf_counter() - started
+        return await self.result(records, time.perf_counter() - started)
+
+    async def result(self, records: list[RequestRecord], wall_s: float, *,
+                     interrupted_of: int | None = None) -> RunResult:
+        """A run's result from its records: with ``interrupted_of``, a run stopped early (of that many inputs)."""
         coordinator = self.coordinator
-        return RunResult(records, wall, await self.links(), self.placement,
+        return RunResult(records, wall_s, await self.links(), self.placement,
                          plan_changes=list(coordinator.changes) if coordinator else [],
-                         stage_shipments=list(coordinator.shipments) if coordinator else [])
+                         stage_shipments=list(coordinator.shipments) if coordinator else [],
+                         interrupted_of=interrupted_of)
 
     async def links(self) -> dict[str, LinkCounters]:
         """Byte counters of every link of the chain (see :meth:`RequestPath.links`)."""

@@ -11,7 +11,7 @@ from splitexit.model.calibrate import CalibrationReport
 from splitexit.model.evaluate import EvalReport
 from splitexit.model.graph import CutPoint
 from splitexit.report.formats import format_bytes, format_flops
-from splitexit.report.run_report import RunReport
+from splitexit.report.run_report import RunReport, interrupted_text
 
 __all__ = ["calibration_table", "cuts_table", "eval_table", "run_table", "train_json", "train_text"]
 
@@ -90,7 +90,8 @@ def run_table(report: RunReport) -> Group:
     Node and link names go in as :class:`~rich.text.Text`, so a name with brackets is not read as markup.
     """
     lat = report.latency_ms
-    summary = Table(title=f"Run: {report.samples} samples", title_justify="left", show_header=False)
+    summary = Table(title=f"Run: {report.samples} samples", title_justify="left", show_header=False,
+                    caption=interrupted_text(report), caption_justify="left")
     summary.add_column("", justify="left")
     summary.add_column("", justify="left")
     summary.add_row("accuracy", _maybe(report.accuracy, ".2%", "n/a (no labels)"))

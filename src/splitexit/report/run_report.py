@@ -72,6 +72,7 @@ class RunReport:
     resubmitted: int = 0
     plan_changes: tuple[dict[str, Any], ...] = ()
     stage_bytes: dict[str, int] | None = None
+    interrupted_of: int | None = None  # the run was stopped after `samples` of this many inputs
 
     @property
     def answered(self) -> int:
@@ -106,6 +107,7 @@ def summarize(result: RunResult) -> RunReport:
     nodes = Counter(r.node for r in answered)
     return RunReport(
         samples=len(result.records),
+        interrupted_of=result.interrupted_of,
         errors=len(result.records) - len(answered),
         accuracy=_accuracy(answered),
         exits=exits,
@@ -323,6 +325,18 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[object]], numeric_from
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def interrupted_text(report: RunReport) -> str | None:
+    """``interrupted after 40/360 inputs``, for a run stopped early; None for a whole run."""
+    if report.interrupted_of is None:
+        return None
+    return f"interrupted after {report.samples}/{report.interrupted_of} inputs: every number covers those only"
+
+
+def _interrupted_html(report: RunReport) -> str:
+    text = interrupted_text(report)
+    return f'<p class="warning"><strong>{html.escape(text)}</strong></p>' if text else ""
+
+
 def _html(report: RunReport, pngs: dict[str, bytes]) -> str:
     summary = _table(("", "value"), [
         ("samples", report.samples), ("answered", report.answered), ("errors", report.errors),
@@ -356,7 +370,8 @@ def _html(report: RunReport, pngs: dict[str, bytes]) -> str:
         for name, data in pngs.items())
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{HTML_TITLE}</title><style>{_CSS}</style></head><body>"
-            f"<h1>{HTML_TITLE}</h1><p>Placement: <code>{html.escape(report.placement)}</code></p>"
+            f"<h1>{HTML_TITLE}</h1>{_interrupted_html(report)}"
+            f"<p>Placement: <code>{html.escape(report.placement)}</code></p>"
             f"<h2>Summary</h2>{summary}<h2>Exits</h2>{exits}<h2>Answers per node</h2>{nodes}"
             f"<h2>Latency</h2>{latency}<h2>Mean breakdown</h2>{breakdown}<h2>Links</h2>{links}"
             f"<h2>Plans</h2>{plans}<h2>Stage files shipped</h2>{shipped}"

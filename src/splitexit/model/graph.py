@@ -251,8 +251,16 @@ def _probe(gm: torch.fx.GraphModule, example: torch.Tensor) -> tuple[dict, dict]
             return result
 
     batch = _batch_of(example, PROBE_BATCH)
-    with torch.no_grad():
-        _Probe(gm).run(batch)
+    try:
+        with torch.no_grad():
+            _Probe(gm).run(batch)
+    except Exception as exc:  # noqa: BLE001 - the user's model failed on the example: one line, not torch's trace
+        failed = next((n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and n not in values), None)
+        where = "" if failed is None else \
+            f" in module {failed.target!r}" if failed.op == "call_module" else f" at {failed.name}"
+        raise TraceError(f"the model cannot run on one input of shape {tuple(example.shape[1:])} "
+                         f"({example.dtype}){where}: {_first_line(exc)}. Does it expect another input shape, e.g. "
+                         "another number of channels or image size than the data gives?") from exc
     return flops, values
 
 

@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from splitexit.control.local_cluster import free_port
 
-__all__ = ["assign_plans", "digits_net", "free_port", "rss_kib", "start_nodes", "stop_nodes"]
+__all__ = ["assign_plans", "cli", "cli_ok", "cli_user_error", "digits_net", "free_port", "rss_kib", "start_nodes",
+           "stop_nodes"]
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run ``splitexit ARGS`` as a user does, in a process of its own (wide columns: no wrapped tables)."""
+    return subprocess.run([sys.executable, "-m", "splitexit", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "COLUMNS": "200"}, cwd=cwd)
+
+
+def cli_ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def cli_user_error(result: subprocess.CompletedProcess[str], *phrases: str) -> str:
+    """What a user mistake gets: exit code 1, one ``error:`` on stderr, no traceback, every phrase in the message."""
+    text = result.stdout + result.stderr
+    assert result.returncode == 1, text
+    assert "Traceback" not in text, text
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    message = result.stderr[result.stderr.index(lines[0]):]  # the line, and any lines it goes on with
+    for phrase in phrases:
+        assert phrase in message, f"{phrase!r} not in:\n{message}"
+    return message
 
 
 def rss_kib(pid: int) -> int:

@@ -97,29 +97,25 @@ def _as_flags(params: list[Any]) -> None:
             param.metavar = ""
 
 
-class Command(TyperCommand):
-    """Every command: the shared options, and flags shown as flags (``--help`` too)."""
+class _SharedOptions:
+    """The shared options on a command or group, and flags shown as flags (``--help`` too)."""
 
-    def __init__(self, name: str | None, **settings: Any) -> None:
-        super().__init__(name, **settings)
+    params: list[Any]
+
+    def __init__(self, *args: Any, **settings: Any) -> None:
+        super().__init__(*args, **settings)
         self.params.extend(_shared_options())
         _as_flags(self.params)
 
     def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
+        option = super().get_help_option(ctx)  # type: ignore[misc]
         _as_flags([option])
         return option
 
 
-class Group(TyperGroup):
+class Command(_SharedOptions, TyperCommand):
+    """Every command: the shared options after the command's name."""
+
+
+class Group(_SharedOptions, TyperGroup):
     """Every group (``splitexit``, ``splitexit certs``): the shared options before the command's name too."""
-
-    def __init__(self, **settings: Any) -> None:
-        super().__init__(**settings)
-        self.params.extend(_shared_options())
-        _as_flags(self.params)
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        _as_flags([option])
-        return option

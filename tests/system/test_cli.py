@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,30 +12,12 @@ import torch
 
 from splitexit import EarlyExitNet, build_model
 from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
+from support import cli as splitexit
+from support import cli_ok as ok
+from support import cli_user_error as user_error
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SKIPNET = f"{ASSETS / 'models.py'}:build"
-
-
-def splitexit(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "splitexit", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=cwd)
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
-
-
-def user_error(result: subprocess.CompletedProcess[str], *phrases: str) -> str:
-    text = result.stdout + result.stderr
-    assert result.returncode == 1, text
-    assert "Traceback" not in text, text
-    assert "error:" in result.stderr
-    for phrase in phrases:
-        assert phrase in text, f"{phrase!r} not in:\n{text}"
-    return text
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ one line (exit 1, ``error:``, no traceback) that names the fix, and each surpris
 from __future__ import annotations
 
 import json
-import os
 import selectors
 import signal
 import socket
@@ -20,32 +19,12 @@ import yaml
 from splitexit.control.local_cluster import free_port
 from splitexit.errors import ClusterError
 from splitexit.model.zoo import build_model
+from support import cli as splitexit
+from support import cli_ok as ok
+from support import cli_user_error as user_error
 
 NODES = [{"name": "edge", "role": "edge"}, {"name": "cloud1", "address": "127.0.0.1:50061"},
          {"name": "cloud2", "address": "127.0.0.1:50062"}]
-
-
-def splitexit(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "splitexit", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=cwd)
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
-
-
-def user_error(result: subprocess.CompletedProcess[str], *phrases: str) -> str:
-    """The one line a user mistake gets: exit code 1, ``error:`` on stderr, no traceback, every phrase in it."""
-    text = result.stdout + result.stderr
-    assert result.returncode == 1, text
-    assert "Traceback" not in text, text
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    for phrase in phrases:
-        assert phrase in lines[0], f"{phrase!r} not in:\n{lines[0]}"
-    return lines[0]
 
 
 def cluster_file(tmp_path: Path, **extra: object) -> Path:

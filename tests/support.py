@@ -31,7 +31,7 @@ def cli_user_error(result: subprocess.CompletedProcess[str], *phrases: str) -> s
     assert "Traceback" not in text, text
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr
-    message = result.stderr[result.stderr.index(lines[0]):]  # the line, and any lines it goes on with
+    message = result.stderr[result.stderr.index(lines[0]):].strip()  # the line, and any lines it goes on with
     for phrase in phrases:
         assert phrase in message, f"{phrase!r} not in:\n{message}"
     return message

@@ -84,6 +84,10 @@ def default_token_file(cluster_file: Path, cluster: ClusterSpec) -> Path | None:
     security = cluster.security
     if security.token is not None or security.token_file is not None:
         return None
+    return _token_beside(cluster_file)
+
+
+def _token_beside(cluster_file: Path) -> Path:
     return cluster_file.resolve().parent / DEFAULT_TOKEN_FILE
 
 
@@ -91,7 +95,7 @@ def require_token(cluster_file: Path, cluster: ClusterSpec) -> None:
     """Refuse to serve a node without a cluster token: without one, any process that can reach the node's port
     (on loopback: any local user) could assign it stages and read the inputs it is sent."""
     if cluster.security.token is None:
-        default = cluster_file.resolve().parent / DEFAULT_TOKEN_FILE
+        default = _token_beside(cluster_file)
         raise ClusterError(f"{cluster_file} gives no cluster token, and a node without one would obey any local "
                            f"process. Run `splitexit up --cluster {cluster_file}` (it writes {default} when the file "
                            f"names no token), or `splitexit certs init DIR --cluster {cluster_file}`, or set "

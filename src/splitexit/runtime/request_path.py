@@ -121,6 +121,7 @@ class RequestPath:
         attempt was sent under."""
         retry = self.cluster.retry
         deadline = self._clock() + retry.timeout
+        failure: RowError | None = None  # the last attempt that failed with a reason (not just no answer in time)
         for attempt in itertools.count(1):
             version, hop = self._version, self._hop  # each attempt takes the route installed by then
             assert hop is not None  # infer() checked, and install() never unsets it
@@ -128,10 +129,14 @@ class RequestPath:
             outcome = await self._attempt(hop, request_id, sample, within)
             left = deadline - self._clock()
             if isinstance(outcome, RowError) and outcome.code == EXPIRED and left <= 0:
+                if failure is not None:  # the time ran out during a retry: the reason the retries began says more
+                    return failure, attempt, version
                 expired = RowError(request_id, "deadline_exceeded", f"no answer within retry.timeout "
                                    f"({retry.timeout:g} s, {attempt} attempts): a node on the route may be stalled",
                                    self.name)
                 return expired, attempt, version
+            if isinstance(outcome, RowError) and outcome.code != EXPIRED:
+                failure = outcome
             if not isinstance(outcome, RowError) or outcome.code not in (*RETRYABLE, EXPIRED) or left <= 0:
                 return outcome, attempt, version
             if attempt == 1:

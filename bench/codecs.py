@@ -10,10 +10,10 @@ Two sets of activations, each taken at the cuts where exits sit (the tensors a s
 (b) **resnet18** with random weights (nothing is downloaded), eval mode, a batch of 8 synthetic 224x224
     inputs, at the cuts after layer1, layer2 and layer3 (post-ReLU, like most CNN activations).
 
-For every codec: bytes per message (serialised protobuf, header included) and the ratio to raw, encode
-and decode throughput in MB/s of activation (float32 bytes), and the largest error relative to the
-activation's largest magnitude. Times are medians over repeated passes in one process; the box is shared,
-so compare rows of one run, not absolute numbers between runs.
+For every codec: bytes per message (the serialised protobuf `Tensor` header plus its payload) and the
+ratio to raw, encode and decode throughput in MB/s of activation (float32 bytes), and the largest error
+relative to the activation's largest magnitude. Times are medians over repeated passes in one process; the
+box is shared, so compare rows of one run, not absolute numbers between runs.
 
 Run ``.venv/bin/python bench/codecs.py`` (``--quick``: fewer passes); ``--write-docs`` also writes the
 results as the "Codecs" section of ``docs/benchmarks.md`` (replacing that section only).
@@ -99,16 +99,16 @@ def measure(messages: Sequence[torch.Tensor], codec: CodecSpec, passes: Passes) 
     """Bytes per message, median encode and decode seconds per pass, and the decoded messages."""
     limit = max(m.numel() * m.element_size() for m in messages)
     encoded = [encode(m, codec) for m in messages]  # warm-up, and the bytes (deterministic)
-    decoded = [decode(e, max_bytes=limit) for e in encoded]
+    decoded = [decode(e.header, e.payload, max_bytes=limit) for e in encoded]
     encode_times, decode_times = [], []
     for _ in range(passes.repeats):
         start = time.perf_counter()
         encoded = [encode(m, codec) for m in messages]
         middle = time.perf_counter()
-        decoded = [decode(e, max_bytes=limit) for e in encoded]
+        decoded = [decode(e.header, e.payload, max_bytes=limit) for e in encoded]
         encode_times.append(middle - start)
         decode_times.append(time.perf_counter() - middle)
-    size = sum(e.ByteSize() for e in encoded) / len(encoded)
+    size = sum(e.header.ByteSize() + e.size for e in encoded) / len(encoded)
     return size, statistics.median(encode_times), statistics.median(decode_times), decoded
 
 
@@ -219,7 +219,7 @@ def markdown_section(results: list[CutResult], command: str, elapsed_s: float, b
     env = environment()
     intro = (
         "`bench/codecs.py` measures every wire codec (`splitexit.wire.tensor_codec`) on real activations: bytes "
-        "per message (the serialised protobuf `Tensor`, header included) and the ratio to `raw`, encode and "
+        "per message (the serialised protobuf `Tensor` header plus its payload) and the ratio to `raw`, encode and "
         "decode throughput in MB/s of float32 activation, and the largest error over the largest |value|. "
         f"(a) `digits_cnn` trained jointly with its exits for {DIGITS_EPOCHS} epochs, the test split's "
         f"activations at each exit cut in messages of {batch} rows; *Δ accuracy* is the change of the final "

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from splitexit.control.local_cluster import free_port
 
-__all__ = ["assign_plans", "cli", "cli_ok", "cli_user_error", "digits_net", "free_port", "rss_kib", "start_nodes",
-           "stop_nodes"]
+__all__ = ["assign_plans", "cli", "cli_ok", "cli_user_error", "data_connection", "data_port", "digits_net",
+           "free_port", "rss_kib", "start_nodes", "stop_nodes"]
 
 
 def cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -92,3 +92,33 @@ def digits_net(exit_quantile: float = 0.6):  # noqa: ANN201 - EarlyExitNet
     net.set_policy(ExitPolicy(temperatures=(0.2,) * net.num_exits,
                               thresholds=tuple(float(s.quantile(exit_quantile)) for s in scores)))
     return net
+
+
+async def data_port(address: str, token: str | None) -> int:
+    """The data-plane port of the node whose gRPC ``address`` this is, from its Health (plain text, loopback)."""
+    import grpc
+
+    from splitexit.runtime.security import token_metadata
+    from splitexit.wire import wire_pb2, wire_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await wire_pb2_grpc.StageServiceStub(channel).Health(
+            wire_pb2.HealthRequest(), metadata=token_metadata(token), timeout=10)
+    return int(reply.data_port)
+
+
+async def data_connection(address: str, token: str | None, *, hello_token: str | None = None,
+                          sender: str = "edge", hello: bool = True):  # noqa: ANN201 - (FrameConnection, Frame | None)
+    """A raw data-plane connection to the node at gRPC ``address`` (plain text), as any peer could open one.
+    With ``hello`` it says HELLO (with ``hello_token``, default ``token``) and returns the node's answer
+    (WELCOME, or GOODBYE with the reason) as the second value."""
+    from splitexit.runtime.frame_connection import connect
+    from splitexit.wire import wire_pb2
+    from splitexit.wire.framing import FrameType
+
+    connection = await connect(address.rpartition(":")[0], await data_port(address, token))
+    if not hello:
+        return connection, None
+    said = token if hello_token is None else hello_token
+    await connection.send(FrameType.HELLO, wire_pb2.Hello(sender=sender, token=said or "").SerializeToString())
+    return connection, await connection.receive()

@@ -89,17 +89,6 @@ class LyingProxy:
                 await context.abort(exc.code(), exc.details() or "")
         return grpc.stream_unary_rpc_method_handler(call)
 
-    def forward_stream(self, method: str):  # noqa: ANN201
-        async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-            assert self._channel is not None
-            upstream = self._channel.stream_stream(method)(requests, metadata=context.invocation_metadata())
-            try:
-                async for reply in upstream:
-                    yield reply
-            except grpc.aio.AioRpcError as exc:
-                await context.abort(exc.code(), exc.details() or "")
-        return grpc.stream_stream_rpc_method_handler(call)
-
 
 class _Forwarder(grpc.GenericRpcHandler):
     def __init__(self, proxy: LyingProxy):
@@ -107,8 +96,6 @@ class _Forwarder(grpc.GenericRpcHandler):
 
     def service(self, details: grpc.HandlerCallDetails):  # noqa: ANN201
         method = details.method
-        if method.endswith("/Stream"):
-            return self.proxy.forward_stream(method)
         if method.endswith("/PutStage"):
             return self.proxy.forward_stream_unary(method)
         return self.proxy.forward_unary(method)

@@ -3,7 +3,8 @@
 The attack, as the review ran it: with no certificate and no token, a local process sent a node Assign
 (downstream: the attacker) and PutStage, and both were accepted. Now `splitexit node` refuses to serve
 without a token, `splitexit up` generates one beside the file, and the same local attacker gets
-UNAUTHENTICATED on every RPC while the real edge, which reads the same file, is answered correctly.
+UNAUTHENTICATED on every RPC (and a GOODBYE on the data plane) while the real edge, which reads the same
+file, is answered correctly.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from torch.utils.data import TensorDataset
 from splitexit import save
 from splitexit.config.load import DEFAULT_TOKEN_FILE, load_cluster
 from splitexit.control.edge import Entry
+from splitexit.runtime.frame_connection import connect
 from splitexit.wire import wire_pb2, wire_pb2_grpc
-from support import digits_net, free_port
+from splitexit.wire.framing import FrameType
+from support import data_port, digits_net, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -48,8 +51,10 @@ def test_a_node_without_a_token_refuses_to_start(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-async def attacks(address: str) -> dict[str, str]:
-    """What a local process without the token gets for each RPC: 'ok' or the gRPC status name."""
+async def attacks(address: str, data_port: int) -> dict[str, str]:
+    """What a local process without the token gets for each RPC ('ok' or the gRPC status name) and for a
+    HELLO on the data plane (the GOODBYE's code). (The test finds ``data_port`` with the token; an attacker
+    would scan for it.)"""
     async def outcome(call: object) -> str:
         try:
             await call  # type: ignore[misc]
@@ -60,17 +65,19 @@ async def attacks(address: str) -> dict[str, str]:
     async def chunks():  # noqa: ANN202 - an async iterator of StageChunk
         yield wire_pb2.StageChunk(sha256="0" * 64, total_size=4, data=b"evil")
 
+    connection = await connect(address.rpartition(":")[0], data_port)
+    await connection.send(FrameType.HELLO, wire_pb2.Hello(sender="edge", plan_version=1).SerializeToString())
+    answer = await connection.receive()
+    assert answer.kind is FrameType.GOODBYE
     async with grpc.aio.insecure_channel(address) as channel:
         stub = wire_pb2_grpc.StageServiceStub(channel)
-        stream = stub.Stream()
-        await stream.write(wire_pb2.Down(hello=wire_pb2.Hello(sender="edge", plan_version=1)))
         return {
             "Health": await outcome(stub.Health(wire_pb2.HealthRequest(), timeout=5)),
             "Assign": await outcome(stub.Assign(wire_pb2.AssignRequest(
                 plan_version=1, stage_sha256="0" * 64,
                 downstream=[wire_pb2.Peer(name="evil", address="127.0.0.1:9")]), timeout=5)),
             "PutStage": await outcome(stub.PutStage(chunks(), timeout=5)),
-            "Stream": await outcome(stream.read()),
+            "data plane": wire_pb2.Goodbye.FromString(answer.metadata).code,
         }
 
 
@@ -95,12 +102,14 @@ def test_up_generates_a_token_and_a_local_process_without_it_is_refused(tmp_path
         token = tmp_path / DEFAULT_TOKEN_FILE
         assert stat.S_IMODE(os.stat(token).st_mode) == 0o600
         assert len(token.read_text().strip()) >= 32
-        refused = asyncio.run(attacks(load_cluster(cluster_file).node("cloud1").address))
+        cluster = load_cluster(cluster_file)
+        address = cluster.node("cloud1").address or ""
+        refused = asyncio.run(attacks(address, asyncio.run(data_port(address, cluster.security.token))))
         predictions, expected = asyncio.run(serve_the_edge(cluster_file))
     finally:
         up.send_signal(signal.SIGTERM)
         _, stderr = up.communicate(timeout=60)
     assert refused == {"Health": "UNAUTHENTICATED", "Assign": "UNAUTHENTICATED", "PutStage": "UNAUTHENTICATED",
-                       "Stream": "UNAUTHENTICATED"}, refused
+                       "data plane": "unauthenticated"}, refused
     assert predictions == expected
     assert f"wrote a new cluster token to {token}" in stderr

@@ -157,14 +157,17 @@ def serve_dev_etcd(data_dir: Path = DEV_ETCD_DIR, *, port: int = DEV_ETCD_PORT, 
 
 
 def wait_for_stop(alive: Callable[[], bool] | None = None) -> bool:
-    """Block until SIGTERM or Ctrl-C (True), or until ``alive`` says no (False); call from the main thread."""
+    """Block until SIGTERM or Ctrl-C (True), or until ``alive`` says no (False); call from the main thread.
+    Both signals get a handler here: a process started in the background by a shell inherits SIGINT ignored,
+    and would otherwise never stop on it."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         while not stop.wait(ALIVE_POLL_S):
             if alive is not None and not alive():
                 return False
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a SIGINT that came before the handler was installed
         pass
     return True
 

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from difflib import get_close_matches
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
 
-__all__ = ["SpecModel", "describe_validation_error", "did_you_mean"]
+from splitexit.units import format_duration, parse_duration
+
+__all__ = ["FROM_FILE", "SpecModel", "describe_validation_error", "did_you_mean", "seconds_from", "written_duration"]
+
+#: Validation context key that `config/load.py` sets for a cluster *file*: there a duration needs its unit
+#: (``latency: 10`` is refused: 10 ms or 10 s?); from Python a bare number is seconds.
+FROM_FILE = "cluster_file"
 
 #: What pydantic puts before the text of a ValueError a validator raised (noise in a one-line message).
 _VALUE_ERROR = "Value error, "
@@ -42,3 +48,13 @@ class SpecModel(BaseModel):
             raise ValueError("; ".join(f"unknown key {key!r}{did_you_mean(str(key), spelt)}" for key in unknown)
                              + f" (known: {', '.join(spelt)})")
         return data
+
+
+def seconds_from(value: str | float, info: ValidationInfo) -> float:
+    """A duration field's value in seconds, with units required when it comes from a cluster file."""
+    return parse_duration(value, need_unit=bool(info.context and info.context.get(FROM_FILE)))
+
+
+def written_duration(seconds: float | None) -> str | None:
+    """A duration as splitexit writes it into files (`plan --write`), so that it loads back under the file rule."""
+    return None if seconds is None else format_duration(seconds)

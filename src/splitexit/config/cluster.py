@@ -17,27 +17,15 @@ from pydantic import (
     model_validator,
 )
 
-from splitexit.config.base import SpecModel, did_you_mean
+from splitexit.config.base import SpecModel, did_you_mean, seconds_from, written_duration
 from splitexit.config.codec_names import AUTO, parse_codec
+from splitexit.config.data_plane import DataPlaneSpec
 from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT, Cut
 from splitexit.errors import ConfigError
 from splitexit.links import in_series
-from splitexit.units import format_duration, parse_bandwidth, parse_duration, parse_size
+from splitexit.units import parse_bandwidth, parse_duration, parse_size
 
 DEFAULT_CODEC = "raw"
-#: Validation context key that `config/load.py` sets for a cluster *file*: there a duration needs its unit
-#: (``latency: 10`` is refused: 10 ms or 10 s?); from Python a bare number is seconds.
-FROM_FILE = "cluster_file"
-
-
-def _seconds(value: str | float, info: ValidationInfo) -> float:
-    """A duration field's value in seconds, with units required when it comes from a cluster file."""
-    return parse_duration(value, need_unit=bool(info.context and info.context.get(FROM_FILE)))
-
-
-def _written(seconds: float | None) -> str | None:
-    """A duration as splitexit writes it into files (`plan --write`), so that it loads back under the file rule."""
-    return None if seconds is None else format_duration(seconds)
 
 
 def _check_codec(name: str) -> str:
@@ -69,6 +57,9 @@ class NodeSpec(SpecModel):
     ends_at: Cut | str | None = Field(None, description="cut (id or module) where this node's stage ends; "
                                                        "`input` on the edge: send the input unprocessed")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (0: any free)")
+    data_port: int | None = Field(None, ge=0, le=65535, description="port of the data plane (batches and results), "
+                                                                  "on the address's host; default: any free one, "
+                                                                  "announced to upstream nodes through Health")
 
     @field_validator("ends_at")
     @classmethod
@@ -100,11 +91,11 @@ class LinkChange(SpecModel):
     @field_validator("at", "latency", mode="before")
     @classmethod
     def _duration(cls, value: str | float | None, info: ValidationInfo) -> float | None:
-        return None if value is None else _seconds(value, info)
+        return None if value is None else seconds_from(value, info)
 
     @field_serializer("at", "latency", when_used="json")
     def _duration_out(self, seconds: float | None) -> str | None:
-        return _written(seconds)
+        return written_duration(seconds)
 
     @field_validator("bandwidth", mode="before")
     @classmethod
@@ -146,11 +137,11 @@ class LinkSpec(SpecModel):
     @field_validator("latency", "jitter", mode="before")
     @classmethod
     def _duration(cls, value: str | float, info: ValidationInfo) -> float:
-        return _seconds(value, info)
+        return seconds_from(value, info)
 
     @field_serializer("latency", "jitter", when_used="json")
     def _duration_out(self, seconds: float) -> str | None:
-        return _written(seconds)
+        return written_duration(seconds)
 
     @property
     def emulated(self) -> bool:
@@ -177,11 +168,11 @@ class BatchingSpec(SpecModel):
     @field_validator("max_wait", mode="before")
     @classmethod
     def _duration(cls, value: str | float, info: ValidationInfo) -> float:
-        return _seconds(value, info)
+        return seconds_from(value, info)
 
     @field_serializer("max_wait", when_used="json")
     def _duration_out(self, seconds: float) -> str | None:
-        return _written(seconds)
+        return written_duration(seconds)
 
 
 class RetryPolicy(SpecModel):
@@ -198,11 +189,11 @@ class RetryPolicy(SpecModel):
     @field_validator("first_wait", "max_wait", "timeout", "attempt_timeout", mode="before")
     @classmethod
     def _duration(cls, value: str | float, info: ValidationInfo) -> float:
-        return _seconds(value, info)
+        return seconds_from(value, info)
 
     @field_serializer("first_wait", "max_wait", "timeout", "attempt_timeout", when_used="json")
     def _duration_out(self, seconds: float) -> str | None:
-        return _written(seconds)
+        return written_duration(seconds)
 
 
 class SecuritySpec(SpecModel):
@@ -362,7 +353,8 @@ class ClusterSpec(SpecModel):
     batching: BatchingSpec = BatchingSpec()
     window: int = Field(DEFAULT_WINDOW, ge=1, le=65536, description="requests in flight from the entry")
     message_limit: int = Field(DEFAULT_MESSAGE_LIMIT, ge=1024,
-                               description="largest gRPC message; bigger tensors are chunked")
+                               description="largest gRPC (control) message: stage uploads travel in chunks of it")
+    data_plane: DataPlaneSpec = DataPlaneSpec()
     security: SecuritySpec = SecuritySpec()
     registry: Literal["embedded"] | EtcdSpec = Field("embedded", description="where nodes register: `embedded` "
                                                      "(in the entry's process, one machine) or an etcd")

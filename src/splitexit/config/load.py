@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from splitexit.config.base import describe_validation_error
-from splitexit.config.cluster import FROM_FILE, MIN_TOKEN_LENGTH, ClusterSpec
+from splitexit.config.base import FROM_FILE, describe_validation_error
+from splitexit.config.cluster import MIN_TOKEN_LENGTH, ClusterSpec
 from splitexit.errors import ClusterError
 
 __all__ = ["DEFAULT_TOKEN_FILE", "default_token_file", "load_cluster", "read_secret", "require_token",

@@ -37,7 +37,7 @@ from splitexit.control.etcd_errors import (
 from splitexit.control.registry import WatchEvent
 from splitexit.errors import RegistryUnavailableError
 from splitexit.runtime.failover import Backoff
-from splitexit.wire.messages import RECONNECT_OPTIONS
+from splitexit.wire.grpc_options import RECONNECT_OPTIONS
 
 __all__ = ["EtcdRegistry"]
 

@@ -1,1 +1,2 @@
-"""The data path: stage executor, hops, replicas, link emulation, the gRPC stream and node, the edge's request path."""
+"""The data path: stage executor, hops, replicas, link emulation, the framed data plane, the node, the
+edge's request path."""

@@ -30,7 +30,7 @@ from splitexit.runtime.control_messages import (
 from splitexit.runtime.remote import open_channel
 from splitexit.runtime.security import NodeCredentials, token_metadata
 from splitexit.wire import wire_pb2, wire_pb2_grpc
-from splitexit.wire.messages import HEADER_ROOM
+from splitexit.wire.grpc_options import HEADER_ROOM
 
 __all__ = ["ControlPort", "NodeControl"]
 

@@ -45,9 +45,9 @@ Buffer = bytes | bytearray | memoryview
 class FrameConnection(asyncio.BufferedProtocol):
     """Frames in (``receive``) and out (``send``) over one transport; the first error closes it for good."""
 
-    def __init__(self, limits: FrameLimits = FrameLimits(),
+    def __init__(self, limits: FrameLimits | None = None,
                  on_made: Callable[[FrameConnection], None] | None = None):
-        self.reader = FrameReader(limits)
+        self.reader = FrameReader(limits or FrameLimits())
         self._on_made = on_made
         self.transport: asyncio.Transport | None = None
         self.peer_name: str | None = None
@@ -227,7 +227,7 @@ class _SocketWriter:
 
 
 async def connect(host: str, port: int, *, tls: ssl.SSLContext | None = None, server_name: str | None = None,
-                  limits: FrameLimits = FrameLimits()) -> FrameConnection:
+                  limits: FrameLimits | None = None) -> FrameConnection:
     """Open a connection to ``host:port``; with ``tls`` the server's certificate must name ``server_name``."""
     loop = asyncio.get_running_loop()
     _, protocol = await loop.create_connection(lambda: FrameConnection(limits), host, port, ssl=tls,
@@ -236,7 +236,7 @@ async def connect(host: str, port: int, *, tls: ssl.SSLContext | None = None, se
 
 
 async def serve(host: str, port: int, handle: Callable[[FrameConnection], Awaitable[None]], *,
-                tls: ssl.SSLContext | None = None, limits: FrameLimits = FrameLimits()) -> asyncio.Server:
+                tls: ssl.SSLContext | None = None, limits: FrameLimits | None = None) -> asyncio.Server:
     """Accept connections on ``host:port`` (0: a free port); ``handle`` runs once per connection."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()

@@ -3,7 +3,7 @@
 Everything that moves requests along a chain speaks one small protocol, :class:`Downstream`:
 ``await send(ids, tensors, trace)`` returns one future per request id, resolved with a
 :class:`RowResult` or a :class:`RowError` whenever that row is answered, here or further down.
-A :class:`Hop` (a stage executor plus its own downstream) is a Downstream, and so is the gRPC client
+A :class:`Hop` (a stage executor plus its own downstream) is a Downstream, and so is the data-plane client
 to a remote node; a chain of Hops in one process is the in-memory twin of a cluster.
 """
 

@@ -3,9 +3,10 @@
 A node starts empty. The entry's coordinator tells it, per plan version, which stage file to run, which
 replicas of the next tier to send to and with what codec (an :class:`Assignment`), and ships the stage
 file if the node lacks it (cached on disk by sha256). This module holds the node's state and lifecycle;
-its gRPC face (authentication, the per-stream readers that check, decode and hand each batch to the hop
-of its plan) is :mod:`~splitexit.runtime.node_service`, its metrics :mod:`~splitexit.runtime.node_metrics`.
-SIGTERM stops accepting streams, lets in-flight requests finish, then exits. For ``splitexit profile
+its gRPC face (the control RPCs, and who may call them) is :mod:`~splitexit.runtime.node_service`, its
+data plane (the framed connections batches arrive on) :mod:`~splitexit.runtime.data_service`, its
+metrics :mod:`~splitexit.runtime.node_metrics`. SIGTERM stops accepting connections, lets in-flight
+requests finish, then exits. For ``splitexit profile
 --cluster`` a node also times the model on itself and measures its links (see
 :mod:`~splitexit.runtime.node_profile`).
 """
@@ -32,6 +33,8 @@ from splitexit.model.cpu import apply_threads
 from splitexit.model.stage_file import LoadedStage, load_stage_file
 from splitexit.model.stages import Stage
 from splitexit.runtime.control_messages import Assignment, LinkHealth, NodeHealth, NodeProfile, ProfileJob
+from splitexit.runtime.data_service import DataService
+from splitexit.runtime.frame_connection import server_tls
 from splitexit.runtime.hop import Hop
 from splitexit.runtime.node_metrics import NodeMetrics
 from splitexit.runtime.node_profile import (
@@ -48,7 +51,7 @@ from splitexit.runtime.security import is_loopback, node_credentials
 from splitexit.runtime.stage_cache import StageCache
 from splitexit.runtime.stage_hop import stage_hop
 from splitexit.tensors import TensorInfo
-from splitexit.wire.messages import SERVER_KEEPALIVE, SERVER_OWN_PORT, grpc_options
+from splitexit.wire.grpc_options import SERVER_KEEPALIVE, SERVER_OWN_PORT, grpc_options
 
 __all__ = ["Node"]
 
@@ -109,6 +112,7 @@ class Node:
         self._retiring: set[asyncio.Task[None]] = set()
         self._assigning = asyncio.Lock()
         self._server: grpc.aio.Server | None = None
+        self.data = DataService(self)
         self._accepting = True
 
     @property
@@ -118,7 +122,7 @@ class Node:
 
     @property
     def accepting(self) -> bool:
-        """False once the node is stopping: new streams are refused."""
+        """False once the node is stopping: new connections are refused."""
         return self._accepting
 
     @property
@@ -149,15 +153,25 @@ class Node:
                                "an earlier one still running?). Stop that process, or give this node another "
                                "port (`--port`, or its `address` in the cluster file)")
         await self._server.start()
+        tls = self.cluster.security.tls
+        try:
+            await self.data.start(host, self.spec.data_port or 0, server_tls(Path(tls), self.name) if tls else None)
+        except OSError as exc:
+            await self._server.stop(grace=0)
+            raise ClusterError(f"node {self.name} cannot listen for batches on {host}:{self.spec.data_port} "
+                               f"({exc.strerror}): give `data_port` another port in the cluster file, or leave it "
+                               "out for a free one") from exc
         if self.spec.metrics_port is not None:
             try:
                 self.metrics_port = self.metrics.serve(self.spec.metrics_port)
             except OSError as exc:
                 await self._server.stop(grace=0)
+                await self.data.stop()
                 raise ClusterError(f"node {self.name} cannot serve its metrics on port {self.spec.metrics_port} "
                                    f"({exc.strerror}): give `metrics_port` another port in the cluster file, or 0 "
                                    "for a free one") from exc
-        logger.info("node %s (tier %d) listening on port %d; waiting for a stage", self.name, self.tier, self.port)
+        logger.info("node %s (tier %d) listening on port %d (batches on %d); waiting for a stage", self.name,
+                    self.tier, self.port, self.data.port)
         return self.port
 
     def expected_inputs(self, plan_version: int) -> tuple[TensorInfo, ...]:
@@ -192,6 +206,7 @@ class Node:
                 await served.hop.downstream.update(list(assignment.downstream), wait=False)
             self.newest = version
             self._retire_old_plans()
+            self.data.stages_changed()
         return True
 
     async def store_stage(self, chunks: AsyncIterator[tuple[str, int, bytes]]) -> tuple[str, int]:
@@ -238,6 +253,7 @@ class Node:
             node=self.name, ready=self._accepting, plan_version=self.newest, tier=self.tier,
             queued=sum(s.hop.executor.queued for s in self.plans.values()), in_flight=self.in_flight,
             stages=tuple(self.cache.shas()), incarnation=self.incarnation, machine=self.machine,
+            data_port=self.data.port or 0,
             links=tuple(LinkHealth(source, target, link.counters.raw_bytes, link.counters.wire_bytes,
                                    link.counters.messages, link.counters.rows, link.bandwidth or 0.0)
                         for (source, target), link in links.items()))
@@ -264,12 +280,13 @@ class Node:
         return NodeProfile(machine=self.machine, timing=timing, links=links)
 
     async def stop(self, grace: float = DRAIN_TIMEOUT) -> None:
-        """Refuse new streams, let accepted requests finish (up to ``grace`` seconds), then shut down."""
+        """Refuse new connections, let accepted requests finish (up to ``grace`` seconds), then shut down."""
         self._accepting = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while self.in_flight > 0 and loop.time() < deadline:
             await asyncio.sleep(DRAIN_POLL)
+        await self.data.stop()
         if self._server is not None:
             await self._server.stop(grace=SERVER_GRACE)
         for served in self.plans.values():

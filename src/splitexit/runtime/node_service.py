@@ -1,22 +1,18 @@
-"""A node's gRPC face: who may call what, and the per-stream readers that feed batches to the node's hops.
+"""A node's gRPC face, the control RPCs: who may call what, and turning each call into our types.
 
 Every call is admitted first (the cluster token, and with TLS a certificate naming a caller allowed to
 make it), then decoded into our types (:mod:`~splitexit.runtime.control_messages`) for the
-:class:`~splitexit.runtime.node.Node` to act on. Per upstream stream, a reader checks and decodes each
-batch (a bad one is answered with a ``RequestError`` for exactly its request ids, and the stream goes
-on), hands it to the hop of the batch's plan, and every answer — from this stage or relayed from further
-down — goes back up the same stream through the emulated link of that hop.
+:class:`~splitexit.runtime.node.Node` to act on. Batches do not travel here: they take the data plane
+(:mod:`~splitexit.runtime.data_service`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, NoReturn
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from splitexit.errors import IntegrityError, SplitExitError, WireError
 from splitexit.runtime.control_messages import (
@@ -28,13 +24,9 @@ from splitexit.runtime.control_messages import (
     encode_node_profile,
     encode_probe_reply,
 )
-from splitexit.runtime.hop import RowResult, stamp
-from splitexit.runtime.link import EmulatedLink
 from splitexit.runtime.refusal_log import RefusalLog, peer_host
 from splitexit.runtime.security import token_matches
-from splitexit.runtime.stream_messages import encode_outcome, encode_rejection
 from splitexit.wire import wire_pb2, wire_pb2_grpc
-from splitexit.wire.messages import BatchAssembler, batch_trace, decode_batch, read_hello
 
 if TYPE_CHECKING:
     from splitexit.runtime.node import Node
@@ -44,11 +36,6 @@ __all__ = ["add_node_service"]
 logger = logging.getLogger(__name__)
 
 SERVICE = "splitexit.wire.StageService"
-#: Batches one upstream stream may have in this node at once; past it the reader stops reading, so gRPC
-#: flow control holds the sender back instead of this node queueing without bound.
-MAX_BATCHES_PER_STREAM = 128
-#: Seed of the emulated link results travel up on (fixed: runs are repeatable).
-UP_LINK_SEED = 1
 
 #: Who may make a call: the edge (control), any node of the cluster (probes), or an upstream neighbour.
 CONTROL, MEMBER, UPSTREAM = "control", "member", "upstream"
@@ -142,105 +129,11 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
         await self._admit(context, "link probe", MEMBER)
         return encode_probe_reply(request)
 
-    async def Stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-                     ) -> AsyncIterator[wire_pb2.Up]:
-        names = await self._admit(context, "stream", UPSTREAM)
-        node = self.node
-        if not node.accepting:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"node {node.name} is shutting down")
-        iterator = requests.__aiter__()
-        try:
-            sender = read_hello(await iterator.__anext__())
-        except StopAsyncIteration:
-            sender = None
-        if sender is None or (names and sender not in names):
-            node.metrics.rejected("bad_message")
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "a stream must start with a Hello naming the "
-                                                                "sender (the name in its certificate, with TLS)")
-        up: EmulatedLink[wire_pb2.Up] = EmulatedLink(node.cluster.link(sender, node.name), seed=UP_LINK_SEED)
-        reader = asyncio.get_running_loop().create_task(self._read(iterator, up))
-        try:
-            async for message in up:
-                yield message
-        finally:
-            reader.cancel()
-
-    async def _read(self, requests: AsyncIterator[bytes], up: EmulatedLink[wire_pb2.Up]) -> None:
-        assembler = BatchAssembler(self.node.expected_inputs)
-        tasks: set[asyncio.Task[None]] = set()
-        slots = asyncio.Semaphore(MAX_BATCHES_PER_STREAM)
-
-        def finished(task: asyncio.Task[None]) -> None:
-            tasks.discard(task)
-            slots.release()
-
-        try:
-            async for raw in requests:
-                try:
-                    down = wire_pb2.Down.FromString(raw)
-                except DecodeError as exc:
-                    await self._reject(up, [], WireError(f"a message that is not a splitexit Down message "
-                                                         f"({len(raw)} bytes): {exc}", code="bad_message"))
-                    continue
-                if down.WhichOneof("body") == "hello":
-                    continue
-                try:
-                    batch = assembler.add(down)
-                except WireError as exc:
-                    ids = list(down.batch.request_ids) if down.WhichOneof("body") == "batch" else []
-                    await self._reject(up, ids, exc)
-                    continue
-                if batch is not None:
-                    await slots.acquire()
-                    task = asyncio.get_running_loop().create_task(self._handle(batch, up))
-                    tasks.add(task)
-                    task.add_done_callback(finished)
-            await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            await up.close()
-
-    async def _handle(self, batch: wire_pb2.Batch, up: EmulatedLink[wire_pb2.Up]) -> None:
-        node = self.node
-        ids = list(batch.request_ids)
-        node.metrics.requests.inc(len(ids))
-        served = node.plans.get(batch.plan_version)
-        if served is None:  # retired between the envelope check and now
-            await self._reject(up, ids, WireError(f"plan {batch.plan_version} was retired", code="unknown_plan"))
-            return
-        trace = [*batch_trace(batch), stamp(node.name, "received")]
-        try:
-            tensors = await asyncio.get_running_loop().run_in_executor(
-                node.executor, decode_batch, batch, served.stage.input_tensors)
-        except WireError as exc:
-            await self._reject(up, ids, exc)
-            return
-        trace.append(stamp(node.name, "decoded"))
-        node.metrics.in_flight.inc(len(ids))
-        futures = await served.hop.send(ids, tensors, trace)
-        for future in asyncio.as_completed(futures):
-            outcome = await future
-            node.metrics.in_flight.dec()
-            if isinstance(outcome, RowResult) and outcome.node == node.name:
-                node.metrics.answered.inc()
-            message = encode_outcome(outcome)
-            await up.put(message, message.ByteSize())
-
-    async def _reject(self, up: EmulatedLink[wire_pb2.Up], ids: list[int], error: WireError) -> None:
-        node = self.node
-        node.metrics.rejected(error.code, max(len(ids), 1))
-        logger.warning("node %s refused %d requests: %s", node.name, len(ids), error)
-        message = encode_rejection(ids, error, node.name)
-        await up.put(message, message.ByteSize())
-
 
 def add_node_service(node: Node, server: grpc.aio.Server) -> None:
-    """Serve ``node`` on ``server``. Like the generated registration, but the stream takes raw bytes: the
-    servicer parses each message itself, so bytes that are not a message get an error reply instead of
-    killing the whole stream."""
+    """Serve ``node``'s control RPCs on ``server`` (the generated registration, under our own servicer)."""
     servicer = _Servicer(node)
     handlers = {
-        "Stream": grpc.stream_stream_rpc_method_handler(
-            servicer.Stream, request_deserializer=None, response_serializer=wire_pb2.Up.SerializeToString),
         "Health": grpc.unary_unary_rpc_method_handler(
             servicer.Health, request_deserializer=wire_pb2.HealthRequest.FromString,
             response_serializer=wire_pb2.HealthReply.SerializeToString),

@@ -27,7 +27,7 @@ from splitexit.runtime.link import EmulatedLink
 from splitexit.runtime.remote import open_channel
 from splitexit.runtime.security import node_credentials, token_metadata
 from splitexit.wire import wire_pb2, wire_pb2_grpc
-from splitexit.wire.messages import HEADER_ROOM
+from splitexit.wire.grpc_options import HEADER_ROOM
 
 __all__ = ["ProbeResult", "measure_link"]
 

@@ -2,13 +2,13 @@
 
 Each batch goes to the live replica holding the fewest unanswered rows (its queue depth as this sender
 sees it); ties, the rule under light load, go round in turn, so every replica gets its share and a
-replica that (re)joined is used at once. A replica whose stream breaks has already failed its unanswered
+replica that (re)joined is used at once. A replica whose connection breaks has already failed its unanswered
 rows with ``node_unavailable`` (the entry resubmits them); the set stops sending to it and reconnects in
 the background with exponential backoff, so a node that keeps failing is tried less and less often. With
 no live replica a batch fails at once with ``no_route``, which the entry also retries.
 
-The replicas (gRPC :class:`~splitexit.runtime.remote.RemoteStage` by default) and the sleep the back-off
-waits with are injected, so the choice and the reconnects can be tested on a fake clock.
+The replicas (data-plane :class:`~splitexit.runtime.remote.RemoteStage` connections by default) and the
+sleep the back-off waits with are injected, so the choice and the reconnects can be tested on a fake clock.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from splitexit.config import ClusterSpec, NodeSpec
@@ -32,27 +33,27 @@ __all__ = ["RECONNECT", "OpenReplica", "Replica", "ReplicaSet"]
 
 logger = logging.getLogger(__name__)
 
-#: Waits between attempts to reconnect to a replica whose stream broke.
+#: Waits between attempts to reconnect to a replica whose connection broke.
 RECONNECT = Backoff(first=0.25, cap=8.0)
 #: Seconds one attempt to connect to a replica may take.
 RECONNECT_TIMEOUT = 2.0
 
 
 class Replica(Protocol):
-    """One stream to a replica of the next stage, as the set uses it (:class:`RemoteStage` is the real one)."""
+    """One connection to a replica of the next stage, as the set uses it (:class:`RemoteStage` is the real one)."""
 
     meter: ThroughputMeter
 
     @property
     def broken(self) -> str | None:
-        """Why the stream is unusable (None while it works)."""
+        """Why the connection is unusable (None while it works)."""
 
     @property
     def outstanding(self) -> int:
         """Rows sent and not yet answered."""
 
     async def connect(self, timeout: float) -> None:
-        """Open the stream; NodeUnavailableError if the replica does not answer within ``timeout``."""
+        """Open the connection; NodeUnavailableError if the replica does not answer within ``timeout``."""
 
     async def send(self, ids: Sequence[int], tensors: Any, trace: list[Stamp]) -> list[asyncio.Future]: ...
 
@@ -68,19 +69,20 @@ OpenReplica = Callable[[NodeSpec, LinkCounters], Replica]
 
 
 class ReplicaSet:
-    """Streams from ``sender`` to every replica of the next stage, and the choice among them."""
+    """Connections from ``sender`` to every replica of the next stage, and the choice among them."""
 
     def __init__(self, *, sender: str, cluster: ClusterSpec, plan_version: int,
                  credentials: NodeCredentials | None = None, on_broken: Callable[[str], None] | None = None,
                  counters: dict[str, LinkCounters] | None = None, open_replica: OpenReplica | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
-        """``open_replica`` builds a peer's stream (default: gRPC); ``sleep`` is what the back-off waits with."""
+        """``open_replica`` builds a peer's connection (default: the data plane's :class:`RemoteStage`);
+        ``sleep`` is what the back-off waits with."""
         self.sender, self.cluster, self.plan_version = sender, cluster, plan_version
         self.credentials = credentials
         self.on_broken = on_broken
         #: Bytes sent to each peer; pass the same dict to the next plan's set to count across plans.
         self.counters: dict[str, LinkCounters] = counters if counters is not None else {}
-        self._open: OpenReplica = open_replica or self._grpc_replica
+        self._open: OpenReplica = open_replica or self._remote_replica
         self._sleep = sleep
         self._remotes: dict[str, Replica] = {}
         self._peers: dict[str, NodeSpec] = {}
@@ -130,10 +132,13 @@ class ReplicaSet:
         target = candidates[self._turn % len(candidates)]
         return await target.send(ids, tensors, trace)
 
-    def _grpc_replica(self, peer: NodeSpec, counters: LinkCounters) -> Replica:
+    def _remote_replica(self, peer: NodeSpec, counters: LinkCounters) -> Replica:
+        tls = self.cluster.security.tls
         return RemoteStage(sender=self.sender, target=peer, link=self.cluster.link(self.sender, peer.name),
                            plan_version=self.plan_version, message_limit=self.cluster.message_limit,
-                           credentials=self.credentials, token=self.cluster.security.token, counters=counters)
+                           credentials=self.credentials, tls_dir=Path(tls) if tls else None,
+                           token=self.cluster.security.token, ping_every=self.cluster.data_plane.idle_timeout / 3,
+                           counters=counters)
 
     async def _keep(self, peer: NodeSpec, first_attempt: asyncio.Future[bool]) -> None:
         """Hold a connection to ``peer`` for as long as it is a peer, reconnecting with backoff."""
@@ -148,7 +153,7 @@ class ReplicaSet:
                 logger.info("%s: %s; retrying in %.2f s", self.sender, exc, RECONNECT.delay(failures))
             else:
                 self._remotes[peer.name] = remote
-                failures = 1  # a stream that breaks counts as one failure: the first wait, then doubling
+                failures = 1  # a connection that breaks counts as one failure: the first wait, then doubling
                 if not first_attempt.done():
                     first_attempt.set_result(True)
                 await remote.wait_broken()

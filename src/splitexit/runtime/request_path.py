@@ -56,8 +56,8 @@ class RequestPath:
     def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, *, window: int,
                  on_broken: Callable[[str], None] | None = None, open_next: OpenNextStage = ReplicaSet,
                  clock: Callable[[], float] = time.monotonic):
-        """``open_next`` opens each plan's streams to the next stage (default: gRPC replicas); ``clock`` is what
-        request deadlines are measured with."""
+        """``open_next`` opens each plan's connections to the next stage (default: data-plane replicas);
+        ``clock`` is what request deadlines are measured with."""
         self.net, self.cluster, self.window = net, cluster, window
         self.name = cluster.edge.name
         self.retry = Backoff(cluster.retry.first_wait, cluster.retry.max_wait)

@@ -3,8 +3,8 @@
 The edge and every worker build theirs here, so both ends of every link agree on what crosses it: the
 codec is chosen once, by the coordinator, and sent to the node that encodes.
 
-The way on is a :class:`NextStage`: the gRPC :class:`~splitexit.runtime.replicas.ReplicaSet` unless the
-caller passes another ``open_next`` (the request-path tests pass an in-memory channel).
+The way on is a :class:`NextStage`: the :class:`~splitexit.runtime.replicas.ReplicaSet` of data-plane
+connections unless the caller passes another ``open_next`` (the request-path tests pass an in-memory channel).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from splitexit.runtime.hop import Downstream, Hop
 from splitexit.runtime.remote import LinkCounters, LinkReport
 from splitexit.runtime.replicas import ReplicaSet
 from splitexit.runtime.security import NodeCredentials, node_credentials
-from splitexit.wire.messages import encode_tensors
+from splitexit.wire.data_messages import encode_tensors
 
 __all__ = ["NextStage", "OpenNextStage", "stage_hop"]
 

@@ -13,7 +13,7 @@ import zstandard
 
 from splitexit.errors import WireError
 
-__all__ = ["MIN_ZSTD_WINDOW", "ZSTD_LEVEL", "compress", "decompress"]
+__all__ = ["MIN_ZSTD_WINDOW", "ZSTD_LEVEL", "Payload", "compress", "decompress"]
 
 #: zstd level: on activations 1 is much faster than the default 3 for a few percent more bytes.
 ZSTD_LEVEL = 1
@@ -21,24 +21,29 @@ ZSTD_LEVEL = 1
 MIN_ZSTD_WINDOW = 1 << 20
 
 
-def compress(payload: np.ndarray, compression: str) -> bytes:
-    """``payload`` (flat uint8) compressed with ``compression`` (``none``, ``lz4`` or ``zstd``)."""
+#: Bytes a payload is held in: our own buffers, or a view of a received frame.
+Payload = bytes | bytearray | memoryview
+
+
+def compress(payload: np.ndarray, compression: str) -> Payload:
+    """``payload`` (flat uint8) compressed with ``compression`` (``none``, ``lz4`` or ``zstd``); with ``none``
+    a view of the array's own memory (the frame is sent from it, never copied)."""
     if compression == "lz4":
         return lz4.frame.compress(payload)
     if compression == "zstd":
         return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(payload.data)
-    return payload.tobytes()
+    return memoryview(payload.data).cast("B")
 
 
 def _invalid(text: str) -> WireError:
     return WireError(f"invalid tensor on the wire: {text}", code="invalid_tensor")
 
 
-def decompress(data: bytes, compression: str, size: int) -> bytes | bytearray:
+def decompress(data: Payload, compression: str, size: int) -> Payload:
     """The encoded payload, exactly ``size`` bytes; never produces (or allocates for) more than ``size + 1``."""
     if compression == "none":
-        if len(data) != size:
-            raise _invalid(f"payload has {len(data)} bytes, the header declares {size}")
+        if memoryview(data).nbytes != size:
+            raise _invalid(f"payload has {memoryview(data).nbytes} bytes, the header declares {size}")
         return data
     try:
         if compression == "lz4":
@@ -57,7 +62,7 @@ def _short(compression: str, got: int, size: int) -> WireError:
     return _invalid(f"{compression} payload decompresses to {got} bytes, the header declares {size}")
 
 
-def _lz4_bounded(data: bytes, size: int) -> bytes:
+def _lz4_bounded(data: Payload, size: int) -> bytes:
     decompressor = lz4.frame.LZ4FrameDecompressor()
     out = decompressor.decompress(data, max_length=size + 1)
     if len(out) > size:
@@ -71,7 +76,7 @@ def _lz4_bounded(data: bytes, size: int) -> bytes:
     return out
 
 
-def _zstd_bounded(data: bytes, size: int) -> bytearray:
+def _zstd_bounded(data: Payload, size: int) -> bytearray:
     declared = zstandard.frame_content_size(data)
     if declared > size:
         raise WireError(f"zstd frame declares {declared} bytes, the header {size} (a corrupt or hostile message)",

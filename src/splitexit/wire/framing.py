@@ -40,13 +40,15 @@ class FrameType(IntEnum):
     RESULTS = 4    # answers and per-request errors (metadata only)
     CREDIT = 5     # the receiver grants more frames (metadata only)
     GOODBYE = 6    # orderly close, with a reason
+    PING = 7       # upstream -> downstream while idle: the connection is alive (no metadata)
 
 
-@dataclass(frozen=True)
+@dataclass
 class FrameLimits:
-    """What a receiver accepts: checked on each header before any metadata or payload is allocated."""
+    """What a receiver accepts: checked on each header before any metadata or payload is allocated. A node's
+    data service shares one instance among its connections and sets ``payload`` from the stages it serves."""
 
-    metadata: int = 64 * 1024
+    metadata: int = 192 * 1024
     payload: int = 64 * 1024 * 1024
 
     def check(self, kind: FrameType, metadata_size: int, payload_size: int) -> None:
@@ -82,10 +84,10 @@ class FrameReader:
     """Turns bytes read from a connection into :class:`Frame` s: ``buffer()`` to read into, then
     ``filled(n)`` with the count read, which returns the frames completed by those bytes."""
 
-    def __init__(self, limits: FrameLimits = FrameLimits(), staging: int = STAGING):
+    def __init__(self, limits: FrameLimits | None = None, staging: int = STAGING):
+        self.limits = limits = limits or FrameLimits()
         if staging < HEADER.size + limits.metadata:
             raise ValueError("the staging buffer must hold a header and the largest metadata block")
-        self.limits = limits
         self._staging = memoryview(bytearray(staging))
         self._start = 0  # first unconsumed byte of the staging buffer
         self._end = 0    # one past the last byte read into it

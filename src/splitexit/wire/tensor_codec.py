@@ -1,10 +1,12 @@
-"""Tensors to and from the wire: the only place that turns a ``torch.Tensor`` into protobuf bytes and back.
+"""Tensors to and from the wire: the only place that turns a ``torch.Tensor`` into bytes and back.
 
-Pure functions, no I/O, keyed by the protobuf enums (dtype, encoding, compression); what each codec
-name means, and how close each lossy encoding comes, is in :mod:`~splitexit.wire.codec_names`.
+A tensor on the wire is a header (a protobuf ``Tensor``: dtype, shape, encoding, compression, sizes) and
+its payload bytes, which travel raw in a frame (``docs/wire.md``), never inside protobuf. Pure
+functions, no I/O, keyed by the protobuf enums; what each codec name means, and how close each lossy
+encoding comes, is in :mod:`~splitexit.wire.codec_names`.
 
-:func:`decode` treats every message as hostile: it validates the header before allocating anything
-whose size the peer chose, caps decompression at the declared size (:mod:`~splitexit.wire.compression`),
+:func:`decode` treats every header and payload as hostile: it validates the header before allocating
+anything whose size the peer chose, caps decompression at the declared size (:mod:`~splitexit.wire.compression`),
 and turns every failure into a :class:`~splitexit.errors.WireError` (never a numpy, lz4 or zstd exception).
 """
 
@@ -20,9 +22,9 @@ import torch
 from splitexit.config.codec_names import CodecSpec
 from splitexit.errors import WireError
 from splitexit.wire import wire_pb2
-from splitexit.wire.compression import compress, decompress
+from splitexit.wire.compression import Payload, compress, decompress
 
-__all__ = ["MAX_RANK", "decode", "encode", "raw_size"]
+__all__ = ["MAX_RANK", "EncodedTensor", "decode", "encode", "raw_size"]
 
 #: Largest tensor rank accepted from the wire.
 MAX_RANK = 8
@@ -44,6 +46,19 @@ _WIRE_TO_ENCODING = {v: k for k, v in _ENCODING_TO_WIRE.items()}
 _WIRE_TO_COMPRESSION = {v: k for k, v in _COMPRESSION_TO_WIRE.items()}
 #: Bytes per element of each lossy encoding (raw uses the dtype's own size).
 _ENCODING_ITEMSIZE = {"fp16": 2, "bf16": 2, "int8": 1}
+
+
+@dataclass(frozen=True)
+class EncodedTensor:
+    """A tensor ready to send: its header, and its payload (``header.payload_size`` bytes)."""
+
+    header: wire_pb2.Tensor
+    payload: Payload
+
+    @property
+    def size(self) -> int:
+        """Bytes on the wire: the payload (the header travels in the frame's metadata)."""
+        return int(self.header.payload_size)
 
 
 @dataclass(frozen=True)
@@ -81,8 +96,9 @@ def raw_size(message: wire_pb2.Tensor) -> int:
 
 
 # ------------------------------------------------------------------------------------------ encode
-def encode(tensor: torch.Tensor, codec: CodecSpec) -> wire_pb2.Tensor:
-    """Turn a tensor into a wire message; lossy encodings touch floating tensors only.
+def encode(tensor: torch.Tensor, codec: CodecSpec) -> EncodedTensor:
+    """Turn a tensor into a header and payload; lossy encodings touch floating tensors only. Uncompressed, the
+    payload is a view of the (contiguous) tensor's own memory.
 
     Raises :class:`WireError` (``invalid_tensor``) for a dtype or rank the wire cannot carry.
     """
@@ -118,8 +134,9 @@ def encode(tensor: torch.Tensor, codec: CodecSpec) -> wire_pb2.Tensor:
         message.zero_point.extend(zero_point.tolist())
         message.channel_axis = axis
     message.encoded_size = payload.nbytes
-    message.data = compress(payload, codec.compression)
-    return message
+    data = compress(payload, codec.compression)
+    message.payload_size = memoryview(data).nbytes
+    return EncodedTensor(message, data)
 
 
 def _as_le_bytes(t: torch.Tensor) -> np.ndarray:
@@ -181,9 +198,10 @@ def _value_range(values: torch.Tensor, per_channel: bool) -> tuple[np.ndarray, n
 
 
 # ------------------------------------------------------------------------------------------ decode
-def decode(message: wire_pb2.Tensor, *, max_bytes: int,
+def decode(message: wire_pb2.Tensor, data: Payload, *, max_bytes: int,
            expected: tuple[torch.dtype, tuple[int, ...]] | None = None) -> torch.Tensor:
-    """Rebuild a tensor from a peer's message, refusing anything malformed or bigger than ``max_bytes``.
+    """Rebuild a tensor from a peer's header and payload, refusing anything malformed or bigger than
+    ``max_bytes``. The result may share memory with a writable ``data`` (a received frame's own buffer).
 
     ``max_bytes`` caps the decoded tensor (numel x its dtype's size, never less than the encoded size);
     nothing sized by the peer is allocated before that check, and decompression stops at the declared
@@ -194,11 +212,13 @@ def decode(message: wire_pb2.Tensor, *, max_bytes: int,
     payload becomes a float16/bfloat16 tensor.
 
     Raises :class:`WireError` with ``code="too_large"`` for a tensor over the limit (or a payload that
-    decompresses past its declared size), ``code="bad_message"`` for something that is not a complete
-    ``Tensor`` (still announcing chunks), ``code="invalid_tensor"`` for anything else.
+    decompresses past its declared size), ``code="bad_message"`` for a header that is not a ``Tensor``,
+    ``code="invalid_tensor"`` for anything else.
     """
     header = _validate(message, max_bytes=max_bytes, expected=expected)
-    payload = decompress(message.data, header.compression, header.encoded_size)
+    if memoryview(data).nbytes != message.payload_size:
+        raise _invalid(f"payload has {memoryview(data).nbytes} bytes, the header declares {message.payload_size}")
+    payload = decompress(data, header.compression, header.encoded_size)
     try:
         return _materialise(message, header, payload).reshape(header.shape)
     except (ValueError, TypeError, RuntimeError) as exc:  # validated above; this is a last line of defence
@@ -224,9 +244,6 @@ def _validate(message: wire_pb2.Tensor, *, max_bytes: int,
     """Every check that needs no allocation sized by the peer, cheapest first."""
     if not isinstance(message, wire_pb2.Tensor):
         raise WireError(f"expected a wire Tensor message, got {type(message).__name__}", code="bad_message")
-    if message.chunks:
-        raise WireError(f"tensor still announces {message.chunks} chunks: assemble them before decoding",
-                        code="bad_message")
     dtype = _DTYPES.get(message.dtype)
     if dtype is None:
         raise _invalid(f"unknown or unspecified dtype {message.dtype}")
@@ -286,7 +303,7 @@ def _validate_scales(message: wire_pb2.Tensor, encoding: str, shape: tuple[int, 
         raise _invalid("int8 scale and zero_point must be finite")
 
 
-def _materialise(message: wire_pb2.Tensor, header: _Header, payload: bytes | bytearray) -> torch.Tensor:
+def _materialise(message: wire_pb2.Tensor, header: _Header, payload: Payload) -> torch.Tensor:
     """A flat, owned, writable tensor of the original dtype from validated payload bytes."""
     target = header.dtype.torch
     if header.numel == 0:
@@ -303,14 +320,14 @@ def _materialise(message: wire_pb2.Tensor, header: _Header, payload: bytes | byt
     return _dequantize(message, header, _storage(payload, np.dtype("i1")))
 
 
-def _storage(payload: bytes | bytearray, dtype: np.dtype) -> torch.Tensor:
-    """The payload as a flat tensor of its storage dtype, owned and writable.
+def _storage(payload: Payload, dtype: np.dtype) -> torch.Tensor:
+    """The payload as a flat tensor of its storage dtype, writable.
 
-    A bytearray (our own decompression buffer) is wrapped without a copy; immutable ``bytes`` from the
-    message are copied once (torch must not wrap read-only memory).
+    Writable memory (our own decompression buffer, a received frame's payload buffer) is wrapped without a
+    copy; read-only memory is copied once (torch must not wrap it).
     """
     array = np.frombuffer(payload, dtype)
-    if isinstance(payload, bytes) or not array.dtype.isnative:
+    if memoryview(payload).readonly or not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="), copy=True)
     return torch.from_numpy(array)
 

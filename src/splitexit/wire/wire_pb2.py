@@ -9,7 +9,6 @@ from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
 _runtime_version.ValidateProtobufRuntimeVersion(
     _runtime_version.Domain.PUBLIC,
     7,
@@ -25,71 +24,73 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19splitexit/wire/wire.proto\x12\x0esplitexit.wire\"\x88\x02\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.splitexit.wire.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12*\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x18.splitexit.wire.Encoding\x12\x30\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x1b.splitexit.wire.Compression\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05scale\x18\x06 \x03(\x02\x12\x12\n\nzero_point\x18\x07 \x03(\x02\x12\x14\n\x0c\x63hannel_axis\x18\x08 \x01(\x05\x12\x14\n\x0c\x65ncoded_size\x18\t \x01(\x04\x12\x0e\n\x06\x63hunks\x18\n \x01(\r\"2\n\x05Stamp\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12\x0c\n\x04time\x18\x03 \x01(\x01\"\x81\x01\n\x05\x42\x61tch\x12\x14\n\x0cplan_version\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\x12\'\n\x07tensors\x18\x03 \x03(\x0b\x32\x16.splitexit.wire.Tensor\x12$\n\x05trace\x18\x04 \x03(\x0b\x32\x15.splitexit.wire.Stamp\"\\\n\x05\x43hunk\x12\x11\n\tbatch_key\x18\x01 \x01(\x04\x12\x14\n\x0ctensor_index\x18\x02 \x01(\r\x12\r\n\x05index\x18\x03 \x01(\r\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"-\n\x05Hello\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x14\n\x0cplan_version\x18\x02 \x01(\x04\"\x86\x01\n\x04\x44own\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.splitexit.wire.HelloH\x00\x12&\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x15.splitexit.wire.BatchH\x00\x12&\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x15.splitexit.wire.ChunkH\x00\x42\x06\n\x04\x62ody\"\x96\x01\n\x06Result\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x65xit\x18\x02 \x01(\r\x12\x12\n\nprediction\x18\x03 \x01(\x03\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\x0e\n\x06logits\x18\x05 \x03(\x02\x12\x0c\n\x04node\x18\x06 \x01(\t\x12$\n\x05trace\x18\x07 \x03(\x0b\x32\x15.splitexit.wire.Stamp\"P\n\x0cRequestError\x12\x13\n\x0brequest_ids\x18\x01 \x03(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\"[\n\x02Up\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.splitexit.wire.Result\x12,\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x1c.splitexit.wire.RequestError\"\x0f\n\rHealthRequest\"\x89\x01\n\tLinkBytes\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x11\n\traw_bytes\x18\x03 \x01(\x04\x12\x12\n\nwire_bytes\x18\x04 \x01(\x04\x12\x10\n\x08messages\x18\x05 \x01(\x04\x12\x0c\n\x04rows\x18\x06 \x01(\x04\x12\x15\n\rbandwidth_bps\x18\x07 \x01(\x01\"\xd1\x01\n\x0bHealthReply\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x14\n\x0cplan_version\x18\x03 \x01(\x04\x12\x0e\n\x06queued\x18\x04 \x01(\r\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12(\n\x05links\x18\x06 \x03(\x0b\x32\x19.splitexit.wire.LinkBytes\x12\x0c\n\x04tier\x18\x07 \x01(\r\x12\x0e\n\x06stages\x18\x08 \x03(\t\x12\x13\n\x0bincarnation\x18\t \x01(\t\x12\x0f\n\x07machine\x18\n \x01(\t\"%\n\x04Peer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x86\x01\n\rAssignRequest\x12\x14\n\x0cplan_version\x18\x01 \x01(\x04\x12\x14\n\x0cstage_sha256\x18\x02 \x01(\t\x12(\n\ndownstream\x18\x03 \x03(\x0b\x32\x14.splitexit.wire.Peer\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x10\n\x08upstream\x18\x05 \x03(\t\"$\n\x0b\x41ssignReply\x12\x15\n\rmissing_stage\x18\x01 \x01(\x08\">\n\nStageChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1d\n\rPutStageReply\x12\x0c\n\x04size\x18\x01 \x01(\x04\"\x7f\n\x0eProfileRequest\x12\x14\n\x0cstage_sha256\x18\x01 \x01(\t\x12\x0c\n\x04\x63uts\x18\x02 \x03(\r\x12\x13\n\x0b\x62\x61tch_sizes\x18\x03 \x03(\r\x12\x0f\n\x07repeats\x18\x04 \x01(\r\x12#\n\x05links\x18\x05 \x03(\x0b\x32\x14.splitexit.wire.Peer\"5\n\x0bTimingStats\x12\x0e\n\x06median\x18\x01 \x01(\x01\x12\n\n\x02q1\x18\x02 \x01(\x01\x12\n\n\x02q3\x18\x03 \x01(\x01\"J\n\x0b\x42\x61tchTiming\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\r\x12,\n\x07seconds\x18\x02 \x01(\x0b\x32\x1b.splitexit.wire.TimingStats\":\n\nPartTiming\x12,\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x1b.splitexit.wire.BatchTiming\"+\n\nIdleFactor\x12\r\n\x05gap_s\x18\x01 \x01(\x01\x12\x0e\n\x06\x66\x61\x63tor\x18\x02 \x01(\x01\"B\n\nLinkFigure\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\r\n\x05rtt_s\x18\x02 \x01(\x01\x12\x15\n\rbandwidth_bps\x18\x03 \x01(\x01\"\xd1\x02\n\x0cProfileReply\x12\x15\n\rmissing_stage\x18\x01 \x01(\x08\x12\x0f\n\x07machine\x18\x02 \x01(\t\x12\x32\n\rcall_overhead\x18\x03 \x01(\x0b\x32\x1b.splitexit.wire.TimingStats\x12/\n\nstage_call\x18\x04 \x03(\x0b\x32\x1b.splitexit.wire.BatchTiming\x12\x30\n\x0cidle_factors\x18\x05 \x03(\x0b\x32\x1a.splitexit.wire.IdleFactor\x12,\n\x08segments\x18\x06 \x03(\x0b\x32\x1a.splitexit.wire.PartTiming\x12)\n\x05heads\x18\x07 \x03(\x0b\x32\x1a.splitexit.wire.PartTiming\x12)\n\x05links\x18\x08 \x03(\x0b\x32\x1a.splitexit.wire.LinkFigure\"\x1f\n\x0cProbeRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1a\n\nProbeReply\x12\x0c\n\x04size\x18\x01 \x01(\x04*\xbe\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0e\n\nDTYPE_INT8\x10\x07\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x08\x12\x0e\n\nDTYPE_BOOL\x10\t*o\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_BF16\x10\x03\x12\x11\n\rENCODING_INT8\x10\x04*k\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x13\n\x0f\x43OMPRESSION_LZ4\x10\x02\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x03\x32\xa7\x03\n\x0cStageService\x12\x36\n\x06Stream\x12\x14.splitexit.wire.Down\x1a\x12.splitexit.wire.Up(\x01\x30\x01\x12\x44\n\x06Health\x12\x1d.splitexit.wire.HealthRequest\x1a\x1b.splitexit.wire.HealthReply\x12\x44\n\x06\x41ssign\x12\x1d.splitexit.wire.AssignRequest\x1a\x1b.splitexit.wire.AssignReply\x12G\n\x08PutStage\x12\x1a.splitexit.wire.StageChunk\x1a\x1d.splitexit.wire.PutStageReply(\x01\x12G\n\x07Profile\x12\x1e.splitexit.wire.ProfileRequest\x1a\x1c.splitexit.wire.ProfileReply\x12\x41\n\x05Probe\x12\x1c.splitexit.wire.ProbeRequest\x1a\x1a.splitexit.wire.ProbeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19splitexit/wire/wire.proto\x12\x0esplitexit.wire\"\x8c\x02\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.splitexit.wire.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12*\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x18.splitexit.wire.Encoding\x12\x30\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x1b.splitexit.wire.Compression\x12\r\n\x05scale\x18\x06 \x03(\x02\x12\x12\n\nzero_point\x18\x07 \x03(\x02\x12\x14\n\x0c\x63hannel_axis\x18\x08 \x01(\x05\x12\x14\n\x0c\x65ncoded_size\x18\t \x01(\x04\x12\x14\n\x0cpayload_size\x18\x0b \x01(\x04J\x04\x08\x05\x10\x06J\x04\x08\n\x10\x0b\"2\n\x05Stamp\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12\x0c\n\x04time\x18\x03 \x01(\x01\"\x87\x01\n\x0b\x42\x61tchHeader\x12\x14\n\x0cplan_version\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\x12\'\n\x07tensors\x18\x03 \x03(\x0b\x32\x16.splitexit.wire.Tensor\x12$\n\x05trace\x18\x04 \x03(\x0b\x32\x15.splitexit.wire.Stamp\"<\n\x05Hello\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x14\n\x0cplan_version\x18\x02 \x01(\x04\x12\r\n\x05token\x18\x03 \x01(\t\":\n\x07Welcome\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x63redits\x18\x02 \x01(\r\x12\x10\n\x08max_rows\x18\x03 \x01(\r\"\x19\n\x06\x43redit\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\r\"(\n\x07Goodbye\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x96\x01\n\x06Result\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x65xit\x18\x02 \x01(\r\x12\x12\n\nprediction\x18\x03 \x01(\x03\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\x0e\n\x06logits\x18\x05 \x03(\x02\x12\x0c\n\x04node\x18\x06 \x01(\t\x12$\n\x05trace\x18\x07 \x03(\x0b\x32\x15.splitexit.wire.Stamp\"P\n\x0cRequestError\x12\x13\n\x0brequest_ids\x18\x01 \x03(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\"[\n\x02Up\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.splitexit.wire.Result\x12,\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x1c.splitexit.wire.RequestError\"\x0f\n\rHealthRequest\"\x89\x01\n\tLinkBytes\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x11\n\traw_bytes\x18\x03 \x01(\x04\x12\x12\n\nwire_bytes\x18\x04 \x01(\x04\x12\x10\n\x08messages\x18\x05 \x01(\x04\x12\x0c\n\x04rows\x18\x06 \x01(\x04\x12\x15\n\rbandwidth_bps\x18\x07 \x01(\x01\"\xe4\x01\n\x0bHealthReply\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x14\n\x0cplan_version\x18\x03 \x01(\x04\x12\x0e\n\x06queued\x18\x04 \x01(\r\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12(\n\x05links\x18\x06 \x03(\x0b\x32\x19.splitexit.wire.LinkBytes\x12\x0c\n\x04tier\x18\x07 \x01(\r\x12\x0e\n\x06stages\x18\x08 \x03(\t\x12\x13\n\x0bincarnation\x18\t \x01(\t\x12\x0f\n\x07machine\x18\n \x01(\t\x12\x11\n\tdata_port\x18\x0b \x01(\r\"%\n\x04Peer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x86\x01\n\rAssignRequest\x12\x14\n\x0cplan_version\x18\x01 \x01(\x04\x12\x14\n\x0cstage_sha256\x18\x02 \x01(\t\x12(\n\ndownstream\x18\x03 \x03(\x0b\x32\x14.splitexit.wire.Peer\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x10\n\x08upstream\x18\x05 \x03(\t\"$\n\x0b\x41ssignReply\x12\x15\n\rmissing_stage\x18\x01 \x01(\x08\">\n\nStageChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1d\n\rPutStageReply\x12\x0c\n\x04size\x18\x01 \x01(\x04\"\x7f\n\x0eProfileRequest\x12\x14\n\x0cstage_sha256\x18\x01 \x01(\t\x12\x0c\n\x04\x63uts\x18\x02 \x03(\r\x12\x13\n\x0b\x62\x61tch_sizes\x18\x03 \x03(\r\x12\x0f\n\x07repeats\x18\x04 \x01(\r\x12#\n\x05links\x18\x05 \x03(\x0b\x32\x14.splitexit.wire.Peer\"5\n\x0bTimingStats\x12\x0e\n\x06median\x18\x01 \x01(\x01\x12\n\n\x02q1\x18\x02 \x01(\x01\x12\n\n\x02q3\x18\x03 \x01(\x01\"J\n\x0b\x42\x61tchTiming\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\r\x12,\n\x07seconds\x18\x02 \x01(\x0b\x32\x1b.splitexit.wire.TimingStats\":\n\nPartTiming\x12,\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x1b.splitexit.wire.BatchTiming\"+\n\nIdleFactor\x12\r\n\x05gap_s\x18\x01 \x01(\x01\x12\x0e\n\x06\x66\x61\x63tor\x18\x02 \x01(\x01\"B\n\nLinkFigure\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\r\n\x05rtt_s\x18\x02 \x01(\x01\x12\x15\n\rbandwidth_bps\x18\x03 \x01(\x01\"\xd1\x02\n\x0cProfileReply\x12\x15\n\rmissing_stage\x18\x01 \x01(\x08\x12\x0f\n\x07machine\x18\x02 \x01(\t\x12\x32\n\rcall_overhead\x18\x03 \x01(\x0b\x32\x1b.splitexit.wire.TimingStats\x12/\n\nstage_call\x18\x04 \x03(\x0b\x32\x1b.splitexit.wire.BatchTiming\x12\x30\n\x0cidle_factors\x18\x05 \x03(\x0b\x32\x1a.splitexit.wire.IdleFactor\x12,\n\x08segments\x18\x06 \x03(\x0b\x32\x1a.splitexit.wire.PartTiming\x12)\n\x05heads\x18\x07 \x03(\x0b\x32\x1a.splitexit.wire.PartTiming\x12)\n\x05links\x18\x08 \x03(\x0b\x32\x1a.splitexit.wire.LinkFigure\"\x1f\n\x0cProbeRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1a\n\nProbeReply\x12\x0c\n\x04size\x18\x01 \x01(\x04*\xbe\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0e\n\nDTYPE_INT8\x10\x07\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x08\x12\x0e\n\nDTYPE_BOOL\x10\t*o\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_BF16\x10\x03\x12\x11\n\rENCODING_INT8\x10\x04*k\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x13\n\x0f\x43OMPRESSION_LZ4\x10\x02\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x03\x32\xef\x02\n\x0cStageService\x12\x44\n\x06Health\x12\x1d.splitexit.wire.HealthRequest\x1a\x1b.splitexit.wire.HealthReply\x12\x44\n\x06\x41ssign\x12\x1d.splitexit.wire.AssignRequest\x1a\x1b.splitexit.wire.AssignReply\x12G\n\x08PutStage\x12\x1a.splitexit.wire.StageChunk\x1a\x1d.splitexit.wire.PutStageReply(\x01\x12G\n\x07Profile\x12\x1e.splitexit.wire.ProfileRequest\x1a\x1c.splitexit.wire.ProfileReply\x12\x41\n\x05Probe\x12\x1c.splitexit.wire.ProbeRequest\x1a\x1a.splitexit.wire.ProbeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitexit.wire.wire_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2615
-  _globals['_DTYPE']._serialized_end=2805
-  _globals['_ENCODING']._serialized_start=2807
-  _globals['_ENCODING']._serialized_end=2918
-  _globals['_COMPRESSION']._serialized_start=2920
-  _globals['_COMPRESSION']._serialized_end=3027
+  _globals['_DTYPE']._serialized_start=2557
+  _globals['_DTYPE']._serialized_end=2747
+  _globals['_ENCODING']._serialized_start=2749
+  _globals['_ENCODING']._serialized_end=2860
+  _globals['_COMPRESSION']._serialized_start=2862
+  _globals['_COMPRESSION']._serialized_end=2969
   _globals['_TENSOR']._serialized_start=46
-  _globals['_TENSOR']._serialized_end=310
-  _globals['_STAMP']._serialized_start=312
-  _globals['_STAMP']._serialized_end=362
-  _globals['_BATCH']._serialized_start=365
-  _globals['_BATCH']._serialized_end=494
-  _globals['_CHUNK']._serialized_start=496
-  _globals['_CHUNK']._serialized_end=588
-  _globals['_HELLO']._serialized_start=590
-  _globals['_HELLO']._serialized_end=635
-  _globals['_DOWN']._serialized_start=638
-  _globals['_DOWN']._serialized_end=772
-  _globals['_RESULT']._serialized_start=775
-  _globals['_RESULT']._serialized_end=925
-  _globals['_REQUESTERROR']._serialized_start=927
-  _globals['_REQUESTERROR']._serialized_end=1007
-  _globals['_UP']._serialized_start=1009
-  _globals['_UP']._serialized_end=1100
-  _globals['_HEALTHREQUEST']._serialized_start=1102
-  _globals['_HEALTHREQUEST']._serialized_end=1117
-  _globals['_LINKBYTES']._serialized_start=1120
-  _globals['_LINKBYTES']._serialized_end=1257
-  _globals['_HEALTHREPLY']._serialized_start=1260
-  _globals['_HEALTHREPLY']._serialized_end=1469
-  _globals['_PEER']._serialized_start=1471
-  _globals['_PEER']._serialized_end=1508
-  _globals['_ASSIGNREQUEST']._serialized_start=1511
-  _globals['_ASSIGNREQUEST']._serialized_end=1645
-  _globals['_ASSIGNREPLY']._serialized_start=1647
-  _globals['_ASSIGNREPLY']._serialized_end=1683
-  _globals['_STAGECHUNK']._serialized_start=1685
-  _globals['_STAGECHUNK']._serialized_end=1747
-  _globals['_PUTSTAGEREPLY']._serialized_start=1749
-  _globals['_PUTSTAGEREPLY']._serialized_end=1778
-  _globals['_PROFILEREQUEST']._serialized_start=1780
-  _globals['_PROFILEREQUEST']._serialized_end=1907
-  _globals['_TIMINGSTATS']._serialized_start=1909
-  _globals['_TIMINGSTATS']._serialized_end=1962
-  _globals['_BATCHTIMING']._serialized_start=1964
-  _globals['_BATCHTIMING']._serialized_end=2038
-  _globals['_PARTTIMING']._serialized_start=2040
-  _globals['_PARTTIMING']._serialized_end=2098
-  _globals['_IDLEFACTOR']._serialized_start=2100
-  _globals['_IDLEFACTOR']._serialized_end=2143
-  _globals['_LINKFIGURE']._serialized_start=2145
-  _globals['_LINKFIGURE']._serialized_end=2211
-  _globals['_PROFILEREPLY']._serialized_start=2214
-  _globals['_PROFILEREPLY']._serialized_end=2551
-  _globals['_PROBEREQUEST']._serialized_start=2553
-  _globals['_PROBEREQUEST']._serialized_end=2584
-  _globals['_PROBEREPLY']._serialized_start=2586
-  _globals['_PROBEREPLY']._serialized_end=2612
-  _globals['_STAGESERVICE']._serialized_start=3030
-  _globals['_STAGESERVICE']._serialized_end=3453
+  _globals['_TENSOR']._serialized_end=314
+  _globals['_STAMP']._serialized_start=316
+  _globals['_STAMP']._serialized_end=366
+  _globals['_BATCHHEADER']._serialized_start=369
+  _globals['_BATCHHEADER']._serialized_end=504
+  _globals['_HELLO']._serialized_start=506
+  _globals['_HELLO']._serialized_end=566
+  _globals['_WELCOME']._serialized_start=568
+  _globals['_WELCOME']._serialized_end=626
+  _globals['_CREDIT']._serialized_start=628
+  _globals['_CREDIT']._serialized_end=653
+  _globals['_GOODBYE']._serialized_start=655
+  _globals['_GOODBYE']._serialized_end=695
+  _globals['_RESULT']._serialized_start=698
+  _globals['_RESULT']._serialized_end=848
+  _globals['_REQUESTERROR']._serialized_start=850
+  _globals['_REQUESTERROR']._serialized_end=930
+  _globals['_UP']._serialized_start=932
+  _globals['_UP']._serialized_end=1023
+  _globals['_HEALTHREQUEST']._serialized_start=1025
+  _globals['_HEALTHREQUEST']._serialized_end=1040
+  _globals['_LINKBYTES']._serialized_start=1043
+  _globals['_LINKBYTES']._serialized_end=1180
+  _globals['_HEALTHREPLY']._serialized_start=1183
+  _globals['_HEALTHREPLY']._serialized_end=1411
+  _globals['_PEER']._serialized_start=1413
+  _globals['_PEER']._serialized_end=1450
+  _globals['_ASSIGNREQUEST']._serialized_start=1453
+  _globals['_ASSIGNREQUEST']._serialized_end=1587
+  _globals['_ASSIGNREPLY']._serialized_start=1589
+  _globals['_ASSIGNREPLY']._serialized_end=1625
+  _globals['_STAGECHUNK']._serialized_start=1627
+  _globals['_STAGECHUNK']._serialized_end=1689
+  _globals['_PUTSTAGEREPLY']._serialized_start=1691
+  _globals['_PUTSTAGEREPLY']._serialized_end=1720
+  _globals['_PROFILEREQUEST']._serialized_start=1722
+  _globals['_PROFILEREQUEST']._serialized_end=1849
+  _globals['_TIMINGSTATS']._serialized_start=1851
+  _globals['_TIMINGSTATS']._serialized_end=1904
+  _globals['_BATCHTIMING']._serialized_start=1906
+  _globals['_BATCHTIMING']._serialized_end=1980
+  _globals['_PARTTIMING']._serialized_start=1982
+  _globals['_PARTTIMING']._serialized_end=2040
+  _globals['_IDLEFACTOR']._serialized_start=2042
+  _globals['_IDLEFACTOR']._serialized_end=2085
+  _globals['_LINKFIGURE']._serialized_start=2087
+  _globals['_LINKFIGURE']._serialized_end=2153
+  _globals['_PROFILEREPLY']._serialized_start=2156
+  _globals['_PROFILEREPLY']._serialized_end=2493
+  _globals['_PROBEREQUEST']._serialized_start=2495
+  _globals['_PROBEREQUEST']._serialized_end=2526
+  _globals['_PROBEREPLY']._serialized_start=2528
+  _globals['_PROBEREPLY']._serialized_end=2554
+  _globals['_STAGESERVICE']._serialized_start=2972
+  _globals['_STAGESERVICE']._serialized_end=3339
 # @@protoc_insertion_point(module_scope)

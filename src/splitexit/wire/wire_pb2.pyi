@@ -1,13 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-from typing import Optional as _Optional
-from typing import Union as _Union
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -59,28 +55,26 @@ COMPRESSION_LZ4: Compression
 COMPRESSION_ZSTD: Compression
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "encoding", "compression", "data", "scale", "zero_point", "channel_axis", "encoded_size", "chunks")
+    __slots__ = ("dtype", "shape", "encoding", "compression", "scale", "zero_point", "channel_axis", "encoded_size", "payload_size")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     ZERO_POINT_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_AXIS_FIELD_NUMBER: _ClassVar[int]
     ENCODED_SIZE_FIELD_NUMBER: _ClassVar[int]
-    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     encoding: Encoding
     compression: Compression
-    data: bytes
     scale: _containers.RepeatedScalarFieldContainer[float]
     zero_point: _containers.RepeatedScalarFieldContainer[float]
     channel_axis: int
     encoded_size: int
-    chunks: int
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., data: _Optional[bytes] = ..., scale: _Optional[_Iterable[float]] = ..., zero_point: _Optional[_Iterable[float]] = ..., channel_axis: _Optional[int] = ..., encoded_size: _Optional[int] = ..., chunks: _Optional[int] = ...) -> None: ...
+    payload_size: int
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., scale: _Optional[_Iterable[float]] = ..., zero_point: _Optional[_Iterable[float]] = ..., channel_axis: _Optional[int] = ..., encoded_size: _Optional[int] = ..., payload_size: _Optional[int] = ...) -> None: ...
 
 class Stamp(_message.Message):
     __slots__ = ("node", "event", "time")
@@ -92,7 +86,7 @@ class Stamp(_message.Message):
     time: float
     def __init__(self, node: _Optional[str] = ..., event: _Optional[str] = ..., time: _Optional[float] = ...) -> None: ...
 
-class Batch(_message.Message):
+class BatchHeader(_message.Message):
     __slots__ = ("plan_version", "request_ids", "tensors", "trace")
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -104,37 +98,39 @@ class Batch(_message.Message):
     trace: _containers.RepeatedCompositeFieldContainer[Stamp]
     def __init__(self, plan_version: _Optional[int] = ..., request_ids: _Optional[_Iterable[int]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., trace: _Optional[_Iterable[_Union[Stamp, _Mapping]]] = ...) -> None: ...
 
-class Chunk(_message.Message):
-    __slots__ = ("batch_key", "tensor_index", "index", "count", "data")
-    BATCH_KEY_FIELD_NUMBER: _ClassVar[int]
-    TENSOR_INDEX_FIELD_NUMBER: _ClassVar[int]
-    INDEX_FIELD_NUMBER: _ClassVar[int]
-    COUNT_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    batch_key: int
-    tensor_index: int
-    index: int
-    count: int
-    data: bytes
-    def __init__(self, batch_key: _Optional[int] = ..., tensor_index: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
-
 class Hello(_message.Message):
-    __slots__ = ("sender", "plan_version")
+    __slots__ = ("sender", "plan_version", "token")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     sender: str
     plan_version: int
-    def __init__(self, sender: _Optional[str] = ..., plan_version: _Optional[int] = ...) -> None: ...
+    token: str
+    def __init__(self, sender: _Optional[str] = ..., plan_version: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
 
-class Down(_message.Message):
-    __slots__ = ("hello", "batch", "chunk")
-    HELLO_FIELD_NUMBER: _ClassVar[int]
-    BATCH_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
-    hello: Hello
-    batch: Batch
-    chunk: Chunk
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+class Welcome(_message.Message):
+    __slots__ = ("node", "credits", "max_rows")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    credits: int
+    max_rows: int
+    def __init__(self, node: _Optional[str] = ..., credits: _Optional[int] = ..., max_rows: _Optional[int] = ...) -> None: ...
+
+class Credit(_message.Message):
+    __slots__ = ("batches",)
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    batches: int
+    def __init__(self, batches: _Optional[int] = ...) -> None: ...
+
+class Goodbye(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("request_id", "exit", "prediction", "confidence", "logits", "node", "trace")
@@ -197,7 +193,7 @@ class LinkBytes(_message.Message):
     def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ..., raw_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., messages: _Optional[int] = ..., rows: _Optional[int] = ..., bandwidth_bps: _Optional[float] = ...) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("node", "ready", "plan_version", "queued", "in_flight", "links", "tier", "stages", "incarnation", "machine")
+    __slots__ = ("node", "ready", "plan_version", "queued", "in_flight", "links", "tier", "stages", "incarnation", "machine", "data_port")
     NODE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +204,7 @@ class HealthReply(_message.Message):
     STAGES_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     MACHINE_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     node: str
     ready: bool
     plan_version: int
@@ -218,7 +215,8 @@ class HealthReply(_message.Message):
     stages: _containers.RepeatedScalarFieldContainer[str]
     incarnation: str
     machine: str
-    def __init__(self, node: _Optional[str] = ..., ready: _Optional[bool] = ..., plan_version: _Optional[int] = ..., queued: _Optional[int] = ..., in_flight: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkBytes, _Mapping]]] = ..., tier: _Optional[int] = ..., stages: _Optional[_Iterable[str]] = ..., incarnation: _Optional[str] = ..., machine: _Optional[str] = ...) -> None: ...
+    data_port: int
+    def __init__(self, node: _Optional[str] = ..., ready: _Optional[bool] = ..., plan_version: _Optional[int] = ..., queued: _Optional[int] = ..., in_flight: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkBytes, _Mapping]]] = ..., tier: _Optional[int] = ..., stages: _Optional[_Iterable[str]] = ..., incarnation: _Optional[str] = ..., machine: _Optional[str] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class Peer(_message.Message):
     __slots__ = ("name", "address")

@@ -121,7 +121,8 @@ class ChannelTwin:
             if not late:
                 return futures
         rows = len(ids)
-        decoded = tuple(decode(m, max_bytes=rows * info.bytes_per_sample, expected=(info.dtype, info.shape))
+        decoded = tuple(decode(m.header, m.payload, max_bytes=rows * info.bytes_per_sample,
+                               expected=(info.dtype, info.shape))
                         for m, info in zip(tensors, self.stage.input_tensors))
         onward = await self.onward.send(list(ids), decoded, trace)
         for request_id, answer in zip(ids, onward):

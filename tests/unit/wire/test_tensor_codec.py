@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -19,7 +20,8 @@ from hypothesis import strategies as st
 from splitexit.config.codec_names import CodecSpec, list_codecs, parse_codec
 from splitexit.errors import WireError
 from splitexit.wire import wire_pb2
-from splitexit.wire.tensor_codec import MAX_RANK, decode, encode
+from splitexit.wire.compression import Payload
+from splitexit.wire.tensor_codec import MAX_RANK, EncodedTensor, decode, encode
 
 MAX_BYTES = 1 << 20
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -40,6 +42,10 @@ ENCODING = {"raw": wire_pb2.ENCODING_RAW, "fp16": wire_pb2.ENCODING_FP16, "bf16"
 COMPRESSION = {"none": wire_pb2.COMPRESSION_NONE, "lz4": wire_pb2.COMPRESSION_LZ4,
                "zstd": wire_pb2.COMPRESSION_ZSTD}
 shapes = st.lists(st.integers(0, 4), min_size=0, max_size=4).map(tuple)
+#: Wire tensor dtypes whose raw payload decode wraps as it is (bool is normalised to 0/1, so copied).
+WRAPPED = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int8,
+           torch.uint8]
+little_endian_only = pytest.mark.skipif(sys.byteorder == "big", reason="payloads are byte-swapped on big-endian hosts")
 
 
 @st.composite
@@ -58,6 +64,23 @@ def tensors(draw: st.DrawFn, dtype: torch.dtype, shape: tuple[int, ...], *, max_
                 else st.floats(width=32, allow_nan=True, allow_infinity=True))
     values = draw(st.lists(elements, min_size=numel, max_size=numel))
     return torch.tensor(values, dtype=torch.float64).reshape(shape).to(dtype)
+
+
+def _round_trip(encoded: EncodedTensor) -> torch.Tensor:
+    """Decode what ``encode`` produced, header and payload as they are."""
+    return decode(encoded.header, encoded.payload, max_bytes=MAX_BYTES)
+
+
+def _address_range(buffer: Payload) -> range:
+    """The addresses a buffer's bytes occupy."""
+    start = np.frombuffer(buffer, np.uint8).ctypes.data
+    return range(start, start + memoryview(buffer).nbytes)
+
+
+def _copy(header: wire_pb2.Tensor) -> wire_pb2.Tensor:
+    copied = wire_pb2.Tensor()
+    copied.CopyFrom(header)
+    return copied
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -110,10 +133,14 @@ def test_round_trip_within_documented_tolerance(name: str, data: st.DataObject) 
     exact = _expected_encoding(codec, dtype) == "raw"
     x = data.draw(tensors(dtype, shape, finite=not exact, max_abs=_max_abs(codec, dtype)) if not exact
                   else tensors(dtype, shape, finite=False), label="x")
-    message = encode(x, codec)
+    encoded = encode(x, codec)
+    message = encoded.header
     assert message.encoding == (wire_pb2.ENCODING_RAW if exact else ENCODING[codec.encoding])
-    # The message survives serialisation, as it will on the wire.
-    y = decode(wire_pb2.Tensor.FromString(message.SerializeToString()), max_bytes=MAX_BYTES,
+    assert encoded.size == message.payload_size == memoryview(encoded.payload).nbytes
+    # The header survives serialisation, and the payload arrives in a buffer of its own, as on the wire
+    # (a received frame's writable buffer, or read-only bytes).
+    received = data.draw(st.sampled_from([bytearray, bytes]), label="payload type")(encoded.payload)
+    y = decode(wire_pb2.Tensor.FromString(message.SerializeToString()), received, max_bytes=MAX_BYTES,
                expected=(dtype, tuple(shape[1:])) if shape else None)
     assert y.dtype == dtype and tuple(y.shape) == shape and y.is_contiguous()
     assert y.numpy().flags.writeable if dtype != torch.bfloat16 else y.view(torch.int16).numpy().flags.writeable
@@ -131,11 +158,11 @@ def test_round_trip_within_documented_tolerance(name: str, data: st.DataObject) 
 def test_lossy_codecs_touch_floats_only(dtype: torch.dtype, name: str) -> None:
     codec = parse_codec(name)
     x = torch.arange(24).reshape(2, 3, 4).to(dtype)
-    message = encode(x, codec)
+    encoded = encode(x, codec)
     encoding = _expected_encoding(codec, dtype)
-    assert message.encoding == ENCODING[encoding]
-    assert message.compression == COMPRESSION[codec.compression]  # still compressed as asked
-    y = decode(message, max_bytes=MAX_BYTES)
+    assert encoded.header.encoding == ENCODING[encoding]
+    assert encoded.header.compression == COMPRESSION[codec.compression]  # still compressed as asked
+    y = _round_trip(encoded)
     assert torch.equal(y, x) if encoding == "raw" else torch.allclose(y.double(), x.double(), rtol=0.01, atol=0.05)
 
 
@@ -143,10 +170,10 @@ def test_every_wire_enum_value_has_a_codec_that_round_trips() -> None:
     x = torch.relu(torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(0)))
     by_enum: dict[tuple[int, int], list[str]] = {}
     for name in list_codecs():
-        message = encode(x, parse_codec(name))
-        y = decode(message, max_bytes=MAX_BYTES)
+        encoded = encode(x, parse_codec(name))
+        y = _round_trip(encoded)
         assert torch.allclose(y, x, atol=0.02, rtol=0.01), name
-        by_enum.setdefault((message.encoding, message.compression), []).append(name)
+        by_enum.setdefault((encoded.header.encoding, encoded.header.compression), []).append(name)
     encodings = {v for k, v in wire_pb2.Encoding.items() if not k.endswith("UNSPECIFIED")}
     compressions = {v for k, v in wire_pb2.Compression.items() if not k.endswith("UNSPECIFIED")}
     assert {e for e, _ in by_enum} == encodings
@@ -158,9 +185,9 @@ def test_every_wire_dtype_round_trips() -> None:
     seen = set()
     for dtype in [*DTYPES, torch.int8]:
         x = torch.arange(6).reshape(2, 3).to(dtype)
-        message = encode(x, parse_codec("raw+zstd"))
-        seen.add(message.dtype)
-        assert torch.equal(decode(message, max_bytes=MAX_BYTES), x)
+        encoded = encode(x, parse_codec("raw+zstd"))
+        seen.add(encoded.header.dtype)
+        assert torch.equal(_round_trip(encoded), x)
     assert seen == {v for k, v in wire_pb2.DType.items() if not k.endswith("UNSPECIFIED")}
 
 
@@ -168,7 +195,7 @@ def test_every_wire_dtype_round_trips() -> None:
 def test_non_finite_values_become_what_the_docs_say(name: str) -> None:
     codec = parse_codec(name)
     x = torch.tensor([[0.5, math.nan, math.inf, -math.inf, -2.0, 3.0]])
-    y = decode(encode(x, codec), max_bytes=MAX_BYTES)
+    y = _round_trip(encode(x, codec))
     if codec.encoding in ("fp16", "bf16"):
         assert math.isnan(y[0, 1]) and y[0, 2] == math.inf and y[0, 3] == -math.inf
     else:
@@ -183,30 +210,30 @@ def test_non_finite_values_become_what_the_docs_say(name: str) -> None:
 def test_int8_constant_tensors(name: str) -> None:
     for value in (0.0, 5.0, -1e-30, 1e30):
         x = torch.full((2, 3, 4), value)
-        message = encode(x, parse_codec(name))
-        assert all(s > 0 and math.isfinite(s) for s in message.scale)
-        assert torch.allclose(decode(message, max_bytes=MAX_BYTES), x, rtol=0.005, atol=0)
+        encoded = encode(x, parse_codec(name))
+        assert all(s > 0 and math.isfinite(s) for s in encoded.header.scale)
+        assert torch.allclose(_round_trip(encoded), x, rtol=0.005, atol=0)
 
 
 def test_int8_float16_near_its_maximum_stays_finite() -> None:
     x = torch.tensor([[-65504.0, -1.0, 3.0, 65504.0]], dtype=torch.float16)
-    y = decode(encode(x, parse_codec("int8")), max_bytes=MAX_BYTES)
+    y = _round_trip(encode(x, parse_codec("int8")))
     assert torch.isfinite(y).all() and (y.float() - x.float()).abs().max() <= 65504 * 2 / 255 / 2 + 64
 
 
 def test_int8_per_channel_runs_along_axis_one() -> None:
     x = torch.stack([torch.full((5,), 1.0), torch.full((5,), 1000.0)], dim=1).unsqueeze(-1)  # (5, 2, 1)
     per_channel = encode(x, parse_codec("int8c"))
-    assert per_channel.channel_axis == 1 and len(per_channel.scale) == 2
-    assert encode(x, parse_codec("int8")).channel_axis == -1
-    assert encode(x[0, 0], parse_codec("int8c")).channel_axis == -1  # rank 1: per tensor
-    assert (decode(per_channel, max_bytes=MAX_BYTES) - x).abs()[:, 0].max() < 1 / 255
+    assert per_channel.header.channel_axis == 1 and len(per_channel.header.scale) == 2
+    assert encode(x, parse_codec("int8")).header.channel_axis == -1
+    assert encode(x[0, 0], parse_codec("int8c")).header.channel_axis == -1  # rank 1: per tensor
+    assert (_round_trip(per_channel) - x).abs()[:, 0].max() < 1 / 255
 
 
 def test_encode_accepts_views_and_graph_tensors() -> None:
     base = torch.randn(4, 6, requires_grad=True)
     x = (base * 2).t()[:, ::2]  # non-contiguous, part of a graph
-    assert torch.equal(decode(encode(x, CodecSpec()), max_bytes=MAX_BYTES), x.detach())
+    assert torch.equal(_round_trip(encode(x, CodecSpec())), x.detach())
 
 
 @pytest.mark.parametrize("tensor", [torch.zeros(2, dtype=torch.complex64), torch.zeros(2, dtype=torch.int16),
@@ -215,6 +242,50 @@ def test_encode_refuses_what_the_wire_cannot_carry(tensor: torch.Tensor) -> None
     with pytest.raises(WireError) as info:
         encode(tensor, CodecSpec())
     assert info.value.code == "invalid_tensor"
+
+# ------------------------------------------------------------------------------------------ no copies
+@little_endian_only
+@pytest.mark.parametrize("dtype", [*WRAPPED, torch.bool])
+def test_uncompressed_encode_is_a_view_of_the_tensor(dtype: torch.dtype) -> None:
+    x = torch.arange(12).reshape(3, 4).to(dtype)
+    encoded = encode(x, CodecSpec())
+    assert isinstance(encoded.payload, memoryview)
+    assert encoded.size == memoryview(encoded.payload).nbytes == x.numel() * x.element_size()
+    addresses = _address_range(encoded.payload)
+    assert addresses.start == x.data_ptr() and addresses.stop == x.data_ptr() + x.numel() * x.element_size()
+    x.view(torch.uint8).reshape(-1)[0] = 1  # the payload sees the change (the first byte was 0)
+    assert memoryview(encoded.payload)[0] == 1
+
+
+@little_endian_only
+@pytest.mark.parametrize("dtype", WRAPPED)
+@pytest.mark.parametrize("writable", [bytearray, lambda data: memoryview(bytearray(data))])
+def test_decode_wraps_writable_payloads_without_a_copy(dtype: torch.dtype,
+                                                       writable: Callable[[Payload], Payload]) -> None:
+    x = torch.arange(12).reshape(3, 4).to(dtype)
+    encoded = encode(x, CodecSpec())
+    buffer = writable(encoded.payload)
+    y = decode(encoded.header, buffer, max_bytes=MAX_BYTES)
+    assert torch.equal(y, x)
+    addresses = _address_range(buffer)
+    assert y.data_ptr() == addresses.start and y.data_ptr() + y.numel() * y.element_size() == addresses.stop
+    memoryview(buffer)[0] = 7  # the tensor is the buffer: writing one changes the other
+    assert y.reshape(-1).view(torch.uint8)[0] == 7
+    y.view(torch.uint8).reshape(-1)[1] = 9
+    assert memoryview(buffer)[1] == 9
+
+
+@pytest.mark.parametrize("dtype", [*WRAPPED, torch.bool])
+def test_decode_copies_read_only_payloads(dtype: torch.dtype) -> None:
+    x = torch.arange(12).reshape(3, 4).to(dtype)
+    encoded = encode(x, CodecSpec())
+    payload = bytes(encoded.payload)
+    y = decode(encoded.header, payload, max_bytes=MAX_BYTES)
+    assert torch.equal(y, x)
+    addresses = _address_range(payload)
+    assert y.data_ptr() not in addresses and y.data_ptr() + y.numel() * y.element_size() - 1 not in addresses
+    y.view(torch.uint8).reshape(-1)[0] = 1  # writable, and not the payload (whose first byte stays 0)
+    assert payload == bytes(encoded.payload)
 
 
 # ------------------------------------------------------------------------------------------ hostile input
@@ -234,7 +305,7 @@ class _Tracing:
         tracemalloc.stop()
 
 
-def _decode_checked(message: wire_pb2.Tensor) -> torch.Tensor | None:
+def _decode_checked(message: wire_pb2.Tensor, payload: Payload) -> torch.Tensor | None:
     """Decode must return a tensor or raise WireError, and never allocate more than MAX_BYTES doing it.
 
     Torch's own allocations are not traced, but every one decode makes is sized by a numpy buffer or by
@@ -243,7 +314,7 @@ def _decode_checked(message: wire_pb2.Tensor) -> torch.Tensor | None:
     result = None
     with _Tracing() as tracing:
         try:
-            result = decode(message, max_bytes=MAX_BYTES)
+            result = decode(message, payload, max_bytes=MAX_BYTES)
         except WireError as exc:
             assert exc.code in ("invalid_tensor", "too_large", "bad_message") and str(exc)
     assert tracing.peak <= MAX_BYTES * 2 + (64 << 10), f"decode allocated {tracing.peak} bytes"
@@ -262,57 +333,78 @@ def _enum(valid: int) -> st.SearchStrategy[int]:
 
 dims = st.one_of(st.integers(0, 6), st.integers(-(2**63), 2**63 - 1), st.sampled_from([1 << 20, 1 << 40, -1]))
 wire_floats = st.floats(width=32, allow_nan=True, allow_infinity=True)
-random_messages = st.builds(
+random_headers = st.builds(
     wire_pb2.Tensor,
     dtype=_enum(len(wire_pb2.DType.keys()) - 1),
     shape=st.lists(dims, max_size=MAX_RANK + 2),
     encoding=_enum(len(wire_pb2.Encoding.keys()) - 1),
     compression=_enum(len(wire_pb2.Compression.keys()) - 1),
-    data=st.binary(max_size=256),
     scale=st.lists(wire_floats, max_size=4),
     zero_point=st.lists(wire_floats, max_size=4),
     channel_axis=st.one_of(st.integers(-2, 4), st.integers(-(2**31), 2**31 - 1)),
     encoded_size=st.one_of(st.integers(0, 300), st.integers(0, 2**64 - 1)),
-    chunks=st.one_of(st.just(0), st.integers(0, 2**32 - 1)),
 )
+#: The forms a payload reaches decode in: a received frame's buffer (writable), or read-only bytes.
+payload_types: st.SearchStrategy[Callable[[bytes], Payload]] = st.sampled_from(
+    [bytes, bytearray, lambda b: memoryview(bytearray(b))])
+
+
+@st.composite
+def random_tensors(draw: st.DrawFn) -> tuple[wire_pb2.Tensor, Payload]:
+    """Arbitrary header fields and payload; payload_size mostly matches the payload (to get past that check)."""
+    header = draw(random_headers)
+    payload = draw(st.binary(max_size=256))
+    header.payload_size = draw(st.one_of(st.just(len(payload)), st.just(len(payload)),
+                                         st.integers(0, 300), st.integers(0, 2**64 - 1)))
+    return header, draw(payload_types)(payload)
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(blob=st.binary(max_size=512))
-def test_decode_survives_arbitrary_bytes(blob: bytes) -> None:
+@given(blob=st.binary(max_size=512), payload=st.binary(max_size=256))
+def test_decode_survives_arbitrary_bytes(blob: bytes, payload: bytes) -> None:
     try:
         message = wire_pb2.Tensor.FromString(blob)
     except DecodeError:
         return  # not a message at all: the transport's problem, before decode is called
-    _decode_checked(message)
+    _decode_checked(message, payload)
+    message.payload_size = len(payload)  # and past the payload size check
+    _decode_checked(message, bytearray(payload))
 
 
 @settings(max_examples=400, deadline=None, derandomize=True)
-@given(message=random_messages)
-def test_decode_survives_arbitrary_fields(message: wire_pb2.Tensor) -> None:
-    _decode_checked(message)
+@given(tensor=random_tensors())
+def test_decode_survives_arbitrary_fields(tensor: tuple[wire_pb2.Tensor, Payload]) -> None:
+    _decode_checked(*tensor)
 
 
 @st.composite
-def mutated_messages(draw: st.DrawFn) -> wire_pb2.Tensor:
-    """A valid message with one or more fields broken in the ways a buggy or hostile peer would."""
+def mutated_tensors(draw: st.DrawFn) -> tuple[wire_pb2.Tensor, Payload]:
+    """A valid header and payload with one or more things broken in the ways a buggy or hostile peer would.
+
+    A broken payload keeps payload_size consistent (so the bytes reach decompression and decoding); the
+    ``payload_size`` mutation breaks that consistency itself.
+    """
     codec = parse_codec(draw(st.sampled_from(list_codecs())))
     dtype = draw(st.sampled_from(DTYPES))
     x = draw(tensors(dtype, draw(shapes), max_abs=1000.0))
-    message = encode(x, codec)
+    encoded = encode(x, codec)
+    message, data = encoded.header, bytes(encoded.payload)
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["truncate", "append", "flip", "size", "dim", "rank", "scale", "zero_point",
-                                     "axis", "dtype", "encoding", "compression"]))
-        data = message.data
+        kind = draw(st.sampled_from(["truncate", "append", "flip", "size", "payload_size", "dim", "rank", "scale",
+                                     "zero_point", "axis", "dtype", "encoding", "compression"]))
         if kind == "truncate" and data:
-            message.data = data[: draw(st.integers(0, len(data) - 1))]
+            data = data[: draw(st.integers(0, len(data) - 1))]
+            message.payload_size = len(data)
         elif kind == "append":
-            message.data = data + draw(st.binary(min_size=1, max_size=16))
+            data = data + draw(st.binary(min_size=1, max_size=16))
+            message.payload_size = len(data)
         elif kind == "flip" and data:
             i = draw(st.integers(0, len(data) - 1))
-            message.data = data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1:]
+            data = data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1:]
         elif kind == "size":
             message.encoded_size = max(0, message.encoded_size + draw(st.integers(-8, 8)))
+        elif kind == "payload_size":
+            message.payload_size = max(0, message.payload_size + draw(st.integers(-8, 8)))
         elif kind == "dim" and message.shape:
             message.shape[draw(st.integers(0, len(message.shape) - 1))] = draw(dims)
         elif kind == "rank":
@@ -329,13 +421,13 @@ def mutated_messages(draw: st.DrawFn) -> wire_pb2.Tensor:
             message.encoding = draw(enum_values)
         elif kind == "compression":
             message.compression = draw(enum_values)
-    return message
+    return message, draw(payload_types)(data)
 
 
 @settings(max_examples=400, deadline=None, derandomize=True)
-@given(message=mutated_messages())
-def test_decode_survives_broken_valid_messages(message: wire_pb2.Tensor) -> None:
-    _decode_checked(message)
+@given(tensor=mutated_tensors())
+def test_decode_survives_broken_valid_messages(tensor: tuple[wire_pb2.Tensor, Payload]) -> None:
+    _decode_checked(*tensor)
 
 
 @settings(max_examples=100, deadline=None, derandomize=True)
@@ -344,10 +436,10 @@ def test_decode_survives_broken_valid_messages(message: wire_pb2.Tensor) -> None
 def test_huge_declared_shapes_are_too_large_before_anything_is_allocated(
         shape: list[int], encoding: int) -> None:
     message = wire_pb2.Tensor(dtype=wire_pb2.DTYPE_FLOAT32, shape=shape, encoding=encoding,
-                              compression=wire_pb2.COMPRESSION_ZSTD, data=b"x",
+                              compression=wire_pb2.COMPRESSION_ZSTD, payload_size=1,
                               encoded_size=min(math.prod(shape), 2**64 - 1))
     with pytest.raises(WireError) as info:
-        decode(message, max_bytes=MAX_BYTES)
+        decode(message, b"x", max_bytes=MAX_BYTES)
     assert info.value.code == "too_large" and "limit" in str(info.value)
 
 
@@ -355,20 +447,20 @@ def test_empty_tensors_with_overflowing_shapes_are_invalid() -> None:
     message = wire_pb2.Tensor(dtype=wire_pb2.DTYPE_FLOAT32, shape=[0, 74, 1042670, 119539415789],
                               encoding=wire_pb2.ENCODING_RAW, compression=wire_pb2.COMPRESSION_NONE)
     with pytest.raises(WireError, match="overflows") as info:
-        decode(message, max_bytes=MAX_BYTES)
+        decode(message, b"", max_bytes=MAX_BYTES)
     assert info.value.code == "invalid_tensor"
     message.shape[:] = [0, 1 << 20, 1 << 20]
-    assert decode(message, max_bytes=MAX_BYTES).shape == (0, 1 << 20, 1 << 20)
+    assert decode(message, b"", max_bytes=MAX_BYTES).shape == (0, 1 << 20, 1 << 20)
 
 
 def test_limit_counts_the_decoded_tensor_not_just_the_encoding() -> None:
     x = torch.zeros(1024, 256)  # 1 MiB of float32, 256 KiB as int8
-    message = encode(x, parse_codec("int8"))
-    assert message.encoded_size == 256 << 10
+    encoded = encode(x, parse_codec("int8"))
+    assert encoded.header.encoded_size == 256 << 10
     with pytest.raises(WireError, match="limit") as info:
-        decode(message, max_bytes=(1 << 20) - 1)
+        decode(encoded.header, encoded.payload, max_bytes=(1 << 20) - 1)
     assert info.value.code == "too_large"
-    assert decode(message, max_bytes=1 << 20).shape == x.shape
+    assert decode(encoded.header, encoded.payload, max_bytes=1 << 20).shape == x.shape
 
 
 def _zeros_bomb(compression: str, total: int, *, declare_size: bool) -> bytes:
@@ -391,10 +483,10 @@ def test_decompression_bomb_is_refused_quickly(compression: str, declare_size: b
     assert len(bomb) < 1 << 20
     enum = wire_pb2.COMPRESSION_ZSTD if compression == "zstd" else wire_pb2.COMPRESSION_LZ4
     message = wire_pb2.Tensor(dtype=wire_pb2.DTYPE_UINT8, shape=[4096], encoding=wire_pb2.ENCODING_RAW,
-                              compression=enum, encoded_size=4096, data=bomb)
+                              compression=enum, encoded_size=4096, payload_size=len(bomb))
     start = time.perf_counter()
     with _Tracing() as tracing, pytest.raises(WireError) as info:
-        decode(message, max_bytes=MAX_BYTES)
+        decode(message, bomb, max_bytes=MAX_BYTES)
     assert time.perf_counter() - start < 1.0
     assert info.value.code == "too_large"
     assert tracing.peak < len(bomb) + (1 << 20)
@@ -402,20 +494,37 @@ def test_decompression_bomb_is_refused_quickly(compression: str, declare_size: b
 
 @pytest.mark.parametrize("compression", ["zstd", "lz4"])
 def test_corrupt_compressed_payloads_are_invalid(compression: str) -> None:
-    message = encode(torch.arange(100.0), parse_codec(f"raw+{compression}"))
-    for data in (b"", b"garbage!", message.data[:-3], message.data + b"junk"):
-        broken = wire_pb2.Tensor()
-        broken.CopyFrom(message)
-        broken.data = data
+    encoded = encode(torch.arange(100.0), parse_codec(f"raw+{compression}"))
+    payload = bytes(encoded.payload)
+    for data in (b"", b"garbage!", payload[:-3], payload + b"junk"):
+        broken = _copy(encoded.header)
+        broken.payload_size = len(data)  # consistent: the bytes themselves are what is wrong
         with pytest.raises(WireError) as info:
-            decode(broken, max_bytes=MAX_BYTES)
+            decode(broken, data, max_bytes=MAX_BYTES)
         assert info.value.code == "invalid_tensor" and compression in str(info.value)
     # Two frames back to back hold twice the declared bytes.
-    doubled = wire_pb2.Tensor()
-    doubled.CopyFrom(message)
-    doubled.data = message.data + message.data
+    doubled = _copy(encoded.header)
+    doubled.payload_size = 2 * len(payload)
     with pytest.raises(WireError):
-        decode(doubled, max_bytes=MAX_BYTES)
+        decode(doubled, payload + payload, max_bytes=MAX_BYTES)
+
+
+@pytest.mark.parametrize("name", ["raw", "raw+lz4", "raw+zstd", "int8", "fp16+zstd"])
+def test_payload_of_another_length_than_declared_is_refused(name: str) -> None:
+    encoded = encode(torch.arange(100.0), parse_codec(name))
+    payload = bytes(encoded.payload)
+    assert decode(encoded.header, payload, max_bytes=MAX_BYTES).shape == (100,)
+    for data in (b"", payload[:-1], payload + b"\0", payload + payload):
+        for form in (bytes, bytearray):
+            with pytest.raises(WireError, match="payload has") as info:
+                decode(encoded.header, form(data), max_bytes=MAX_BYTES)
+            assert info.value.code == "invalid_tensor"
+    for declared in (0, encoded.size - 1, encoded.size + 1, 2**64 - 1):
+        header = _copy(encoded.header)
+        header.payload_size = declared
+        with pytest.raises(WireError, match="payload has") as info:
+            decode(header, payload, max_bytes=MAX_BYTES)
+        assert info.value.code == "invalid_tensor"
 
 
 @pytest.mark.parametrize(
@@ -428,7 +537,7 @@ def test_corrupt_compressed_payloads_are_invalid(compression: str) -> None:
         (lambda m: m.shape.__setitem__(0, -2), "negative"),
         (lambda m: m.shape.extend([1] * MAX_RANK), "rank"),
         (lambda m: setattr(m, "encoded_size", m.encoded_size + 1), "encoded_size"),
-        (lambda m: setattr(m, "data", m.data[:-1]), "payload"),
+        (lambda m: setattr(m, "payload_size", m.payload_size - 1), "payload"),
         (lambda m: m.scale.append(1.0), "scale"),
         (lambda m: setattr(m, "channel_axis", 3), "channel_axis"),
         (lambda m: m.scale.__setitem__(0, math.nan), "finite"),
@@ -436,33 +545,26 @@ def test_corrupt_compressed_payloads_are_invalid(compression: str) -> None:
     ],
 )
 def test_invalid_fields_are_named(change: Callable[[wire_pb2.Tensor], None], words: str) -> None:
-    message = encode(torch.randn(2, 3), parse_codec("int8"))
-    change(message)
+    encoded = encode(torch.randn(2, 3), parse_codec("int8"))
+    change(encoded.header)
     with pytest.raises(WireError, match=words) as info:
-        decode(message, max_bytes=MAX_BYTES)
+        decode(encoded.header, encoded.payload, max_bytes=MAX_BYTES)
     assert info.value.code == "invalid_tensor"
 
 
-def test_unassembled_chunked_tensors_are_refused() -> None:
-    message = encode(torch.randn(2, 3), CodecSpec())
-    message.chunks = 3
-    with pytest.raises(WireError, match="chunks") as info:
-        decode(message, max_bytes=MAX_BYTES)
-    assert info.value.code == "bad_message"
-
-
 def test_expected_dtype_and_sample_shape() -> None:
-    message = encode(torch.randn(5, 3, 4), parse_codec("fp16"))
-    assert decode(message, max_bytes=MAX_BYTES, expected=(torch.float32, (3, 4))).shape == (5, 3, 4)
+    encoded = encode(torch.randn(5, 3, 4), parse_codec("fp16"))
+    assert decode(encoded.header, encoded.payload, max_bytes=MAX_BYTES,
+                  expected=(torch.float32, (3, 4))).shape == (5, 3, 4)
     for expected in [(torch.float64, (3, 4)), (torch.float32, (4, 3)), (torch.float32, (3, 4, 1)),
                      (torch.float32, ())]:
         with pytest.raises(WireError, match="this stage takes") as info:
-            decode(message, max_bytes=MAX_BYTES, expected=expected)
+            decode(encoded.header, encoded.payload, max_bytes=MAX_BYTES, expected=expected)
         assert info.value.code == "invalid_tensor"
 
 
-def test_raw_bool_payloads_are_normalised() -> None:
-    message = encode(torch.tensor([True, False, True]), CodecSpec())
-    message.data = bytes([7, 0, 255])
-    y = decode(message, max_bytes=MAX_BYTES)
+@pytest.mark.parametrize("form", [bytes, bytearray])
+def test_raw_bool_payloads_are_normalised(form: Callable[[bytes], Payload]) -> None:
+    encoded = encode(torch.tensor([True, False, True]), CodecSpec())
+    y = decode(encoded.header, form(bytes([7, 0, 255])), max_bytes=MAX_BYTES)
     assert y.tolist() == [True, False, True] and y.view(torch.uint8).tolist() == [1, 0, 1]

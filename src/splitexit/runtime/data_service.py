@@ -1,0 +1,298 @@
+"""A node's data plane: the framed connections its upstream neighbours send batches on (``docs/wire.md``).
+
+Per connection: the first frame must be a HELLO within ``hello_timeout``, carrying the cluster token and,
+with TLS, the name in the sender's certificate; WELCOME grants ``credits`` batches. Each BATCH is checked
+(:func:`~splitexit.wire.data_messages.read_batch`) and handed to the hop of its plan; a bad one is
+answered with a RequestError for exactly its rows and the connection goes on, while a frame that breaks
+the protocol (more batches than granted, a batch id already in flight, an unknown type) closes it with a
+GOODBYE. The credit of a batch comes back once its stage has run and its forwarded rows were handed on,
+so a node that cannot keep up holds its upstream back. Every answer, from this stage or relayed from
+further down, goes up in RESULTS frames through the emulated link of that direction.
+
+Node-wide limits hold off hostile or broken peers: connections in all and per address, payload bytes in
+the node at once, and the size of a batch payload, set from the stages served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import ssl
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from splitexit.errors import WireError
+from splitexit.runtime.frame_connection import FrameConnection, serve
+from splitexit.runtime.hop import Outcome, RowResult, stamp
+from splitexit.runtime.link import EmulatedLink
+from splitexit.runtime.refusal_log import RefusalLog
+from splitexit.runtime.result_messages import rejection_metadata, results_metadata
+from splitexit.wire import wire_pb2
+from splitexit.wire.data_messages import IncomingBatch, decode_batch, parse, read_batch
+from splitexit.wire.framing import Frame, FrameLimits, FrameType
+
+if TYPE_CHECKING:
+    from splitexit.runtime.node import Node
+
+__all__ = ["ByteBudget", "DataService"]
+
+logger = logging.getLogger(__name__)
+
+#: Seed of the emulated link results travel up on (fixed: runs are repeatable).
+UP_LINK_SEED = 1
+#: Payload bytes a batch may carry while the node serves no plan (a batch then has nowhere to go anyway).
+NO_PLAN_PAYLOAD = 64 * 1024
+#: Payloads up to this size are decoded on the event loop (microseconds); larger ones in the node's worker
+#: thread, so a big tensor never holds up the loop.
+INLINE_DECODE = 64 * 1024
+#: Room over a stage's raw input size that a compressed payload may take (lz4/zstd frame overhead).
+COMPRESSION_SLACK = 1.01
+
+#: (frame type, batch id, metadata) on its way up.
+_Up = tuple[FrameType, int, bytes]
+
+
+class ByteBudget:
+    """Payload bytes the node holds for batches of every connection: ``acquire`` waits while they are spent.
+    One batch larger than the whole budget still goes through, alone."""
+
+    def __init__(self, total: int):
+        self.total, self.used = total, 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self, size: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used == 0 or self.used + size <= self.total)
+            self.used += size
+
+    async def release(self, size: int) -> None:
+        async with self._changed:
+            self.used -= size
+            self._changed.notify_all()
+
+
+class DataService:
+    """Serves ``node``'s data plane; :meth:`start` listens, :meth:`stop` closes every connection."""
+
+    def __init__(self, node: Node):
+        self.node = node
+        self.spec = node.cluster.data_plane
+        self.limits = FrameLimits(payload=NO_PLAN_PAYLOAD)  # shared by every connection; see stages_changed
+        self.budget = ByteBudget(self.spec.in_flight_bytes)
+        self.refusals = RefusalLog(logger)
+        self.port: int | None = None
+        self._server: asyncio.Server | None = None
+        self._connections: set[FrameConnection] = set()
+        self._per_host: Counter[str] = Counter()
+
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
+        self._server = await serve(host, port, self._handle, tls=tls, limits=self.limits)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
+    def stages_changed(self) -> None:
+        """Size the largest accepted payload from the plans served: ``max_batch`` rows of the largest input."""
+        largest = max((sum(t.bytes_per_sample for t in s.stage.input_tensors) for s in self.node.plans.values()),
+                      default=0)
+        wanted = int(largest * self.node.cluster.batching.max_batch * COMPRESSION_SLACK) + NO_PLAN_PAYLOAD
+        self.limits.payload = min(wanted, self.spec.max_payload)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self._connections):
+            await _goodbye(connection, "stopping", f"node {self.node.name} is shutting down")
+
+    # ---------------------------------------------------------------- one connection
+    async def _handle(self, connection: FrameConnection) -> None:
+        peer = connection.transport.get_extra_info("peername") if connection.transport else None
+        host = str(peer[0]) if isinstance(peer, tuple) else "?"
+        if len(self._connections) >= self.spec.max_connections or \
+                self._per_host[host] >= self.spec.max_connections_per_host:
+            self._refuse("busy", host, f"too many connections (at most {self.spec.max_connections}, "
+                                       f"{self.spec.max_connections_per_host} per address)")
+            await _goodbye(connection, "busy", f"node {self.node.name} holds too many connections; try later")
+            return
+        self._connections.add(connection)
+        self._per_host[host] += 1
+        try:
+            sender = await self._hello(connection, host)
+            if sender is not None:
+                await self._serve(connection, sender, host)
+        finally:
+            self._connections.discard(connection)
+            self._per_host[host] -= 1
+            if not self._per_host[host]:
+                del self._per_host[host]
+
+    async def _hello(self, connection: FrameConnection, host: str) -> str | None:
+        """The sender a connection's HELLO proves, or None (the connection was refused and told why)."""
+        node = self.node
+        try:
+            frame = await asyncio.wait_for(connection.receive(), self.spec.hello_timeout)
+            if frame.kind is not FrameType.HELLO:
+                raise WireError(f"the first frame must be HELLO, not {frame.kind.name}")
+            hello = parse(wire_pb2.Hello, frame.metadata, "a HELLO frame")
+        except TimeoutError:
+            self._refuse("hello_timeout", host, f"no HELLO within {self.spec.hello_timeout:g} s")
+            await _goodbye(connection, "hello_timeout", f"say HELLO within {self.spec.hello_timeout:g} s")
+            return None
+        except WireError as exc:
+            self._refuse("bad_message", host, str(exc))
+            await _goodbye(connection, "bad_message", str(exc))
+            return None
+        except ConnectionError:
+            return None
+        expected = node.cluster.security.token or ""
+        if expected and not hmac.compare_digest(hello.token.encode(), expected.encode()):
+            self._refuse("unauthenticated", host, "missing or wrong cluster token")
+            await _goodbye(connection, "unauthenticated", "missing or wrong cluster token")
+            return None
+        if node.cluster.security.tls:
+            name = connection.peer_name
+            edge = node.cluster.edge.name
+            if name != hello.sender or not (name == edge or node.upstream_allowed(name)):
+                self._refuse("wrong_peer", host, f"certificate names {name}, HELLO {hello.sender!r}; expected the "
+                                                 "edge or a node of the previous tier")
+                await _goodbye(connection, "wrong_peer", f"only the edge or a node of the previous tier may send to "
+                                                         f"{node.name}")
+                return None
+        if not node.accepting:
+            await _goodbye(connection, "stopping", f"node {node.name} is shutting down")
+            return None
+        await connection.send(FrameType.WELCOME, wire_pb2.Welcome(
+            node=node.name, credits=self.spec.credits, max_rows=node.cluster.batching.max_batch).SerializeToString())
+        return hello.sender
+
+    async def _serve(self, connection: FrameConnection, sender: str, host: str) -> None:
+        up: EmulatedLink[_Up] = EmulatedLink(self.node.cluster.link(sender, self.node.name), seed=UP_LINK_SEED)
+        writer = asyncio.get_running_loop().create_task(_write_up(connection, up), name=f"up-to-{sender}")
+        batches: dict[int, asyncio.Task[None]] = {}  # every batch not yet fully answered
+        holding: set[int] = set()  # the batches whose credit has not come back yet
+        try:
+            while True:
+                try:
+                    frame = await asyncio.wait_for(connection.receive(), self.spec.idle_timeout)
+                except TimeoutError:
+                    await _goodbye(connection, "idle", f"no frame for {self.spec.idle_timeout:g} s")
+                    return
+                if frame.kind is FrameType.PING:
+                    continue
+                if frame.kind is not FrameType.BATCH:
+                    raise WireError(f"a {frame.kind.name} frame from upstream")
+                if len(holding) >= self.spec.credits:
+                    raise WireError(f"more than the {self.spec.credits} batches granted are in flight")
+                if frame.batch_id in batches:
+                    raise WireError(f"batch id {frame.batch_id} is already in flight on this connection")
+                await self.budget.acquire(frame.payload.nbytes)
+                holding.add(frame.batch_id)
+                task = asyncio.get_running_loop().create_task(self._batch(frame, up, holding))
+                batches[frame.batch_id] = task
+                task.add_done_callback(_forget(batches, frame.batch_id))
+        except WireError as exc:
+            self._refuse("bad_message", host, f"{sender}: {exc}")
+            self.node.metrics.rejected("bad_message")
+            await _goodbye(connection, "bad_message", str(exc))
+        except ConnectionError:
+            pass
+        finally:
+            await asyncio.gather(*batches.values(), return_exceptions=True)
+            await up.close()
+            await writer
+
+    async def _batch(self, frame: Frame, up: EmulatedLink[_Up], holding: set[int]) -> None:
+        """One batch: check, decode, run (which forwards what goes on), hand the credit back, then send every
+        answer up as it comes."""
+        node, size = self.node, frame.payload.nbytes
+        try:
+            try:
+                batch = read_batch(frame.metadata, frame.payload, max_rows=node.cluster.batching.max_batch,
+                                   expect=node.expected_inputs)
+            except WireError as exc:
+                await self._reject(up, frame, _ids_of(frame.metadata, node.cluster.batching.max_batch), exc)
+                return
+            futures = await self._run(batch, frame, up)
+        finally:
+            await self.budget.release(size)
+            holding.discard(frame.batch_id)
+            await _put(up, (FrameType.CREDIT, 0, wire_pb2.Credit(batches=1).SerializeToString()))
+        pending = set(futures)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            outcomes: list[Outcome] = [f.result() for f in done]
+            node.metrics.in_flight.dec(len(outcomes))
+            node.metrics.answered.inc(sum(isinstance(o, RowResult) and o.node == node.name for o in outcomes))
+            for metadata in results_metadata(outcomes):
+                await _put(up, (FrameType.RESULTS, frame.batch_id, metadata))
+
+    async def _run(self, batch: IncomingBatch, frame: Frame, up: EmulatedLink[_Up]) -> list[asyncio.Future]:
+        node = self.node
+        ids = batch.request_ids
+        node.metrics.requests.inc(len(ids))
+        served = node.plans.get(batch.plan_version)
+        if served is None:  # retired between the envelope check and now
+            await self._reject(up, frame, ids, WireError(f"plan {batch.plan_version} was retired", code="unknown_plan"))
+            return []
+        trace = [*batch.trace, stamp(node.name, "received")]
+        try:
+            if frame.payload.nbytes <= INLINE_DECODE:
+                tensors = decode_batch(batch, served.stage.input_tensors)
+            else:
+                tensors = await asyncio.get_running_loop().run_in_executor(
+                    node.executor, decode_batch, batch, served.stage.input_tensors)
+        except WireError as exc:
+            await self._reject(up, frame, ids, exc)
+            return []
+        trace.append(stamp(node.name, "decoded"))
+        node.metrics.in_flight.inc(len(ids))
+        return await served.hop.send(ids, tensors, trace)
+
+    async def _reject(self, up: EmulatedLink[_Up], frame: Frame, ids: list[int], error: WireError) -> None:
+        node = self.node
+        node.metrics.rejected(error.code, max(len(ids), 1))
+        self.refusals.warning(("batch", error.code), "node %s refused %d requests: %s", node.name, len(ids), error)
+        await _put(up, (FrameType.RESULTS, frame.batch_id, rejection_metadata(ids, error, node.name)))
+
+    def _refuse(self, code: str, host: str, why: str) -> None:
+        self.node.metrics.rejected(code)
+        self.refusals.warning((code, host), "node %s refused a data connection from %s: %s", self.node.name, host, why)
+
+
+def _forget(batches: dict[int, asyncio.Task[None]], batch_id: int) -> Callable[[asyncio.Task[None]], None]:
+    """A done-callback that takes a finished batch off its connection's in-flight map."""
+    def forget(_: asyncio.Task[None]) -> None:
+        batches.pop(batch_id, None)
+    return forget
+
+
+def _ids_of(metadata: bytes, max_rows: int) -> list[int]:
+    """The request ids a refused batch names, where its header parses (so the sender can fail exactly those)."""
+    try:
+        ids = list(parse(wire_pb2.BatchHeader, metadata, "a batch header").request_ids)
+    except WireError:
+        return []
+    return ids if len(ids) <= max_rows else []
+
+
+async def _put(up: EmulatedLink[_Up], item: _Up) -> None:
+    if not up.closed:
+        await up.put(item, len(item[2]))
+
+
+async def _write_up(connection: FrameConnection, up: EmulatedLink[_Up]) -> None:
+    try:
+        async for kind, batch_id, metadata in up:
+            await connection.send(kind, metadata, batch_id=batch_id)
+    except ConnectionError:
+        async for _ in up:  # the peer is gone: drain, so producers never wait on a dead link
+            pass
+
+
+async def _goodbye(connection: FrameConnection, code: str, message: str) -> None:
+    try:
+        await connection.send(FrameType.GOODBYE, wire_pb2.Goodbye(code=code, message=message).SerializeToString())
+    except ConnectionError:
+        pass
+    await connection.close()

@@ -308,12 +308,15 @@ def node(
     cache: Optional[Path] = typer.Option(None, help="Where received stage files are kept "
                                                     "(default: ~/.cache/splitexit/stages/NAME)"),
     port: Optional[int] = typer.Option(None, help="Listen here instead of the port in the file (0: any free)"),
+    data_port: Optional[int] = typer.Option(None, min=0, max=65535, help="Take batches on this port (default: the "
+                                            "file's `data_port`, else any free one, announced in Health)"),
     parent: Optional[int] = typer.Option(None, "--die-with-parent", hidden=True,
                                          help="Stop when this process dies (set by `splitexit up`)"),
 ) -> None:
     """Serve as a worker until SIGTERM/Ctrl-C (then drain); the entry's coordinator sends its stage."""
     with _user_errors():
-        serve(cluster, name, address=address, tier=tier, cache_dir=cache, port=port, parent=parent)
+        serve(cluster, name, address=address, tier=tier, cache_dir=cache, port=port, data_port=data_port,
+              parent=parent)
 
 
 @app.command(cls=Command)

@@ -57,6 +57,20 @@ def test_a_used_metrics_port_is_named(tmp_path: Path) -> None:
     assert f"cannot serve its metrics on port {port}" in message and "metrics_port" in message
 
 
+def test_the_data_port_is_the_one_given_and_a_used_one_is_named(tmp_path: Path) -> None:
+    wanted = free_port()
+    cluster_file = write_cluster(tmp_path)
+    first = node(cluster_file, "--data-port", str(wanted))
+    try:
+        ready = first.stdout.readline() if first.stdout else ""
+        assert ready.split()[-2:] == ["data", str(wanted)], ready
+        message = refused(node(cluster_file, "--port", str(free_port()), "--data-port", str(wanted)))
+        assert f"cannot listen for batches on 127.0.0.1:{wanted}" in message and "data_port" in message
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)
+
+
 def test_up_creates_a_missing_log_directory(tmp_path: Path) -> None:
     cluster_file = write_cluster(tmp_path)
     logs = tmp_path / "not" / "there"

@@ -50,7 +50,8 @@ ALIVE_POLL_S = 0.5
 
 
 def serve(cluster_file: Path, name: str, *, address: str | None = None, tier: int | None = None,
-          cache_dir: Path | None = None, port: int | None = None, parent: int | None = None) -> None:
+          cache_dir: Path | None = None, port: int | None = None, data_port: int | None = None,
+          parent: int | None = None) -> None:
     """Run one worker node until SIGTERM/SIGINT (or until ``parent`` dies, when given).
 
     A node that is not in the cluster file (one joining a running cluster) needs ``address`` and ``tier``.
@@ -60,6 +61,8 @@ def serve(cluster_file: Path, name: str, *, address: str | None = None, tier: in
     cluster = load_cluster(cluster_file)
     require_token(cluster_file, cluster)
     spec = _node_spec(cluster, cluster_file, name, address, tier)
+    if data_port is not None:
+        spec = spec.model_copy(update={"data_port": data_port})
     node = Node(cluster, name, spec=spec, cache_dir=cache_dir or default_cache_dir(name))
     asyncio.run(serve_node(node, port=port))
 

@@ -31,7 +31,7 @@ async def serve_node(node: Node, *, port: int | None = None, ready: asyncio.Even
         loop.add_signal_handler(sig, stop.set)
     await node.start(port=port)
     registration = await _register_node(node)
-    print(f"ready {node.name} {node.port}", flush=True)  # the line `splitexit up` waits for
+    print(f"ready {node.name} {node.port} data {node.data.port}", flush=True)  # the line `splitexit up` waits for
     if ready is not None:
         ready.set()
     try:

@@ -21,6 +21,7 @@ import logging
 import ssl
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from splitexit.errors import WireError
@@ -52,6 +53,14 @@ COMPRESSION_SLACK = 1.01
 
 #: (frame type, batch id, metadata) on its way up.
 _Up = tuple[FrameType, int, bytes]
+
+
+@dataclass
+class _Credit:
+    """One connection's batches: how many it was granted (WELCOME, then one per CREDIT) and has sent."""
+
+    granted: int
+    received: int = 0
 
 
 class ByteBudget:
@@ -122,6 +131,11 @@ class DataService:
             if sender is not None:
                 await self._serve(connection, sender, host)
         finally:
+            self._forget(connection, host)
+
+    def _forget(self, connection: FrameConnection, host: str) -> None:
+        """A connection stops counting against the limits once it is closed (its batches may still finish)."""
+        if connection in self._connections:
             self._connections.discard(connection)
             self._per_host[host] -= 1
             if not self._per_host[host]:
@@ -162,15 +176,19 @@ class DataService:
         if not node.accepting:
             await _goodbye(connection, "stopping", f"node {node.name} is shutting down")
             return None
-        await connection.send(FrameType.WELCOME, wire_pb2.Welcome(
-            node=node.name, credits=self.spec.credits, max_rows=node.cluster.batching.max_batch).SerializeToString())
+        try:
+            welcome = wire_pb2.Welcome(node=node.name, credits=self.spec.credits,
+                                       max_rows=node.cluster.batching.max_batch)
+            await connection.send(FrameType.WELCOME, welcome.SerializeToString())
+        except ConnectionError:  # the peer hung up right after its HELLO
+            return None
         return hello.sender
 
     async def _serve(self, connection: FrameConnection, sender: str, host: str) -> None:
         up: EmulatedLink[_Up] = EmulatedLink(self.node.cluster.link(sender, self.node.name), seed=UP_LINK_SEED)
         writer = asyncio.get_running_loop().create_task(_write_up(connection, up), name=f"up-to-{sender}")
         batches: dict[int, asyncio.Task[None]] = {}  # every batch not yet fully answered
-        holding: set[int] = set()  # the batches whose credit has not come back yet
+        credit = _Credit(granted=self.spec.credits)
         try:
             while True:
                 try:
@@ -182,13 +200,14 @@ class DataService:
                     continue
                 if frame.kind is not FrameType.BATCH:
                     raise WireError(f"a {frame.kind.name} frame from upstream")
-                if len(holding) >= self.spec.credits:
-                    raise WireError(f"more than the {self.spec.credits} batches granted are in flight")
+                credit.received += 1
+                if credit.received > credit.granted:
+                    raise WireError(f"batch {credit.received} arrived with {credit.granted} granted so far "
+                                    f"({self.spec.credits} at WELCOME, one more as each batch has run)")
                 if frame.batch_id in batches:
                     raise WireError(f"batch id {frame.batch_id} is already in flight on this connection")
                 await self.budget.acquire(frame.payload.nbytes)
-                holding.add(frame.batch_id)
-                task = asyncio.get_running_loop().create_task(self._batch(frame, up, holding))
+                task = asyncio.get_running_loop().create_task(self._batch(frame, up, credit))
                 batches[frame.batch_id] = task
                 task.add_done_callback(_forget(batches, frame.batch_id))
         except WireError as exc:
@@ -198,11 +217,12 @@ class DataService:
         except ConnectionError:
             pass
         finally:
+            self._forget(connection, host)
             await asyncio.gather(*batches.values(), return_exceptions=True)
             await up.close()
             await writer
 
-    async def _batch(self, frame: Frame, up: EmulatedLink[_Up], holding: set[int]) -> None:
+    async def _batch(self, frame: Frame, up: EmulatedLink[_Up], credit: _Credit) -> None:
         """One batch: check, decode, run (which forwards what goes on), hand the credit back, then send every
         answer up as it comes."""
         node, size = self.node, frame.payload.nbytes
@@ -216,7 +236,7 @@ class DataService:
             futures = await self._run(batch, frame, up)
         finally:
             await self.budget.release(size)
-            holding.discard(frame.batch_id)
+            credit.granted += 1  # counted before it is sent: a sender cannot have seen more than this
             await _put(up, (FrameType.CREDIT, 0, wire_pb2.Credit(batches=1).SerializeToString()))
         pending = set(futures)
         while pending:

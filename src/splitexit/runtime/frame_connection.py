@@ -244,6 +244,8 @@ async def serve(host: str, port: int, handle: Callable[[FrameConnection], Awaita
     async def run(connection: FrameConnection) -> None:
         try:
             await handle(connection)
+        except ConnectionError:
+            pass  # the peer went away: nothing to answer, and not worth a traceback per connection
         finally:
             await connection.close()
 

@@ -121,7 +121,7 @@ class FrameServer:
 
         async def main() -> None:
             server = await serve("127.0.0.1", 0, echo, tls=tls, limits=LIMITS)
-            self.port = server.sockets[0].getsockname()[1]
+            self.port = server.port
             ready.set()
             await asyncio.Event().wait()
 

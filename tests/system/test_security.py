@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import ssl
 from pathlib import Path
 
 import grpc
@@ -17,6 +18,7 @@ from splitexit import ClusterError, EarlyExitNet, ExitPolicy, build_model
 from splitexit.config import ModelSource
 from splitexit.config.load import load_cluster
 from splitexit.control.edge import Entry
+from splitexit.runtime.frame_connection import client_tls, connect
 from splitexit.runtime.node import Node
 from splitexit.runtime.security import (
     TOKEN_HEADER,
@@ -25,6 +27,7 @@ from splitexit.runtime.security import (
     issue_certificate,
 )
 from splitexit.wire import wire_pb2, wire_pb2_grpc
+from splitexit.wire.framing import FrameType
 from support import free_port, start_nodes, stop_nodes
 
 TOKEN = "correct-horse-battery-staple"
@@ -91,6 +94,37 @@ async def assign(address: str, credentials: grpc.ChannelCredentials, token: str,
             return exc.code().name
 
 
+async def hello(host: str, port: int, tls: ssl.SSLContext | None, sender: str, token: str) -> str:
+    """What the data plane answers a HELLO with: 'welcome', a GOODBYE's code, or 'handshake failed'."""
+    try:
+        connection = await asyncio.wait_for(connect(host, port, tls=tls, server_name="cloud1"), 10)
+        await connection.send(FrameType.HELLO, wire_pb2.Hello(sender=sender, token=token).SerializeToString())
+        frame = await asyncio.wait_for(connection.receive(), 10)
+    except (OSError, ssl.SSLError, ConnectionError):
+        return "handshake failed"
+    await connection.close()
+    if frame.kind is FrameType.WELCOME:
+        return "welcome"
+    return wire_pb2.Goodbye.FromString(frame.metadata).code
+
+
+async def data_plane_outcomes(pki: tuple[Path, Path], port: int) -> dict[str, str]:
+    """Each would-be upstream of cloud1's data plane, before any plan names an upstream (so only the edge)."""
+    cluster_dir, intruder_dir = pki
+    host = "127.0.0.1"
+    plain = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cluster_dir / "ca.pem"))
+    return {
+        "data: edge with token": await hello(host, port, client_tls(cluster_dir, "edge"), "edge", TOKEN),
+        "data: no certificate": await hello(host, port, plain, "edge", TOKEN),
+        "data: foreign CA": await hello(host, port, client_tls(intruder_dir, "edge"), "edge", TOKEN),
+        "data: wrong neighbour": await hello(host, port, client_tls(cluster_dir, "cloud2"), "cloud2", TOKEN),
+        "data: a name its certificate does not carry": await hello(host, port, client_tls(cluster_dir, "cloud2"),
+                                                                   "edge", TOKEN),
+        "data: wrong token": await hello(host, port, client_tls(cluster_dir, "edge"), "edge", "not-the-token"),
+        "data: plain text": await hello(host, port, None, "edge", TOKEN),
+    }
+
+
 async def scenario(net: EarlyExitNet, cluster_file: Path, pki: tuple[Path, Path], cache: Path) -> dict[str, object]:
     cluster_dir, intruder_dir = pki
     cluster = load_cluster(cluster_file)
@@ -108,6 +142,7 @@ async def scenario(net: EarlyExitNet, cluster_file: Path, pki: tuple[Path, Path]
                                                  NodeCredentials.load(cluster_dir, "cloud1").channel(), TOKEN,
                                                  "cloud2"),
         "assignment from the edge": await assign(address, edge, TOKEN, "cloud1"),
+        **await data_plane_outcomes(pki, nodes[0].data.port),
     }
     entry = Entry(net, cluster)
     try:
@@ -133,6 +168,11 @@ def test_only_the_upstream_node_with_the_token_gets_in(net: EarlyExitNet, pki: t
     assert outcome["wrong token"] == outcome["no token"] == "UNAUTHENTICATED"
     assert outcome["assignment from a worker"] == "PERMISSION_DENIED"  # only the edge's coordinator assigns
     assert outcome["assignment from the edge"] == "ok"  # (an unknown stage: the reply asks for the file)
+    assert outcome["data: edge with token"] == "welcome"
+    assert outcome["data: no certificate"] == outcome["data: foreign CA"] == "handshake failed"
+    assert outcome["data: wrong neighbour"] == outcome["data: a name its certificate does not carry"] == "wrong_peer"
+    assert outcome["data: wrong token"] == "unauthenticated"
+    assert outcome["data: plain text"] == "handshake failed"  # the server speaks TLS only: no frame gets through
     assert outcome["predictions"] == outcome["expected"], "the secured chain must still answer correctly"
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert any("wrong token" in m for m in refusals) and any("certificate names" in m for m in refusals)

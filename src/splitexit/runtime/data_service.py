@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from splitexit.errors import WireError
-from splitexit.runtime.frame_connection import FrameConnection, serve
+from splitexit.runtime.frame_connection import FrameConnection, FrameServer, serve
 from splitexit.runtime.hop import Outcome, RowResult, stamp
 from splitexit.runtime.link import EmulatedLink
 from splitexit.runtime.refusal_log import RefusalLog
@@ -92,13 +92,13 @@ class DataService:
         self.budget = ByteBudget(self.spec.in_flight_bytes)
         self.refusals = RefusalLog(logger)
         self.port: int | None = None
-        self._server: asyncio.Server | None = None
+        self._server: FrameServer | None = None
         self._connections: set[FrameConnection] = set()
         self._per_host: Counter[str] = Counter()
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
         self._server = await serve(host, port, self._handle, tls=tls, limits=self.limits)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        self.port = self._server.port
         return self.port
 
     def stages_changed(self) -> None:

@@ -4,7 +4,8 @@ The receive side is an :class:`asyncio.BufferedProtocol`: the transport reads st
 the :class:`~splitexit.wire.framing.FrameReader` hands out, so a payload is read into its own buffer once
 and never copied. In plain TCP the send side hands header, metadata and payload to ``sendmsg`` from their
 own memory (:class:`_SocketWriter`; asyncio's ``writelines`` joins them into one copy and buffers the
-rest in another); under TLS, where encryption copies anyway, it uses the transport. Either way ``send``
+rest in another); under TLS the transport is :class:`~splitexit.runtime.tls_transport.TLSTransport`,
+where OpenSSL encrypts from the payload's memory and decrypts into the reader's buffer. Either way ``send``
 waits while more than ``HIGH_WATER`` bytes are unsent, so a slow reader holds the sender back instead of
 filling memory. A payload handed to ``send`` must not change until ``send`` returns.
 Sockets get ``TCP_NODELAY``, keepalive and ``TCP_USER_TIMEOUT``, so a peer that vanished breaks the
@@ -18,15 +19,17 @@ import asyncio
 import socket
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 from splitexit.errors import WireError
 from splitexit.runtime.security import CA_CERT
+from splitexit.runtime.tls_transport import accept_tls, open_tls
 from splitexit.wire.framing import Frame, FrameLimits, FrameReader, FrameType, frame_header
 
-__all__ = ["FrameConnection", "client_tls", "connect", "serve", "server_tls"]
+__all__ = ["FrameConnection", "FrameServer", "client_tls", "connect", "serve", "server_tls"]
 
 #: Keepalive probes after this many idle seconds, then every ``KEEPALIVE_INTERVAL`` s, ``KEEPALIVE_COUNT`` times.
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3
@@ -229,17 +232,36 @@ class _SocketWriter:
 async def connect(host: str, port: int, *, tls: ssl.SSLContext | None = None, server_name: str | None = None,
                   limits: FrameLimits | None = None) -> FrameConnection:
     """Open a connection to ``host:port``; with ``tls`` the server's certificate must name ``server_name``."""
-    loop = asyncio.get_running_loop()
-    _, protocol = await loop.create_connection(lambda: FrameConnection(limits), host, port, ssl=tls,
-                                               server_hostname=server_name if tls else None)
-    return protocol
+    if tls is not None:
+        protocol = FrameConnection(limits)
+        await open_tls(host, port, tls, server_name or host, protocol)
+        return protocol
+    _, plain = await asyncio.get_running_loop().create_connection(lambda: FrameConnection(limits), host, port)
+    return plain
+
+
+class FrameServer:
+    """Where a :func:`serve` listens; ``close`` stops accepting (connections already made go on)."""
+
+    def __init__(self, port: int, close: Callable[[], None]):
+        self.port = port
+        self._close = close
+
+    def close(self) -> None:
+        self._close()
 
 
 async def serve(host: str, port: int, handle: Callable[[FrameConnection], Awaitable[None]], *,
-                tls: ssl.SSLContext | None = None, limits: FrameLimits | None = None) -> asyncio.Server:
-    """Accept connections on ``host:port`` (0: a free port); ``handle`` runs once per connection."""
+                tls: ssl.SSLContext | None = None, limits: FrameLimits | None = None) -> FrameServer:
+    """Accept connections on ``host:port`` (0: a free port); ``handle`` runs once per connection (with TLS,
+    once its handshake is done)."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(work: Coroutine[Any, Any, None]) -> None:
+        task = loop.create_task(work)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def run(connection: FrameConnection) -> None:
         try:
@@ -250,11 +272,34 @@ async def serve(host: str, port: int, handle: Callable[[FrameConnection], Awaita
             await connection.close()
 
     def made(connection: FrameConnection) -> None:
-        task = loop.create_task(run(connection))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        spawn(run(connection))
 
-    return await loop.create_server(lambda: FrameConnection(limits, made), host, port, ssl=tls, reuse_port=False)
+    if tls is None:
+        server = await loop.create_server(lambda: FrameConnection(limits, made), host, port, reuse_port=False)
+        return FrameServer(int(server.sockets[0].getsockname()[1]), server.close)
+    listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setblocking(False)
+
+    async def handshake(raw: socket.socket) -> None:
+        try:
+            await accept_tls(raw, tls, FrameConnection(limits, made))
+        except (OSError, ssl.SSLError, TimeoutError):
+            raw.close()  # not one of ours, or too slow to prove it: the handshake failed, nothing else to do
+
+    async def accept_forever() -> None:
+        try:
+            while True:
+                raw, _ = await loop.sock_accept(listener)
+                spawn(handshake(raw))
+        finally:
+            listener.close()
+
+    accepting = loop.create_task(accept_forever())
+
+    def stop_accepting() -> None:
+        accepting.cancel()
+
+    return FrameServer(int(listener.getsockname()[1]), stop_accepting)
 
 
 def client_tls(directory: Path, name: str) -> ssl.SSLContext:

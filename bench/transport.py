@@ -1,69 +1,83 @@
-"""Benchmark: what our transport costs per hop, and how close a 3-stage chain gets to its ideal throughput.
+"""Benchmark: what the data plane costs per hop against raw sockets, and how close a 3-stage chain gets to its ideal.
 
-(1) **Per-hop round trip** of one float32 tensor (1 MB and 4 MB) on loopback, two contenders:
+Every comparison is measured side by side in one run: the contenders alternate over rounds (the order
+rotates every round and flips every other round), and a ratio is the median over rounds of the same-round
+ratio of the two contenders' medians; the range printed with it is the lowest and highest round's ratio.
+Read only the ratios: on a shared box absolute times move from one minute to the next.
 
-    * *ours*: ``encode_tensors`` (raw codec) -> ``wire.messages.batch_messages`` (the runtime's own builder)
-      written on a grpc.aio bidi
-      stream (``grpc_options(64 MiB)``) -> a minimal ``StageService.Stream`` servicer decodes the tensor
-      with ``splitexit.wire.tensor_codec.decode`` and yields a small ``wire_pb2.Up`` with one ``Result`` ->
-      the client reads it. Timed from before ``encode`` to after the read.
-    * *tcp*: a plain blocking socket; an 8-byte length prefix and the tensor's bytes (sent from the
-      tensor's memory, no copy) -> a server thread ``recv_into`` a buffer, ``torch.frombuffer`` on it,
-      replies 8 bytes -> the client reads them.
+(1) **One hop round trip** on loopback, one float32 tensor of shape (1, n) at 64 KiB, 1 MiB and 4 MiB. The
+    servers run in a process of their own (one for plain text, one for mutual TLS), as the next node would:
 
-    * *diagnostic, constructors*: the same, but the Down message is built with protobuf constructors
-      (``Down(batch=Batch(tensors=...))``), as RemoteStage did before; it shows what those copies cost.
+    * *ours*, the runtime's real path: ``encode_tensors`` with the raw codec -> ``RemoteStage.send`` (its
+      emulated link with nothing emulated, its writer task, ``FrameConnection`` with ``sendmsg``) -> a real
+      ``Node`` (``Node.start``: gRPC Health for the data port, then HELLO/WELCOME, credits, its
+      ``DataService``) whose plan for that size serves a stage taking exactly that tensor. The node runs
+      ``read_batch`` and ``decode_batch`` as always (in its worker thread above 64 KiB); the stage itself
+      is a stand-in that answers each row at once (a ``RowResult`` of 10 logits), so no model compute is
+      timed. The answer goes up as a RESULTS frame through the node's up link, and ``RemoteStage``
+      resolves the row's future. Timed from before ``encode`` to the future's result. The stand-in is
+      injected into ``node.plans`` (a stage file per size would only add model loading, not transport).
+    * *raw TCP*: a blocking socket; an 8-byte length prefix, then the tensor's bytes from its own memory;
+      the server thread ``recv_into`` a preallocated buffer, ``torch.frombuffer`` on it, replies 8 bytes.
+    * *frames* (diagnostic): ``FrameConnection`` alone, a BATCH frame with a 64-byte metadata block to an
+      echo server (``torch.frombuffer`` on the payload, a 2-byte RESULTS frame back): what the connection
+      costs without ``RemoteStage`` and ``DataService`` around it.
+    * the same three under mutual TLS (``client_tls``/``server_tls``, the cluster CA, node certificates):
+      *ours+tls* (``security.tls`` in the node's cluster, RemoteStage with the edge's certificate),
+      *raw TLS* (the raw contender over :mod:`ssl` sockets), *frames+tls*.
 
-    Contenders alternate over rounds (the order rotates and flips every round); each round sends ``messages``
-    tensors per contender; p50 is the median over all messages, and the ratio ours/tcp is the median of the per-round
-    ratios of the p50s.
+    p50 is the median over every timed message of a contender; targets: ours <= 1.2x raw TCP at 1 and 4 MiB,
+    ours+tls <= 1.3x raw TLS.
 
-(2) **3-stage pipeline throughput**: edge + cloud1 + cloud2 (real gRPC on loopback, raw codec, max_batch 1,
-    window 16) over digits_cnn with random weights and an uncalibrated policy, so every input runs through
-    all three stages. The net is saved as a model package (``splitexit.save``) that every node loads.
-    Two modes:
+(2) **Pipelined**: 4 x 1 MiB in flight (4 sends, then the 4 answers), throughput in MB/s; ratio ours/raw.
 
-    * ``--processes`` (the default): cloud1 and cloud2 are real node processes started by
-      ``LocalCluster`` from a cluster file (``package:``, per-node ``slowdown``, free loopback ports), as
-      deployed; the edge is an ``Entry`` in this process.
-    * ``--in-process``: all three nodes share this process and its event loop (gRPC, batching, decoding).
-    * ``--both``: both, one after the other.
- Each node gets a ``slowdown`` that stretches its stage's
-    batch-1 compute to about ``--stage-ms`` (default 3 ms). The ideal throughput is
-    1 / max(per-stage time), each stage timed alone the way the executor runs it (``stage.run`` then the
-    slowdown's sleep). Calibration and pipeline runs alternate over rounds; medians are reported.
+(3) **3-stage chain vs its ideal**: edge + cloud1 + cloud2 over digits_cnn with random weights and an
+    uncalibrated policy (every input runs all three stages), raw codec, window 16, saved as a model package
+    (``splitexit.save``) that every node loads. By default (``--processes``) cloud1 and cloud2 are node
+    processes started by ``LocalCluster`` from a cluster file (``package:``, per-node ``slowdown``, a
+    cluster token, free loopback ports), as deployed; the edge is an ``Entry`` in this process
+    (``--in-process``: all three nodes in this process; ``--both``: both). Each node's ``slowdown``
+    stretches its batch-1 stage to about 1, 3 and 10 ms (``--stage-ms``), for max_batch 1 and 8
+    (``--max-batch``). Each stage is timed alone the way the executor runs it (``stage.run`` then the
+    slowdown's sleep) at batch ``max_batch``; ideal = min(max_batch / max(stage time), window / sum(stage
+    times)): the busiest stage with full batches, or the window if it cannot keep every stage busy (it binds
+    at max_batch 8: 16 rows are two batches for three stages). Stage timing and chain runs alternate over
+    rounds; medians are reported. (The edge's mean batch rows inside the chain are shown: max_batch 8 only
+    helps as far as batches fill.)
 
-Each mode also runs the same chain with slowdown 1 everywhere: that throughput is the runtime's own
-ceiling in that mode. In-process, all three stages share one event loop and the GIL; the slowdown is a
-sleep in each stage's worker thread, so stages overlap like separate machines would only as far as the
-GIL and the shared loop allow. In process mode three processes share the box's cores (often fewer than
-three); the stage work is mostly the slowdown's sleep, so it still overlaps.
+(4) **The chain's zero-compute ceiling**: the same chain, same mode, slowdown 1 everywhere, inputs/s, at each
+    max_batch: what the runtime itself can move here.
 
-Run ``.venv/bin/python bench/transport.py`` (``--quick``: fewer rounds and inputs; ``--both``: both modes).
+Run ``.venv/bin/python bench/transport.py`` (``--quick``: fewer rounds and inputs).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
+import multiprocessing
 import os
 import platform
+import secrets
 import socket
+import ssl
 import statistics
 import struct
 import sys
 import tempfile
 import threading
 import time
+import warnings
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
 import yaml
-from rich.console import Console
-from rich.table import Table
 from torch.utils.data import TensorDataset
 
 import splitexit
@@ -74,217 +88,432 @@ from splitexit.config.codec_names import parse_codec
 from splitexit.config.load import load_cluster
 from splitexit.control.edge import Entry
 from splitexit.control.local_cluster import free_port
-from splitexit.runtime.node import Node
+from splitexit.runtime.frame_connection import FrameConnection, client_tls, connect, serve, server_tls
+from splitexit.runtime.hop import RowResult
+from splitexit.runtime.node import Node, Served
 from splitexit.runtime.placement import default_placement
-from splitexit.wire import wire_pb2, wire_pb2_grpc
-from splitexit.wire.messages import batch_messages, encode_tensors, grpc_options
-from splitexit.wire.tensor_codec import decode
+from splitexit.runtime.remote import RemoteStage
+from splitexit.runtime.security import NodeCredentials, init_ca, issue_certificate, write_token
+from splitexit.tensors import TensorInfo
+from splitexit.wire.data_messages import encode_tensors
+from splitexit.wire.framing import FrameLimits, FrameType
 
-MIB = 1 << 20
-MESSAGE_LIMIT = 64 * MIB
-SIZES_MB = (1, 4)
 SEED = 0
+SIZES = {"64 KiB": 64 << 10, "1 MiB": 1 << 20, "4 MiB": 4 << 20}
+PIPELINED = "1 MiB"
+IN_FLIGHT = 4
+PREFIX = struct.Struct("!Q")
+METADATA = bytes(64)
+LIMITS = FrameLimits(payload=64 << 20)
+NODE = "cloud1"
+RAW = parse_codec("raw")
+TOKEN = secrets.token_urlsafe(32)
+PLAIN_GROUP = ("tcp", "frames", "ours")
+TLS_GROUP = ("tls", "frames+tls", "ours+tls")
+LABELS = {"tcp": "raw TCP", "frames": "frames", "ours": "ours", "tls": "raw TLS", "frames+tls": "frames+tls",
+          "ours+tls": "ours+tls"}
 
 
 @dataclass(frozen=True)
 class Settings:
-    rounds: int  # ABAB rounds of part 1
-    messages: int  # messages per contender per round
-    warmup: int  # untimed messages per contender before the rounds
-    pipe_rounds: int  # calibration + pipeline rounds of part 2
-    inputs: int  # inputs per pipeline run
-    calib: int  # timed stage runs per stage per calibration
+    rounds: int  # alternating rounds of parts 1 and 2
+    messages: int  # round trips (or bursts) per contender per round
+    warmup: int  # untimed round trips per contender before the rounds
+    pipe_rounds: int  # stage timing + chain rounds of parts 3 and 4
+    inputs: int  # inputs per chain run
+    calib: int  # timed stage runs per stage per timing
 
 
-FULL = Settings(rounds=8, messages=25, warmup=10, pipe_rounds=3, inputs=300, calib=60)
-QUICK = Settings(rounds=3, messages=10, warmup=5, pipe_rounds=1, inputs=120, calib=30)
+FULL = Settings(rounds=8, messages=25, warmup=10, pipe_rounds=2, inputs=300, calib=40)
+QUICK = Settings(rounds=3, messages=10, warmup=3, pipe_rounds=1, inputs=120, calib=20)
 
 
-# ------------------------------------------------------------------------------------------ part 1: ours
-class _EchoServicer(wire_pb2_grpc.StageServiceServicer):
-    """Decodes each batch's first tensor and answers with one tiny Result per batch."""
+def tensor_of(size: int) -> torch.Tensor:
+    return torch.randn(1, size // 4, generator=torch.Generator().manual_seed(SEED))
 
-    async def Stream(self, requests, context):  # noqa: ANN001, ANN201 - grpc types
-        async for down in requests:
-            if down.WhichOneof("body") != "batch":
-                continue
-            batch = down.batch
-            tensor = decode(batch.tensors[0], max_bytes=MESSAGE_LIMIT)
-            yield wire_pb2.Up(results=[wire_pb2.Result(request_id=batch.request_ids[0], exit=0,
-                                                       prediction=int(tensor.numel() & 7), node="echo")])
+
+def alternating(names: Sequence[str], r: int) -> list[str]:
+    """Round ``r``'s order: rotated by ``r``, reversed every other round."""
+    order = list(names[r % len(names):]) + list(names[:r % len(names)])
+    return order if r % 2 == 0 else order[::-1]
+
+
+# ------------------------------------------------------------------------------------------ part 1: servers
+def _recv_exact(conn: socket.socket, view: memoryview, size: int) -> memoryview | None:
+    got = 0
+    while got < size:
+        n = conn.recv_into(view[got:size])
+        if n == 0:
+            return None
+        got += n
+    return view[:size]
+
+
+def raw_serve(listener: socket.socket, tls: ssl.SSLContext | None) -> None:
+    """One raw connection: length prefix, recv_into a preallocated buffer, frombuffer, 8 bytes back."""
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        conn = tls.wrap_socket(conn, server_side=True)
+    view = memoryview(bytearray(64 << 20))
+    try:
+        while True:
+            head = _recv_exact(conn, view, PREFIX.size)
+            if head is None:
+                return
+            (size,) = PREFIX.unpack(head)
+            if _recv_exact(conn, view, size) is None:
+                return
+            torch.frombuffer(view, dtype=torch.float32, count=size // 4)
+            conn.sendall(PREFIX.pack(size))
+    except OSError:
+        return
+    finally:
+        conn.close()
+
+
+async def frames_echo(connection: FrameConnection) -> None:
+    try:
+        while True:
+            frame = await connection.receive()
+            torch.frombuffer(frame.payload, dtype=torch.float32)
+            await connection.send(FrameType.RESULTS, b"ok", batch_id=frame.batch_id)
+    except ConnectionError:
+        return
+
+
+@dataclass(frozen=True)
+class InputOnly:
+    """What the node's data service reads of a stage: the tensors it takes."""
+
+    input_tensors: tuple[TensorInfo, ...]
+
+
+class _Idle:
+    queued = 0
+
+
+class Answering:
+    """Stands in for a stage's ``Hop``: answers every row at once (prediction from the tensor's width)."""
+
+    downstream = None
+    in_flight = 0
+    executor = _Idle()
+
+    async def send(self, ids: Sequence[int], tensors: tuple[torch.Tensor, ...], trace: list) -> list[asyncio.Future]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for request_id in ids:
+            future = loop.create_future()
+            future.set_result(RowResult(request_id, 0, int(tensors[0].shape[1]) & 7, 1.0, [0.0] * 10, NODE, trace))
+            futures.append(future)
+        return futures
+
+    async def close(self) -> None:
+        return None
+
+    async def close_when_idle(self, timeout: float) -> None:
+        return None
+
+
+def hop_cluster(tls_dir: str | None) -> dict:
+    spec: dict[str, Any] = {
+        "nodes": [{"name": "edge", "role": "edge"}, {"name": NODE, "address": f"127.0.0.1:{free_port()}"}],
+        "links": [{"from": "edge", "to": NODE, "codec": "raw"}], "batching": {"max_batch": 1},
+        "security": {"token": TOKEN}}
+    if tls_dir is not None:
+        spec["security"]["tls"] = tls_dir
+    return spec
+
+
+def _port_of(server: Any) -> int:  # noqa: ANN401 - asyncio.Server or FrameServer
+    """The port a ``serve`` server listens on (``FrameServer.port``, or an ``asyncio.Server``'s socket)."""
+    port = getattr(server, "port", None)
+    return int(port) if port is not None else int(server.sockets[0].getsockname()[1])
+
+
+def serve_hop(pipe: Any, spec: dict, tls_dir: str | None) -> None:  # noqa: ANN401 - a multiprocessing pipe
+    """The server process of part 1: a real Node (a plan per size), a frame echo server, a raw server."""
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")  # frombuffer on read-only bytes
+    asyncio.run(_serve_hop(pipe, spec, tls_dir))
+
+
+async def _serve_hop(pipe: Any, spec: dict, tls_dir: str | None) -> None:  # noqa: ANN401
+    cluster = ClusterSpec.model_validate(spec)
+    tls = server_tls(Path(tls_dir), NODE) if tls_dir else None
+    with tempfile.TemporaryDirectory(prefix="splitexit-bench-hop-") as cache:
+        node = Node(cluster, NODE, cache_dir=Path(cache))
+        await node.start(port=0)
+        for version, size in enumerate(SIZES.values(), start=1):
+            stage = InputOnly((TensorInfo("x", (size // 4,), torch.float32),))
+            node.plans[version] = Served(version, f"bench-{version}", stage, Answering(),
+                                         frozenset({"edge"}))
+        node.newest = len(SIZES)
+        node.data.stages_changed()
+        frames = await serve("127.0.0.1", 0, frames_echo, tls=tls, limits=LIMITS)
+        listener = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=raw_serve, args=(listener, tls), daemon=True).start()
+        pipe.send((node.port, _port_of(frames), listener.getsockname()[1]))
+        await asyncio.get_running_loop().run_in_executor(None, pipe.recv)  # until the bench is done
+        frames.close()
+        await node.stop(grace=1)
+
+
+# ------------------------------------------------------------------------------------------ part 1: clients
+class RawClient:
+    def __init__(self, port: int, tls: ssl.SSLContext | None):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = tls.wrap_socket(sock, server_hostname=NODE) if tls else sock
+        self.reply = memoryview(bytearray(PREFIX.size))
+
+    async def round_trip(self, label: str, tensor: torch.Tensor) -> None:
+        self.send(tensor)
+        self.read()
+
+    async def burst(self, label: str, tensor: torch.Tensor, count: int) -> None:
+        for _ in range(count):
+            self.send(tensor)
+        for _ in range(count):
+            self.read()
+
+    def send(self, tensor: torch.Tensor) -> None:
+        data = memoryview(tensor.numpy()).cast("B")
+        self.sock.sendall(PREFIX.pack(data.nbytes))
+        self.sock.sendall(data)
+
+    def read(self) -> None:
+        if _recv_exact(self.sock, self.reply, PREFIX.size) is None:
+            raise ConnectionError("the raw server closed")
+
+    async def close(self) -> None:
+        self.sock.close()
+
+
+class FramesClient:
+    def __init__(self, port: int, tls: ssl.SSLContext | None):
+        self.port, self.tls = port, tls
+        self.connection: FrameConnection | None = None
+        self.ids = itertools.count(1)
+
+    async def start(self) -> None:
+        self.connection = await connect("127.0.0.1", self.port, tls=self.tls, server_name=NODE, limits=LIMITS)
+
+    async def round_trip(self, label: str, tensor: torch.Tensor) -> None:
+        await self.burst(label, tensor, 1)
+
+    async def burst(self, label: str, tensor: torch.Tensor, count: int) -> None:
+        assert self.connection is not None
+        payload = [memoryview(tensor.numpy()).cast("B")]
+        for _ in range(count):
+            await self.connection.send(FrameType.BATCH, METADATA, payload, batch_id=next(self.ids))
+        for _ in range(count):
+            await self.connection.receive()
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
 
 
 class OursClient:
-    def __init__(self) -> None:
-        self.server: grpc.aio.Server | None = None
-        self.channel: grpc.aio.Channel | None = None
-        self.call = None
-        self.codec = parse_codec("raw")
-        self.next_id = 1
+    """One ``RemoteStage`` per size (each size is its own plan version on the node), as the edge sends."""
+
+    def __init__(self, port: int, tls_dir: str | None):
+        cluster = ClusterSpec.model_validate({**hop_cluster(tls_dir), "nodes": [
+            {"name": "edge", "role": "edge"}, {"name": NODE, "address": f"127.0.0.1:{port}"}]})
+        credentials = NodeCredentials.load(Path(tls_dir), "edge") if tls_dir else None
+        self.stages = {label: RemoteStage(
+            sender="edge", target=cluster.node(NODE), link=cluster.link("edge", NODE), plan_version=version,
+            message_limit=cluster.message_limit, credentials=credentials,
+            tls_dir=Path(tls_dir) if tls_dir else None, token=TOKEN)
+            for version, label in enumerate(SIZES, start=1)}
+        self.ids = itertools.count(1)
 
     async def start(self) -> None:
-        self.server = grpc.aio.server(options=grpc_options(MESSAGE_LIMIT))
-        wire_pb2_grpc.add_StageServiceServicer_to_server(_EchoServicer(), self.server)
-        port = self.server.add_insecure_port("127.0.0.1:0")
-        await self.server.start()
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=grpc_options(MESSAGE_LIMIT))
-        await self.channel.channel_ready()
-        self.call = wire_pb2_grpc.StageServiceStub(self.channel).Stream()
+        for stage in self.stages.values():
+            await stage.connect()
 
-    async def round_trip(self, tensor: torch.Tensor, *, copy_from: bool = False) -> float:
-        """``copy_from=True``: the message is built by ``batch_messages`` (filled in place with
-        CopyFrom), as the runtime sends it. ``False``: built with protobuf constructors (the old way), a
-        diagnostic that shows what the constructor copies cost."""
-        started = time.perf_counter()
-        request_id, self.next_id = self.next_id, self.next_id + 1
-        tensors = encode_tensors((tensor,), self.codec)
-        if copy_from:
-            (down,) = batch_messages(1, [request_id], tensors, [], MESSAGE_LIMIT)  # exactly what RemoteStage sends
-        else:
-            down = wire_pb2.Down(batch=wire_pb2.Batch(plan_version=1, request_ids=[request_id], tensors=tensors))
-        await self.call.write(down)
-        up = await self.call.read()
-        elapsed = time.perf_counter() - started
-        assert up.results[0].request_id == request_id, up
-        return elapsed
+    async def round_trip(self, label: str, tensor: torch.Tensor) -> None:
+        await self.burst(label, tensor, 1)
+
+    async def burst(self, label: str, tensor: torch.Tensor, count: int) -> None:
+        stage = self.stages[label]
+        futures: list[asyncio.Future] = []
+        for _ in range(count):
+            futures += await stage.send([next(self.ids)], encode_tensors((tensor,), RAW), [])
+        for outcome in await asyncio.gather(*futures):
+            if not isinstance(outcome, RowResult):
+                raise RuntimeError(f"the node answered {outcome}")
 
     async def close(self) -> None:
-        if self.call is not None:
-            await self.call.done_writing()
-        if self.channel is not None:
-            await self.channel.close()
-        if self.server is not None:
-            await self.server.stop(grace=1)
+        for stage in self.stages.values():
+            await stage.close()
 
 
-# ------------------------------------------------------------------------------------------ part 1: tcp
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    while view:
-        count = sock.recv_into(view)
-        if not count:
-            raise ConnectionError("peer closed")
-        view = view[count:]
-
-
-class TcpClient:
-    """Length-prefixed raw TCP: a server thread turns each payload into a tensor and answers 8 bytes."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.thread = threading.Thread(target=self._serve, name="tcp-echo", daemon=True)
-        self.thread.start()
-        self.sock = socket.create_connection(self.listener.getsockname())
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reply = bytearray(8)
-
-    def _serve(self) -> None:
-        conn, _ = self.listener.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        header = bytearray(8)
-        buffer = bytearray(0)
-        with conn:
-            while True:
-                try:
-                    _recv_exact(conn, memoryview(header))
-                except ConnectionError:
-                    return
-                (size,) = struct.unpack("<Q", header)
-                if len(buffer) < size:
-                    buffer = bytearray(size)
-                _recv_exact(conn, memoryview(buffer)[:size])
-                tensor = torch.frombuffer(buffer, dtype=torch.float32, count=size // 4)
-                conn.sendall(struct.pack("<Q", tensor.numel()))
-
-    def round_trip(self, tensor: torch.Tensor) -> float:
-        started = time.perf_counter()
-        payload = memoryview(tensor.contiguous().numpy()).cast("B")
-        self.sock.sendall(struct.pack("<Q", payload.nbytes))
-        self.sock.sendall(payload)
-        _recv_exact(self.sock, memoryview(self.reply))
-        elapsed = time.perf_counter() - started
-        assert struct.unpack("<Q", self.reply)[0] == tensor.numel()
-        return elapsed
-
-    def close(self) -> None:
-        self.sock.close()
-        self.thread.join(timeout=5)
-        self.listener.close()
+def certificates(root: Path) -> None:
+    init_ca(root)
+    for name in ("edge", NODE):
+        issue_certificate(root, name, hosts=("127.0.0.1",))
 
 
 @dataclass(frozen=True)
 class HopRow:
-    size_mb: int
-    ours_p50_ms: float
-    copy_from_p50_ms: float
-    tcp_p50_ms: float
-    ratio: float  # median over rounds of ours p50 / tcp p50
-    ratio_min: float
-    ratio_max: float
-    copy_from_ratio: float  # median over rounds of the constructor diagnostic's p50 / tcp p50
+    label: str
+    p50_ms: dict[str, float]  # contender -> median of every timed round trip
+    ratio: dict[str, tuple[float, float, float]]  # contender -> (median, min, max) of per-round ratios to raw
 
 
-async def measure_hop(settings: Settings) -> list[HopRow]:
-    ours, tcp = OursClient(), TcpClient()
-    await ours.start()
-    rows = []
+@dataclass(frozen=True)
+class PipeRow:
+    ours: str
+    raw: str
+    mb_s: dict[str, float]
+    ratio: tuple[float, float, float]
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+async def _timed(call: Callable[[], Awaitable[None]], count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        await call()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+async def measure_hop(settings: Settings, scratch: Path) -> tuple[list[HopRow], list[PipeRow]]:
+    tls_dir = scratch / "tls"
+    certificates(tls_dir)
+    context = multiprocessing.get_context("spawn")
+    servers, contenders = [], {}
     try:
-        for size_mb in SIZES_MB:
-            tensor = torch.randn(size_mb * MIB // 4, generator=torch.Generator().manual_seed(SEED))
-            contenders = ("ours", "copy_from", "tcp")
-
-            async def one(name: str, tensor: torch.Tensor = tensor) -> float:
-                if name == "tcp":
-                    return tcp.round_trip(tensor)
-                return await ours.round_trip(tensor, copy_from=name == "ours")  # "copy_from" = the old constructor path
-
-            for _ in range(settings.warmup):
-                for name in contenders:
-                    await one(name)
+        for secure in (False, True):
+            directory = str(tls_dir) if secure else None
+            ours_end, theirs = context.Pipe()
+            process = context.Process(target=serve_hop, args=(theirs, hop_cluster(directory), directory),
+                                      name="bench-hop-server", daemon=True)
+            process.start()
+            servers.append((process, ours_end))
+            if not ours_end.poll(120):
+                raise RuntimeError("the hop server process did not start")
+            node_port, frames_port, raw_port = ours_end.recv()
+            names = TLS_GROUP if secure else PLAIN_GROUP
+            tls = client_tls(tls_dir, "edge") if secure else None
+            contenders[names[0]] = RawClient(raw_port, tls)
+            contenders[names[1]] = FramesClient(frames_port, tls)
+            contenders[names[2]] = OursClient(node_port, directory)
+            await contenders[names[1]].start()
+            await contenders[names[2]].start()
+        rows = []
+        for label, size in SIZES.items():
+            tensor = tensor_of(size)
+            for c in contenders.values():
+                for _ in range(settings.warmup):
+                    await c.round_trip(label, tensor)
             times: dict[str, list[float]] = {name: [] for name in contenders}
-            ratios, copy_ratios = [], []
+            medians: dict[str, list[float]] = {name: [] for name in contenders}
             for r in range(settings.rounds):
-                order = contenders[r % 3:] + contenders[:r % 3]  # rotate who goes first (ABCABC, BCA..., CAB...)
-                order = order if r % 2 == 0 else order[::-1]
-                medians = {}
-                for name in order:
-                    got = [await one(name) for _ in range(settings.messages)]
+                for name in alternating(list(contenders), r):
+                    c = contenders[name]
+                    got = await _timed(lambda c=c, label=label, tensor=tensor: c.round_trip(label, tensor),
+                                       settings.messages)
                     times[name] += got
-                    medians[name] = statistics.median(got)
-                ratios.append(medians["ours"] / medians["tcp"])
-                copy_ratios.append(medians["copy_from"] / medians["tcp"])
-            rows.append(HopRow(size_mb, statistics.median(times["ours"]) * 1e3,
-                               statistics.median(times["copy_from"]) * 1e3, statistics.median(times["tcp"]) * 1e3,
-                               statistics.median(ratios), min(ratios), max(ratios), statistics.median(copy_ratios)))
+                    medians[name].append(statistics.median(got))
+            ratio = {}
+            for group in (PLAIN_GROUP, TLS_GROUP):
+                raw = medians[group[0]]
+                for name in group[1:]:
+                    ratio[name] = _stats([a / b for a, b in zip(medians[name], raw)])
+            rows.append(HopRow(label, {n: statistics.median(t) * 1e3 for n, t in times.items()}, ratio))
+        pipes = []
+        tensor = tensor_of(SIZES[PIPELINED])
+        for group in (PLAIN_GROUP, TLS_GROUP):
+            rates: dict[str, list[float]] = {name: [] for name in group}
+            for r in range(settings.rounds):
+                for name in alternating(group, r):
+                    c = contenders[name]
+                    seconds = statistics.median(await _timed(
+                        lambda c=c: c.burst(PIPELINED, tensor, IN_FLIGHT), settings.messages))
+                    rates[name].append(IN_FLIGHT * SIZES[PIPELINED] / seconds / 1e6)
+            for name in group[1:]:
+                pipes.append(PipeRow(name, group[0], {n: statistics.median(v) for n, v in rates.items()},
+                                     _stats([a / b for a, b in zip(rates[name], rates[group[0]])])))
     finally:
-        await ours.close()
-        tcp.close()
-    return rows
+        for c in contenders.values():
+            await c.close()
+        for process, pipe in servers:
+            try:
+                pipe.send("stop")
+            except OSError:
+                pass
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+    return rows, pipes
 
 
-# ------------------------------------------------------------------------------------------ part 2
+def report_hop(settings: Settings, rows: list[HopRow], pipes: list[PipeRow]) -> None:
+    print(f"\n(1) one hop round trip on loopback, float32 (1, n); p50 ms over {settings.rounds} alternating rounds "
+          f"x {settings.messages} round trips; ratio = median [min-max] of per-round ratios to raw")
+    print(f"{'tensor':>8} | {'raw TCP':>8} {'ours':>8} {'ours/TCP':>18} {'frames':>8} {'frames/TCP':>18} | "
+          f"{'raw TLS':>8} {'ours+tls':>8} {'ours/TLS':>18} {'frames+tls':>10} {'frames/TLS':>18}")
+
+    def ratio(row: HopRow, name: str) -> str:
+        median, low, high = row.ratio[name]
+        return f"{median:.2f}x [{low:.2f}-{high:.2f}]"
+
+    for row in rows:
+        p = row.p50_ms
+        print(f"{row.label:>8} | {p['tcp']:8.3f} {p['ours']:8.3f} {ratio(row, 'ours'):>18} {p['frames']:8.3f} "
+              f"{ratio(row, 'frames'):>18} | {p['tls']:8.3f} {p['ours+tls']:8.3f} {ratio(row, 'ours+tls'):>18} "
+              f"{p['frames+tls']:10.3f} {ratio(row, 'frames+tls'):>18}")
+    for row in rows:
+        if row.label in ("1 MiB", "4 MiB"):
+            plain, secure = row.ratio["ours"][0], row.ratio["ours+tls"][0]
+            print(f"  {row.label}: ours/TCP {plain:.2f}x ({'meets' if plain <= 1.2 else 'misses'} <= 1.2x), "
+                  f"ours+tls/TLS {secure:.2f}x ({'meets' if secure <= 1.3 else 'misses'} <= 1.3x)")
+    print(f"\n(2) pipelined, {IN_FLIGHT} x {PIPELINED} in flight (sends, then answers), MB/s (median of rounds); "
+          f"ratio = median [min-max] of per-round throughput ratios")
+    for pipe in pipes:
+        low, high = pipe.ratio[1], pipe.ratio[2]
+        print(f"  {LABELS[pipe.ours]:>10} {pipe.mb_s[pipe.ours]:7.0f}  vs {LABELS[pipe.raw]:>8} "
+              f"{pipe.mb_s[pipe.raw]:7.0f}   {pipe.ratio[0]:.2f}x [{low:.2f}-{high:.2f}]")
+
+
+# ------------------------------------------------------------------------------------------ parts 3 and 4
 NODE_NAMES = ("edge", "cloud1", "cloud2")
+WINDOW = 16
 STARTS: list[int] = []  # attempts each LocalCluster start needed (process mode)
 
 
-def cluster_dict(slowdowns: dict[str, float], package: Path | None = None) -> dict:
-    """A 3-node chain on free loopback ports, raw codec, max_batch 1, window 16."""
+def cluster_dict(slowdowns: dict[str, float], max_batch: int, package: Path | None = None) -> dict:
+    """A 3-node chain on free loopback ports, raw codec, window 16."""
     nodes = [{"name": "edge", "role": "edge", "slowdown": slowdowns["edge"]}] + [
         {"name": name, "address": f"127.0.0.1:{free_port()}", "slowdown": slowdowns[name]}
         for name in NODE_NAMES[1:]]
     links = [{"from": a, "to": b, "codec": "raw"} for a, b in zip(NODE_NAMES, NODE_NAMES[1:])]
-    spec = {"nodes": nodes, "links": links, "batching": {"max_batch": 1, "max_wait": "1ms"}, "window": 16,
-            "message_limit": "64MiB"}
+    spec = {"nodes": nodes, "links": links, "batching": {"max_batch": max_batch, "max_wait": "1ms"},
+            "window": WINDOW, "message_limit": "64MiB"}
     return spec if package is None else {"package": str(package.resolve()), **spec}
 
 
-def make_cluster(slowdowns: dict[str, float]) -> ClusterSpec:
-    return ClusterSpec.model_validate(yaml.safe_load(yaml.safe_dump(cluster_dict(slowdowns))))
+def make_cluster(slowdowns: dict[str, float], max_batch: int) -> ClusterSpec:
+    return ClusterSpec.model_validate(yaml.safe_load(yaml.safe_dump(cluster_dict(slowdowns, max_batch))))
 
 
-def write_cluster_file(directory: Path, package: Path, slowdowns: dict[str, float]) -> tuple[Path, ClusterSpec]:
-    """A cluster file with ``package:`` and fresh ports; validated the way the nodes will read it."""
+def write_cluster_file(directory: Path, package: Path, slowdowns: dict[str, float], max_batch: int
+                       ) -> tuple[Path, ClusterSpec]:
+    """A cluster file with ``package:`` and fresh ports, beside a cluster token (the default ``cluster.token``
+    that ``splitexit up`` writes); validated and read the way the nodes will read it."""
     path = directory / "cluster.yaml"
-    path.write_text(yaml.safe_dump(cluster_dict(slowdowns, package), sort_keys=False))
+    if not (directory / "cluster.token").exists():
+        write_token(directory / "cluster.token")
+    path.write_text(yaml.safe_dump(cluster_dict(slowdowns, max_batch, package), sort_keys=False))
     return path, load_cluster(path)
 
 
@@ -300,10 +529,11 @@ def digits_package(directory: Path) -> EarlyExitNet:
 
 
 def stage_times(net: EarlyExitNet, cluster: ClusterSpec, slowdowns: dict[str, float] | None,
-                runs: int) -> dict[str, float]:
-    """Median seconds per batch-1 stage run, as StageExecutor does it (stage.run, then the slowdown's sleep)."""
+                runs: int, batch: int = 1) -> dict[str, float]:
+    """Median seconds per stage run of ``batch`` rows, as StageExecutor does it (stage.run, then the
+    slowdown's sleep)."""
     placement = default_placement(net, cluster)
-    tensors = (net._prepare(torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(SEED))),)
+    tensors = (net._prepare(torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(SEED))),)
     result = {}
     for part in placement.stages:
         stage = net.stage(part.start, part.end)
@@ -324,37 +554,41 @@ def stage_times(net: EarlyExitNet, cluster: ClusterSpec, slowdowns: dict[str, fl
     return result
 
 
-def _instrument(busy: dict[str, list[float]], name: str, executor) -> None:  # noqa: ANN001
-    """Time each batch of ``executor._compute`` (slowdown included) into ``busy[name]``."""
+def _instrument(busy: dict[str, list[tuple[float, int]]], name: str, executor) -> None:  # noqa: ANN001
+    """Time each batch of ``executor._compute`` (slowdown included), with its rows, into ``busy[name]``."""
     busy[name] = []
 
     def timed(jobs, _compute=executor._compute, _out=busy[name]):  # noqa: ANN001, ANN202
         started = time.perf_counter()
         replies = _compute(jobs)
-        _out.append(time.perf_counter() - started)
+        _out.append((time.perf_counter() - started, sum(job.rows for job in jobs)))
         return replies
 
     executor._compute = timed  # instrumentation only: the stage runs exactly as before
 
 
-async def _drive(entry: Entry, dataset: TensorDataset, busy: dict[str, list[float]]):  # noqa: ANN202
+@dataclass(frozen=True)
+class ChainRun:
+    throughput: float  # inputs/s
+    nodes: list[str]  # the nodes that answered
+    errors: int
+    inside: dict[str, tuple[float, float]]  # stage -> (median batch seconds, mean batch rows) inside the chain
+
+
+async def _drive(entry: Entry, dataset: TensorDataset, busy: dict[str, list[tuple[float, int]]]) -> ChainRun:
     """The entry is started (and instrumented); warm up, then time the dataset."""
     await entry.run(TensorDataset(*(t[:32] for t in dataset.tensors)))  # warm-up, untimed
     for samples in busy.values():
         samples.clear()
-    return await entry.run(dataset)
-
-
-def _summary(result, dataset: TensorDataset, busy: dict[str, list[float]]):  # noqa: ANN001, ANN202
+    result = await entry.run(dataset)
     errors = sum(1 for r in result.records if r.error)
-    inside = {name: statistics.median(samples) for name, samples in busy.items() if samples}
-    return len(dataset) / result.wall_s, sorted({r.node for r in result.records}), errors, inside
+    inside = {name: (statistics.median(s for s, _ in samples), statistics.mean(n for _, n in samples))
+              for name, samples in busy.items() if samples}
+    return ChainRun(len(dataset) / result.wall_s, sorted({r.node for r in result.records}), errors, inside)
 
 
-async def run_in_process(net: EarlyExitNet, cluster: ClusterSpec, dataset: TensorDataset
-                         ) -> tuple[float, list[str], int, dict[str, float]]:
-    """All three nodes in this process. Inputs per second over ``dataset``, the nodes that answered, the
-    number of errors, and each stage's median batch time inside the pipeline (slowdown included)."""
+async def run_in_process(net: EarlyExitNet, cluster: ClusterSpec, dataset: TensorDataset) -> ChainRun:
+    """All three nodes in this process; each stage's batches are timed inside the chain."""
     with tempfile.TemporaryDirectory(prefix="splitexit-bench-stages-") as cache:
         nodes = [Node(cluster, n.name, cache_dir=Path(cache) / n.name) for n in cluster.nodes[1:]]
         for node in nodes:
@@ -363,32 +597,32 @@ async def run_in_process(net: EarlyExitNet, cluster: ClusterSpec, dataset: Tenso
         try:
             await entry.start()  # its coordinator assigns the nodes their stages
             version = entry.placement.version
-            busy: dict[str, list[float]] = {}
+            busy: dict[str, list[tuple[float, int]]] = {}
             for name, executor in [("edge", entry.hop.executor),  # type: ignore[union-attr]
                                    *((n.name, n.plans[version].hop.executor) for n in nodes)]:
                 _instrument(busy, name, executor)
-            result = await _drive(entry, dataset, busy)
+            return await _drive(entry, dataset, busy)
         finally:
             await entry.close()
             for node in nodes:
                 await node.stop(grace=2)
-    return _summary(result, dataset, busy)
 
 
-def run_processes(net: EarlyExitNet, package: Path, slowdowns: dict[str, float],
-                  dataset: TensorDataset, workdir: Path) -> tuple[float, list[str], int, dict[str, float]]:
-    """cloud1 and cloud2 as node processes (``LocalCluster``), the edge an ``Entry`` here. Same return as
-    ``run_in_process``; only the edge's batch time can be timed from here."""
-    local, cluster, attempts = start_local_cluster(lambda: write_cluster_file(workdir, package, slowdowns), workdir)
+def run_processes(net: EarlyExitNet, package: Path, slowdowns: dict[str, float], max_batch: int,
+                  dataset: TensorDataset, workdir: Path) -> ChainRun:
+    """cloud1 and cloud2 as node processes (``LocalCluster``), the edge an ``Entry`` here; only the edge's
+    batches can be timed from here."""
+    local, cluster, attempts = start_local_cluster(
+        lambda: write_cluster_file(workdir, package, slowdowns, max_batch), workdir)
     STARTS.append(attempts)
     try:
-        async def go():  # noqa: ANN202
+        async def go() -> ChainRun:
             entry = Entry(net, cluster)
-            busy: dict[str, list[float]] = {}
+            busy: dict[str, list[tuple[float, int]]] = {}
             try:
                 await entry.start()
                 _instrument(busy, "edge", entry.hop.executor)  # type: ignore[union-attr]
-                return _summary(await _drive(entry, dataset, busy), dataset, busy)
+                return await _drive(entry, dataset, busy)
             finally:
                 await entry.close()
 
@@ -398,149 +632,162 @@ def run_processes(net: EarlyExitNet, package: Path, slowdowns: dict[str, float],
 
 
 @dataclass(frozen=True)
-class PipeResult:
+class ChainResult:
     mode: str
+    stage_ms: float  # the batch-1 target
+    max_batch: int
     slowdowns: dict[str, float]
-    base_ms: dict[str, float]
-    stage_ms: dict[str, float]  # medians over rounds, each stage timed alone
-    inside_ms: dict[str, float]  # medians over rounds, each stage's batch time inside the pipeline
+    alone_ms: dict[str, float]  # each stage alone at batch max_batch, median over rounds
     ideal: float
     measured: float
-    fractions: list[float]  # per round, measured / ideal
+    fractions: list[float]  # per round, measured / that round's ideal
+    inside: dict[str, tuple[float, float]]  # stage -> (median ms, mean rows) inside the chain, median over rounds
     answered_by: list[str]
     errors: int
-    bare: float  # median inputs/s of the same chain with slowdown 1 everywhere: the runtime's own ceiling here
-    bare_rounds: list[float]
 
 
-def calibrate(net: EarlyExitNet, settings: Settings, target_ms: float) -> tuple[dict[str, float], dict[str, float]]:
-    """(slowdowns that stretch each stage to about ``target_ms``, each stage's bare compute in seconds)."""
-    probe = make_cluster(dict.fromkeys(NODE_NAMES, 1.0))
+@dataclass(frozen=True)
+class Ceiling:
+    mode: str
+    max_batch: int
+    throughput: float
+    rounds: list[float]
+    edge_rows: float
+    errors: int
+
+
+def calibrate(net: EarlyExitNet, settings: Settings, target_ms: float) -> dict[str, float]:
+    """Slowdowns that stretch each batch-1 stage to about ``target_ms``."""
+    probe = make_cluster(dict.fromkeys(NODE_NAMES, 1.0), 1)
     base = stage_times(net, probe, None, settings.calib * 3)
     slowdowns = {name: max(1.0, target_ms / 1e3 / seconds) for name, seconds in base.items()}
     for _ in range(2):  # compute interleaved with sleeps runs slower than back to back: correct for it
-        got = stage_times(net, make_cluster(slowdowns), slowdowns, settings.calib)
+        got = stage_times(net, probe, slowdowns, settings.calib)
         slowdowns = {name: max(1.0, slowdowns[name] * target_ms / 1e3 / got[name]) for name in slowdowns}
-    return {name: round(value, 2) for name, value in slowdowns.items()}, base
+    return {name: round(value, 2) for name, value in slowdowns.items()}
 
 
-def measure_pipeline(settings: Settings, target_ms: float, mode: str, net: EarlyExitNet,
-                     package: Path, workdir: Path) -> PipeResult:
-    slowdowns, base = calibrate(net, settings, target_ms)
-    cluster = make_cluster(slowdowns)
-    bare_slowdowns = dict.fromkeys(NODE_NAMES, 1.0)
-    bare_cluster = make_cluster(bare_slowdowns)
+def ideal_of(times: dict[str, float], max_batch: int) -> float:
+    """Full batches at the busiest stage, or the window over one pass through every stage, whichever is less."""
+    return min(max_batch / max(times.values()), WINDOW / sum(times.values()))
+
+
+def measure_chains(settings: Settings, targets: Sequence[float], batches: Sequence[int], mode: str,
+                   net: EarlyExitNet, package: Path, workdir: Path) -> tuple[list[ChainResult], list[Ceiling]]:
     generator = torch.Generator().manual_seed(SEED + 1)
     dataset = TensorDataset(torch.randn(settings.inputs, 1, 8, 8, generator=generator),
                             torch.randint(0, 10, (settings.inputs,), generator=generator))
+    slowdowns = {target: calibrate(net, settings, target) for target in targets}
+    bare = dict.fromkeys(NODE_NAMES, 1.0)
 
-    def pipeline(which: dict[str, float], spec: ClusterSpec):  # noqa: ANN202
+    def chain(which: dict[str, float], max_batch: int) -> ChainRun:
         if mode == "processes":
-            return run_processes(net, package, which, dataset, workdir)
-        return asyncio.run(run_in_process(net, spec, dataset))
+            return run_processes(net, package, which, max_batch, dataset, workdir)
+        return asyncio.run(run_in_process(net, make_cluster(which, max_batch), dataset))
 
-    per_stage: dict[str, list[float]] = {name: [] for name in slowdowns}
-    inside: dict[str, list[float]] = {name: [] for name in slowdowns}
-    ideals, measured, fractions, bare = [], [], [], []
-    answered_by: set[str] = set()
-    errors = 0
+    runs: dict[tuple[float, int], list[tuple[dict[str, float], ChainRun]]] = {}
+    ceilings: dict[int, list[ChainRun]] = {b: [] for b in batches}
     for _ in range(settings.pipe_rounds):
-        times = stage_times(net, cluster, slowdowns, settings.calib)
-        for name, seconds in times.items():
-            per_stage[name].append(seconds)
-        ideal = 1.0 / max(times.values())
-        throughput, nodes, errs, busy = pipeline(slowdowns, cluster)
-        for name, seconds in busy.items():
-            inside[name].append(seconds)
-        throughput_bare, _, errs_bare, _ = pipeline(bare_slowdowns, bare_cluster)
-        bare.append(throughput_bare)
-        answered_by |= set(nodes)
-        errors += errs + errs_bare
-        ideals.append(ideal)
-        measured.append(throughput)
-        fractions.append(throughput / ideal)
-    return PipeResult(mode, slowdowns, {k: v * 1e3 for k, v in base.items()},
-                      {k: statistics.median(v) * 1e3 for k, v in per_stage.items()},
-                      {k: statistics.median(v) * 1e3 for k, v in inside.items() if v}, statistics.median(ideals),
-                      statistics.median(measured), fractions, sorted(answered_by), errors, statistics.median(bare),
-                      bare)
+        for max_batch in batches:
+            for target in targets:
+                alone = stage_times(net, make_cluster(slowdowns[target], max_batch), slowdowns[target],
+                                    settings.calib, batch=max_batch)
+                runs.setdefault((target, max_batch), []).append((alone, chain(slowdowns[target], max_batch)))
+            ceilings[max_batch].append(chain(bare, max_batch))
+    results = []
+    for (target, max_batch), got in runs.items():
+        ideals = [ideal_of(alone, max_batch) for alone, _ in got]
+        inside = {name: (statistics.median(r.inside[name][0] for _, r in got) * 1e3,
+                         statistics.median(r.inside[name][1] for _, r in got))
+                  for name in got[0][1].inside}
+        results.append(ChainResult(
+            mode, target, max_batch, slowdowns[target],
+            {name: statistics.median(alone[name] for alone, _ in got) * 1e3 for name in NODE_NAMES},
+            statistics.median(ideals), statistics.median(r.throughput for _, r in got),
+            [r.throughput / ideal for (_, r), ideal in zip(got, ideals)], inside,
+            sorted({n for _, r in got for n in r.nodes}), sum(r.errors for _, r in got)))
+    ceiling_rows = [Ceiling(mode, b, statistics.median(r.throughput for r in rs), [r.throughput for r in rs],
+                            statistics.median(r.inside["edge"][1] for r in rs), sum(r.errors for r in rs))
+                    for b, rs in ceilings.items()]
+    return results, ceiling_rows
 
 
-# ------------------------------------------------------------------------------------------ report
-MODE_TITLES = {"processes": "cloud1, cloud2 as node processes (LocalCluster), edge in this process",
+MODE_TITLES = {"processes": "cloud1, cloud2 as node processes (LocalCluster), the edge in this process",
                "in-process": "all three nodes in this process (one event loop)"}
 
 
-def report_pipeline(console: Console, settings: Settings, pipe: PipeResult) -> None:
-    table = Table(title=f"(2) 3-stage pipeline ({pipe.mode}: {MODE_TITLES[pipe.mode]}), digits_cnn, raw codec, "
-                        f"max_batch 1, window 16, {settings.inputs} inputs x {settings.pipe_rounds} rounds")
-    for column in ("stage", "compute ms (alone)", "slowdown", "stage ms incl. slowdown (alone)",
-                   "batch ms inside the pipeline"):
-        table.add_column(column, justify="right")
-    for name in pipe.slowdowns:
-        inside = pipe.inside_ms.get(name)
-        table.add_row(name, f"{pipe.base_ms[name]:.3f}", f"{pipe.slowdowns[name]:.2f}", f"{pipe.stage_ms[name]:.3f}",
-                      "n/a (other process)" if inside is None else f"{inside:.3f}")
-    console.print(table)
-    table = Table(title=f"(2) throughput ({pipe.mode})")
-    for column in ("ideal inputs/s", "measured inputs/s", "measured / ideal (median)", "per round",
-                   "ceiling: slowdown 1 everywhere, inputs/s", "ceiling per round"):
-        table.add_column(column, justify="right")
-    table.add_row(f"{pipe.ideal:.1f}", f"{pipe.measured:.1f}", f"{statistics.median(pipe.fractions):.3f}",
-                  ", ".join(f"{f:.3f}" for f in pipe.fractions), f"{pipe.bare:.1f}",
-                  ", ".join(f"{b:.1f}" for b in pipe.bare_rounds))
-    console.print(table)
-    if len(pipe.inside_ms) == len(pipe.slowdowns):
-        console.print(f"1 / max(batch time inside the pipeline) = {1e3 / max(pipe.inside_ms.values()):.1f} inputs/s")
-    if pipe.mode == "processes":
-        console.print(f"3 processes (edge here, cloud1, cloud2) on {os.cpu_count()} CPUs; the stage work is mostly "
-                      f"the slowdown's sleep, so it overlaps even with fewer cores than processes")
-    console.print(f"answered by {pipe.answered_by}, errors {pipe.errors}")
+def report_chains(settings: Settings, mode: str, results: list[ChainResult], ceilings: list[Ceiling]) -> None:
+    print(f"\n(3) 3-stage chain vs ideal ({mode}: {MODE_TITLES[mode]}), digits_cnn, raw codec, window {WINDOW}, "
+          f"{settings.inputs} inputs x {settings.pipe_rounds} rounds")
+    print("    ideal = min(max_batch / max(stage alone), window / sum(stages alone)); stage ms alone at batch "
+          "max_batch, slowdown included; edge batch inside the chain: median ms, mean rows")
+    print(f"{'target':>7} {'max_batch':>9} | {'slowdowns e/c1/c2':>18} | {'alone ms e/c1/c2':>20} | "
+          f"{'edge inside':>14} | {'ideal/s':>8} {'measured/s':>10} {'measured/ideal':>14}  per round")
+    for r in results:
+        slow = "/".join(f"{r.slowdowns[n]:.1f}" for n in NODE_NAMES)
+        alone = "/".join(f"{r.alone_ms[n]:.2f}" for n in NODE_NAMES)
+        edge = r.inside.get("edge")
+        inside = f"{edge[0]:.2f} ms x {edge[1]:.1f}" if edge else "n/a"
+        fraction = statistics.median(r.fractions)
+        flag = "  (target >= 0.9)" if r.stage_ms == 3 and r.max_batch == 1 else ""
+        print(f"{r.stage_ms:5g}ms {r.max_batch:9d} | {slow:>18} | {alone:>20} | {inside:>14} | {r.ideal:8.1f} "
+              f"{r.measured:10.1f} {fraction:14.3f}  {', '.join(f'{f:.3f}' for f in r.fractions)}{flag}")
+        if len(r.inside) > 1:
+            print("        inside the chain: " + ", ".join(f"{n} {ms:.2f} ms x {rows:.1f}"
+                                                        for n, (ms, rows) in r.inside.items()))
+    answered = sorted({n for r in results for n in r.answered_by})
+    print(f"    answered by {answered}, errors {sum(r.errors for r in results)}")
+    print(f"\n(4) zero-compute ceiling ({mode}): slowdown 1 everywhere, inputs/s (median; per round), "
+          f"edge mean batch rows")
+    for c in ceilings:
+        print(f"  max_batch {c.max_batch}: {c.throughput:7.1f}  ({', '.join(f'{t:.1f}' for t in c.rounds)}), "
+              f"edge batches of {c.edge_rows:.1f} rows, errors {c.errors}")
 
 
+# ------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and inputs")
-    parser.add_argument("--stage-ms", type=float, default=3.0, help="target time per stage in part 2")
+    parser.add_argument("--stage-ms", type=float, nargs="+", default=[1.0, 3.0, 10.0],
+                        help="batch-1 stage times of part 3 (default 1 3 10)")
+    parser.add_argument("--max-batch", type=int, nargs="+", default=[1, 8], help="max_batch values of parts 3-4")
+    parser.add_argument("--skip-hop", action="store_true", help="only parts 3 and 4")
+    parser.add_argument("--skip-chain", action="store_true", help="only parts 1 and 2")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--processes", dest="mode", action="store_const", const="processes",
-                      help="part 2 with cloud1 and cloud2 as node processes (the default)")
+                      help="parts 3-4 with cloud1 and cloud2 as node processes (the default)")
     mode.add_argument("--in-process", dest="mode", action="store_const", const="in-process",
-                      help="part 2 with all nodes in this process")
-    mode.add_argument("--both", dest="mode", action="store_const", const="both", help="part 2 in both modes")
+                      help="parts 3-4 with all nodes in this process")
+    mode.add_argument("--both", dest="mode", action="store_const", const="both", help="parts 3-4 in both modes")
     parser.set_defaults(mode="processes")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
-    console = Console(width=150)
-    console.print(f"python {platform.python_version()}, torch {torch.__version__}, grpcio {grpc.__version__}, "
-                  f"{os.cpu_count()} CPUs, torch threads 1, settings {settings}")
-
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"# bench/transport.py, {time.strftime('%Y-%m-%d %H:%M %Z')}, {platform.node()}: {platform.platform()}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+          + (f", load average {load[0]:.2f}" if load else ""))
+    print(f"# python {platform.python_version()}, torch {torch.__version__} (1 thread), grpcio {grpc.__version__}, "
+          f"{'--quick' if args.quick else 'full'}: {settings}")
     started = time.perf_counter()
-    hops = asyncio.run(measure_hop(settings))
-    table = Table(title=f"(1) per-hop round trip on loopback ({settings.rounds} alternating rounds x "
-                        f"{settings.messages} messages per contender)")
-    for column in ("tensor", "ours p50 ms", "raw TCP p50 ms", "ours / TCP (median of rounds)", "round range",
-                   "diagnostic: Down via constructors, p50 ms", "constructors / TCP"):
-        table.add_column(column, justify="right")
-    for row in hops:
-        table.add_row(f"{row.size_mb} MiB float32", f"{row.ours_p50_ms:.3f}", f"{row.tcp_p50_ms:.3f}",
-                      f"{row.ratio:.2f}x", f"{row.ratio_min:.2f}-{row.ratio_max:.2f}", f"{row.copy_from_p50_ms:.3f}",
-                      f"{row.copy_from_ratio:.2f}x")
-    console.print(table)
-
-    modes = ("processes", "in-process") if args.mode == "both" else (args.mode,)
     with tempfile.TemporaryDirectory(prefix="splitexit-bench-") as tmp:
-        package = Path(tmp) / "digits_pkg"
-        net = digits_package(package)
-        for mode_name in modes:
-            pipe = measure_pipeline(settings, args.stage_ms, mode_name, net, package, Path(tmp))
-            report_pipeline(console, settings, pipe)
+        if not args.skip_hop:
+            rows, pipes = asyncio.run(measure_hop(settings, Path(tmp)))
+            report_hop(settings, rows, pipes)
+            print(f"  (parts 1-2: {time.perf_counter() - started:.0f} s)")
+        if not args.skip_chain:
+            package = Path(tmp) / "digits_pkg"
+            net = digits_package(package)
+            for mode_name in ("processes", "in-process") if args.mode == "both" else (args.mode,):
+                results, ceilings = measure_chains(settings, args.stage_ms, args.max_batch, mode_name, net, package,
+                                                   Path(tmp))
+                report_chains(settings, mode_name, results, ceilings)
     if STARTS:
-        console.print(f"process mode: {len(STARTS)} cluster starts, {sum(STARTS) - len(STARTS)} retried "
-                      f"(a node died before it was ready; its log went to stderr)")
-    console.print(f"total {time.perf_counter() - started:.1f} s")
+        print(f"process mode: {len(STARTS)} cluster starts, {sum(STARTS) - len(STARTS)} retried "
+              f"(a node died before it was ready; its log went to stderr)")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"total {time.perf_counter() - started:.0f} s" + (f", load average {load[0]:.2f}" if load else ""))
     return 0
 
 

@@ -39,7 +39,6 @@ bench: $(STAMP)
 	$(BIN)/python bench/cascade.py
 	$(BIN)/python bench/codecs.py
 	$(BIN)/python bench/transport.py
-	$(BIN)/python bench/frames.py
 	$(BIN)/python bench/failover.py
 	$(BIN)/python bench/planner.py
 

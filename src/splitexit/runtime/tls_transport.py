@@ -37,19 +37,19 @@ async def _handshake(sock: ssl.SSLSocket, timeout: float) -> None:
                 sock.do_handshake()
                 return
             except ssl.SSLWantReadError:
-                ready = loop.create_future()
-                loop.add_reader(fd, ready.set_result, None)
-                try:
-                    await ready
-                finally:
-                    loop.remove_reader(fd)
+                await _ready(fd, loop.add_reader, loop.remove_reader)
             except ssl.SSLWantWriteError:
-                ready = loop.create_future()
-                loop.add_writer(fd, ready.set_result, None)
-                try:
-                    await ready
-                finally:
-                    loop.remove_writer(fd)
+                await _ready(fd, loop.add_writer, loop.remove_writer)
+
+
+async def _ready(fd: int, watch: Callable[..., None], unwatch: Callable[[int], object]) -> None:
+    """Wait until the loop reports ``fd`` ready (``watch``: the loop's add_reader or add_writer)."""
+    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    watch(fd, ready.set_result, None)
+    try:
+        await ready
+    finally:
+        unwatch(fd)
 
 
 async def open_tls(host: str, port: int, context: ssl.SSLContext, server_name: str,

@@ -7,7 +7,8 @@ answered with a RequestError for exactly its rows and the connection goes on, wh
 the protocol (more batches than granted, a batch id already in flight, an unknown type) closes it with a
 GOODBYE. The credit of a batch comes back once its stage has run and its forwarded rows were handed on,
 so a node that cannot keep up holds its upstream back. Every answer, from this stage or relayed from
-further down, goes up in RESULTS frames through the emulated link of that direction.
+further down, goes up in RESULTS frames (through the emulated link of that direction, where the cluster file
+emulates one); a batch's CREDIT and the answers ready with it leave in one write.
 
 Node-wide limits hold off hostile or broken peers: connections in all and per address, payload bytes in
 the node at once, and the size of a batch payload, set from the stages served.
@@ -16,11 +17,12 @@ the node at once, and the size of a batch payload, set from the stages served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import ssl
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,6 +35,7 @@ from splitexit.runtime.result_messages import rejection_metadata, results_metada
 from splitexit.wire import wire_pb2
 from splitexit.wire.data_messages import IncomingBatch, decode_batch, parse, read_batch
 from splitexit.wire.framing import Frame, FrameLimits, FrameType
+from splitexit.wire.tensor_codec import wraps_payload
 
 if TYPE_CHECKING:
     from splitexit.runtime.node import Node
@@ -46,11 +49,14 @@ UP_LINK_SEED = 1
 #: Payload bytes a batch may carry while the node serves no plan (a batch then has nowhere to go anyway).
 NO_PLAN_PAYLOAD = 64 * 1024
 #: Payloads up to this size are decoded on the event loop (microseconds); larger ones in the node's worker
-#: thread, so a big tensor never holds up the loop.
+#: thread, so a big tensor never holds up the loop, unless every tensor is raw and uncompressed (then
+#: decoding wraps the received buffer, whatever its size).
 INLINE_DECODE = 64 * 1024
 #: Room over a stage's raw input size that a compressed payload may take (lz4/zstd frame overhead).
 COMPRESSION_SLACK = 1.01
 
+#: The metadata of a CREDIT frame that hands one batch back.
+ONE_CREDIT = wire_pb2.Credit(batches=1).SerializeToString()
 #: (frame type, batch id, metadata) on its way up.
 _Up = tuple[FrameType, int, bytes]
 
@@ -185,14 +191,15 @@ class DataService:
         return hello.sender
 
     async def _serve(self, connection: FrameConnection, sender: str, host: str) -> None:
-        up: EmulatedLink[_Up] = EmulatedLink(self.node.cluster.link(sender, self.node.name), seed=UP_LINK_SEED)
-        writer = asyncio.get_running_loop().create_task(_write_up(connection, up), name=f"up-to-{sender}")
+        up = _Upward(connection, EmulatedLink(self.node.cluster.link(sender, self.node.name), seed=UP_LINK_SEED),
+                     name=f"up-to-{sender}")
         batches: dict[int, asyncio.Task[None]] = {}  # every batch not yet fully answered
         credit = _Credit(granted=self.spec.credits)
         try:
             while True:
                 try:
-                    frame = await asyncio.wait_for(connection.receive(), self.spec.idle_timeout)
+                    async with asyncio.timeout(self.spec.idle_timeout):  # no task per frame, as wait_for has
+                        frame = await connection.receive()
                 except TimeoutError:
                     await _goodbye(connection, "idle", f"no frame for {self.spec.idle_timeout:g} s")
                     return
@@ -220,12 +227,12 @@ class DataService:
             self._forget(connection, host)
             await asyncio.gather(*batches.values(), return_exceptions=True)
             await up.close()
-            await writer
 
-    async def _batch(self, frame: Frame, up: EmulatedLink[_Up], credit: _Credit) -> None:
-        """One batch: check, decode, run (which forwards what goes on), hand the credit back, then send every
-        answer up as it comes."""
+    async def _batch(self, frame: Frame, up: _Upward, credit: _Credit) -> None:
+        """One batch: check, decode, run (which forwards what goes on), hand the credit back with the answers
+        already there, then send every other answer up as it comes."""
         node, size = self.node, frame.payload.nbytes
+        futures: list[asyncio.Future] = []
         try:
             try:
                 batch = read_batch(frame.metadata, frame.payload, max_rows=node.cluster.batching.max_batch,
@@ -237,17 +244,22 @@ class DataService:
         finally:
             await self.budget.release(size)
             credit.granted += 1  # counted before it is sent: a sender cannot have seen more than this
-            await _put(up, (FrameType.CREDIT, 0, wire_pb2.Credit(batches=1).SerializeToString()))
-        pending = set(futures)
+            ready = [future for future in futures if future.done()]
+            await up.send((FrameType.CREDIT, 0, ONE_CREDIT), *self._answers(frame.batch_id, ready))
+        pending = set(futures).difference(ready)
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            outcomes: list[Outcome] = [f.result() for f in done]
-            node.metrics.in_flight.dec(len(outcomes))
-            node.metrics.answered.inc(sum(isinstance(o, RowResult) and o.node == node.name for o in outcomes))
-            for metadata in results_metadata(outcomes):
-                await _put(up, (FrameType.RESULTS, frame.batch_id, metadata))
+            await up.send(*self._answers(frame.batch_id, done))
 
-    async def _run(self, batch: IncomingBatch, frame: Frame, up: EmulatedLink[_Up]) -> list[asyncio.Future]:
+    def _answers(self, batch_id: int, done: Iterable[asyncio.Future]) -> list[_Up]:
+        """RESULTS frames for the rows of ``done``, counted as answered."""
+        node = self.node
+        outcomes: list[Outcome] = [future.result() for future in done]
+        node.metrics.in_flight.dec(len(outcomes))
+        node.metrics.answered.inc(sum(isinstance(o, RowResult) and o.node == node.name for o in outcomes))
+        return [(FrameType.RESULTS, batch_id, metadata) for metadata in results_metadata(outcomes)]
+
+    async def _run(self, batch: IncomingBatch, frame: Frame, up: _Upward) -> list[asyncio.Future]:
         node = self.node
         ids = batch.request_ids
         node.metrics.requests.inc(len(ids))
@@ -257,7 +269,7 @@ class DataService:
             return []
         trace = [*batch.trace, stamp(node.name, "received")]
         try:
-            if frame.payload.nbytes <= INLINE_DECODE:
+            if frame.payload.nbytes <= INLINE_DECODE or all(wraps_payload(header) for header, _ in batch.tensors):
                 tensors = decode_batch(batch, served.stage.input_tensors)
             else:
                 tensors = await asyncio.get_running_loop().run_in_executor(
@@ -269,11 +281,11 @@ class DataService:
         node.metrics.in_flight.inc(len(ids))
         return await served.hop.send(ids, tensors, trace)
 
-    async def _reject(self, up: EmulatedLink[_Up], frame: Frame, ids: list[int], error: WireError) -> None:
+    async def _reject(self, up: _Upward, frame: Frame, ids: list[int], error: WireError) -> None:
         node = self.node
         node.metrics.rejected(error.code, max(len(ids), 1))
         self.refusals.warning(("batch", error.code), "node %s refused %d requests: %s", node.name, len(ids), error)
-        await _put(up, (FrameType.RESULTS, frame.batch_id, rejection_metadata(ids, error, node.name)))
+        await up.send((FrameType.RESULTS, frame.batch_id, rejection_metadata(ids, error, node.name)))
 
     def _refuse(self, code: str, host: str, why: str) -> None:
         self.node.metrics.rejected(code)
@@ -296,9 +308,30 @@ def _ids_of(metadata: bytes, max_rows: int) -> list[int]:
     return ids if len(ids) <= max_rows else []
 
 
-async def _put(up: EmulatedLink[_Up], item: _Up) -> None:
-    if not up.closed:
-        await up.put(item, len(item[2]))
+class _Upward:
+    """Where one connection's answers go: straight onto the connection, or, where the cluster file emulates
+    the link back, through an :class:`EmulatedLink` and a task that writes what it delivers."""
+
+    def __init__(self, connection: FrameConnection, link: EmulatedLink[_Up], *, name: str):
+        self.connection, self.link = connection, link
+        self._writer = asyncio.get_running_loop().create_task(_write_up(connection, link), name=name) \
+            if link.emulated else None
+
+    async def send(self, *frames: _Up) -> None:
+        """Never raises for a closed connection: its sender is gone, and these answers with it."""
+        if self._writer is None:
+            if frames and not self.link.closed:
+                with contextlib.suppress(ConnectionError):
+                    await self.connection.send_all(frames)
+            return
+        for frame in frames:
+            if not self.link.closed:
+                await self.link.put(frame, len(frame[2]))
+
+    async def close(self) -> None:
+        await self.link.close()
+        if self._writer is not None:
+            await self._writer
 
 
 async def _write_up(connection: FrameConnection, up: EmulatedLink[_Up]) -> None:

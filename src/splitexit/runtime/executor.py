@@ -56,6 +56,7 @@ class StageReply(Generic[Encoded]):
     forward: Encoded | None  # the encoder's output for those rows (None when nothing goes on)
     compute_s: float  # stage compute, slowdown included
     encode_s: float
+    started_at: float = 0.0  # time.time() as the batch's compute began (the same for every job of one batch)
 
 
 @dataclass
@@ -116,8 +117,11 @@ class StageExecutor(Generic[Encoded]):
             while rows < self.batching.max_batch:
                 remaining = deadline - loop.time()
                 try:
-                    job = self._queue.get_nowait() if remaining <= 0 else \
-                        await asyncio.wait_for(self._queue.get(), remaining)
+                    if remaining <= 0:
+                        job = self._queue.get_nowait()
+                    else:
+                        async with asyncio.timeout(remaining):  # a job that came stays queued if time is up
+                            job = await self._queue.get()
                 except (TimeoutError, asyncio.QueueEmpty):
                     break
                 jobs.append(job)
@@ -140,7 +144,7 @@ class StageExecutor(Generic[Encoded]):
     def _compute(self, jobs: list[_Job]) -> list[StageReply[Encoded]]:
         """Worker thread: one stage run over the concatenated jobs, then split back per job."""
         with TRACE_GUARD.shared():  # not while this process traces a model; the wait is not compute
-            started = time.perf_counter()
+            started_at, started = time.time(), time.perf_counter()
             inputs = jobs[0].tensors if len(jobs) == 1 else \
                 tuple(torch.cat(parts) for parts in zip(*(j.tensors for j in jobs)))
             with torch.inference_mode():
@@ -167,5 +171,5 @@ class StageExecutor(Generic[Encoded]):
                 # without an encoder the tensors themselves go on (Encoded is then the tensors' tuple)
                 forward = self.encode(rows_going) if self.encode is not None else cast(Encoded, rows_going)
             replies.append(StageReply(answers, positions, forward, compute_s=compute,
-                                      encode_s=time.perf_counter() - encode_started))
+                                      encode_s=time.perf_counter() - encode_started, started_at=started_at))
         return replies

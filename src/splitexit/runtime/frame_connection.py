@@ -120,15 +120,26 @@ class FrameConnection(asyncio.BufferedProtocol):
     async def send(self, kind: FrameType, metadata: Buffer = b"", payload: Sequence[Buffer] = (), *,
                    batch_id: int = 0, deadline: float = 0.0) -> None:
         """Write one frame; waits while the peer reads slower than we write. Raises ConnectionError once closed."""
-        if self.transport is None or self.closed or self.transport.is_closing():
-            raise ConnectionError(f"the connection is closed ({self.error or 'by its owner'})")
         size = sum(memoryview(part).nbytes for part in payload)
         header = frame_header(kind, batch_id=batch_id, deadline=deadline, metadata_size=len(metadata),
                               payload_size=size)
+        await self._write([header, metadata, *payload])
+
+    async def send_all(self, frames: Sequence[tuple[FrameType, int, Buffer]]) -> None:
+        """Write frames of (type, batch id, metadata) and no payload in one go (one system call), as
+        :meth:`send` would one by one."""
+        buffers: list[Buffer] = []
+        for kind, batch_id, metadata in frames:
+            buffers += [frame_header(kind, batch_id=batch_id, metadata_size=len(metadata)), metadata]
+        await self._write(buffers)
+
+    async def _write(self, buffers: list[Buffer]) -> None:
+        if self.transport is None or self.closed or self.transport.is_closing():
+            raise ConnectionError(f"the connection is closed ({self.error or 'by its owner'})")
         if self._writer is not None:
-            self._writer.write([header, metadata, *payload])
+            self._writer.write(buffers)
         else:
-            self.transport.writelines([header, metadata, *payload])
+            self.transport.writelines(buffers)
         if not self._writable.is_set():
             await self._writable.wait()
 

@@ -85,9 +85,9 @@ class Hop:
             for request_id, future in zip(ids, futures):
                 future.set_result(RowError(request_id, "stage_failed", f"{type(exc).__name__}: {exc}", self.node))
             return futures
-        done = time.time()
-        trace = [*trace, (self.node, "compute_start", done - reply.compute_s - reply.encode_s),
-                 (self.node, "compute_end", done - reply.encode_s), (self.node, "encoded", done)]
+        started = reply.started_at or time.time() - reply.compute_s - reply.encode_s
+        trace = [*trace, (self.node, "compute_start", started), (self.node, "compute_end", started + reply.compute_s),
+                 (self.node, "encoded", started + reply.compute_s + reply.encode_s)]
         for answer in reply.answers:
             futures[answer.position].set_result(RowResult(
                 ids[answer.position], answer.exit, answer.prediction, answer.confidence, answer.logits,

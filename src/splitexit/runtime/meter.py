@@ -3,9 +3,9 @@
 :class:`ThroughputMeter`: how fast a link is, measured by the sender while it sends.
 
 The sender records, per message, its size and the time the link was busy with *it*: from when it could
-start (after the message before it) to when it was handed on, in each of two lanes — putting it on the
-emulated link (its serialisation time there) and writing it to gRPC (the time flow control held the write
-on a real link). Bytes are counted once, in the first lane. Over a sliding window
+start (after the message before it) to when it was handed on — put on the emulated link (its serialisation
+time there) or, on a link the cluster file does not emulate, written to the connection (the time flow
+control held the write). Over a sliding window
 that gives the throughput the link delivers while it is in use, whatever its configured bandwidth.
 
 :class:`ComputeMeter`: how long each node's stage computes per request, from the answers' traces (the

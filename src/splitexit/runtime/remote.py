@@ -4,7 +4,8 @@ One framed TCP (or mutual-TLS) connection per neighbour, opened by the upstream 
 every connection and works behind NAT), plus a gRPC channel for Health. Connecting asks Health for the
 node's data port, connects, says HELLO (name, plan, token) and waits for WELCOME, which grants the
 first credits. Each BATCH frame spends one credit and waits for one when none is left: the next node
-decides how much we may have in it. Batches go down through an emulated link; results and per-request
+decides how much we may have in it. Batches go down on the connection, through an emulated link where
+the cluster file emulates one; results and per-request
 errors come back in RESULTS frames carrying the batch's id, so an answer resolves exactly the row of the
 batch it answers (request ids are scoped by batch: the same id sent twice is two rows).
 
@@ -141,9 +142,10 @@ class RemoteStage:
             raise NodeUnavailableError(f"the data connection to {name} failed: {type(exc).__name__}: {exc}") from exc
         self._grant(welcome.credits)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._write_forever(connection), name=f"to-{name}"),
-                       loop.create_task(self._read_forever(connection), name=f"from-{name}"),
+        self._tasks = [loop.create_task(self._read_forever(connection), name=f"from-{name}"),
                        loop.create_task(self._ping_forever(connection), name=f"ping-{name}")]
+        if self._link.emulated:  # otherwise send writes to the connection itself
+            self._tasks.append(loop.create_task(self._write_forever(connection), name=f"to-{name}"))
 
     def _welcome(self, frame: Frame) -> wire_pb2.Welcome:
         if frame.kind is FrameType.GOODBYE:
@@ -179,7 +181,14 @@ class RemoteStage:
         self.counters.rows += len(ids)
         self.counters.raw_bytes += sum(raw_size(t.header) for t in tensors)
         started = time.monotonic()
-        await self._link.put((batch_id, metadata, payload), size)
+        if self._link.emulated:
+            await self._link.put((batch_id, metadata, payload), size)
+        else:
+            assert self._connection is not None  # credit comes only with the WELCOME of a connection
+            try:
+                await self._connection.send(FrameType.BATCH, metadata, payload, batch_id=batch_id)
+            except ConnectionError as exc:
+                self._fail_all(f"writing to {self.target.name} failed: {exc}")
         self.meter.busy("link", started, time.monotonic(), size)
         return futures
 

@@ -24,7 +24,7 @@ from splitexit.errors import WireError
 from splitexit.wire import wire_pb2
 from splitexit.wire.compression import Payload, compress, decompress
 
-__all__ = ["MAX_RANK", "EncodedTensor", "decode", "encode", "raw_size"]
+__all__ = ["MAX_RANK", "EncodedTensor", "decode", "encode", "raw_size", "wraps_payload"]
 
 #: Largest tensor rank accepted from the wire.
 MAX_RANK = 8
@@ -198,6 +198,13 @@ def _value_range(values: torch.Tensor, per_channel: bool) -> tuple[np.ndarray, n
 
 
 # ------------------------------------------------------------------------------------------ decode
+def wraps_payload(message: wire_pb2.Tensor) -> bool:
+    """Whether :func:`decode` wraps the payload's memory instead of working through it: raw and uncompressed
+    (except bool, which is checked byte by byte). Such a decode costs microseconds at any size."""
+    return message.encoding == wire_pb2.ENCODING_RAW and message.compression == wire_pb2.COMPRESSION_NONE \
+        and message.dtype != wire_pb2.DTYPE_BOOL
+
+
 def decode(message: wire_pb2.Tensor, data: Payload, *, max_bytes: int,
            expected: tuple[torch.dtype, tuple[int, ...]] | None = None) -> torch.Tensor:
     """Rebuild a tensor from a peer's header and payload, refusing anything malformed or bigger than

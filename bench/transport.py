@@ -38,12 +38,16 @@ Read only the ratios: on a shared box absolute times move from one minute to the
     cluster token, free loopback ports), as deployed; the edge is an ``Entry`` in this process
     (``--in-process``: all three nodes in this process; ``--both``: both). Each node's ``slowdown``
     stretches its batch-1 stage to about 1, 3 and 10 ms (``--stage-ms``), for max_batch 1 and 8
-    (``--max-batch``). Each stage is timed alone the way the executor runs it (``stage.run`` then the
-    slowdown's sleep) at batch ``max_batch``; ideal = min(max_batch / max(stage time), window / sum(stage
-    times)): the busiest stage with full batches, or the window if it cannot keep every stage busy (it binds
-    at max_batch 8: 16 rows are two batches for three stages). Stage timing and chain runs alternate over
-    rounds; medians are reported. (The edge's mean batch rows inside the chain are shown: max_batch 8 only
-    helps as far as batches fill.)
+    (``--max-batch``); the slowdowns are calibrated on stages run alone here, then corrected twice from
+    batch-1 chain runs (the stage times inside the chain, below). The ideal is taken
+    from the same run: every answer carries each node's ``compute_start``/``compute_end`` stamps back, so
+    the bench knows how long each stage's batches took *inside the chain* (slowdown included) and how many
+    rows they held; ideal = min(rows / seconds of the busiest stage, window / sum of the stages' batch
+    seconds): the busiest stage never idle, or the window if it cannot keep every stage busy. What is left
+    between measured and ideal is the runtime: transport, queues, scheduling. (Stage times alone are no
+    ideal here: a 0.1 ms digits stage stretched by a slowdown of 20-30 runs 3-10x slower after each sleep
+    than back to back, so timings alone and inside the chain disagree by more than the effect measured.)
+    Medians over rounds are reported.
 
 (4) **The chain's zero-compute ceiling**: the same chain, same mode, slowdown 1 everywhere, inputs/s, at each
     max_batch: what the runtime itself can move here.
@@ -55,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -70,7 +75,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +93,7 @@ from splitexit.config.codec_names import parse_codec
 from splitexit.config.load import load_cluster
 from splitexit.control.edge import Entry
 from splitexit.control.local_cluster import free_port
+from splitexit.runtime import request_path
 from splitexit.runtime.frame_connection import FrameConnection, client_tls, connect, serve, server_tls
 from splitexit.runtime.hop import RowResult
 from splitexit.runtime.node import Node, Served
@@ -488,6 +494,8 @@ def report_hop(settings: Settings, rows: list[HopRow], pipes: list[PipeRow]) -> 
 # ------------------------------------------------------------------------------------------ parts 3 and 4
 NODE_NAMES = ("edge", "cloud1", "cloud2")
 WINDOW = 16
+#: Chain runs that correct each target's slowdowns from the stage times inside the chain.
+CHAIN_CALIBRATIONS = 2
 STARTS: list[int] = []  # attempts each LocalCluster start needed (process mode)
 
 
@@ -554,17 +562,49 @@ def stage_times(net: EarlyExitNet, cluster: ClusterSpec, slowdowns: dict[str, fl
     return result
 
 
-def _instrument(busy: dict[str, list[tuple[float, int]]], name: str, executor) -> None:  # noqa: ANN001
-    """Time each batch of ``executor._compute`` (slowdown included), with its rows, into ``busy[name]``."""
-    busy[name] = []
+class StageClock:
+    """Each node's batches inside the chain, read off the ``compute_start``/``compute_end`` stamps that every
+    answer carries back to the edge (the slowdown's sleep included, as the executor counts it). Rows that
+    share a node's ``compute_start`` were one batch there. Instrumentation only: while a run is clocked, the
+    edge's ``request_record`` also hands each outcome here."""
 
-    def timed(jobs, _compute=executor._compute, _out=busy[name]):  # noqa: ANN001, ANN202
-        started = time.perf_counter()
-        replies = _compute(jobs)
-        _out.append((time.perf_counter() - started, sum(job.rows for job in jobs)))
-        return replies
+    def __init__(self) -> None:
+        self.batches: dict[str, dict[float, list[float]]] = {}  # node -> compute_start -> [seconds, rows]
 
-    executor._compute = timed  # instrumentation only: the stage runs exactly as before
+    def clear(self) -> None:
+        self.batches.clear()
+
+    def add(self, outcome: object) -> None:
+        if not isinstance(outcome, RowResult):
+            return
+        first: dict[tuple[str, str], float] = {}
+        for node, event, at in outcome.trace:
+            first.setdefault((node, event), at)
+        for (node, event), at in first.items():
+            end = first.get((node, "compute_end"))
+            if event == "compute_start" and end is not None:
+                batch = self.batches.setdefault(node, {}).setdefault(at, [end - at, 0])
+                batch[1] += 1
+
+    def inside(self) -> dict[str, tuple[float, float]]:
+        """node -> (mean batch seconds, mean batch rows): means, since busy time adds up (a few slow batches
+        cost the chain their whole length; a median would hide them)."""
+        return {node: (statistics.mean(s for s, _ in b.values()), statistics.mean(n for _, n in b.values()))
+                for node, b in self.batches.items() if b}
+
+    @contextlib.contextmanager
+    def clocking(self) -> Iterator[None]:
+        original = request_path.request_record
+
+        def record(outcome, **kwargs):  # noqa: ANN001, ANN003, ANN202
+            self.add(outcome)
+            return original(outcome, **kwargs)
+
+        request_path.request_record = record  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            request_path.request_record = original
 
 
 @dataclass(frozen=True)
@@ -572,23 +612,22 @@ class ChainRun:
     throughput: float  # inputs/s
     nodes: list[str]  # the nodes that answered
     errors: int
-    inside: dict[str, tuple[float, float]]  # stage -> (median batch seconds, mean batch rows) inside the chain
+    inside: dict[str, tuple[float, float]]  # node -> (mean batch seconds, mean batch rows) inside the chain
 
 
-async def _drive(entry: Entry, dataset: TensorDataset, busy: dict[str, list[tuple[float, int]]]) -> ChainRun:
-    """The entry is started (and instrumented); warm up, then time the dataset."""
-    await entry.run(TensorDataset(*(t[:32] for t in dataset.tensors)))  # warm-up, untimed
-    for samples in busy.values():
-        samples.clear()
-    result = await entry.run(dataset)
+async def _drive(entry: Entry, dataset: TensorDataset) -> ChainRun:
+    """The entry is started; warm up, then time the dataset, clocking every node's batches."""
+    clock = StageClock()
+    with clock.clocking():
+        await entry.run(TensorDataset(*(t[:32] for t in dataset.tensors)))  # warm-up, untimed
+        clock.clear()
+        result = await entry.run(dataset)
     errors = sum(1 for r in result.records if r.error)
-    inside = {name: (statistics.median(s for s, _ in samples), statistics.mean(n for _, n in samples))
-              for name, samples in busy.items() if samples}
-    return ChainRun(len(dataset) / result.wall_s, sorted({r.node for r in result.records}), errors, inside)
+    return ChainRun(len(dataset) / result.wall_s, sorted({r.node for r in result.records}), errors, clock.inside())
 
 
 async def run_in_process(net: EarlyExitNet, cluster: ClusterSpec, dataset: TensorDataset) -> ChainRun:
-    """All three nodes in this process; each stage's batches are timed inside the chain."""
+    """All three nodes in this process."""
     with tempfile.TemporaryDirectory(prefix="splitexit-bench-stages-") as cache:
         nodes = [Node(cluster, n.name, cache_dir=Path(cache) / n.name) for n in cluster.nodes[1:]]
         for node in nodes:
@@ -596,12 +635,7 @@ async def run_in_process(net: EarlyExitNet, cluster: ClusterSpec, dataset: Tenso
         entry = Entry(net, cluster)
         try:
             await entry.start()  # its coordinator assigns the nodes their stages
-            version = entry.placement.version
-            busy: dict[str, list[tuple[float, int]]] = {}
-            for name, executor in [("edge", entry.hop.executor),  # type: ignore[union-attr]
-                                   *((n.name, n.plans[version].hop.executor) for n in nodes)]:
-                _instrument(busy, name, executor)
-            return await _drive(entry, dataset, busy)
+            return await _drive(entry, dataset)
         finally:
             await entry.close()
             for node in nodes:
@@ -610,19 +644,16 @@ async def run_in_process(net: EarlyExitNet, cluster: ClusterSpec, dataset: Tenso
 
 def run_processes(net: EarlyExitNet, package: Path, slowdowns: dict[str, float], max_batch: int,
                   dataset: TensorDataset, workdir: Path) -> ChainRun:
-    """cloud1 and cloud2 as node processes (``LocalCluster``), the edge an ``Entry`` here; only the edge's
-    batches can be timed from here."""
+    """cloud1 and cloud2 as node processes (``LocalCluster``), the edge an ``Entry`` here."""
     local, cluster, attempts = start_local_cluster(
         lambda: write_cluster_file(workdir, package, slowdowns, max_batch), workdir)
     STARTS.append(attempts)
     try:
         async def go() -> ChainRun:
             entry = Entry(net, cluster)
-            busy: dict[str, list[tuple[float, int]]] = {}
             try:
                 await entry.start()
-                _instrument(busy, "edge", entry.hop.executor)  # type: ignore[union-attr]
-                return await _drive(entry, dataset, busy)
+                return await _drive(entry, dataset)
             finally:
                 await entry.close()
 
@@ -637,11 +668,10 @@ class ChainResult:
     stage_ms: float  # the batch-1 target
     max_batch: int
     slowdowns: dict[str, float]
-    alone_ms: dict[str, float]  # each stage alone at batch max_batch, median over rounds
     ideal: float
     measured: float
     fractions: list[float]  # per round, measured / that round's ideal
-    inside: dict[str, tuple[float, float]]  # stage -> (median ms, mean rows) inside the chain, median over rounds
+    inside: dict[str, tuple[float, float]]  # node -> (mean batch ms, mean rows) inside the chain, median of rounds
     answered_by: list[str]
     errors: int
 
@@ -667,9 +697,12 @@ def calibrate(net: EarlyExitNet, settings: Settings, target_ms: float) -> dict[s
     return {name: round(value, 2) for name, value in slowdowns.items()}
 
 
-def ideal_of(times: dict[str, float], max_batch: int) -> float:
-    """Full batches at the busiest stage, or the window over one pass through every stage, whichever is less."""
-    return min(max_batch / max(times.values()), WINDOW / sum(times.values()))
+def ideal_of(inside: dict[str, tuple[float, float]]) -> float:
+    """Inputs/s of a chain whose stages took what they took inside it and nothing else cost anything: the
+    busiest stage never idle (with the batches it got), or the window over one pass through every stage,
+    whichever is less."""
+    return min(min(rows / seconds for seconds, rows in inside.values()),
+               WINDOW / sum(seconds for seconds, _ in inside.values()))
 
 
 def measure_chains(settings: Settings, targets: Sequence[float], batches: Sequence[int], mode: str,
@@ -677,7 +710,6 @@ def measure_chains(settings: Settings, targets: Sequence[float], batches: Sequen
     generator = torch.Generator().manual_seed(SEED + 1)
     dataset = TensorDataset(torch.randn(settings.inputs, 1, 8, 8, generator=generator),
                             torch.randint(0, 10, (settings.inputs,), generator=generator))
-    slowdowns = {target: calibrate(net, settings, target) for target in targets}
     bare = dict.fromkeys(NODE_NAMES, 1.0)
 
     def chain(which: dict[str, float], max_batch: int) -> ChainRun:
@@ -685,27 +717,35 @@ def measure_chains(settings: Settings, targets: Sequence[float], batches: Sequen
             return run_processes(net, package, which, max_batch, dataset, workdir)
         return asyncio.run(run_in_process(net, make_cluster(which, max_batch), dataset))
 
-    runs: dict[tuple[float, int], list[tuple[dict[str, float], ChainRun]]] = {}
+    def refined(target: float) -> dict[str, float]:
+        """Slowdowns calibrated alone, then corrected twice from the chain's own batch-1 stage times (a
+        stretched stage runs slower inside the chain than alone)."""
+        slowdowns = calibrate(net, settings, target)
+        for _ in range(CHAIN_CALIBRATIONS):
+            inside = chain(slowdowns, 1).inside
+            slowdowns = {name: round(max(1.0, slowdowns[name] * target / 1e3 / inside[name][0]), 2)
+                         for name in NODE_NAMES}
+        return slowdowns
+
+    slowdowns = {target: refined(target) for target in targets}
+
+    runs: dict[tuple[float, int], list[ChainRun]] = {}
     ceilings: dict[int, list[ChainRun]] = {b: [] for b in batches}
     for _ in range(settings.pipe_rounds):
         for max_batch in batches:
             for target in targets:
-                alone = stage_times(net, make_cluster(slowdowns[target], max_batch), slowdowns[target],
-                                    settings.calib, batch=max_batch)
-                runs.setdefault((target, max_batch), []).append((alone, chain(slowdowns[target], max_batch)))
+                runs.setdefault((target, max_batch), []).append(chain(slowdowns[target], max_batch))
             ceilings[max_batch].append(chain(bare, max_batch))
     results = []
     for (target, max_batch), got in runs.items():
-        ideals = [ideal_of(alone, max_batch) for alone, _ in got]
-        inside = {name: (statistics.median(r.inside[name][0] for _, r in got) * 1e3,
-                         statistics.median(r.inside[name][1] for _, r in got))
-                  for name in got[0][1].inside}
+        ideals = [ideal_of(r.inside) for r in got]
+        inside = {name: (statistics.median(r.inside[name][0] for r in got) * 1e3,
+                         statistics.median(r.inside[name][1] for r in got))
+                  for name in NODE_NAMES if all(name in r.inside for r in got)}
         results.append(ChainResult(
-            mode, target, max_batch, slowdowns[target],
-            {name: statistics.median(alone[name] for alone, _ in got) * 1e3 for name in NODE_NAMES},
-            statistics.median(ideals), statistics.median(r.throughput for _, r in got),
-            [r.throughput / ideal for (_, r), ideal in zip(got, ideals)], inside,
-            sorted({n for _, r in got for n in r.nodes}), sum(r.errors for _, r in got)))
+            mode, target, max_batch, slowdowns[target], statistics.median(ideals),
+            statistics.median(r.throughput for r in got), [r.throughput / ideal for r, ideal in zip(got, ideals)],
+            inside, sorted({n for r in got for n in r.nodes}), sum(r.errors for r in got)))
     ceiling_rows = [Ceiling(mode, b, statistics.median(r.throughput for r in rs), [r.throughput for r in rs],
                             statistics.median(r.inside["edge"][1] for r in rs), sum(r.errors for r in rs))
                     for b, rs in ceilings.items()]
@@ -719,22 +759,17 @@ MODE_TITLES = {"processes": "cloud1, cloud2 as node processes (LocalCluster), th
 def report_chains(settings: Settings, mode: str, results: list[ChainResult], ceilings: list[Ceiling]) -> None:
     print(f"\n(3) 3-stage chain vs ideal ({mode}: {MODE_TITLES[mode]}), digits_cnn, raw codec, window {WINDOW}, "
           f"{settings.inputs} inputs x {settings.pipe_rounds} rounds")
-    print("    ideal = min(max_batch / max(stage alone), window / sum(stages alone)); stage ms alone at batch "
-          "max_batch, slowdown included; edge batch inside the chain: median ms, mean rows")
-    print(f"{'target':>7} {'max_batch':>9} | {'slowdowns e/c1/c2':>18} | {'alone ms e/c1/c2':>20} | "
-          f"{'edge inside':>14} | {'ideal/s':>8} {'measured/s':>10} {'measured/ideal':>14}  per round")
+    print("    stage batches as they ran inside the chain (compute_start..compute_end stamps, slowdown included): "
+          "mean ms x mean rows; ideal = min(rows / ms of the busiest stage, window / sum of the stages)")
+    print(f"{'target':>7} {'max_batch':>9} | {'slowdowns e/c1/c2':>18} | {'inside: ms x rows e / c1 / c2':>36} | "
+          f"{'ideal/s':>8} {'measured/s':>10} {'measured/ideal':>14}  per round")
     for r in results:
         slow = "/".join(f"{r.slowdowns[n]:.1f}" for n in NODE_NAMES)
-        alone = "/".join(f"{r.alone_ms[n]:.2f}" for n in NODE_NAMES)
-        edge = r.inside.get("edge")
-        inside = f"{edge[0]:.2f} ms x {edge[1]:.1f}" if edge else "n/a"
+        inside = " / ".join(f"{ms:.2f}x{rows:.1f}" for ms, rows in r.inside.values())
         fraction = statistics.median(r.fractions)
         flag = "  (target >= 0.9)" if r.stage_ms == 3 and r.max_batch == 1 else ""
-        print(f"{r.stage_ms:5g}ms {r.max_batch:9d} | {slow:>18} | {alone:>20} | {inside:>14} | {r.ideal:8.1f} "
+        print(f"{r.stage_ms:5g}ms {r.max_batch:9d} | {slow:>18} | {inside:>36} | {r.ideal:8.1f} "
               f"{r.measured:10.1f} {fraction:14.3f}  {', '.join(f'{f:.3f}' for f in r.fractions)}{flag}")
-        if len(r.inside) > 1:
-            print("        inside the chain: " + ", ".join(f"{n} {ms:.2f} ms x {rows:.1f}"
-                                                        for n, (ms, rows) in r.inside.items()))
     answered = sorted({n for r in results for n in r.answered_by})
     print(f"    answered by {answered}, errors {sum(r.errors for r in results)}")
     print(f"\n(4) zero-compute ceiling ({mode}): slowdown 1 everywhere, inputs/s (median; per round), "

@@ -1,13 +1,17 @@
 """Hostile peers on a node's data plane (issue 13): each attack is refused or bounded, Health answers within
-a second, and a well-formed batch sent meanwhile gets the model's answer.
+a second, a well-formed batch sent meanwhile gets the model's answer, and resident memory after the attack
+is within 20 % of what it was warm (after one good batch).
 
 The node runs in this process (its coordinator-assigned stage is the second half of digits_cnn); every
-attacker holds the token, as a compromised or buggy member would.
+attacker holds the token, as a compromised or buggy member would. The RSS measured is this process's, the
+attackers' memory included: an upper bound of the node's own growth.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import resource
 import time
 from pathlib import Path
@@ -27,11 +31,13 @@ from splitexit.runtime.security import token_metadata
 from splitexit.wire import wire_pb2, wire_pb2_grpc
 from splitexit.wire.data_messages import batch_frame, encode_tensors
 from splitexit.wire.framing import FrameType
-from support import data_connection, digits_net, free_port, start_nodes, stop_nodes
+from support import data_connection, digits_net, free_port, rss_kib, start_nodes, stop_nodes
 
 pytestmark = pytest.mark.slow
 
 TOKEN = "a-token-long-enough-for-the-file"
+#: Resident memory after an attack may be at most this many times the warm figure.
+RSS_GROWTH = 1.2
 
 
 def make_net() -> EarlyExitNet:
@@ -74,7 +80,12 @@ class Chain:
             if frame.kind is FrameType.RESULTS:
                 for outcome in decode_results(frame.metadata, "test"):
                     got[outcome.request_id] = getattr(outcome, "prediction", -1)
+        held = len(self.service._connections)
         await connection.close()
+        for _ in range(100):  # until the node has let go of it, so counts taken next do not include it
+            if len(self.service._connections) < held:
+                break
+            await asyncio.sleep(0.05)
         return [got[i] for i in ids]
 
     async def health_s(self) -> float:
@@ -93,7 +104,15 @@ def attack(spec: ClusterSpec, tmp_path: Path, scenario) -> object:  # noqa: ANN0
         entry = Entry(net, spec)
         try:
             await entry.start()
-            return await scenario(Chain(net, spec, entry.placement.version, nodes[0].data))
+            chain = Chain(net, spec, entry.placement.version, nodes[0].data)
+            assert await chain.answers([1, 2]) == chain.expected  # warm: the stage has run, buffers exist
+            warm = rss_kib(os.getpid())
+            outcome = await scenario(chain)
+            gc.collect()
+            final = rss_kib(os.getpid())
+            assert final <= warm * RSS_GROWTH, f"RSS grew from {warm} KiB warm to {final} KiB after the attack"
+            print(f"RSS warm {warm} KiB, after the attack {final} KiB ({final / warm:.3f}x)")
+            return outcome
         finally:
             await entry.close()
             await stop_nodes(nodes)

@@ -19,6 +19,8 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
+import numpy as np
+
 from splitexit.errors import WireError
 
 __all__ = ["HEADER", "MAGIC", "VERSION", "Frame", "FrameLimits", "FrameReader", "FrameType", "frame_header"]
@@ -135,7 +137,8 @@ class FrameReader:
                 at = self._start + HEADER.size
                 metadata = bytes(self._staging[at:at + metadata_size])
                 here = available - needed
-                self._big = memoryview(bytearray(payload_size))
+                # not zero-filled (a bytearray would be): every byte is read into it before the frame is out
+                self._big = np.empty(payload_size, np.uint8).data
                 self._big[:here] = self._staging[at + metadata_size:self._end]
                 self._big_filled = here
                 self._pending = (kind, flags, batch_id, deadline, metadata)

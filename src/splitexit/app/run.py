@@ -37,7 +37,7 @@ from splitexit.runtime.security import write_token
 from splitexit.runtime.stage_cache import default_cache_dir
 
 __all__ = ["DEV_ETCD_DIR", "DEV_ETCD_PORT", "ensure_cluster_token", "run_cluster", "serve", "serve_dev_etcd",
-           "serve_local_cluster", "start_cluster", "wait_for_stop", "write_records"]
+           "serve_local_cluster", "start_cluster", "stop_signals", "wait_for_stop", "write_records"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +114,10 @@ def serve_local_cluster(cluster_file: Path, *, log_dir: Path | None = None,
     """Run every worker of the file on this machine until SIGTERM or Ctrl-C, then stop them all."""
     local = start_cluster(cluster_file, log_dir=log_dir)
     try:
+        stop = stop_signals()  # before "ready" is said: a Ctrl-C right after it must find the handler
         if on_ready is not None:
             on_ready(local)
-        wait_for_stop()
+        wait_for_stop(stop)
     finally:
         local.stop()
 
@@ -150,28 +151,31 @@ def serve_dev_etcd(data_dir: Path = DEV_ETCD_DIR, *, port: int = DEV_ETCD_PORT, 
         cluster = load_cluster(cluster_file, read_secrets=False)  # etcd needs no token
         server = start_secured_etcd(cluster, data_dir, port=port, peer_port=peer)
     try:
+        stop = stop_signals()  # before "ready" is said: a Ctrl-C right after it must find the handler
         if on_ready is not None:
             on_ready(server)
-        stopped = wait_for_stop(lambda: server.running)
+        stopped = wait_for_stop(stop, lambda: server.running)
     finally:
         server.stop()
     if not stopped:
         raise ClusterError(f"etcd exited on its own; its log ends with:\n{server.log_tail()}")
 
 
-def wait_for_stop(alive: Callable[[], bool] | None = None) -> bool:
-    """Block until SIGTERM or Ctrl-C (True), or until ``alive`` says no (False); call from the main thread.
-    Both signals get a handler here: a process started in the background by a shell inherits SIGINT ignored,
-    and would otherwise never stop on it."""
+def stop_signals() -> threading.Event:
+    """An event that SIGTERM and Ctrl-C set from now on; call from the main thread. Both signals get a
+    handler: a process started in the background by a shell inherits SIGINT ignored, and would otherwise
+    never stop on it."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    try:
-        while not stop.wait(ALIVE_POLL_S):
-            if alive is not None and not alive():
-                return False
-    except KeyboardInterrupt:  # a SIGINT that came before the handler was installed
-        pass
+    return stop
+
+
+def wait_for_stop(stop: threading.Event, alive: Callable[[], bool] | None = None) -> bool:
+    """Block until ``stop`` (from :func:`stop_signals`) is set (True), or until ``alive`` says no (False)."""
+    while not stop.wait(ALIVE_POLL_S):
+        if alive is not None and not alive():
+            return False
     return True
 
 

@@ -131,6 +131,9 @@ def test_a_node_slower_than_planned_is_measured_and_avoided(mobilenet: tuple[Ear
     switch = switches[0]
     plans = [(round(c.time - switch.time, 2), c.reason, c.placement.describe()) for c in changes]
     in_force_until = min([c.time for c in changes if c.time > switch.time], default=float("inf"))
-    late = [r for r in records if switch.time + 1 < r.finished < in_force_until]
-    assert late, f"the plan without cloud1 should serve for over a second; plans: {plans}"
-    assert "cloud1" not in {r.node for r in late}, f"after the switch cloud1 answers nothing; plans: {plans}"
+    # requests sent once the switched plan was installed (one sent before may still finish on cloud1)
+    after = [r for r in records if switch.time < r.finished - r.latency_ms / 1e3 and r.finished < in_force_until]
+    assert len(after) >= 10, f"the plan without cloud1 should serve a while: {len(after)} requests; plans: {plans}"
+    strays = [(r.request_id, round(r.finished - switch.time, 2), r.attempts) for r in after if r.node == "cloud1"]
+    assert not strays, f"requests sent after the switch are not answered by cloud1 (id, finished, attempts): " \
+        f"{strays}; plans: {plans}"

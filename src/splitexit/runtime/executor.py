@@ -1,10 +1,12 @@
 """Run a stage on micro-batches in one worker thread, so the event loop never runs torch.
 
-Callers ``await executor.run(tensors)`` from many coroutines at once. A batcher task takes the first
-waiting job, gathers more for up to ``max_wait`` until ``max_batch`` rows are queued, concatenates them,
-and runs the stage (and the encoding of what it forwards) in the worker thread. The job queue is
-bounded: when it is full, ``run`` waits, the caller stops reading its stream, and gRPC flow control
-pushes back on the sender.
+Callers ``await executor.run(tensors, tag)`` from many coroutines at once. A batcher task takes the first
+waiting job, gathers more for up to ``max_wait`` while they fit in ``max_batch`` rows, concatenates them,
+and runs the stage (and the encoding of what it forwards) in the worker thread. The rows of a batch that
+go on leave together: they are encoded once, as one :class:`Onward`, which every job of the batch shares
+(so requests gathered into one batch at the edge cross every later link as one message). The job queue
+is bounded: when it is full, ``run`` waits, the caller stops reading its connection, and its credit does
+not come back.
 
 A node's ``slowdown`` stretches each batch's compute time by sleeping in the worker thread, so one
 machine can stand in for a slow edge device.
@@ -15,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
 
 import torch
@@ -26,7 +28,7 @@ from splitexit.config import BatchingSpec
 from splitexit.model.stages import Stage
 from splitexit.model.trace_guard import TRACE_GUARD
 
-__all__ = ["Answer", "StageExecutor", "StageReply"]
+__all__ = ["Answer", "Onward", "StageExecutor", "StageReply"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,21 +49,43 @@ class Answer:
     logits: list[float]
 
 
+@dataclass(eq=False)
+class Onward(Generic[Encoded]):
+    """The rows of one batch that go on to the next stage, encoded once for every job of the batch."""
+
+    forward: Encoded  # the encoder's output for those rows (the tensors themselves without an encoder)
+    rows: list[tuple[int, int]]  # (job, row index within that job) of each forwarded row, in order
+    tags: list[object]  # each job's tag, as its caller gave it to `run`, in job order
+    _handing: asyncio.Future | None = field(default=None, repr=False)
+
+    async def hand_on_once(self, hand_on: Callable[[Onward[Encoded]], Awaitable[None]]) -> None:
+        """Every job of the batch calls this: the first runs ``hand_on``, the others wait until it is done."""
+        if self._handing is not None:
+            await asyncio.shield(self._handing)
+            return
+        self._handing = asyncio.get_running_loop().create_future()
+        try:
+            await hand_on(self)
+        finally:
+            self._handing.set_result(None)
+
+
 @dataclass
 class StageReply(Generic[Encoded]):
     """What became of one submitted job's rows."""
 
     answers: list[Answer]
-    forward_positions: list[int]  # row indices within the job that go on, in the order of `forward`
-    forward: Encoded | None  # the encoder's output for those rows (None when nothing goes on)
-    compute_s: float  # stage compute, slowdown included
-    encode_s: float
-    started_at: float = 0.0  # time.time() as the batch's compute began (the same for every job of one batch)
+    onward: Onward[Encoded] | None  # the batch's rows that go on, this job's among them (None: none go on)
+    job: int  # this job's index within its batch (its rows in `onward.rows` are marked with it)
+    compute_s: float  # stage compute of the whole batch, slowdown included
+    encode_s: float  # encoding of the whole batch's forwarded rows
+    started_at: float  # time.time() as the batch's compute began
 
 
 @dataclass
 class _Job:
     tensors: tuple[torch.Tensor, ...]
+    tag: object
     future: asyncio.Future
 
     @property
@@ -84,20 +108,22 @@ class StageExecutor(Generic[Encoded]):
         self.slowdown = slowdown
         self.encode = encode
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(max_pending)
+        self._held: _Job | None = None  # a job that did not fit in the last batch: it starts the next one
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"splitexit-{name}")
         self._batcher: asyncio.Task | None = None
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + (self._held is not None)
 
-    async def run(self, tensors: tuple[torch.Tensor, ...]) -> StageReply[Encoded]:
-        """Queue one job (all rows of one incoming batch) and wait for its reply."""
+    async def run(self, tensors: tuple[torch.Tensor, ...], tag: object = None) -> StageReply[Encoded]:
+        """Queue one job (all rows of one incoming batch) and wait for its reply; ``tag`` comes back in the
+        :class:`Onward` of its batch, so the caller can tell whose rows go on."""
         if self._batcher is None:
             self._batcher = asyncio.get_running_loop().create_task(self._batch_forever(), name="stage-batcher")
-        job = _Job(tensors, asyncio.get_running_loop().create_future())
+        job = _Job(tensors, tag, asyncio.get_running_loop().create_future())
         await self._queue.put(job)
-        return await job.future
+        return cast(StageReply[Encoded], await job.future)
 
     async def close(self) -> None:
         if self._batcher is not None:
@@ -108,31 +134,40 @@ class StageExecutor(Generic[Encoded]):
                 pass
         self._pool.shutdown(wait=True, cancel_futures=True)
 
+    async def _next_batch(self) -> list[_Job]:
+        """The next jobs to run together: the first waiting, and those that come within ``max_wait`` while
+        their rows fit in ``max_batch`` (a job that does not fit starts the next batch)."""
+        loop = asyncio.get_running_loop()
+        first, self._held = self._held or await self._queue.get(), None
+        jobs, rows = [first], first.rows
+        deadline = loop.time() + self.batching.max_wait
+        while rows < self.batching.max_batch:
+            remaining = deadline - loop.time()
+            try:
+                if remaining <= 0:
+                    job = self._queue.get_nowait()
+                else:
+                    async with asyncio.timeout(remaining):  # a job that came stays queued if time is up
+                        job = await self._queue.get()
+            except (TimeoutError, asyncio.QueueEmpty):
+                break
+            if rows + job.rows > self.batching.max_batch:
+                self._held = job
+                break
+            jobs.append(job)
+            rows += job.rows
+        return [j for j in jobs if not j.future.cancelled()]
+
     async def _batch_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = [await self._queue.get()]
-            rows = jobs[0].rows
-            deadline = loop.time() + self.batching.max_wait
-            while rows < self.batching.max_batch:
-                remaining = deadline - loop.time()
-                try:
-                    if remaining <= 0:
-                        job = self._queue.get_nowait()
-                    else:
-                        async with asyncio.timeout(remaining):  # a job that came stays queued if time is up
-                            job = await self._queue.get()
-                except (TimeoutError, asyncio.QueueEmpty):
-                    break
-                jobs.append(job)
-                rows += job.rows
-            jobs = [j for j in jobs if not j.future.cancelled()]
+            jobs = await self._next_batch()
             if not jobs:
                 continue
             try:
                 replies = await loop.run_in_executor(self._pool, self._compute, jobs)
             except Exception as exc:  # noqa: BLE001 - every job of the batch gets the error, the loop lives on
-                logger.exception("stage compute failed for a batch of %d rows", rows)
+                logger.exception("stage compute failed for a batch of %d rows", sum(j.rows for j in jobs))
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(exc)
@@ -142,7 +177,8 @@ class StageExecutor(Generic[Encoded]):
                     job.future.set_result(reply)
 
     def _compute(self, jobs: list[_Job]) -> list[StageReply[Encoded]]:
-        """Worker thread: one stage run over the concatenated jobs, then split back per job."""
+        """Worker thread: one stage run over the concatenated jobs; answers split back per job, the rows
+        that go on encoded once for all of them."""
         with TRACE_GUARD.shared():  # not while this process traces a model; the wait is not compute
             started_at, started = time.time(), time.perf_counter()
             inputs = jobs[0].tensors if len(jobs) == 1 else \
@@ -153,23 +189,21 @@ class StageExecutor(Generic[Encoded]):
         if self.slowdown > 1:
             time.sleep(compute * (self.slowdown - 1))
             compute *= self.slowdown
-        offsets = torch.tensor([0] + [j.rows for j in jobs]).cumsum(0)
-        answer_job = torch.bucketize(out.rows, offsets[1:], right=True)
-        forward_job = torch.bucketize(out.forward_rows, offsets[1:], right=True)
-        replies: list[StageReply[Encoded]] = []
-        for index in range(len(jobs)):
-            base = int(offsets[index])
-            mine = (answer_job == index).nonzero().squeeze(1).tolist()
-            answers = [Answer(int(out.rows[i]) - base, int(out.exit[i]), int(out.prediction[i]),
-                              float(out.confidence[i]), out.logits[i].tolist()) for i in mine]
-            going = (forward_job == index).nonzero().squeeze(1)
-            positions = (out.forward_rows[going] - base).tolist()
-            encode_started = time.perf_counter()
-            forward: Encoded | None = None
-            if positions:
-                rows_going = tuple(t.index_select(0, going) for t in out.forward)
-                # without an encoder the tensors themselves go on (Encoded is then the tensors' tuple)
-                forward = self.encode(rows_going) if self.encode is not None else cast(Encoded, rows_going)
-            replies.append(StageReply(answers, positions, forward, compute_s=compute,
-                                      encode_s=time.perf_counter() - encode_started, started_at=started_at))
-        return replies
+        ends = torch.tensor([j.rows for j in jobs]).cumsum(0)
+        bases = [0, *ends.tolist()]
+        answers: list[list[Answer]] = [[] for _ in jobs]
+        for job, row, exit_, prediction, confidence, logits in zip(
+                torch.bucketize(out.rows, ends, right=True).tolist(), out.rows.tolist(), out.exit.tolist(),
+                out.prediction.tolist(), out.confidence.tolist(), out.logits.tolist()):
+            answers[job].append(Answer(row - bases[job], exit_, prediction, confidence, logits))
+        encode_started = time.perf_counter()
+        onward: Onward[Encoded] | None = None
+        if len(out.forward_rows):
+            owners = torch.bucketize(out.forward_rows, ends, right=True).tolist()
+            rows = [(job, row - bases[job]) for job, row in zip(owners, out.forward_rows.tolist())]
+            # without an encoder the tensors themselves go on (Encoded is then the tensors' tuple)
+            forward = self.encode(out.forward) if self.encode is not None else cast(Encoded, out.forward)
+            onward = Onward(forward, rows, [j.tag for j in jobs])
+        encode = time.perf_counter() - encode_started
+        return [StageReply(answers[index], onward, index, compute_s=compute, encode_s=encode, started_at=started_at)
+                for index in range(len(jobs))]

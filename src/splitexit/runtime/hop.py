@@ -13,10 +13,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, cast
 
-from splitexit.runtime.executor import StageExecutor
+from splitexit.runtime.executor import Onward, StageExecutor
 
 __all__ = ["Downstream", "Hop", "Outcome", "RowError", "RowResult", "Stamp", "stamp"]
 
@@ -62,6 +62,15 @@ class Downstream(Protocol):
     async def close(self) -> None: ...
 
 
+@dataclass
+class _Rows:
+    """One call's rows, as the executor tags its job: where their answers go, and their trace so far."""
+
+    ids: Sequence[int]
+    futures: list[asyncio.Future]
+    trace: list[Stamp]
+
+
 class Hop:
     """A stage executor and where its unconfident rows go next (``None`` for the last stage)."""
 
@@ -72,40 +81,54 @@ class Hop:
         self.in_flight = 0
 
     async def send(self, ids: Sequence[int], tensors: Any, trace: list[Stamp]) -> list[asyncio.Future]:
-        """Run the stage on these rows now; forwarded rows' futures resolve when the next hop answers."""
+        """Run the stage on these rows now; forwarded rows' futures resolve when the next hop answers. Returns
+        once the rows that go on are handed on (with those of every call batched with this one)."""
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in ids]
         self.in_flight += len(ids)
         for future in futures:
             future.add_done_callback(self._done)
-        trace = [*trace, stamp(self.node, "queued")]
+        rows = _Rows(ids, futures, [*trace, stamp(self.node, "queued")])
         try:
-            reply = await self.executor.run(tensors)
+            reply = await self.executor.run(tensors, rows)
         except Exception as exc:  # noqa: BLE001 - the rows fail, the hop keeps serving
             for request_id, future in zip(ids, futures):
                 future.set_result(RowError(request_id, "stage_failed", f"{type(exc).__name__}: {exc}", self.node))
             return futures
-        started = reply.started_at or time.time() - reply.compute_s - reply.encode_s
-        trace = [*trace, (self.node, "compute_start", started), (self.node, "compute_end", started + reply.compute_s),
-                 (self.node, "encoded", started + reply.compute_s + reply.encode_s)]
+        started = reply.started_at
+        stamps = [(self.node, "compute_start", started), (self.node, "compute_end", started + reply.compute_s),
+                  (self.node, "encoded", started + reply.compute_s + reply.encode_s)]
+        done = [*rows.trace, *stamps]
         for answer in reply.answers:
             futures[answer.position].set_result(RowResult(
                 ids[answer.position], answer.exit, answer.prediction, answer.confidence, answer.logits,
-                self.node, trace))
-        if reply.forward_positions:
-            await self._forward(ids, futures, reply.forward_positions, reply.forward, trace)
+                self.node, done))
+        if reply.onward is not None:
+            await reply.onward.hand_on_once(lambda onward: self._forward(onward, stamps))
         return futures
 
-    async def _forward(self, ids: Sequence[int], futures: list[asyncio.Future], positions: list[int],
-                       tensors: Any, trace: list[Stamp]) -> None:
+    async def _forward(self, onward: Onward, stamps: list[Stamp]) -> None:
+        """Send a batch's rows that go on as one batch; each row's answer resolves its own call's future. The
+        batch travels with the trace of the first call whose rows it carries: the answers of the other
+        calls' rows get their own call's stamps back in front."""
+        calls = cast(list[_Rows], onward.tags)
         if self.downstream is None:
-            for p in positions:
-                futures[p].set_result(RowError(ids[p], "no_downstream", "rows left the last stage unanswered; "
-                                               "the last stage must end at the model output", self.node))
+            for job, position in onward.rows:
+                call = calls[job]
+                call.futures[position].set_result(RowError(
+                    call.ids[position], "no_downstream", "rows left the last stage unanswered; the last stage "
+                    "must end at the model output", self.node))
             return
-        onward = await self.downstream.send([ids[p] for p in positions], tensors, trace)
-        for p, remote in zip(positions, onward):
-            _chain(remote, futures[p])
+        lead = calls[onward.rows[0][0]]
+        trace = [*lead.trace, *stamps]
+        remote = await self.downstream.send([calls[job].ids[p] for job, p in onward.rows], onward.forward, trace)
+        own: dict[int, list[Stamp]] = {}
+        for (job, position), answer in zip(onward.rows, remote):
+            call = calls[job]
+            if call is lead:
+                _chain(answer, call.futures[position])
+            else:
+                _chain(answer, call.futures[position], (trace, own.setdefault(job, [*call.trace, *stamps])))
 
     def _done(self, _: asyncio.Future) -> None:
         self.in_flight -= 1
@@ -123,7 +146,10 @@ class Hop:
             await self.downstream.close()
 
 
-def _chain(source: asyncio.Future, target: asyncio.Future) -> None:
+def _chain(source: asyncio.Future, target: asyncio.Future,
+           retrace: tuple[list[Stamp], list[Stamp]] | None = None) -> None:
+    """Resolve ``target`` as ``source`` resolves; ``retrace`` (sent, own) swaps a result's leading stamps
+    ``sent`` (another call's) for ``own`` (where the result still begins with them)."""
     def copy(done: asyncio.Future) -> None:
         if target.done():
             return
@@ -132,5 +158,9 @@ def _chain(source: asyncio.Future, target: asyncio.Future) -> None:
         elif (error := done.exception()) is not None:
             target.set_exception(error)
         else:
-            target.set_result(done.result())
+            outcome = done.result()
+            if retrace is not None and isinstance(outcome, RowResult) and \
+                    outcome.trace[:len(retrace[0])] == retrace[0]:
+                outcome = replace(outcome, trace=[*retrace[1], *outcome.trace[len(retrace[0]):]])
+            target.set_result(outcome)
     source.add_done_callback(copy)

@@ -24,8 +24,10 @@ __all__ = ["ComputeMeter", "ThroughputMeter"]
 WINDOW = 2.0
 #: Below this much busy time in the window the link is too idle (or too fast) to measure.
 MIN_BUSY = 0.005
-#: Fewer requests than this through a node in the window tell nothing about its compute.
+#: Fewer requests than this through a node tell nothing about its compute.
 MIN_REQUESTS = 5
+#: Seconds after which a request's compute span says nothing any more, however few came since.
+STALE = 30.0
 
 
 class ThroughputMeter:
@@ -55,9 +57,13 @@ class ThroughputMeter:
 
 
 class ComputeMeter:
+    """Each node's compute seconds per request: the mean over the window, or, where fewer than
+    ``MIN_REQUESTS`` came through it in the window (a node that slow is exactly what re-planning must see),
+    over its last ``MIN_REQUESTS`` requests of the last ``STALE`` seconds."""
+
     def __init__(self, *, window: float = WINDOW, clock: Callable[[], float] = time.monotonic):
         self.window, self.clock = window, clock
-        self._samples: deque[tuple[float, str, float]] = deque()  # (when, node, compute seconds)
+        self._spans: dict[str, deque[tuple[float, float]]] = {}  # node -> (when, compute seconds)
 
     def record(self, trace: Iterable[tuple[str, str, float]]) -> None:
         """Note the compute span of every stage one answered request went through."""
@@ -67,20 +73,22 @@ class ComputeMeter:
             if event == "compute_start":
                 starts[node] = at
             elif event == "compute_end" and node in starts:
-                self._samples.append((now, node, max(0.0, at - starts.pop(node))))
+                self._spans.setdefault(node, deque()).append((now, max(0.0, at - starts.pop(node))))
         self._trim(now)
 
     def clear(self) -> None:
-        self._samples.clear()
+        self._spans.clear()
 
     def means(self) -> dict[str, float]:
-        """Mean compute seconds per request of every node seen often enough in the window."""
+        """Mean compute seconds per request of every node seen often enough lately."""
         self._trim(self.clock())
-        spans: dict[str, list[float]] = {}
-        for _, node, seconds in self._samples:
-            spans.setdefault(node, []).append(seconds)
-        return {node: sum(s) / len(s) for node, s in spans.items() if len(s) >= MIN_REQUESTS}
+        return {node: sum(s for _, s in spans) / len(spans)
+                for node, spans in self._spans.items() if len(spans) >= MIN_REQUESTS}
 
     def _trim(self, now: float) -> None:
-        while self._samples and self._samples[0][0] < now - self.window:
-            self._samples.popleft()
+        for node, spans in list(self._spans.items()):
+            while spans and (spans[0][0] < now - STALE or
+                             (spans[0][0] < now - self.window and len(spans) > MIN_REQUESTS)):
+                spans.popleft()
+            if not spans:
+                del self._spans[node]

@@ -73,3 +73,46 @@ def test_placement_spreads_exits_one_per_node(net: EarlyExitNet) -> None:
     assert placement.stages[0].start is MODEL_INPUT and placement.stages[-1].end is MODEL_OUTPUT
     four = default_placement(net, cluster(3))
     assert len(four.stages) == 4 and len({s.end for s in four.stages}) == 4
+
+
+def test_calls_batched_together_go_on_as_one_batch_each_row_keeping_its_own_trace(net: EarlyExitNet) -> None:
+    """Calls of 1-4 rows, all at once, max_batch 4: no stage runs more than 4 rows, the rows of several calls
+    that one stage ran together reach the next stage as one batch, and every answer still carries its own
+    call's first stamp."""
+    x = torch.randn(24, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    expected = net.infer(x)
+    sizes = [1, 3, 2, 1, 4, 1, 1, 2, 3, 2, 1, 3]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+
+    async def run() -> list[list[RowResult | RowError]]:
+        first = build_chain(net, 2, BatchingSpec(max_batch=4, max_wait=0.005))
+        try:
+            async def call(start: int, n: int) -> list[RowResult | RowError]:
+                futures = await first.send(list(range(start, start + n)), (x[start:start + n],), [])
+                return list(await asyncio.gather(*futures))
+            return list(await asyncio.gather(*(call(s, n) for s, n in zip(starts, sizes))))
+        finally:
+            await first.close()
+
+    calls = asyncio.run(run())
+    outcomes = [o for call in calls for o in call]
+    assert all(isinstance(o, RowResult) for o in outcomes), [o for o in outcomes if isinstance(o, RowError)][:3]
+    results = [o for o in outcomes if isinstance(o, RowResult)]
+    assert [o.prediction for o in results] == expected.prediction.tolist()
+    assert [o.exit for o in results] == expected.exit.tolist()
+    # rows that share a node's compute_start were one batch there
+    batches: dict[tuple[str, float], set[int]] = {}
+    for call in calls:
+        for outcome in call:
+            assert isinstance(outcome, RowResult)
+            for node, event, at in outcome.trace:
+                if event == "compute_start":
+                    batches.setdefault((node, at), set()).add(outcome.request_id)
+    assert max(len(rows) for rows in batches.values()) <= 4
+    first_node = outcomes[0].trace[0][0]
+    call_of = {request_id: index for index, (s, n) in enumerate(zip(starts, sizes)) for request_id in range(s, s + n)}
+    merged = [rows for (node, _), rows in batches.items() if node != first_node and len({call_of[r] for r in rows}) > 1]
+    assert merged, "rows of several calls should have gone on together"
+    leading = [{o.trace[0] for o in call if isinstance(o, RowResult)} for call in calls]
+    assert all(len(stamps) == 1 for stamps in leading), "the rows of one call share its first stamp"
+    assert len({next(iter(stamps)) for stamps in leading}) == len(calls), "each call keeps its own first stamp"

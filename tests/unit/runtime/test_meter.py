@@ -9,7 +9,7 @@ import pytest
 
 from splitexit.config import LinkSpec
 from splitexit.runtime.link import EmulatedLink
-from splitexit.runtime.meter import MIN_REQUESTS, ComputeMeter, ThroughputMeter
+from splitexit.runtime.meter import MIN_REQUESTS, STALE, ComputeMeter, ThroughputMeter
 
 
 def test_busy_time_counts_each_message_once_even_when_puts_overlap() -> None:
@@ -67,5 +67,19 @@ def test_compute_meter_averages_each_nodes_span_over_recent_requests() -> None:
     slow_ones = MIN_REQUESTS - MIN_REQUESTS // 2  # requests 0, 2, 4, ... computed 20 ms at the edge
     expected = (0.010 * (MIN_REQUESTS // 2) + 0.020 * slow_ones) / MIN_REQUESTS
     assert meter.means() == pytest.approx({"edge": expected}), "cloud1 saw too few requests to say"
+    meter.record(answered(0.030, None))
+    assert meter.means()["edge"] == pytest.approx((expected * MIN_REQUESTS + 0.030) / (MIN_REQUESTS + 1))
     now[0] += 3.0
-    assert meter.means() == {}, "old requests leave the window"
+    assert meter.means() == pytest.approx({"edge": (expected * MIN_REQUESTS + 0.030 - 0.020) / MIN_REQUESTS}), \
+        "past the window, the last MIN_REQUESTS requests still count"
+    now[0] += STALE
+    assert meter.means() == {}, "stale requests count no more"
+
+
+def test_a_node_too_slow_to_answer_min_requests_in_the_window_is_measured() -> None:
+    now = [0.0]
+    meter = ComputeMeter(window=2.0, clock=lambda: now[0])
+    for _ in range(MIN_REQUESTS):
+        now[0] += 1.0  # one answer a second: never MIN_REQUESTS within 2 s
+        meter.record([("cloud1", "compute_start", now[0] - 0.9), ("cloud1", "compute_end", now[0])])
+    assert meter.means() == pytest.approx({"cloud1": 0.9})

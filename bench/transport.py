@@ -51,7 +51,8 @@ Read only the ratios: on a shared box absolute times move from one minute to the
     Medians over rounds are reported.
 
 (4) **The chain's zero-compute ceiling**: the same chain, same mode, slowdown 1 everywhere, inputs/s, at each
-    max_batch: what the runtime itself can move here.
+    max_batch, with 8 batches in flight (window 8 x max_batch, at least 16) so that neither the window nor
+    the pipeline's depth is the limit: what the runtime itself can move here.
 
 Run ``.venv/bin/python bench/transport.py`` (``--quick``: fewer rounds and inputs). Parts 1-2 live in
 ``transport_hop.py``, parts 3-4 in ``transport_chain.py``.

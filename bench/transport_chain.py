@@ -33,34 +33,42 @@ from transport_common import SEED, Settings
 # ------------------------------------------------------------------------------------------ parts 3 and 4
 NODE_NAMES = ("edge", "cloud1", "cloud2")
 WINDOW = 16
+#: Batches the ceiling runs keep in flight: enough that neither the window nor the pipeline's depth is the limit.
+CEILING_BATCHES = 8
 #: Chain runs that correct each target's slowdowns from the stage times inside the chain.
 CHAIN_CALIBRATIONS = 2
 STARTS: list[int] = []  # attempts each LocalCluster start needed (process mode)
 
 
-def cluster_dict(slowdowns: dict[str, float], max_batch: int, package: Path | None = None) -> dict:
-    """A 3-node chain on free loopback ports, raw codec, window 16."""
+def ceiling_window(max_batch: int) -> int:
+    return max(WINDOW, CEILING_BATCHES * max_batch)
+
+
+def cluster_dict(slowdowns: dict[str, float], max_batch: int, package: Path | None = None, window: int = WINDOW
+                 ) -> dict:
+    """A 3-node chain on free loopback ports, raw codec."""
     nodes = [{"name": "edge", "role": "edge", "slowdown": slowdowns["edge"]}] + [
         {"name": name, "address": f"127.0.0.1:{free_port()}", "slowdown": slowdowns[name]}
         for name in NODE_NAMES[1:]]
     links = [{"from": a, "to": b, "codec": "raw"} for a, b in zip(NODE_NAMES, NODE_NAMES[1:])]
     spec = {"nodes": nodes, "links": links, "batching": {"max_batch": max_batch, "max_wait": "1ms"},
-            "window": WINDOW, "message_limit": "64MiB"}
+            "window": window, "message_limit": "64MiB"}
     return spec if package is None else {"package": str(package.resolve()), **spec}
 
 
-def make_cluster(slowdowns: dict[str, float], max_batch: int) -> ClusterSpec:
-    return ClusterSpec.model_validate(yaml.safe_load(yaml.safe_dump(cluster_dict(slowdowns, max_batch))))
+def make_cluster(slowdowns: dict[str, float], max_batch: int, window: int = WINDOW) -> ClusterSpec:
+    return ClusterSpec.model_validate(yaml.safe_load(yaml.safe_dump(cluster_dict(slowdowns, max_batch,
+                                                                                 window=window))))
 
 
-def write_cluster_file(directory: Path, package: Path, slowdowns: dict[str, float], max_batch: int
-                       ) -> tuple[Path, ClusterSpec]:
+def write_cluster_file(directory: Path, package: Path, slowdowns: dict[str, float], max_batch: int,
+                       window: int = WINDOW) -> tuple[Path, ClusterSpec]:
     """A cluster file with ``package:`` and fresh ports, beside a cluster token (the default ``cluster.token``
     that ``splitexit up`` writes); validated and read the way the nodes will read it."""
     path = directory / "cluster.yaml"
     if not (directory / "cluster.token").exists():
         write_token(directory / "cluster.token")
-    path.write_text(yaml.safe_dump(cluster_dict(slowdowns, max_batch, package), sort_keys=False))
+    path.write_text(yaml.safe_dump(cluster_dict(slowdowns, max_batch, package, window), sort_keys=False))
     return path, load_cluster(path)
 
 
@@ -182,10 +190,10 @@ async def run_in_process(net: EarlyExitNet, cluster: ClusterSpec, dataset: Tenso
 
 
 def run_processes(net: EarlyExitNet, package: Path, slowdowns: dict[str, float], max_batch: int,
-                  dataset: TensorDataset, workdir: Path) -> ChainRun:
+                  dataset: TensorDataset, workdir: Path, window: int = WINDOW) -> ChainRun:
     """cloud1 and cloud2 as node processes (``LocalCluster``), the edge an ``Entry`` here."""
     local, cluster, attempts = start_local_cluster(
-        lambda: write_cluster_file(workdir, package, slowdowns, max_batch), workdir)
+        lambda: write_cluster_file(workdir, package, slowdowns, max_batch, window), workdir)
     STARTS.append(attempts)
     try:
         async def go() -> ChainRun:
@@ -219,6 +227,7 @@ class ChainResult:
 class Ceiling:
     mode: str
     max_batch: int
+    window: int
     throughput: float
     rounds: list[float]
     edge_rows: float
@@ -249,12 +258,15 @@ def measure_chains(settings: Settings, targets: Sequence[float], batches: Sequen
     generator = torch.Generator().manual_seed(SEED + 1)
     dataset = TensorDataset(torch.randn(settings.inputs, 1, 8, 8, generator=generator),
                             torch.randint(0, 10, (settings.inputs,), generator=generator))
+    many = TensorDataset(torch.randn(settings.ceiling_inputs, 1, 8, 8, generator=generator),
+                         torch.randint(0, 10, (settings.ceiling_inputs,), generator=generator))
     bare = dict.fromkeys(NODE_NAMES, 1.0)
 
-    def chain(which: dict[str, float], max_batch: int) -> ChainRun:
+    def chain(which: dict[str, float], max_batch: int, window: int = WINDOW, inputs: TensorDataset = dataset
+              ) -> ChainRun:
         if mode == "processes":
-            return run_processes(net, package, which, max_batch, dataset, workdir)
-        return asyncio.run(run_in_process(net, make_cluster(which, max_batch), dataset))
+            return run_processes(net, package, which, max_batch, inputs, workdir, window)
+        return asyncio.run(run_in_process(net, make_cluster(which, max_batch, window), inputs))
 
     def refined(target: float) -> dict[str, float]:
         """Slowdowns calibrated alone, then corrected twice from the chain's own batch-1 stage times (a
@@ -274,7 +286,7 @@ def measure_chains(settings: Settings, targets: Sequence[float], batches: Sequen
         for max_batch in batches:
             for target in targets:
                 runs.setdefault((target, max_batch), []).append(chain(slowdowns[target], max_batch))
-            ceilings[max_batch].append(chain(bare, max_batch))
+            ceilings[max_batch].append(chain(bare, max_batch, ceiling_window(max_batch), many))
     results = []
     for (target, max_batch), got in runs.items():
         ideals = [ideal_of(r.inside) for r in got]
@@ -285,8 +297,9 @@ def measure_chains(settings: Settings, targets: Sequence[float], batches: Sequen
             mode, target, max_batch, slowdowns[target], statistics.median(ideals),
             statistics.median(r.throughput for r in got), [r.throughput / ideal for r, ideal in zip(got, ideals)],
             inside, sorted({n for r in got for n in r.nodes}), sum(r.errors for r in got)))
-    ceiling_rows = [Ceiling(mode, b, statistics.median(r.throughput for r in rs), [r.throughput for r in rs],
-                            statistics.median(r.inside["edge"][1] for r in rs), sum(r.errors for r in rs))
+    ceiling_rows = [Ceiling(mode, b, ceiling_window(b), statistics.median(r.throughput for r in rs),
+                            [r.throughput for r in rs], statistics.median(r.inside["edge"][1] for r in rs),
+                            sum(r.errors for r in rs))
                     for b, rs in ceilings.items()]
     return results, ceiling_rows
 
@@ -311,9 +324,10 @@ def report_chains(settings: Settings, mode: str, results: list[ChainResult], cei
               f"{r.measured:10.1f} {fraction:14.3f}  {', '.join(f'{f:.3f}' for f in r.fractions)}{flag}")
     answered = sorted({n for r in results for n in r.answered_by})
     print(f"    answered by {answered}, errors {sum(r.errors for r in results)}")
-    print(f"\n(4) zero-compute ceiling ({mode}): slowdown 1 everywhere, inputs/s (median; per round), "
-          f"edge mean batch rows")
+    print(f"\n(4) zero-compute ceiling ({mode}): slowdown 1 everywhere, {settings.ceiling_inputs} inputs, window "
+          f"{CEILING_BATCHES} x max_batch (at least {WINDOW}), inputs/s (median; per round), edge mean batch rows")
     for c in ceilings:
-        print(f"  max_batch {c.max_batch}: {c.throughput:7.1f}  ({', '.join(f'{t:.1f}' for t in c.rounds)}), "
+        print(f"  max_batch {c.max_batch} (window {c.window}): {c.throughput:7.1f}  "
+              f"({', '.join(f'{t:.1f}' for t in c.rounds)}), "
               f"edge batches of {c.edge_rows:.1f} rows, errors {c.errors}")
 

@@ -14,8 +14,9 @@ class Settings:
     warmup: int  # untimed round trips per contender before the rounds
     pipe_rounds: int  # stage timing + chain rounds of parts 3 and 4
     inputs: int  # inputs per chain run
+    ceiling_inputs: int  # inputs per ceiling run (part 4: long enough to be more than the start)
     calib: int  # timed stage runs per stage per timing
 
 
-FULL = Settings(rounds=8, messages=25, warmup=10, pipe_rounds=2, inputs=300, calib=40)
-QUICK = Settings(rounds=3, messages=10, warmup=3, pipe_rounds=1, inputs=120, calib=20)
+FULL = Settings(rounds=8, messages=25, warmup=10, pipe_rounds=2, inputs=300, ceiling_inputs=3000, calib=40)
+QUICK = Settings(rounds=3, messages=10, warmup=3, pipe_rounds=1, inputs=120, ceiling_inputs=1000, calib=20)

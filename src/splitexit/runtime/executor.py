@@ -1,12 +1,14 @@
 """Run a stage on micro-batches in one worker thread, so the event loop never runs torch.
 
-Callers ``await executor.run(tensors, tag)`` from many coroutines at once. A batcher task takes the first
-waiting job, gathers more for up to ``max_wait`` while they fit in ``max_batch`` rows, concatenates them,
-and runs the stage (and the encoding of what it forwards) in the worker thread. The rows of a batch that
-go on leave together: they are encoded once, as one :class:`Onward`, which every job of the batch shares
-(so requests gathered into one batch at the edge cross every later link as one message). The job queue
-is bounded: when it is full, ``run`` waits, the caller stops reading its connection, and its credit does
-not come back.
+Callers ``await executor.run(tensors, tag)`` from many coroutines at once. The stage's own thread takes
+the first waiting job, gathers more for up to ``max_wait`` while they fit in ``max_batch`` rows,
+concatenates them, runs the stage (and the encoding of what it forwards), hands the replies to the event
+loop and goes straight on to the next batch: it never waits for the loop between batches, so receiving,
+computing and sending consecutive batches overlap. The rows of a batch that go on leave together: they are
+encoded once, as one :class:`Onward`, which every job of the batch shares (so requests gathered into one
+batch at the edge cross every later link as one message). Jobs in the executor are bounded: when
+``max_pending`` are, ``run`` waits, the caller stops reading its connection, and its credit does not come
+back.
 
 A node's ``slowdown`` stretches each batch's compute time by sleeping in the worker thread, so one
 machine can stand in for a slow edge device.
@@ -16,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
 
@@ -32,7 +35,7 @@ __all__ = ["Answer", "Onward", "StageExecutor", "StageReply"]
 
 logger = logging.getLogger(__name__)
 
-#: Jobs waiting for the batcher before `run` blocks (back-pressure).
+#: Jobs in the executor (waiting or computing) before `run` blocks (back-pressure).
 DEFAULT_MAX_PENDING = 64
 
 Encoded = TypeVar("Encoded")
@@ -94,10 +97,10 @@ class _Job:
 
 
 class StageExecutor(Generic[Encoded]):
-    """Micro-batching front of a :class:`~splitexit.model.stages.Stage`; one worker thread does the math.
+    """Micro-batching front of a :class:`~splitexit.model.stages.Stage`; one thread of its own does the math.
 
-    ``encode`` turns the forwarded tensors into what the transport sends; it runs in the worker thread
-    too, because codecs are CPU work. Without it the tensors themselves are forwarded (in-memory chains).
+    ``encode`` turns the forwarded tensors into what the transport sends; it runs in that thread too,
+    because codecs are CPU work. Without it the tensors themselves are forwarded (in-memory chains).
     """
 
     def __init__(self, stage: Stage, *, batching: BatchingSpec = BatchingSpec(), slowdown: float = 1.0,
@@ -107,77 +110,93 @@ class StageExecutor(Generic[Encoded]):
         self.batching = batching
         self.slowdown = slowdown
         self.encode = encode
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue(max_pending)
-        self._held: _Job | None = None  # a job that did not fit in the last batch: it starts the next one
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"splitexit-{name}")
-        self._batcher: asyncio.Task | None = None
+        self.name = name
+        self._max_pending = max_pending
+        self._slots: asyncio.Semaphore | None = None
+        self._jobs: deque[_Job] = deque()  # waiting for the stage's thread
+        self._changed = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize() + (self._held is not None)
+        return len(self._jobs)
 
     async def run(self, tensors: tuple[torch.Tensor, ...], tag: object = None) -> StageReply[Encoded]:
         """Queue one job (all rows of one incoming batch) and wait for its reply; ``tag`` comes back in the
         :class:`Onward` of its batch, so the caller can tell whose rows go on."""
-        if self._batcher is None:
-            self._batcher = asyncio.get_running_loop().create_task(self._batch_forever(), name="stage-batcher")
-        job = _Job(tensors, tag, asyncio.get_running_loop().create_future())
-        await self._queue.put(job)
-        return cast(StageReply[Encoded], await job.future)
+        loop = asyncio.get_running_loop()
+        if self._thread is None:
+            self._slots = asyncio.Semaphore(self._max_pending)
+            self._thread = threading.Thread(target=self._work, args=(loop,), name=f"splitexit-{self.name}",
+                                            daemon=True)
+            self._thread.start()
+        assert self._slots is not None
+        async with self._slots:
+            job = _Job(tensors, tag, loop.create_future())
+            with self._changed:
+                if self._closed:
+                    raise RuntimeError(f"the stage of {self.name} is closed")
+                self._jobs.append(job)
+                self._changed.notify()
+            return cast(StageReply[Encoded], await job.future)
 
     async def close(self) -> None:
-        if self._batcher is not None:
-            self._batcher.cancel()
-            try:
-                await self._batcher
-            except asyncio.CancelledError:
-                pass
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the thread once its batch is done; jobs still waiting fail."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        closed = RuntimeError(f"the stage of {self.name} was closed")
+        while self._jobs:
+            job = self._jobs.popleft()
+            if not job.future.done():
+                job.future.set_exception(closed)
 
-    async def _next_batch(self) -> list[_Job]:
-        """The next jobs to run together: the first waiting, and those that come within ``max_wait`` while
-        their rows fit in ``max_batch`` (a job that does not fit starts the next batch)."""
-        loop = asyncio.get_running_loop()
-        first, self._held = self._held or await self._queue.get(), None
-        jobs, rows = [first], first.rows
-        deadline = loop.time() + self.batching.max_wait
-        while rows < self.batching.max_batch:
-            remaining = deadline - loop.time()
-            try:
-                if remaining <= 0:
-                    job = self._queue.get_nowait()
-                else:
-                    async with asyncio.timeout(remaining):  # a job that came stays queued if time is up
-                        job = await self._queue.get()
-            except (TimeoutError, asyncio.QueueEmpty):
-                break
-            if rows + job.rows > self.batching.max_batch:
-                self._held = job
-                break
-            jobs.append(job)
-            rows += job.rows
+    def _next_batch(self) -> list[_Job] | None:
+        """The stage's thread: the next jobs to run together (None once closed): the first waiting, and those
+        that come within ``max_wait`` while their rows fit in ``max_batch`` (one that does not fit starts the
+        next batch)."""
+        with self._changed:
+            while not self._jobs and not self._closed:
+                self._changed.wait()
+            if self._closed:
+                return None
+            first = self._jobs.popleft()
+            jobs, rows = [first], first.rows
+            deadline = time.monotonic() + self.batching.max_wait
+            while rows < self.batching.max_batch:
+                if self._jobs:
+                    if rows + self._jobs[0].rows > self.batching.max_batch:
+                        break
+                    job = self._jobs.popleft()
+                    jobs.append(job)
+                    rows += job.rows
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    break
+                self._changed.wait(remaining)
         return [j for j in jobs if not j.future.cancelled()]
 
-    async def _batch_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = await self._next_batch()
+    def _work(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The stage's thread: batch after batch, each one's replies handed to the loop as it is done."""
+        while (jobs := self._next_batch()) is not None:
             if not jobs:
                 continue
             try:
-                replies = await loop.run_in_executor(self._pool, self._compute, jobs)
-            except Exception as exc:  # noqa: BLE001 - every job of the batch gets the error, the loop lives on
+                replies: list[StageReply[Encoded]] | BaseException = self._compute(jobs)
+            except Exception as exc:  # noqa: BLE001 - every job of the batch gets the error, the thread lives on
                 logger.exception("stage compute failed for a batch of %d rows", sum(j.rows for j in jobs))
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            for job, reply in zip(jobs, replies):
-                if not job.future.done():
-                    job.future.set_result(reply)
+                replies = exc
+            try:
+                loop.call_soon_threadsafe(_deliver, jobs, replies)
+            except RuntimeError:  # the loop is closed: nobody waits for these any more
+                return
 
     def _compute(self, jobs: list[_Job]) -> list[StageReply[Encoded]]:
-        """Worker thread: one stage run over the concatenated jobs; answers split back per job, the rows
+        """The stage's thread: one stage run over the concatenated jobs; answers split back per job, the rows
         that go on encoded once for all of them."""
         with TRACE_GUARD.shared():  # not while this process traces a model; the wait is not compute
             started_at, started = time.time(), time.perf_counter()
@@ -207,3 +226,14 @@ class StageExecutor(Generic[Encoded]):
         encode = time.perf_counter() - encode_started
         return [StageReply(answers[index], onward, index, compute_s=compute, encode_s=encode, started_at=started_at)
                 for index in range(len(jobs))]
+
+
+def _deliver(jobs: list[_Job], replies: list[StageReply[Encoded]] | BaseException) -> None:
+    """On the loop: each job's reply, or the batch's error."""
+    for index, job in enumerate(jobs):
+        if job.future.done():
+            continue
+        if isinstance(replies, BaseException):
+            job.future.set_exception(replies)
+        else:
+            job.future.set_result(replies[index])

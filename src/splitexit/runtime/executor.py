@@ -17,6 +17,8 @@ machine can stand in for a slow edge device.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import logging
 import threading
 import time
@@ -208,18 +210,19 @@ class StageExecutor(Generic[Encoded]):
         if self.slowdown > 1:
             time.sleep(compute * (self.slowdown - 1))
             compute *= self.slowdown
-        ends = torch.tensor([j.rows for j in jobs]).cumsum(0)
-        bases = [0, *ends.tolist()]
+        ends = list(itertools.accumulate(j.rows for j in jobs))  # plain Python: a tensor op costs more here
+        bases = [0, *ends]
         answers: list[list[Answer]] = [[] for _ in jobs]
-        for job, row, exit_, prediction, confidence, logits in zip(
-                torch.bucketize(out.rows, ends, right=True).tolist(), out.rows.tolist(), out.exit.tolist(),
-                out.prediction.tolist(), out.confidence.tolist(), out.logits.tolist()):
+        for row, exit_, prediction, confidence, logits in zip(
+                out.rows.tolist(), out.exit.tolist(), out.prediction.tolist(), out.confidence.tolist(),
+                out.logits.tolist()):
+            job = bisect.bisect_right(ends, row)
             answers[job].append(Answer(row - bases[job], exit_, prediction, confidence, logits))
         encode_started = time.perf_counter()
         onward: Onward[Encoded] | None = None
         if len(out.forward_rows):
-            owners = torch.bucketize(out.forward_rows, ends, right=True).tolist()
-            rows = [(job, row - bases[job]) for job, row in zip(owners, out.forward_rows.tolist())]
+            rows = [(job, row - bases[job]) for row in out.forward_rows.tolist()
+                    for job in (bisect.bisect_right(ends, row),)]
             # without an encoder the tensors themselves go on (Encoded is then the tensors' tuple)
             forward = self.encode(out.forward) if self.encode is not None else cast(Encoded, out.forward)
             onward = Onward(forward, rows, [j.tag for j in jobs])

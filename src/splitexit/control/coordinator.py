@@ -103,6 +103,7 @@ class Coordinator:
         self.shipments: list[tuple[str, str, int]] = []  # (node, stage sha256, bytes) for every upload
         self.members: dict[str, NodeInfo] = {}
         self.bans = NodeBans(clock=clock)
+        self.stage_refusals: dict[str, str] = {}  # node -> why it refused its stage (until it registers anew)
         self.proofs = Proofs()  # registrations proven by a TLS handshake, refusals already logged
         self._unproven = NodeBans(clock=clock)  # name@address whose proof failed, backed off
         self._clock, self._sleep, self._executor = clock, sleep, executor
@@ -190,6 +191,7 @@ class Coordinator:
             for name, info in members.items():  # a node that (re)registered gets a fresh chance
                 if self.members.get(name) != info:
                     self.bans.succeed(name)
+                    self.stage_refusals.pop(name, None)
             self.members = members
         return changed
 
@@ -272,13 +274,14 @@ class Coordinator:
                 self._executor, self.placer, cluster, self.bans.allowed(set(self.members)))
             failed = await self._assign_all(placement, cluster)
             for stage in placement.stages[1:]:
-                for name in set(stage.nodes) - failed:
+                for name in set(stage.nodes) - set(failed):
                     self.bans.succeed(name)
             if not failed:
                 break
             for name in failed:
                 self.bans.fail(name)
-            reason = f"{', '.join(sorted(failed))} unreachable"
+            self._check_tiers_usable()
+            reason = "; ".join(f"{name} {why}" for name, why in sorted(failed.items()))
         first = placement.after(placement.stages[0])
         peers = [cluster.node(n) for n in first.nodes] if first else []
         await self.on_plan(placement, peers, await self._codec(placement, placement.stages[0], peers, cluster))
@@ -297,9 +300,18 @@ class Coordinator:
         except Exception as exc:  # noqa: BLE001 - informational; the registry may be restarting
             logger.warning("coordinator: cannot publish the plan (%s)", exc)
 
-    async def _assign_all(self, placement: Placement, cluster: ClusterSpec) -> set[str]:
-        """Assign every worker its stage, last tier first; the names of nodes that could not be reached."""
-        failed: set[str] = set()
+    def _check_tiers_usable(self) -> None:
+        """Fail when every node of a tier refused its stage: no plan can use that tier, and leaving it out
+        would quietly move its work elsewhere (a node that is only unreachable may come back instead)."""
+        for tier, members in self.cluster.tiers().items():
+            names = [n.name for n in members]
+            if tier > 0 and all(name in self.stage_refusals for name in names):
+                raise ClusterError(f"no node of tier {tier} can take its stage:\n" +
+                                   "\n".join(f"  {name}: {self.stage_refusals[name]}" for name in names))
+
+    async def _assign_all(self, placement: Placement, cluster: ClusterSpec) -> dict[str, str]:
+        """Assign every worker its stage, last tier first; the nodes that could not take theirs, and why."""
+        failed: dict[str, str] = {}
         stages = list(placement.stages)
         for stage in reversed(stages[1:]):
             after = placement.after(stage)
@@ -311,11 +323,12 @@ class Coordinator:
             codecs = [await self._codec(placement, stage, peers, cluster, sender=name) for name in stage.nodes]
             results = await asyncio.gather(*(self._assign(cluster.node(name), replace(assignment, codec=codec), data)
                                              for name, codec in zip(stage.nodes, codecs)))
-            failed |= {name for name, ok in zip(stage.nodes, results) if not ok}
+            failed |= {name: why for name, why in zip(stage.nodes, results) if why is not None}
         return failed
 
-    async def _assign(self, node: NodeSpec, assignment: Assignment, data: bytes) -> bool:
-        """Assign ``node`` its stage (uploading the file first if it lacks it); False if it cannot be reached."""
+    async def _assign(self, node: NodeSpec, assignment: Assignment, data: bytes) -> str | None:
+        """Assign ``node`` its stage (uploading the file first if it lacks it); None when it took it, else why
+        not: unreachable (it may come back), or refused (its reason is kept in ``stage_refusals``)."""
         control = await self._control(node)
         sha = assignment.stage_sha256
         try:
@@ -323,12 +336,17 @@ class Coordinator:
                 await control.put_stage(sha, data)
                 self.shipments.append((node.name, sha, len(data)))
                 logger.info("shipped stage %s… (%d bytes) to %s", sha[:12], len(data), node.name)
-                return await control.assign(assignment)
-            return True
+                if not await control.assign(assignment):
+                    return "refused its stage: it asked for the file again right after the upload"
+            return None
         except NodeUnavailableError as exc:
             logger.warning("coordinator: %s", exc)
             await self._forget_control(node.name)  # a restarted node gets a fresh channel, not one backing off
-            return False
+            return "unreachable"
+        except ClusterError as exc:  # the node answered, and will not take this stage: its replicas carry the tier
+            logger.warning("coordinator: %s; planning without it", exc)
+            self.stage_refusals[node.name] = str(exc)
+            return f"refused its stage ({exc})"
 
     async def _stage_file(self, stage: PlacedStage, disabled: frozenset[int]) -> tuple[str, bytes]:
         """The stage's file and its sha256, built once per range and exits (in the executor: torch work)."""

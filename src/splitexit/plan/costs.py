@@ -3,9 +3,9 @@ costs, as arrays over positions 0 (the input) .. K + 1 (the output), with candid
 
 The latency model follows how the runtime spends time on one request at a time (window 1):
 
-* a stage costs ``max_wait`` (a lone request waits that long for company when ``max_batch > 1``), a fixed
-  hand-over cost, and its compute times the node's slowdown: each segment between candidate cuts runs
-  only for the rows still unanswered there, minus one call overhead per segment plus one per *part* the
+* a stage costs a fixed hand-over cost (a lone request finds the stage idle and never waits for company)
+  and its compute times the node's slowdown: each segment between candidate cuts runs only for the rows
+  still unanswered there, minus one call overhead per segment plus one per *part* the
   stage really calls (the runtime runs the span between two exits as one graph module), plus each active
   head for the rows that reach it;
 * a link costs encode (sender) + decode (receiver) + serialisation of the message at the link's bandwidth
@@ -136,10 +136,11 @@ class CostTables:
         return np.where(b > a, value * scale, np.inf)
 
     def stage_latency(self, tier: int, active: Sequence[int], q: np.ndarray, factor: float) -> np.ndarray:
-        """Expected seconds per input of stage (a, b] one request at a time: compute after idling, plus waits."""
+        """Expected seconds per input of stage (a, b] one request at a time: compute after idling, plus the
+        hand-over."""
         costs = self.topology.costs
         slowed = costs.compute_overhead * self.topology.tiers[tier].compute_scale
-        fixed = q[:, None] * (costs.wait() + costs.stage_overhead + slowed)
+        fixed = q[:, None] * (costs.stage_overhead + slowed)
         return self._cached(("latency", tier, tuple(active), factor),
                             lambda: self.compute(tier, active, q, 1) * factor + fixed)
 

@@ -147,7 +147,7 @@ def evaluate(costs: CostTables, candidate: Candidate, factors: Factors, objectiv
             # the emulation sleeps away the slowdown: the worker idles through it too
             busy[tier] += share * compute / topology.tiers[tier].compute_scale
             slowed[tier] += share * compute
-            total += compute + rt.wait() + rt.stage_overhead
+            total += compute + rt.stage_overhead
             if answer <= b:
                 break
             hop = visited.index(tier)

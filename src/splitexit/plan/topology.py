@@ -89,7 +89,6 @@ class RuntimeCosts:
     """
 
     max_batch: int = 8
-    max_wait: float = 0.002  # seconds a lone request waits at each stage for company (if max_batch > 1)
     stage_overhead: float = 0.0006  # handing a batch to the stage's worker thread and back, per stage visited
     compute_overhead: float = 0.00015  # the runtime's own work inside a stage's timed compute (slowed with it)
     message_overhead: float = 0.00075  # building, writing, reading and decoding one gRPC message, per link direction
@@ -99,9 +98,6 @@ class RuntimeCosts:
     stamps_first_hop: int = 5  # the edge's batch: queued, compute start and end, encoded, sent
     stamps_per_hop: int = 7  # each further node adds received and decoded, then the same five
     result_bytes: int = 24  # a result message without logits and trace
-
-    def wait(self) -> float:
-        return self.max_wait if self.max_batch > 1 else 0.0
 
     def per_message(self, link: LinkEstimate) -> float:
         """Software seconds one message costs on ``link``, besides codecs, serialisation and propagation."""
@@ -195,7 +191,7 @@ def topology_from_cluster(cluster: ClusterSpec, *,
     direct = {(i, j): estimate((heads[i], heads[j])) for i in range(len(heads)) for j in range(i + 2, len(heads))
               if (heads[i], heads[j]) in declared or (heads[i], heads[j]) in measured}
     base = costs or RuntimeCosts()
-    base = replace(base, max_batch=cluster.batching.max_batch, max_wait=cluster.batching.max_wait)
+    base = replace(base, max_batch=cluster.batching.max_batch)
     return Topology(tiers, links, base, direct)
 
 

@@ -1,14 +1,16 @@
 """Run a stage on micro-batches in one worker thread, so the event loop never runs torch.
 
 Callers ``await executor.run(tensors, tag)`` from many coroutines at once. The stage's own thread takes
-the first waiting job, gathers more for up to ``max_wait`` while they fit in ``max_batch`` rows,
-concatenates them, runs the stage (and the encoding of what it forwards), hands the replies to the event
-loop and goes straight on to the next batch: it never waits for the loop between batches, so receiving,
-computing and sending consecutive batches overlap. The rows of a batch that go on leave together: they are
-encoded once, as one :class:`Onward`, which every job of the batch shares (so requests gathered into one
-batch at the edge cross every later link as one message). Jobs in the executor are bounded: when
-``max_pending`` are, ``run`` waits, the caller stops reading its connection, and its credit does not come
-back.
+the first waiting job and those queued behind it while they fit in ``max_batch`` rows; only when the stage
+is busy (jobs queued up while it computed) does it wait up to ``max_wait`` for more, so a lone request
+never waits for company that cannot come. It concatenates them, runs the stage (and the encoding of what
+it forwards), hands the replies to the event loop and goes straight on to the next batch: it never waits
+for the loop between batches, so receiving, computing and sending consecutive batches overlap.
+
+The rows of a batch that go on leave together: they are encoded once, as one :class:`Onward`, which every
+job of the batch shares (so requests gathered into one batch at the edge cross every later link as one
+message). Jobs in the executor are bounded: when ``max_pending`` are, ``run`` waits, the caller stops
+reading its connection, and its credit does not come back.
 
 A node's ``slowdown`` stretches each batch's compute time by sleeping in the worker thread, so one
 machine can stand in for a slow edge device.
@@ -157,17 +159,19 @@ class StageExecutor(Generic[Encoded]):
                 job.future.set_exception(closed)
 
     def _next_batch(self) -> list[_Job] | None:
-        """The stage's thread: the next jobs to run together (None once closed): the first waiting, and those
-        that come within ``max_wait`` while their rows fit in ``max_batch`` (one that does not fit starts the
-        next batch)."""
+        """The stage's thread: the next jobs to run together (None once closed): the first waiting, those
+        queued behind it, and, if the stage is busy (jobs were queued when it came back for more), those that
+        come within ``max_wait``, while their rows fit in ``max_batch`` (one that does not fit starts the next
+        batch). A job that finds the stage idle never waits for company that may not come."""
         with self._changed:
+            idle = not self._jobs  # nothing queued up behind the last batch: no company is known to be coming
             while not self._jobs and not self._closed:
                 self._changed.wait()
             if self._closed:
                 return None
             first = self._jobs.popleft()
             jobs, rows = [first], first.rows
-            deadline = time.monotonic() + self.batching.max_wait
+            deadline = time.monotonic() + (0.0 if idle else self.batching.max_wait)
             while rows < self.batching.max_batch:
                 if self._jobs:
                     if rows + self._jobs[0].rows > self.batching.max_batch:

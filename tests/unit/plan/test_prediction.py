@@ -53,7 +53,7 @@ def test_latency_adds_up_by_hand_for_a_two_tier_split() -> None:
     down = transfer.encode_s + transfer.decode_s + (transfer.bytes + costs.down_bytes(0)) * 8 / 1e7 + 0.01
     up = costs.up_bytes(0, 10) * 8 / 1e7 + 0.01
     cloud = segs(3, 5) + fixed + m.heads[-1].at(1)
-    stage = costs.max_wait + costs.stage_overhead
+    stage = costs.stage_overhead
     edge_stage, cloud_stage = stage + 4.0 * costs.compute_overhead, stage + costs.compute_overhead
     expected = early * (edge_early + edge_stage) + (1 - early) * (
         edge_late + edge_stage + down + up + 2 * costs.message_overhead + cloud + cloud_stage)
@@ -88,7 +88,6 @@ def test_idle_workers_compute_slower_and_the_factor_follows_the_predicted_latenc
 
     # Edge only, no waiting: the worker idles ~1 ms between requests, so it is only a little cold.
     near = chain((4.0, 1.0, 1.0), (LinkEstimate(1e9, 0.0002), LinkEstimate(1e9, 0.0001)))
-    near = replace(near, costs=replace(near.costs, max_wait=0.0005))
     edge_only = [(0, MODEL_INPUT, MODEL_OUTPUT)]
     quick, base = predict(cold, near, edge_only, (), []), predict(flat, near, edge_only, (), [])
     assert 1.2 < (quick.latency_ms - base.latency_ms) / (base.latency_ms - 0.9) + 1 < 2.0

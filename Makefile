@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/cascade.py
 	$(BIN)/python bench/codecs.py
 	$(BIN)/python bench/transport.py
+	$(BIN)/python bench/lone_request.py
 	$(BIN)/python bench/failover.py
 	$(BIN)/python bench/planner.py
 

@@ -32,9 +32,10 @@ from support import digits_net, free_port
 
 pytestmark = pytest.mark.slow
 
-REQUESTS = 2000
+REQUESTS = 6000  # at most (60 s): the churn test stops sending AFTER_REJOIN s after the restarted worker is up
 TTL = 2.0
-RATE = 100  # inputs per second: 2000 take 20 s
+RATE = 100  # inputs per second
+AFTER_REJOIN = 3.0  # a restart takes 13-17 s here when idle, more under load: the run waits for it
 JOIN_AT, KILL_AT = 1.0, 4.0  # seconds into the run
 
 
@@ -63,8 +64,9 @@ def write_cluster(path: Path, etcd: DevEtcd) -> Path:
 
 async def churn(net: EarlyExitNet, cluster_file: Path, local: LocalCluster, victim: str,
                 dataset: TensorDataset) -> tuple[list[RequestRecord], list[tuple[str, str, int]], float, float]:
-    """Send the dataset at RATE inputs/s; start w4 and kill ``victim`` mid-run, then restart it. Returns the
-    records, the stage shipments, the time of the kill and the time both workers were up again."""
+    """Send the dataset at RATE inputs/s until AFTER_REJOIN s after both workers are up again; start w4 and
+    kill ``victim`` mid-run, then restart it. Returns the records (of the inputs sent, in order), the stage
+    shipments, the time of the kill and the time both workers were up again."""
     entry = Entry(net, load_cluster(cluster_file))
     killed_at = rejoined_at = 0.0
 
@@ -85,6 +87,8 @@ async def churn(net: EarlyExitNet, cluster_file: Path, local: LocalCluster, vict
         disturber = asyncio.get_running_loop().create_task(disturb())
         requests = []
         for index, (x, label) in enumerate(dataset):  # paced, so the run outlasts the kill, restart and join
+            if rejoined_at and time.time() > rejoined_at + AFTER_REJOIN:
+                break
             requests.append(asyncio.get_running_loop().create_task(entry.infer(x, index=index, label=int(label))))
             await asyncio.sleep(1 / RATE)
         records = await asyncio.gather(*requests)
@@ -106,17 +110,18 @@ def test_sigkill_of_a_worker_loses_nothing(victim: str, tmp_path: Path) -> None:
                           cache_root=tmp_path / "stages") as local:
             records, shipments, killed_at, rejoined_at = asyncio.run(churn(net, cluster_file, local, victim,
                                                                            dataset))
+    assert rejoined_at, f"the restart took longer than the {REQUESTS / RATE:.0f} s the run may last"
     records = sorted(records, key=lambda r: r.index)
-    assert [r.index for r in records] == list(range(REQUESTS)), "one record per input"
-    assert len({r.request_id for r in records}) == REQUESTS, "no request answered twice"
+    assert [r.index for r in records] == list(range(len(records))), "one record per input sent"
+    assert len({r.request_id for r in records}) == len(records), "no request answered twice"
     assert [r.error for r in records if r.error] == []
-    assert [r.prediction for r in records] == expected, "answers must equal the model's own"
+    assert [r.prediction for r in records] == expected[:len(records)], "answers must equal the model's own"
     resubmitted = [r for r in records if r.attempts > 1]
     assert resubmitted, "the kill should have caught requests in flight"
     first = min(r.finished for r in resubmitted)
     assert first - killed_at <= TTL + 2, f"first resubmitted answer {first - killed_at:.2f} s after the kill"
     late = {r.node for r in records if r.finished > rejoined_at + 1}
-    assert late, "the run should go on well after the restart (make it longer)"
+    assert late, "the run should go on well after the restart"
     assert victim in late, "the restarted worker must take load again"
     assert "w4" in late, "the worker that joined mid-run must take load"
     shipped = [(node, sha) for node, sha, _ in shipments]

@@ -83,7 +83,6 @@ class StageReply(Generic[Encoded]):
 
     answers: list[Answer]
     onward: Onward[Encoded] | None  # the batch's rows that go on, this job's among them (None: none go on)
-    job: int  # this job's index within its batch (its rows in `onward.rows` are marked with it)
     compute_s: float  # stage compute of the whole batch, slowdown included
     encode_s: float  # encoding of the whole batch's forwarded rows
     started_at: float  # time.time() as the batch's compute began
@@ -215,24 +214,28 @@ class StageExecutor(Generic[Encoded]):
             time.sleep(compute * (self.slowdown - 1))
             compute *= self.slowdown
         ends = list(itertools.accumulate(j.rows for j in jobs))  # plain Python: a tensor op costs more here
-        bases = [0, *ends]
+
+        def place(row: int) -> tuple[int, int]:
+            """(job, row index within that job) of a row of the concatenated batch."""
+            job = bisect.bisect_right(ends, row)
+            return job, row - (ends[job - 1] if job else 0)
+
         answers: list[list[Answer]] = [[] for _ in jobs]
         for row, exit_, prediction, confidence, logits in zip(
                 out.rows.tolist(), out.exit.tolist(), out.prediction.tolist(), out.confidence.tolist(),
                 out.logits.tolist()):
-            job = bisect.bisect_right(ends, row)
-            answers[job].append(Answer(row - bases[job], exit_, prediction, confidence, logits))
+            job, position = place(row)
+            answers[job].append(Answer(position, exit_, prediction, confidence, logits))
         encode_started = time.perf_counter()
         onward: Onward[Encoded] | None = None
         if len(out.forward_rows):
-            rows = [(job, row - bases[job]) for row in out.forward_rows.tolist()
-                    for job in (bisect.bisect_right(ends, row),)]
+            rows = [place(row) for row in out.forward_rows.tolist()]
             # without an encoder the tensors themselves go on (Encoded is then the tensors' tuple)
             forward = self.encode(out.forward) if self.encode is not None else cast(Encoded, out.forward)
             onward = Onward(forward, rows, [j.tag for j in jobs])
         encode = time.perf_counter() - encode_started
-        return [StageReply(answers[index], onward, index, compute_s=compute, encode_s=encode, started_at=started_at)
-                for index in range(len(jobs))]
+        return [StageReply(mine, onward, compute_s=compute, encode_s=encode, started_at=started_at)
+                for mine in answers]
 
 
 def _deliver(jobs: list[_Job], replies: list[StageReply[Encoded]] | BaseException) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import signal
-import threading
 import time
 from collections.abc import Callable, Sequence, Sized
 from dataclasses import asdict
@@ -37,7 +36,7 @@ from splitexit.runtime.security import write_token
 from splitexit.runtime.stage_cache import default_cache_dir
 
 __all__ = ["DEV_ETCD_DIR", "DEV_ETCD_PORT", "ensure_cluster_token", "run_cluster", "serve", "serve_dev_etcd",
-           "serve_local_cluster", "start_cluster", "stop_signals", "wait_for_stop", "write_records"]
+           "serve_local_cluster", "start_cluster", "StopRequest", "stop_signals", "wait_for_stop", "write_records"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,19 +160,34 @@ def serve_dev_etcd(data_dir: Path = DEV_ETCD_DIR, *, port: int = DEV_ETCD_PORT, 
         raise ClusterError(f"etcd exited on its own; its log ends with:\n{server.log_tail()}")
 
 
-def stop_signals() -> threading.Event:
-    """An event that SIGTERM and Ctrl-C set from now on; call from the main thread. Both signals get a
+class StopRequest:
+    """Set by SIGTERM or Ctrl-C. A plain flag, not a ``threading.Event``: the handler runs on the main thread,
+    possibly while that thread waits on the event, and ``Event.set`` would then wait for the lock that
+    ``Event.wait`` holds, for ever (seen: `splitexit etcd` ignoring Ctrl-C)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def set(self, *_: object) -> None:
+        self.requested = True
+
+
+def stop_signals() -> StopRequest:
+    """A request that SIGTERM and Ctrl-C set from now on; call from the main thread. Both signals get a
     handler: a process started in the background by a shell inherits SIGINT ignored, and would otherwise
     never stop on it."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = StopRequest()
+    signal.signal(signal.SIGTERM, stop.set)
+    signal.signal(signal.SIGINT, stop.set)
     return stop
 
 
-def wait_for_stop(stop: threading.Event, alive: Callable[[], bool] | None = None) -> bool:
+def wait_for_stop(stop: StopRequest, alive: Callable[[], bool] | None = None) -> bool:
     """Block until ``stop`` (from :func:`stop_signals`) is set (True), or until ``alive`` says no (False)."""
-    while not stop.wait(ALIVE_POLL_S):
+    while not stop.requested:
+        time.sleep(ALIVE_POLL_S)
+        if stop.requested:
+            break
         if alive is not None and not alive():
             return False
     return True

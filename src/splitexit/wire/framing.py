@@ -90,7 +90,10 @@ class FrameReader:
         self.limits = limits = limits or FrameLimits()
         if staging < HEADER.size + limits.metadata:
             raise ValueError("the staging buffer must hold a header and the largest metadata block")
-        self._staging = memoryview(bytearray(staging))
+        self._staging_size = staging
+        # allocated on the first bytes: a connection that never sends (a silent attacker, one refused before
+        # it speaks) holds no buffer, so thousands of them cost the node no memory
+        self._staging = memoryview(bytearray(0))
         self._start = 0  # first unconsumed byte of the staging buffer
         self._end = 0    # one past the last byte read into it
         self._big: memoryview | None = None  # a large payload being read into its own buffer
@@ -101,6 +104,8 @@ class FrameReader:
         """Where the next bytes from the connection go (never empty)."""
         if self._big is not None:
             return self._big[self._big_filled:]
+        if not self._staging:
+            self._staging = memoryview(bytearray(self._staging_size))
         if self._end == len(self._staging):  # compact: move the unconsumed tail to the front
             tail = self._end - self._start
             self._staging[:tail] = self._staging[self._start:self._end]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from splitexit.app.demo import DEMO_DIR, DemoPaths, run_demo
+from splitexit.app.infer import infer_images
 from splitexit.app.package_data import DEFAULT_SPLIT
 from splitexit.app.plan import objective_from, plan_package, profile_package
 from splitexit.app.run import (
@@ -52,6 +54,7 @@ from splitexit.report.console import (
     calibration_table,
     cuts_table,
     eval_table,
+    infer_table,
     run_table,
     train_json,
     train_text,
@@ -78,6 +81,7 @@ SWEEP_FILE = Path("bandwidth-sweep.png")
 #: Failed requests `run` lists on stderr (the rest are in --out).
 SHOWN_FAILURES = 5
 MODEL_HELP = "digits_cnn, a torchvision name (`splitexit models`), module:factory or file.py:factory"
+DATA_HELP = "digits, folder:PATH[?size=N&channels=1|3&normalize=imagenet|none], synthetic:CxHxW[:N], module:factory"
 JSON_HELP = "Print one JSON object instead of tables"
 TRUST_HELP = ("User code (module:factory or file.py:factory) the package names, as its model or its dataset, that "
               "this command may import; repeat for several")
@@ -109,7 +113,7 @@ def _json(data: object) -> None:
 @app.command(cls=Command)
 def train(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    data: str = typer.Option(..., "--data", "-d", help="digits, folder:PATH, synthetic:CxHxW[:N], module:factory"),
+    data: str = typer.Option(..., "--data", "-d", help=DATA_HELP),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Package directory to write"),
     exits: str = typer.Option(AUTO, help=f"'{AUTO}', or comma-separated module names / cut ids (see `splitexit cuts`)"),
     num_exits: int = typer.Option(DEFAULT_AUTO_EXITS, help=f"How many exits '{AUTO}' places"),
@@ -179,6 +183,27 @@ def evaluate(
         _json(report.to_dict())
     else:
         out.print(eval_table(report, title=f"Evaluation of {package} ({split} split)"))
+
+
+@app.command(cls=Command)
+def infer(
+    package: Path = typer.Argument(..., help="Package directory"),
+    images: list[Path] = typer.Argument(..., metavar="IMAGE...", help="Image files (PNG, JPEG, ...)"),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help="Answer through this cluster's running "
+                                                                         "workers (its file's layout); default: here"),
+    trust: list[str] = _trust_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per image"),
+) -> None:
+    """Classify image files: class, confidence, the exit and node that answered, latency."""
+    with _user_errors():
+        answers = infer_images(package, images, cluster_file=cluster, trust_models=trust)
+    if as_json:
+        for answer in answers:
+            _json(asdict(answer))
+    else:
+        out.print(infer_table(answers))
+    if any(a.error for a in answers):
+        raise typer.Exit(1)
 
 
 @app.command(cls=Command)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Optional
 
 import typer
-from typer.core import TyperCommand, TyperGroup, TyperOption
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 __all__ = ["LOG_FORMAT", "Command", "Group", "JsonFormatter", "LogLevel", "configure_logging"]
 
@@ -91,10 +92,16 @@ def _shared_options() -> list[Any]:
 
 
 def _as_flags(params: list[Any]) -> None:
-    """Show on/off options as plain flags: without a metavar typer writes ``--json <bool>``."""
+    """Show on/off options as plain flags (without a metavar typer writes ``--json <bool>``), and an argument
+    taking many values by its item (typer writes ``<list[Path]>``, we ``<path>...``)."""
     for param in params:
         if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
             param.metavar = ""
+        if isinstance(param, TyperArgument) and param.nargs == -1:
+            shown = param.display_type_rich
+            setattr(param, "display_type_rich",  # noqa: B010 - an instance's method, which mypy will not assign
+                    lambda ctx, shown=shown: re.sub(r"<list\[(\w+)\]>", lambda m: f"<{m[1].lower()}>...",
+                                                    shown(ctx) or ""))
 
 
 class _SharedOptions:

@@ -96,7 +96,8 @@ def train_package(model: str, data: str, out: Path, *, exits: str | Sequence[str
                    training={"mode": config.mode, "epochs": config.epochs, "seed": config.seed,
                              "lr": config.lr, "final_loss": round(report.losses[-1], 6),
                              "calib_accuracy": round(accuracy[-1], 6),
-                             "weights": str(weights) if weights else None})
+                             "weights": str(weights) if weights else None},
+                   classes=dataset.class_names, images=dataset.images)
     return TrainSummary(package, net, report, len(splits.train), accuracy, len(held_out.labels))
 
 
@@ -114,7 +115,8 @@ def calibrate_package(package: Path, *, data: str | None = None, max_drop: float
     dataset, split = package_dataset(package, net, spec.data, data, trust_models)
     report = calibrate(net, split_dataset(dataset, split).calib, max_drop=max_drop, budget=budget,
                        confidence=confidence)
-    save(net, package, data=split, training=spec.training, calibration=report.as_metadata())
+    save(net, package, data=split, training=spec.training, calibration=report.as_metadata(),
+         classes=spec.classes, images=spec.images)
     return report
 
 

@@ -14,6 +14,12 @@ PACKAGE_FORMAT: Final = "splitexit.package/1"
 NEVER = math.inf
 DEFAULT_SPLIT_SEED = 0
 DEFAULT_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
+#: The side an image is resized and cropped to unless the folder spec says otherwise (ImageNet's).
+IMAGE_SIZE = 224
+MAX_IMAGE_SIZE = 4096
+#: Class names a package may keep, and the length of each.
+MAX_CLASSES = 100_000
+MAX_CLASS_NAME = 200
 
 class ExitPolicy(SpecModel):
     """How a calibrated net decides that a sample may leave at an early exit."""
@@ -104,6 +110,17 @@ class TrainConfig(SpecModel):
     seed: int = 0
 
 
+class ImageInput(SpecModel):
+    """How an image file becomes the model's input (``folder:PATH?size=..``), kept so that eval, run and
+    infer prepare images exactly as training did."""
+
+    size: int = Field(IMAGE_SIZE, ge=1, le=MAX_IMAGE_SIZE, description="shorter side resized to this, then a "
+                                                                       "centre crop of size x size")
+    channels: Literal[1, 3] = Field(3, description="3: RGB, 1: greyscale")
+    normalize: Literal["imagenet", "none"] = Field("imagenet", description="imagenet: ImageNet mean and std per "
+                                                                           "channel; none: values in [0, 1]")
+
+
 class PackageSpec(SpecModel):
     """The contents of a package's model.yaml."""
 
@@ -117,6 +134,16 @@ class PackageSpec(SpecModel):
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     training: dict[str, float | int | str | None] = Field(default_factory=dict)
     calibration: dict[str, float | int | str | None] = Field(default_factory=dict)
+    images: ImageInput | None = Field(None, description="how image files are prepared, for image-trained models")
+    classes: tuple[str, ...] | None = Field(None, max_length=MAX_CLASSES,
+                                            description="class names, index order (from the dataset)")
+
+    @field_validator("classes")
+    @classmethod
+    def _short_names(cls, names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if names is not None and any(len(n) > MAX_CLASS_NAME for n in names):
+            raise ValueError(f"class names are at most {MAX_CLASS_NAME} characters")
+        return names
 
     @model_validator(mode="after")
     def _policy_matches_exits(self) -> PackageSpec:

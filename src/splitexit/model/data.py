@@ -1,6 +1,7 @@
 """Datasets by spec string, and the fixed split into disjoint train / calibration / test parts.
 
-Specs: ``digits`` (scikit-learn's bundled 8×8 digits, no download), ``folder:PATH`` (an ImageFolder),
+Specs: ``digits`` (scikit-learn's bundled 8×8 digits, no download), ``folder:PATH`` (an ImageFolder; options
+``?size=N&channels=1|3&normalize=imagenet|none``, see :mod:`splitexit.model.images`),
 ``synthetic:CxHxW[:N]`` (seeded random tensors, for timing), and ``module:factory`` /
 ``file.py:factory`` returning a ``torch.utils.data.Dataset`` of ``(tensor, label)`` pairs.
 """
@@ -14,8 +15,9 @@ from typing import cast
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from splitexit.config import DEFAULT_SPLIT_FRACTIONS, DEFAULT_SPLIT_SEED, DataSplit
+from splitexit.config import DEFAULT_SPLIT_FRACTIONS, DEFAULT_SPLIT_SEED, DataSplit, ImageInput
 from splitexit.errors import DataError
+from splitexit.model.images import image_transform, parse_folder_spec
 from splitexit.model.importing import import_object, is_import_spec
 from splitexit.units import parse_shape
 
@@ -23,9 +25,7 @@ __all__ = ["LoadedDataset", "Splits", "list_datasets", "load_dataset", "split_da
 
 SYNTHETIC_SAMPLES = 256
 SYNTHETIC_CLASSES = 10
-IMAGE_SIZE = 224
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
+DIGIT_NAMES = tuple(str(d) for d in range(10))
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class LoadedDataset:
     dataset: Dataset
     num_classes: int | None
     sample_shape: tuple[int, ...]
+    class_names: tuple[str, ...] | None = None  # index order, where the dataset names its classes
+    images: ImageInput | None = None  # how image files were prepared, for a folder of images
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__
@@ -54,25 +56,30 @@ class Splits:
 
 
 def list_datasets() -> list[str]:
-    return ["digits", "folder:PATH", "synthetic:CxHxW[:N]", "module:factory", "path/file.py:factory"]
+    return ["digits", "folder:PATH[?size=N&channels=1|3&normalize=imagenet|none]", "synthetic:CxHxW[:N]",
+            "module:factory", "path/file.py:factory"]
 
 
 def load_dataset(spec: str) -> LoadedDataset:
     classes: int | None
+    names: tuple[str, ...] | None = None
+    images: ImageInput | None = None
     if spec == "digits":
-        dataset, classes = _digits(), 10
+        dataset, classes, names = _digits(), 10, DIGIT_NAMES
     elif spec.startswith("folder:"):
-        dataset, classes = _folder(Path(spec.removeprefix("folder:")))
+        path, images = parse_folder_spec(spec)
+        dataset, names = _folder(path, images)
+        classes = len(names)
     elif spec.startswith("synthetic:"):
         dataset, classes = _synthetic(spec), SYNTHETIC_CLASSES
     elif is_import_spec(spec):
-        dataset, classes = _from_factory(spec)
+        dataset, classes, names = _from_factory(spec)
     else:
         raise DataError(f"unknown dataset {spec!r}; use one of: {', '.join(list_datasets())}")
     if len(dataset) == 0:  # type: ignore[arg-type]  # torch's Dataset declares no __len__
         raise DataError(f"dataset {spec!r} is empty")
     sample = _check_item(dataset[0], spec)
-    return LoadedDataset(spec, dataset, classes, tuple(sample.shape))
+    return LoadedDataset(spec, dataset, classes, tuple(sample.shape), names, images)
 
 
 def split_dataset(data: LoadedDataset, split: DataSplit | None = None) -> Splits:
@@ -101,21 +108,17 @@ def _digits() -> Dataset:
     return TensorDataset(images, torch.tensor(bunch.target, dtype=torch.int64))
 
 
-def _folder(path: Path) -> tuple[Dataset, int]:
-    from torchvision import datasets, transforms
+def _folder(path: Path, images: ImageInput) -> tuple[Dataset, tuple[str, ...]]:
+    from torchvision import datasets
 
     if not path.is_dir():
         raise DataError(f"folder dataset {path} does not exist or is not a directory")
-    transform = transforms.Compose([
-        transforms.Resize(IMAGE_SIZE), transforms.CenterCrop(IMAGE_SIZE), transforms.ToTensor(),
-        transforms.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
-    ])
     try:
-        dataset = datasets.ImageFolder(str(path), transform=transform)
+        dataset = datasets.ImageFolder(str(path), transform=image_transform(images))
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"cannot read {path} as an image folder (one sub-folder of images per class): "
                         f"{exc}") from exc
-    return dataset, len(dataset.classes)
+    return dataset, tuple(dataset.classes)
 
 
 def _synthetic(spec: str) -> Dataset:
@@ -134,14 +137,16 @@ def _synthetic(spec: str) -> Dataset:
     return TensorDataset(inputs, labels)
 
 
-def _from_factory(spec: str) -> tuple[Dataset, int | None]:
+def _from_factory(spec: str) -> tuple[Dataset, int | None, tuple[str, ...] | None]:
     factory = import_object(spec, what="dataset factory")
     dataset = factory() if callable(factory) and not isinstance(factory, Dataset) else factory
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise DataError(f"{spec} returned {type(dataset).__name__}; it must return a torch Dataset "
                         "with __len__ and __getitem__ giving (tensor, label)")
-    classes = getattr(dataset, "classes", None)
-    return cast(Dataset, dataset), len(classes) if classes is not None else None  # map-style, checked above
+    classes = getattr(dataset, "classes", None)  # torchvision's datasets name their classes here
+    names = tuple(classes) if isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes) \
+        else None
+    return cast(Dataset, dataset), len(classes) if classes is not None else None, names  # map-style, checked above
 
 
 def _check_item(item: object, spec: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from splitexit.config import (
     DataSplit,
     ExitSpec,
+    ImageInput,
     InputSpec,
     PackageSpec,
     describe_validation_error,
@@ -43,8 +44,12 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def save(net: EarlyExitNet, path: str | os.PathLike[str], *, data: DataSplit | None = None,
-         training: dict | None = None, calibration: dict | None = None) -> Path:
-    """Write ``net`` as a package directory (created if needed; existing package files are replaced)."""
+         training: dict | None = None, calibration: dict | None = None, classes: Sequence[str] | None = None,
+         images: ImageInput | None = None) -> Path:
+    """Write ``net`` as a package directory (created if needed; existing package files are replaced).
+
+    ``classes`` names the classes in index order; ``images`` is how image files are prepared for the net.
+    """
     if net.source is None:
         raise PackageError("this net was built from a model object, so a package could not rebuild it. Pass "
                            "source=ModelSource(name='module:factory') to EarlyExitNet.from_model, or build the "
@@ -56,7 +61,7 @@ def save(net: EarlyExitNet, path: str | os.PathLike[str], *, data: DataSplit | N
     weights = directory / WEIGHTS_FILE
     _atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "splitexit"}))
     spec = package_spec(net, weights_sha256=file_sha256(weights), data=data, training=training,
-                        calibration=calibration)
+                        calibration=calibration, classes=classes, images=images)
     text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
     _atomic_write(directory / SPEC_FILE, lambda tmp: tmp.write_text(text))
     manifest = manifest_text(directory / SPEC_FILE, spec.model.name)
@@ -66,7 +71,8 @@ def save(net: EarlyExitNet, path: str | os.PathLike[str], *, data: DataSplit | N
 
 
 def package_spec(net: EarlyExitNet, *, weights_sha256: str, data: DataSplit | None = None,
-                 training: dict | None = None, calibration: dict | None = None) -> PackageSpec:
+                 training: dict | None = None, calibration: dict | None = None,
+                 classes: Sequence[str] | None = None, images: ImageInput | None = None) -> PackageSpec:
     """The model.yaml contents that rebuild ``net`` (weights aside)."""
     return PackageSpec(
         model=net.source,  # callers check that the net has a source
@@ -78,6 +84,8 @@ def package_spec(net: EarlyExitNet, *, weights_sha256: str, data: DataSplit | No
         weights_sha256=weights_sha256,
         training=training or {},
         calibration=calibration or {},
+        classes=tuple(classes) if classes is not None else None,
+        images=images,
     )
 
 

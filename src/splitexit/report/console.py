@@ -6,6 +6,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from splitexit.app.infer import ImageAnswer
 from splitexit.app.train import TrainSummary
 from splitexit.model.calibrate import CalibrationReport
 from splitexit.model.evaluate import EvalReport
@@ -134,3 +135,15 @@ def run_table(report: RunReport) -> Group:
     if not report.links:
         links.add_row(Text("none: one node ran the whole model"), "", "", "", "", "")
     return Group(summary, exits, breakdown, links)
+
+
+def infer_table(answers: list[ImageAnswer]) -> Table:
+    """One row per image: the class (by name where the package names its classes), and who answered."""
+    table = Table(title="Inference", title_justify="left")
+    for name in ("image", "class", "confidence", "exit", "node", "latency (ms)"):
+        table.add_column(name, justify="left" if name in ("image", "class", "node") else "right")
+    for a in answers:
+        label = a.error or (f"{a.name} ({a.prediction})" if a.name is not None else str(a.prediction))
+        table.add_row(Text(a.image), Text(label), _maybe(a.confidence, ".3f"),
+                      "-" if a.exit is None else str(a.exit), Text(a.node), f"{a.latency_ms:.2f}")
+    return table

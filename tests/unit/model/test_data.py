@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 
 from splitexit import DataError, load_dataset, split_dataset
-from splitexit.config import DataSplit
+from splitexit.config import DataSplit, ImageInput
 
 
 def test_digits_ships_with_scikit_learn() -> None:
@@ -42,13 +43,40 @@ def test_bad_specs_are_explained(spec: str) -> None:
         load_dataset(spec)
 
 
-def test_image_folder(tmp_path: Path) -> None:
+def image_folder(root: Path) -> Path:
     for label, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
-        (tmp_path / label).mkdir()
+        (root / label).mkdir()
         for i in range(3):
-            Image.new("RGB", (40, 30), colour).save(tmp_path / label / f"{i}.png")
-    data = load_dataset(f"folder:{tmp_path}")
+            Image.new("RGB", (40, 30), colour).save(root / label / f"{i}.png")
+    return root
+
+
+def test_image_folder(tmp_path: Path) -> None:
+    data = load_dataset(f"folder:{image_folder(tmp_path)}")
     assert len(data) == 6 and data.num_classes == 2 and data.sample_shape == (3, 224, 224)
+    assert data.class_names == ("cat", "dog") and data.images == ImageInput()
+
+
+def test_image_folder_at_the_size_and_channels_asked(tmp_path: Path) -> None:
+    data = load_dataset(f"folder:{image_folder(tmp_path)}?size=16&channels=1&normalize=none")
+    assert data.sample_shape == (1, 16, 16) and data.images == ImageInput(size=16, channels=1, normalize="none")
+    image, label = data.dataset[3]  # a dog: pure blue, whose grey level is 0.114 * 255 / 255
+    assert int(label) == 1 and torch.allclose(image, torch.full((1, 16, 16), 29 / 255), atol=1 / 255)
+
+
+@pytest.mark.parametrize("query, phrase", [
+    ("sise=16", "unknown option 'sise'; did you mean 'size'?"),
+    ("size=0", "size: Input should be greater than or equal to 1"),
+    ("channels=2", "channels: Input should be 1 or 3"),
+    ("normalize=imagenet1k", "normalize: Input should be 'imagenet' or 'none'"),
+])
+def test_bad_folder_options_name_the_option(tmp_path: Path, query: str, phrase: str) -> None:
+    with pytest.raises(DataError, match=re.escape(phrase)):
+        load_dataset(f"folder:{image_folder(tmp_path)}?{query}")
+
+
+def test_digits_name_their_classes() -> None:
+    assert load_dataset("digits").class_names == tuple("0123456789")
 
 
 def test_missing_folder(tmp_path: Path) -> None:

@@ -25,8 +25,13 @@ _OPTIONS = list(ImageInput.model_fields)
 def parse_folder_spec(spec: str) -> tuple[Path, ImageInput]:
     """``folder:PATH[?size=N&channels=1|3&normalize=imagenet|none]`` -> the folder and how its images are read."""
     path, _, query = spec.removeprefix("folder:").partition("?")
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
+    except ValueError:
+        raise DataError(f"dataset {spec!r}: write its options as key=value joined by &, e.g. "
+                        f"folder:{path}?size=64&channels=1") from None
     options: dict[str, str | int] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)) if query else ():
+    for key, value in pairs:
         if key not in _OPTIONS:
             raise DataError(f"dataset {spec!r}: unknown option {key!r}{did_you_mean(key, _OPTIONS)} (the options "
                             f"are {', '.join(_OPTIONS)}, e.g. folder:{path}?size=64&channels=1)")

@@ -66,6 +66,7 @@ def test_image_folder_at_the_size_and_channels_asked(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("query, phrase", [
     ("sise=16", "unknown option 'sise'; did you mean 'size'?"),
+    ("size", "write its options as key=value joined by &"),
     ("size=0", "size: Input should be greater than or equal to 1"),
     ("channels=2", "channels: Input should be 1 or 3"),
     ("normalize=imagenet1k", "normalize: Input should be 'imagenet' or 'none'"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from splitexit.model.cpu import apply_threads
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.images import read_image
 from splitexit.model.package import load, read_spec
+from splitexit.runtime.records import RequestRecord
 
 __all__ = ["ImageAnswer", "infer_images"]
 
@@ -52,10 +53,10 @@ def infer_images(package: Path, images: Sequence[Path], *, cluster_file: Path | 
     prepare = _image_input(package, spec)
     inputs = [read_image(path, prepare) for path in images]
     if cluster is None:
-        answers = [_here(net, x) for x in inputs]
+        records = [_here(net, x, index) for index, x in enumerate(inputs)]
     else:
-        answers = asyncio.run(_through(net, cluster, inputs))
-    return [_named(answer, str(path), spec.classes) for answer, path in zip(answers, images)]
+        records = asyncio.run(_through(net, cluster, inputs))
+    return [_answer(record, str(path), spec.classes) for record, path in zip(records, images)]
 
 
 def _image_input(package: Path, spec: PackageSpec) -> ImageInput:
@@ -70,29 +71,26 @@ def _image_input(package: Path, spec: PackageSpec) -> ImageInput:
     return spec.images
 
 
-def _here(net: EarlyExitNet, x: torch.Tensor) -> ImageAnswer:
+def _here(net: EarlyExitNet, x: torch.Tensor, index: int) -> RequestRecord:
     started = time.perf_counter()
     result = net.infer(x.unsqueeze(0))
     latency_ms = (time.perf_counter() - started) * 1e3
-    return ImageAnswer("", int(result.prediction[0]), None, float(result.confidence[0]), int(result.exit[0]), HERE,
-                       latency_ms)
+    return RequestRecord(index, index, int(result.prediction[0]), int(result.exit[0]), HERE,
+                         float(result.confidence[0]), None, latency_ms)
 
 
-async def _through(net: EarlyExitNet, cluster: ClusterSpec, inputs: list[torch.Tensor]) -> list[ImageAnswer]:
+async def _through(net: EarlyExitNet, cluster: ClusterSpec, inputs: list[torch.Tensor]) -> list[RequestRecord]:
     entry = Entry(net, cluster)
     try:
         await entry.start()
-        answers = []
-        for index, x in enumerate(inputs):  # one at a time: each latency is that image's alone
-            record = await entry.infer(x, index=index)
-            answers.append(ImageAnswer("", record.prediction, None, record.confidence, record.exit, record.node,
-                                       record.latency_ms, record.error))
-        return answers
+        # one at a time: each latency is that image's alone
+        return [await entry.infer(x, index=index) for index, x in enumerate(inputs)]
     finally:
         await entry.close()
 
 
-def _named(answer: ImageAnswer, image: str, classes: tuple[str, ...] | None) -> ImageAnswer:
-    name = classes[answer.prediction] if classes and answer.prediction is not None \
-        and 0 <= answer.prediction < len(classes) else None
-    return replace(answer, image=image, name=name)
+def _answer(record: RequestRecord, image: str, classes: tuple[str, ...] | None) -> ImageAnswer:
+    name = classes[record.prediction] if classes and record.prediction is not None \
+        and 0 <= record.prediction < len(classes) else None
+    return ImageAnswer(image, record.prediction, name, record.confidence, record.exit, record.node,
+                       record.latency_ms, record.error)

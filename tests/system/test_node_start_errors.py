@@ -53,8 +53,16 @@ def test_a_used_metrics_port_is_named(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        message = refused(node(write_cluster(tmp_path, metrics_port=port)))
-    assert f"cannot serve its metrics on port {port}" in message and "metrics_port" in message
+        message = refused(node(write_cluster(tmp_path, metrics={"address": f"127.0.0.1:{port}"})))
+    assert f"cloud1 cannot serve its metrics on 127.0.0.1:{port}" in message and "metrics: {address" in message
+
+
+def test_the_old_metrics_port_key_says_what_replaced_it(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({"nodes": [{"name": "edge", "role": "edge"},
+                                              {"name": "cloud1", "address": "127.0.0.1:50061", "metrics_port": 9100}]}))
+    message = refused(node(path))
+    assert "`metrics_port: 9100` is now `metrics: {address: 127.0.0.1:9100}`" in message
 
 
 def test_the_data_port_is_the_one_given_and_a_used_one_is_named(tmp_path: Path) -> None:

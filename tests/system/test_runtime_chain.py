@@ -1,5 +1,5 @@
 """Real chains on loopback (gRPC control, framed data plane): answers equal net.infer, exactly one outcome per
-input, health stays responsive, metrics and link reports are right."""
+input, health stays responsive, and link reports are right (metrics: test_metrics.py)."""
 
 from __future__ import annotations
 
@@ -160,32 +160,6 @@ def test_health_answers_while_the_stage_computes(tmp_path: Path) -> None:
     health_s, request_s = asyncio.run(_health_while_busy(net, tmp_path))
     assert request_s > 0.2, "the slowed stage should take a while"
     assert health_s < request_s / 4, (health_s, request_s)
-
-
-# --------------------------------------------------------------------------- metrics
-def test_nodes_serve_prometheus_metrics(net: EarlyExitNet, inputs: TensorDataset, tmp_path: Path) -> None:
-    import urllib.request
-
-    base = make_cluster(1)
-    cluster = ClusterSpec.model_validate({**base.model_dump(by_alias=True), "nodes": [
-        base.nodes[0].model_dump(), {**base.nodes[1].model_dump(), "metrics_port": 0}]})
-
-    async def go() -> str:
-        (node,) = await start_nodes(cluster, tmp_path)
-        entry = Entry(net, cluster)
-        try:
-            await entry.start()
-            await entry.run(TensorDataset(*(t[:20] for t in inputs.tensors)))
-            url = f"http://127.0.0.1:{node.metrics_port}/metrics"
-            return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
-        finally:
-            await entry.close()
-            await node.stop(grace=2)
-
-    text = asyncio.run(go())
-    received = [line for line in text.splitlines() if line.startswith('splitexit_requests_total{node="cloud1"}')]
-    assert received and float(received[0].split()[-1]) > 0
-    assert 'splitexit_in_flight{node="cloud1"}' in text
 
 
 def test_an_edge_that_ends_at_the_input_ships_it_unprocessed(net: EarlyExitNet, inputs: TensorDataset,

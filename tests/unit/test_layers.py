@@ -23,6 +23,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("splitexit.aio", 0),
     ("splitexit.tensors", 0),
     ("splitexit.links", 0),
+    ("splitexit.hosts", 0),
     ("splitexit.config", 1),
     ("splitexit.model", 2),
     ("splitexit.wire", 2),

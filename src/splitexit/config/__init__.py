@@ -22,6 +22,7 @@ from splitexit.config.cluster import (
     RetryPolicy,
     SecuritySpec,
 )
+from splitexit.config.metrics import MetricsSpec
 from splitexit.config.package import (
     DEFAULT_SPLIT_FRACTIONS,
     DEFAULT_SPLIT_SEED,
@@ -60,6 +61,7 @@ __all__ = [
     "InputSpec",
     "LinkChange",
     "LinkSpec",
+    "MetricsSpec",
     "ModelSource",
     "NodeSpec",
     "PackageSpec",

@@ -20,6 +20,7 @@ from pydantic import (
 from splitexit.config.base import SpecModel, did_you_mean, seconds_from, written_duration
 from splitexit.config.codec_names import AUTO, parse_codec
 from splitexit.config.data_plane import DataPlaneSpec
+from splitexit.config.metrics import MetricsSpec
 from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT, Cut
 from splitexit.errors import ConfigError
 from splitexit.links import in_series
@@ -56,10 +57,18 @@ class NodeSpec(SpecModel):
                                                     "default: one after the previous node's")
     ends_at: Cut | str | None = Field(None, description="cut (id or module) where this node's stage ends; "
                                                        "`input` on the edge: send the input unprocessed")
-    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (0: any free)")
+    metrics: MetricsSpec | None = Field(None, description="serve Prometheus /metrics: {address: HOST:PORT}")
     data_port: int | None = Field(None, ge=0, le=65535, description="port of the data plane (batches and results), "
                                                                   "on the address's host; default: any free one, "
                                                                   "announced to upstream nodes through Health")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _metrics_port_moved(cls, data: object) -> object:
+        if isinstance(data, dict) and "metrics_port" in data:
+            raise ValueError(f"`metrics_port: {data['metrics_port']}` is now `metrics: {{address: "
+                             f"127.0.0.1:{data['metrics_port']}}}` (any host with security.tls)")
+        return data
 
     @field_validator("ends_at")
     @classmethod
@@ -407,6 +416,16 @@ class ClusterSpec(SpecModel):
             raise ValueError("`registry.tls: cluster` uses each node's certificate from `security.tls`, which is not "
                              "set: add `security: {tls: DIR}` (made by `splitexit certs init DIR`), or give "
                              "`registry.tls: {ca: FILE, cert: FILE, key: FILE}`")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_beyond_loopback_need_tls(self) -> ClusterSpec:
+        for node in self.nodes:
+            if node.metrics is not None and not node.metrics.loopback and not self.security.tls:
+                raise ValueError(f"node {node.name} would serve its metrics on {node.metrics.address}, beyond "
+                                 "loopback, to anyone who can reach it: set `security: {tls: DIR}` (then only "
+                                 "holders of a cluster certificate may read them), or use a loopback address "
+                                 "such as 127.0.0.1:9100")
         return self
 
     def tier_by_name(self) -> dict[str, int]:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from splitexit.aio import stop
 from splitexit.config import ClusterSpec, NodeSpec
@@ -72,6 +73,10 @@ PROOF_TIMEOUT = 2.0
 PLAN_KEY = "plan"
 
 
+#: Why the chain was placed anew (see :class:`PlanChange`).
+PlanCause = Literal["start", "membership", "measured", "refused"]
+
+
 @dataclass(frozen=True)
 class PlanChange:
     """A placement the coordinator installed, and why (for the run report)."""
@@ -79,6 +84,9 @@ class PlanChange:
     time: float
     placement: Placement
     reason: str
+    #: start, membership (a node joined, left or broke), measured (the re-planner's), refused (a node
+    #: refused its stage, so the chain was placed again without it)
+    cause: PlanCause = "start"
 
 
 class Coordinator:
@@ -96,7 +104,7 @@ class Coordinator:
         self.net, self.cluster, self.registry = net, cluster, registry
         self.on_plan = on_plan
         self.placer: Placer = placer or (lambda live_cluster, live: default_placement(net, live_cluster, live))
-        self._reason: str | None = None
+        self._reason: tuple[str, PlanCause] | None = None  # (reason, cause) of the re-plan asked for
         self.edge = cluster.edge
         self.placement: Placement | None = None
         self.changes: list[PlanChange] = []
@@ -142,7 +150,7 @@ class Coordinator:
                 raise ClusterError(f"no node of {names} is up after {wait:.0f} s. Start them with `splitexit up "
                                    "--cluster FILE` or `splitexit node --cluster FILE --name NAME`.")
             await self._sleep(START_POLL)
-        await self._replan("start")
+        await self._replan("start", "start")
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch(), name="coordinator-watch"),
                        loop.create_task(self._resync(), name="coordinator-resync"),
@@ -232,9 +240,9 @@ class Coordinator:
         self.proofs.record(info)
         return True
 
-    def request_replan(self, reason: str) -> None:
+    def request_replan(self, reason: str, cause: PlanCause = "measured") -> None:
         """Place the chain again soon (the placer's inputs changed, e.g. a link measured slower)."""
-        self._reason = reason
+        self._reason = (reason, cause)
         self._dirty.set()
 
     @property
@@ -248,9 +256,9 @@ class Coordinator:
             await self._sleep(SETTLE)  # let a burst of changes (a node and its lease) settle into one plan
             self._replanning = True
             self._dirty.clear()
-            reason, self._reason = self._reason or "membership changed", None
+            (reason, cause), self._reason = self._reason or ("membership changed", "membership"), None
             try:
-                await self._replan(reason)
+                await self._replan(reason, cause)
             except Exception:  # noqa: BLE001 - keep coordinating; the next change or resync tries again
                 logger.exception("coordinator: re-planning failed; keeping the current plan")
             finally:
@@ -267,7 +275,7 @@ class Coordinator:
         nodes += [info.spec() for name, info in sorted(members.items()) if name not in known]
         return self.cluster.model_copy(update={"nodes": tuple(nodes)})
 
-    async def _replan(self, reason: str) -> None:
+    async def _replan(self, reason: str, cause: PlanCause) -> None:
         while True:
             cluster = self._cluster_with_members()
             placement = await asyncio.get_running_loop().run_in_executor(  # planning is CPU work
@@ -281,12 +289,12 @@ class Coordinator:
             for name in failed:
                 self.bans.fail(name)
             self._check_tiers_usable()
-            reason = "; ".join(f"{name} {why}" for name, why in sorted(failed.items()))
+            reason, cause = "; ".join(f"{name} {why}" for name, why in sorted(failed.items())), "refused"
         first = placement.after(placement.stages[0])
         peers = [cluster.node(n) for n in first.nodes] if first else []
         await self.on_plan(placement, peers, await self._codec(placement, placement.stages[0], peers, cluster))
         if self.placement is None or placement != self.placement:
-            self.changes.append(PlanChange(time.time(), placement, reason))
+            self.changes.append(PlanChange(time.time(), placement, reason, cause))
             logger.info("plan %d (%s): %s", placement.version, reason, placement.describe())
         self.placement = placement
         document = {"version": placement.version, "stages": [

@@ -29,6 +29,8 @@ from splitexit.control.registry_backends import open_registry
 from splitexit.control.replan import PlanningPlacer, Replanner
 from splitexit.model.exits import EarlyExitNet
 from splitexit.runtime.hop import Hop
+from splitexit.runtime.metrics import ChainMetrics, LinkTotals, LiveState
+from splitexit.runtime.metrics_server import MetricsServer, serve_metrics
 from splitexit.runtime.placement import Placement
 from splitexit.runtime.records import RequestRecord
 from splitexit.runtime.remote import LinkCounters
@@ -69,7 +71,9 @@ class Entry:
         self.registry = registry
         self.placer = placer  # None: the cluster file's placement (see runtime/placement.py)
         self.replan = replan  # with a PlanningPlacer: re-plan when measured links make another plan better
-        self.requests = RequestPath(net, cluster, window=self.window, on_broken=self._broken)
+        self.metrics = ChainMetrics(self.name, role="edge")
+        self.metrics_server: MetricsServer | None = None
+        self.requests = RequestPath(net, cluster, window=self.window, on_broken=self._broken, metrics=self.metrics)
         self._replanning: asyncio.Task | None = None
         self._measured: dict[tuple[str, str], float] = {}  # every link's recent bandwidth, as last polled
         self._own_registry = registry is None
@@ -88,7 +92,12 @@ class Entry:
         return self.requests.hop
 
     async def start(self) -> None:
-        """Join the registry, wait until every tier has a live node, and place the chain."""
+        """Serve the metrics (where the cluster file asks), join the registry, wait until every tier has a live
+        node, and place the chain."""
+        self.metrics.watch(self._live_state, asyncio.get_running_loop())
+        if self.cluster.edge.metrics is not None and self.metrics_server is None:
+            self.metrics_server = serve_metrics(self.metrics.registry, self.cluster.edge.metrics, self.cluster,
+                                                self.name)
         if self.registry is None:
             self.registry = open_registry(self.cluster.registry, node=self.name,
                                           certificates=self.cluster.security.tls)
@@ -121,6 +130,23 @@ class Entry:
             checking.cancel()
             await asyncio.gather(checking, return_exceptions=True)
             replanner.close()
+
+    def _live_state(self) -> LiveState:
+        """What a scrape of the edge reports: its stage's queue, requests in flight, the plan, its own links,
+        the coordinator's plan changes and stage uploads."""
+        hop, coordinator = self.requests.hop, self.coordinator
+        changes: dict[str, int] = {}
+        shipped: dict[str, int] = {}
+        if coordinator is not None:
+            for change in coordinator.changes:
+                changes[change.cause] = changes.get(change.cause, 0) + 1
+            for node, _, size in coordinator.shipments:
+                shipped[node] = shipped.get(node, 0) + size
+        return LiveState(
+            queued=hop.executor.queued if hop else 0, in_flight=self.requests.in_flight,
+            plan=coordinator.placement.version if coordinator and coordinator.placement else 0,
+            links={peer: LinkTotals(c.raw_bytes, c.wire_bytes, c.messages) for peer, c in self.requests.sent.items()},
+            plan_changes=changes, stage_shipped=shipped)
 
     def _broken(self, name: str) -> None:
         """The stream to a first-tier node broke: route around it now (its rows are being resubmitted)."""
@@ -168,6 +194,9 @@ class Entry:
         await self.requests.close()
         if self.registry is not None and self._own_registry:
             await self.registry.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
 
 
 class EntryClient:
@@ -181,7 +210,11 @@ class EntryClient:
 
     async def _build(self, net: EarlyExitNet, cluster: ClusterSpec, options: dict) -> Entry:
         entry = Entry(net, cluster, **options)
-        await entry.start()
+        try:
+            await entry.start()
+        except BaseException:
+            await entry.close()  # what it opened (metrics server, registry, connections) goes with it
+            raise
         return entry
 
     def _call(self, coroutine: Coroutine[object, object, T]) -> T:

@@ -21,6 +21,7 @@ import contextlib
 import hmac
 import logging
 import ssl
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -219,7 +220,6 @@ class DataService:
                 task.add_done_callback(_forget(batches, frame.batch_id))
         except WireError as exc:
             self._refuse("bad_message", host, f"{sender}: {exc}")
-            self.node.metrics.rejected("bad_message")
             await _goodbye(connection, "bad_message", str(exc))
         except ConnectionError:
             pass
@@ -232,6 +232,7 @@ class DataService:
         """One batch: check, decode, run (which forwards what goes on), hand the credit back with the answers
         already there, then send every other answer up as it comes."""
         node, size = self.node, frame.payload.nbytes
+        arrived = time.perf_counter()
         futures: list[asyncio.Future] = []
         try:
             try:
@@ -245,24 +246,24 @@ class DataService:
             await self.budget.release(size)
             credit.granted += 1  # counted before it is sent: a sender cannot have seen more than this
             ready = [future for future in futures if future.done()]
-            await up.send((FrameType.CREDIT, 0, ONE_CREDIT), *self._answers(frame.batch_id, ready))
+            await up.send((FrameType.CREDIT, 0, ONE_CREDIT), *self._answers(frame.batch_id, ready, arrived))
         pending = set(futures).difference(ready)
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            await up.send(*self._answers(frame.batch_id, done))
+            await up.send(*self._answers(frame.batch_id, done, arrived))
 
-    def _answers(self, batch_id: int, done: Iterable[asyncio.Future]) -> list[_Up]:
-        """RESULTS frames for the rows of ``done``, counted as answered."""
-        node = self.node
+    def _answers(self, batch_id: int, done: Iterable[asyncio.Future], arrived: float) -> list[_Up]:
+        """RESULTS frames for the rows of ``done``; each answered row's time here (since ``arrived``) observed."""
         outcomes: list[Outcome] = [future.result() for future in done]
-        node.metrics.in_flight.dec(len(outcomes))
-        node.metrics.answered.inc(sum(isinstance(o, RowResult) and o.node == node.name for o in outcomes))
+        seconds = time.perf_counter() - arrived
+        for outcome in outcomes:
+            if isinstance(outcome, RowResult):
+                self.node.metrics.latency(seconds)
         return [(FrameType.RESULTS, batch_id, metadata) for metadata in results_metadata(outcomes)]
 
     async def _run(self, batch: IncomingBatch, frame: Frame, up: _Upward) -> list[asyncio.Future]:
         node = self.node
         ids = batch.request_ids
-        node.metrics.requests.inc(len(ids))
         served = node.plans.get(batch.plan_version)
         if served is None:  # retired between the envelope check and now
             await self._reject(up, frame, ids, WireError(f"plan {batch.plan_version} was retired", code="unknown_plan"))
@@ -278,17 +279,17 @@ class DataService:
             await self._reject(up, frame, ids, exc)
             return []
         trace.append(stamp(node.name, "decoded"))
-        node.metrics.in_flight.inc(len(ids))
         return await served.hop.send(ids, tensors, trace)
 
     async def _reject(self, up: _Upward, frame: Frame, ids: list[int], error: WireError) -> None:
         node = self.node
-        node.metrics.rejected(error.code, max(len(ids), 1))
+        node.metrics.refused(error.code)
+        node.metrics.rows("refused", len(ids))
         self.refusals.warning(("batch", error.code), "node %s refused %d requests: %s", node.name, len(ids), error)
         await up.send((FrameType.RESULTS, frame.batch_id, rejection_metadata(ids, error, node.name)))
 
     def _refuse(self, code: str, host: str, why: str) -> None:
-        self.node.metrics.rejected(code)
+        self.node.metrics.refused(code)
         self.refusals.warning((code, host), "node %s refused a data connection from %s: %s", self.node.name, host, why)
 
 

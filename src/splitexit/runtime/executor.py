@@ -34,6 +34,7 @@ import torch
 from splitexit.config import BatchingSpec
 from splitexit.model.stages import Stage
 from splitexit.model.trace_guard import TRACE_GUARD
+from splitexit.runtime.metrics import ChainMetrics
 
 __all__ = ["Answer", "Onward", "StageExecutor", "StageReply"]
 
@@ -108,8 +109,10 @@ class StageExecutor(Generic[Encoded]):
 
     def __init__(self, stage: Stage, *, batching: BatchingSpec = BatchingSpec(), slowdown: float = 1.0,
                  encode: Callable[[tuple[torch.Tensor, ...]], Encoded] | None = None,
-                 max_pending: int = DEFAULT_MAX_PENDING, name: str = "stage"):
+                 max_pending: int = DEFAULT_MAX_PENDING, name: str = "stage", metrics: ChainMetrics | None = None):
+        """``metrics``: where batches, exits and rows are counted (default: a registry nobody serves)."""
         self.stage = stage
+        self.metrics = metrics or ChainMetrics(name)
         self.batching = batching
         self.slowdown = slowdown
         self.encode = encode
@@ -213,6 +216,7 @@ class StageExecutor(Generic[Encoded]):
         if self.slowdown > 1:
             time.sleep(compute * (self.slowdown - 1))
             compute *= self.slowdown
+        self.metrics.batch(sum(j.rows for j in jobs), compute)
         ends = list(itertools.accumulate(j.rows for j in jobs))  # plain Python: a tensor op costs more here
 
         def place(row: int) -> tuple[int, int]:

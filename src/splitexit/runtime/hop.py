@@ -89,12 +89,16 @@ class Hop:
         for future in futures:
             future.add_done_callback(self._done)
         rows = _Rows(ids, futures, [*trace, stamp(self.node, "queued")])
+        metrics = self.executor.metrics
         try:
             reply = await self.executor.run(tensors, rows)
         except Exception as exc:  # noqa: BLE001 - the rows fail, the hop keeps serving
+            metrics.rows("failed", len(ids))
             for request_id, future in zip(ids, futures):
                 future.set_result(RowError(request_id, "stage_failed", f"{type(exc).__name__}: {exc}", self.node))
             return futures
+        metrics.answered(answer.exit for answer in reply.answers)
+        metrics.rows("forwarded" if self.downstream is not None else "failed", len(ids) - len(reply.answers))
         started = reply.started_at
         stamps = [(self.node, "compute_start", started), (self.node, "compute_end", started + reply.compute_s),
                   (self.node, "encoded", started + reply.compute_s + reply.encode_s)]

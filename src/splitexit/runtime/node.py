@@ -29,6 +29,7 @@ from splitexit.aio import stop
 from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.errors import ClusterError, WireError
+from splitexit.hosts import is_loopback
 from splitexit.model.cpu import apply_threads
 from splitexit.model.stage_file import LoadedStage, load_stage_file
 from splitexit.model.stages import Stage
@@ -36,7 +37,8 @@ from splitexit.runtime.control_messages import Assignment, LinkHealth, NodeHealt
 from splitexit.runtime.data_service import DataService
 from splitexit.runtime.frame_connection import server_tls
 from splitexit.runtime.hop import Hop
-from splitexit.runtime.node_metrics import NodeMetrics
+from splitexit.runtime.metrics import ChainMetrics, LinkTotals, LiveState
+from splitexit.runtime.metrics_server import MetricsServer, serve_metrics
 from splitexit.runtime.node_profile import (
     check_profile_job,
     machine_identity,
@@ -47,7 +49,7 @@ from splitexit.runtime.node_profile import (
 from splitexit.runtime.node_service import add_node_service
 from splitexit.runtime.remote import LinkReport
 from splitexit.runtime.replicas import ReplicaSet
-from splitexit.runtime.security import is_loopback, node_credentials
+from splitexit.runtime.security import node_credentials
 from splitexit.runtime.stage_cache import StageCache
 from splitexit.runtime.stage_hop import stage_hop
 from splitexit.tensors import TensorInfo
@@ -103,11 +105,12 @@ class Node:
         self.cache = StageCache(cache_dir, pinned=lambda: {served.sha256 for served in self.plans.values()})
         self.plans: dict[int, Served] = {}
         self.newest = 0
-        self.metrics = NodeMetrics(name)
+        self.metrics = ChainMetrics(name, tier=self.tier)
         #: The node's one worker thread: decoding batches, loading stage files, timing the model.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"splitexit-{name}-decode")
         self.port: int | None = None
-        self.metrics_port: int | None = None
+        self.metrics_server: MetricsServer | None = None
+        self._sent_before: dict[str, LinkTotals] = {}  # what links of retired plans carried
         self._loaded: dict[str, LoadedStage] = {}  # the stages of the kept plans (retired ones are freed)
         self._retiring: set[asyncio.Task[None]] = set()
         self._assigning = asyncio.Lock()
@@ -161,15 +164,14 @@ class Node:
             raise ClusterError(f"node {self.name} cannot listen for batches on {host}:{self.spec.data_port} "
                                f"({exc.strerror}): give `data_port` another port in the cluster file, or leave it "
                                "out for a free one") from exc
-        if self.spec.metrics_port is not None:
+        self.metrics.watch(self._live_state, asyncio.get_running_loop())
+        if self.spec.metrics is not None:
             try:
-                self.metrics_port = self.metrics.serve(self.spec.metrics_port)
-            except OSError as exc:
+                self.metrics_server = serve_metrics(self.metrics.registry, self.spec.metrics, self.cluster, self.name)
+            except ClusterError:
                 await self._server.stop(grace=0)
                 await self.data.stop()
-                raise ClusterError(f"node {self.name} cannot serve its metrics on port {self.spec.metrics_port} "
-                                   f"({exc.strerror}): give `metrics_port` another port in the cluster file, or 0 "
-                                   "for a free one") from exc
+                raise
         logger.info("node %s (tier %d) listening on port %d (batches on %d); waiting for a stage", self.name,
                     self.tier, self.port, self.data.port)
         return self.port
@@ -195,9 +197,11 @@ class Node:
             if served is None or served.sha256 != sha256:
                 loaded = await self._load(sha256)
                 codec = None if loaded.stage.end is MODEL_OUTPUT else assignment.codec
-                hop = stage_hop(loaded.stage, node=self.spec, cluster=self.cluster, plan_version=version, codec=codec)
+                hop = stage_hop(loaded.stage, node=self.spec, cluster=self.cluster, plan_version=version, codec=codec,
+                                metrics=self.metrics)
                 served = Served(version, sha256, loaded.stage, hop, frozenset(assignment.upstream))
                 self.plans[version] = served
+                self.metrics.plan_assigned()
                 logger.info("node %s serves plan %d: cuts %s..%s", self.name, version, loaded.stage.start,
                             loaded.stage.end)
             else:
@@ -212,6 +216,7 @@ class Node:
     async def store_stage(self, chunks: AsyncIterator[tuple[str, int, bytes]]) -> tuple[str, int]:
         """Cache an uploaded stage file from its ``(sha256, total size, data)`` chunks; its sha256 and size."""
         sha256, size = await self.cache.store(chunks)
+        self.metrics.stage_received(size)
         logger.info("node %s stored stage %s… (%d bytes)", self.name, sha256[:12], size)
         return sha256, size
 
@@ -229,9 +234,19 @@ class Node:
             self._loaded[sha256] = loaded
         return self._loaded[sha256]
 
+    def _live_state(self) -> LiveState:
+        """What a scrape reports: queue, rows in flight, the newest plan, and every outgoing link since start."""
+        links = dict(self._sent_before)
+        for served in self.plans.values():
+            _add_links(links, served)
+        return LiveState(queued=sum(s.hop.executor.queued for s in self.plans.values()), in_flight=self.in_flight,
+                         plan=self.newest, links=links)
+
     def _retire_old_plans(self) -> None:
         """Keep the newest plans; close older ones once their requests are done (in the background)."""
         for version in sorted(self.plans, key=lambda v: v == self.newest)[:max(0, len(self.plans) - KEEP_PLANS)]:
+            # its links' counts stay in the totals (a counter never goes down); its last bytes may be missed
+            _add_links(self._sent_before, self.plans[version])
             retiring = asyncio.get_running_loop().create_task(self._retire(self.plans.pop(version)))
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
@@ -293,11 +308,21 @@ class Node:
             await served.hop.close()
         await stop(*self._retiring)
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self.metrics.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
 
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _add_links(totals: dict[str, LinkTotals], served: Served) -> None:
+    """Add what ``served``'s outgoing links carried to ``totals`` (by target)."""
+    if isinstance(served.hop.downstream, ReplicaSet):
+        for target, c in served.hop.downstream.counters.items():
+            was = totals.get(target, LinkTotals())
+            totals[target] = LinkTotals(was.raw_bytes + c.raw_bytes, was.wire_bytes + c.wire_bytes,
+                                        was.messages + c.messages)
 
 
 def release_freed_memory() -> None:

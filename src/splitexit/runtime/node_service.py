@@ -60,7 +60,7 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
         node = self.node
         peer = context.peer()
         if not token_matches(context.invocation_metadata(), node.cluster.security.token):
-            node.metrics.rejected("unauthenticated")
+            node.metrics.refused("unauthenticated")
             self.refusals.warning(("token", peer_host(peer)), "node %s refused a %s from %s: missing or wrong token",
                                   node.name, what, peer)
             await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
@@ -75,7 +75,7 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
         else:
             allowed = any(n == edge or node.upstream_allowed(n) for n in names)
         if not allowed:
-            node.metrics.rejected("wrong_peer")
+            node.metrics.refused("wrong_peer")
             expected = _EXPECTED[caller]
             self.refusals.warning(("peer", peer_host(peer)),
                                   "node %s refused a %s from %s: certificate names %s, expected %s",

@@ -29,13 +29,14 @@ import grpc
 
 from splitexit.config import LinkSpec, NodeSpec
 from splitexit.errors import ClusterError, NodeUnavailableError, WireError
+from splitexit.hosts import is_loopback
 from splitexit.runtime.control_messages import NodeHealth, decode_health
 from splitexit.runtime.frame_connection import FrameConnection, client_tls, connect
 from splitexit.runtime.hop import Outcome, RowError, Stamp, stamp
 from splitexit.runtime.link import EmulatedLink
 from splitexit.runtime.meter import ThroughputMeter
 from splitexit.runtime.result_messages import decode_results
-from splitexit.runtime.security import NodeCredentials, is_loopback, token_metadata
+from splitexit.runtime.security import NodeCredentials, token_metadata
 from splitexit.wire import wire_pb2, wire_pb2_grpc
 from splitexit.wire.data_messages import batch_frame, parse
 from splitexit.wire.framing import HEADER, Frame, FrameLimits, FrameType

@@ -32,6 +32,7 @@ from splitexit.model.stages import Stage
 from splitexit.runtime.failover import Backoff
 from splitexit.runtime.hop import Hop, RowError, RowResult
 from splitexit.runtime.meter import ComputeMeter
+from splitexit.runtime.metrics import ChainMetrics
 from splitexit.runtime.placement import Placement
 from splitexit.runtime.records import RequestRecord, request_record
 from splitexit.runtime.remote import LinkCounters
@@ -55,13 +56,16 @@ class RequestPath:
 
     def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, *, window: int,
                  on_broken: Callable[[str], None] | None = None, open_next: OpenNextStage = ReplicaSet,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, metrics: ChainMetrics | None = None):
         """``open_next`` opens each plan's connections to the next stage (default: data-plane replicas);
-        ``clock`` is what request deadlines are measured with."""
+        ``clock`` is what request deadlines are measured with; ``metrics`` counts requests, and the edge
+        stage's rows and batches."""
         self.net, self.cluster, self.window = net, cluster, window
         self.name = cluster.edge.name
         self.retry = Backoff(cluster.retry.first_wait, cluster.retry.max_wait)
         self.compute = ComputeMeter()  # how long each node's stage computed per request, under this plan
+        self.metrics = metrics or ChainMetrics(self.name, role="edge")
+        self.in_flight = 0  # requests submitted and not yet answered
         self._on_broken, self._open_next, self._clock = on_broken, open_next, clock
         self._hop: Hop | None = None
         self._version = 0
@@ -75,6 +79,11 @@ class RequestPath:
         """The edge's hop of the current plan (None before the first :meth:`install`)."""
         return self._hop
 
+    @property
+    def sent(self) -> dict[str, LinkCounters]:
+        """Bytes the edge sent to each peer, over every plan."""
+        return self._sent
+
     async def install(self, placement: Placement, peers: list[NodeSpec], codec: CodecSpec | None) -> None:
         """Serve ``placement``'s first stage from now on; a hop of an older plan finishes its work, then closes."""
         if self._hop is not None and placement.version == self._version:
@@ -87,7 +96,7 @@ class RequestPath:
             if placement.disabled_exits else self.net.stage(first.start, first.end)
         hop = stage_hop(stage, node=self.cluster.edge, cluster=self.cluster, plan_version=placement.version,
                         codec=codec, on_broken=self._on_broken, counters=self._sent,
-                        open_next=self._open_next)
+                        open_next=self._open_next, metrics=self.metrics)
         if (replicas := _replicas(hop)) is not None:
             await replicas.update(peers)
         old, self._hop, self._version = self._hop, hop, placement.version
@@ -105,9 +114,16 @@ class RequestPath:
                               f"{tuple(x.shape)}); use run(dataset) for many")
         async with self._slots:
             request_id = next(self._ids)
-            started = time.time()
-            outcome, attempts, version = await self._answer(request_id, self.net._prepare(sample))
+            started, since = time.time(), time.perf_counter()
+            self.in_flight += 1
+            try:
+                outcome, attempts, version = await self._answer(request_id, self.net._prepare(sample))
+            finally:
+                self.in_flight -= 1
             finished = time.time()
+        self.metrics.request("answered" if isinstance(outcome, RowResult) else outcome.code, attempts)
+        if isinstance(outcome, RowResult):
+            self.metrics.latency(time.perf_counter() - since)
         if isinstance(outcome, RowResult) and version == self._version:  # spans of an old plan's stages say nothing
             self.compute.record(outcome.trace)
         return request_record(outcome, index=index, label=label, started=started, finished=finished,

@@ -29,7 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from splitexit.config import ClusterSpec
 from splitexit.errors import ClusterError, ConfigError
 
-__all__ = ["CA_CERT", "CA_KEY", "TOKEN_HEADER", "NodeCredentials", "init_ca", "is_loopback", "issue_certificate",
+__all__ = ["CA_CERT", "CA_KEY", "TOKEN_HEADER", "NodeCredentials", "init_ca", "issue_certificate",
            "node_credentials", "token_matches", "write_token"]
 
 CA_CERT = "ca.pem"
@@ -166,17 +166,6 @@ def _write_private(path: Path, data: bytes, *, what: str) -> None:
     with os.fdopen(fd, "wb") as handle:
         os.fchmod(handle.fileno(), 0o600)
         handle.write(data)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address, IPv6 in brackets or not) is this machine's loopback."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def node_credentials(cluster: ClusterSpec, name: str) -> NodeCredentials | None:

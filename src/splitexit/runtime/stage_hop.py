@@ -18,6 +18,7 @@ from splitexit.cuts import MODEL_OUTPUT
 from splitexit.model.stages import Stage
 from splitexit.runtime.executor import StageExecutor
 from splitexit.runtime.hop import Downstream, Hop
+from splitexit.runtime.metrics import ChainMetrics
 from splitexit.runtime.remote import LinkCounters, LinkReport
 from splitexit.runtime.replicas import ReplicaSet
 from splitexit.runtime.security import NodeCredentials, node_credentials
@@ -46,9 +47,9 @@ class OpenNextStage(Protocol):
 
 def stage_hop(stage: Stage, *, node: NodeSpec, cluster: ClusterSpec, plan_version: int, codec: CodecSpec | None,
               on_broken: Callable[[str], None] | None = None, counters: dict[str, LinkCounters] | None = None,
-              open_next: OpenNextStage = ReplicaSet) -> Hop:
+              open_next: OpenNextStage = ReplicaSet, metrics: ChainMetrics | None = None) -> Hop:
     """``node``'s hop for one plan: the stage executor, and the next stage's replicas (unconnected) unless
-    the stage ends at the model output."""
+    the stage ends at the model output; its batches, exits and rows are counted in ``metrics``."""
     replicas = None
     encode = None
     if stage.end is not MODEL_OUTPUT:
@@ -58,5 +59,6 @@ def stage_hop(stage: Stage, *, node: NodeSpec, cluster: ClusterSpec, plan_versio
         replicas = open_next(sender=node.name, cluster=cluster, plan_version=plan_version,
                              credentials=node_credentials(cluster, node.name), on_broken=on_broken,
                              counters=counters)
-    executor = StageExecutor(stage, batching=cluster.batching, slowdown=node.slowdown, encode=encode, name=node.name)
+    executor = StageExecutor(stage, batching=cluster.batching, slowdown=node.slowdown, encode=encode, name=node.name,
+                             metrics=metrics)
     return Hop(node.name, executor, replicas)

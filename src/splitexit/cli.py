@@ -31,6 +31,7 @@ from splitexit.app.run import (
     serve_dev_etcd,
     serve_local_cluster,
     write_records,
+    write_records_csv,
 )
 from splitexit.app.train import (
     AUTO,
@@ -42,10 +43,10 @@ from splitexit.app.train import (
     model_cuts,
     train_package,
 )
-from splitexit.cli_options import Command, Group
+from splitexit.cli_options import Command, Group, comma_ints, comma_names, shape_flag
 from splitexit.config import TrainConfig, describe_validation_error
 from splitexit.control.edge import RunResult
-from splitexit.errors import ConfigError, SplitExitError
+from splitexit.errors import SplitExitError
 from splitexit.model.exits import DEFAULT_AUTO_EXITS
 from splitexit.model.zoo import list_models
 from splitexit.plan.measure import DEFAULT_BATCH_SIZES, DEFAULT_REPEATS
@@ -63,9 +64,9 @@ from splitexit.report.demo_console import DemoConsole
 from splitexit.report.formats import json_line
 from splitexit.report.planning import plan_json, plan_table, plot_sweep, profile_json, profile_tables
 from splitexit.report.progress import progress_bar
-from splitexit.report.run_report import summarize, write_report
+from splitexit.report.run_report import write_report
+from splitexit.report.run_summary import summarize
 from splitexit.runtime.security import init_ca, issue_certificate
-from splitexit.units import parse_shape
 
 app = typer.Typer(cls=Group, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="splitexit: early-exit, split-computing inference for any PyTorch model. Every command takes "
@@ -215,7 +216,7 @@ def cuts(
 ) -> None:
     """List the places a model can be cut, the tensors crossing each and their size."""
     with _user_errors():
-        graph = model_cuts(model, _parse_shape(input_shape) if input_shape else None)
+        graph = model_cuts(model, shape_flag(input_shape, "--input-shape") if input_shape else None)
     out.print(cuts_table(graph.cut_points, graph.total_flops, exits_only=not all_cuts))
 
 
@@ -245,11 +246,11 @@ def profile(
 ) -> None:
     """Time every segment and head, and the bytes and codec time per cut; saved as PACKAGE/profile.json."""
     with _user_errors():
-        sizes = _int_list(batch_sizes, "--batch-sizes")
+        sizes = comma_ints(batch_sizes, "--batch-sizes")
         with progress_bar(err, quiet=as_json) as progress:
             task = progress.add_task("profiling", total=None)
             summary = profile_package(package, cluster_file=cluster, data=data, batch_sizes=sizes,
-                                      codecs=_names(codecs) if codecs else None, repeats=repeats, force=force,
+                                      codecs=comma_names(codecs) if codecs else None, repeats=repeats, force=force,
                                       trust_models=trust, progress=lambda what, done, total: progress.update(
                                           task, completed=done, total=total, description=f"profiling {what}"))
     if as_json:
@@ -294,7 +295,7 @@ def plan(
         with progress_bar(err, quiet=as_json) as progress:
             task = progress.add_task("profile", total=None)
             summary = plan_package(package, cluster, objective=goal, top=top,
-                                   codecs=_names(codecs) if codecs else None, keep_exits=keep_exits,
+                                   codecs=comma_names(codecs) if codecs else None, keep_exits=keep_exits,
                                    edge_may_skip=not edge_must_compute, data=data, force_profile=reprofile,
                                    write_to=write, sweep=sweep, trust_models=trust,
                                    progress=lambda what, done, total: progress.update(
@@ -365,6 +366,7 @@ def run(
     window: Optional[int] = typer.Option(None, help="Requests in flight (default: the cluster file's window)"),
     limit: Optional[int] = typer.Option(None, help="Only the first N inputs"),
     results: Optional[Path] = typer.Option(None, "--out", help="Write one JSON line per input here"),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write one CSV row per input here (with class names)"),
     report_dir: Optional[Path] = typer.Option(None, "--report", help="Write report.json, report.html and plots here"),
     trust: list[str] = _trust_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object"),
@@ -381,17 +383,20 @@ def run(
         goal = objective_from(objective, deadline) if planned else None
         result = run_cluster(package, cluster, data=data, split=split, window=window, limit=limit, objective=goal,
                              replan=replan, trust_models=trust)
-    _show_run(result, results=results, report_dir=report_dir, as_json=as_json)
+    _show_run(result, results=results, report_dir=report_dir, as_json=as_json, csv_path=csv_path)
     if result.interrupted_of is not None:  # Ctrl-C: what was answered is written above; say so, exit as SIGINT does
         err.print(f"interrupted after {len(result.records)}/{result.interrupted_of} inputs; the results and report "
                   "cover those", highlight=False)
         raise typer.Exit(130)
 
 
-def _show_run(result: RunResult, *, results: Optional[Path], report_dir: Optional[Path], as_json: bool) -> None:
+def _show_run(result: RunResult, *, results: Optional[Path], report_dir: Optional[Path], as_json: bool,
+              csv_path: Optional[Path] = None) -> None:
     report = summarize(result)
     if results is not None:
         write_records(result.records, results)
+    if csv_path is not None:
+        write_records_csv(result.records, csv_path, result.class_names)
     if report_dir is not None:
         write_report(report, result.records, report_dir)
     if as_json:
@@ -468,24 +473,6 @@ def certs_issue(
 
 def _split_exits(exits: str) -> str | list[str]:
     return AUTO if exits == AUTO else [part.strip() for part in exits.split(",") if part.strip()]
-
-
-def _names(text: str) -> list[str]:
-    return [part.strip().lower() for part in text.split(",") if part.strip()]
-
-
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"{flag}: write positive integers separated by commas, e.g. 1,8") from None
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        return parse_shape(text)
-    except ValueError as exc:
-        raise ConfigError(f"--input-shape: {exc}") from None
 
 
 def main() -> None:

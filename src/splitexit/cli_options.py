@@ -1,5 +1,6 @@
 """What every command shares: ``-v``, ``--log-level`` and ``--log-json`` (before or after the command's name),
-and help that shows flags as flags. One place, so that no command repeats the logging setup.
+help that shows flags as flags, and the parsers of list- and shape-valued flags. One place, so that no
+command repeats the logging setup.
 
 Typer builds a command's options from its function's signature; these come from one template function
 instead, which :class:`Command` and :class:`Group` add to every command and group they make. Each option's
@@ -21,7 +22,11 @@ from typing import Any, Optional
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-__all__ = ["LOG_FORMAT", "Command", "Group", "JsonFormatter", "LogLevel", "configure_logging"]
+from splitexit.errors import ConfigError
+from splitexit.units import parse_shape
+
+__all__ = ["LOG_FORMAT", "Command", "Group", "JsonFormatter", "LogLevel", "comma_ints", "comma_names",
+           "configure_logging", "shape_flag"]
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 #: Where the options' callbacks keep what was given, in the context's ``meta``.
@@ -126,3 +131,24 @@ class Command(_SharedOptions, TyperCommand):
 
 class Group(_SharedOptions, TyperGroup):
     """Every group (``splitexit``, ``splitexit certs``): the shared options before the command's name too."""
+
+
+def comma_names(text: str) -> list[str]:
+    """``"Raw, fp16"`` -> ``["raw", "fp16"]``."""
+    return [part.strip().lower() for part in text.split(",") if part.strip()]
+
+
+def comma_ints(text: str, flag: str) -> list[int]:
+    """``"1,8"`` -> ``[1, 8]``; anything else is one line naming ``flag``."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}: write positive integers separated by commas, e.g. 1,8") from None
+
+
+def shape_flag(text: str, flag: str) -> tuple[int, ...]:
+    """``"3x224x224"`` -> ``(3, 224, 224)``; anything else is one line naming ``flag``."""
+    try:
+        return parse_shape(text)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None

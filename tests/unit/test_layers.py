@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("splitexit.tensors", 0),
     ("splitexit.links", 0),
     ("splitexit.hosts", 0),
+    ("splitexit.about", 0),
     ("splitexit.config", 1),
     ("splitexit.model", 2),
     ("splitexit.wire", 2),

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import datetime
 import json
 import logging
+import platform
 import signal
 import time
 from collections.abc import Callable, Sequence, Sized
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import cast
 
+import torch
 from torch.utils.data import Dataset, Subset
 
+from splitexit.about import installed_version
 from splitexit.aio import stop as aio_stop
 from splitexit.app.package_data import DEFAULT_SPLIT, package_dataset
 from splitexit.app.plan import DEFAULT_OBJECTIVE, profile_package
@@ -31,7 +36,7 @@ from splitexit.model.data import split_dataset
 from splitexit.model.package import load, read_spec
 from splitexit.plan.objective import Objective
 from splitexit.runtime.node import Node
-from splitexit.runtime.records import RequestRecord
+from splitexit.runtime.records import BREAKDOWN, RequestRecord
 from splitexit.runtime.security import write_token
 from splitexit.runtime.stage_cache import default_cache_dir
 
@@ -232,7 +237,15 @@ def run_cluster(package: Path | None, cluster_file: Path, *, data: str | None = 
         finally:
             await entry.close()
 
-    return asyncio.run(go())
+    result = asyncio.run(go())
+    metadata = {
+        "package": str(package), "model": spec.model.name, "dataset": data or (spec.data.dataset if spec.data else ""),
+        "split": split, "cluster file": str(cluster_file), "registry": "embedded" if cluster.registry == "embedded"
+        else "etcd", "placement by": objective.kind if objective is not None else "cluster file",
+        "started": datetime.datetime.fromtimestamp(result.started_at, datetime.UTC).isoformat(timespec="seconds"),
+        "splitexit": installed_version(), "torch": torch.__version__, "python": platform.python_version(),
+        "host": platform.node()}
+    return replace(result, metadata=metadata, class_names=spec.classes or ())
 
 
 async def _until_interrupted(entry: Entry, dataset: Dataset,
@@ -271,3 +284,22 @@ def write_records(records: list[RequestRecord], path: Path) -> None:
     with path.open("w") as handle:
         for record in sorted(records, key=lambda r: r.index):
             handle.write(json.dumps(asdict(record)) + "\n")
+
+
+def write_records_csv(records: list[RequestRecord], path: Path, class_names: Sequence[str] = ()) -> None:
+    """One CSV row per input, in dataset order: the JSON lines' fields (the breakdown as one column per part),
+    plus the predicted and true class names where the dataset has them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = [f.name for f in fields(RequestRecord) if f.name != "breakdown_ms"]
+    header = [*columns, "predicted_class", "label_class", *(f"{part}_ms" for part in BREAKDOWN)]
+
+    def name(index: int | None) -> str:
+        return class_names[index] if index is not None and 0 <= index < len(class_names) else ""
+
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for record in sorted(records, key=lambda r: r.index):
+            writer.writerow([*("" if getattr(record, c) is None else getattr(record, c) for c in columns),
+                             name(record.prediction), name(record.label),
+                             *(record.breakdown_ms.get(part, "") for part in BREAKDOWN)])

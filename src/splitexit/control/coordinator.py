@@ -89,6 +89,15 @@ class PlanChange:
     cause: PlanCause = "start"
 
 
+@dataclass(frozen=True)
+class MembershipChange:
+    """A node joined the live set, left it (its registration is gone) or broke (a stream to it failed)."""
+
+    time: float
+    node: str
+    event: Literal["joined", "left", "broke"]
+
+
 class Coordinator:
     """Keeps the chain placed on the live nodes; ``on_plan`` installs each placement at the edge."""
 
@@ -108,6 +117,7 @@ class Coordinator:
         self.edge = cluster.edge
         self.placement: Placement | None = None
         self.changes: list[PlanChange] = []
+        self.membership: list[MembershipChange] = []  # after the first plan (the members it started with are not news)
         self.shipments: list[tuple[str, str, int]] = []  # (node, stage sha256, bytes) for every upload
         self.members: dict[str, NodeInfo] = {}
         self.bans = NodeBans(clock=clock)
@@ -167,6 +177,7 @@ class Coordinator:
         registers anew (a restart)."""
         if name in self.members and not self.bans.banned(name):
             self.bans.fail(name)
+            self.membership.append(MembershipChange(time.time(), name, "broke"))
             self._dirty.set()
 
     def _missing_tiers(self) -> dict[int, list[str]]:
@@ -195,6 +206,10 @@ class Coordinator:
                 continue
             members[believed.name] = believed
         changed = members != self.members
+        if changed and self.placement is not None:
+            now, before, after = time.time(), set(self.members), set(members)
+            self.membership += [MembershipChange(now, name, "joined") for name in sorted(after - before)]
+            self.membership += [MembershipChange(now, name, "left") for name in sorted(before - after)]
         if changed:
             for name, info in members.items():  # a node that (re)registered gets a fresh chance
                 if self.members.get(name) != info:

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from splitexit.aio import stop
 from splitexit.config import ClusterSpec
-from splitexit.control.coordinator import Coordinator, Placer, PlanChange
+from splitexit.control.coordinator import Coordinator, MembershipChange, Placer, PlanChange
 from splitexit.control.embedded_registry import EmbeddedRegistry
 from splitexit.control.members import HealthProber
 from splitexit.control.registry import Registry
@@ -56,6 +56,10 @@ class RunResult:
     plan_changes: list[PlanChange] = field(default_factory=list)
     stage_shipments: list[tuple[str, str, int]] = field(default_factory=list)  # (node, stage sha256, bytes)
     interrupted_of: int | None = None  # stopped early (Ctrl-C): how many inputs were asked for
+    membership: list[MembershipChange] = field(default_factory=list)
+    started_at: float = 0.0  # wall-clock time the run began
+    metadata: dict[str, str] = field(default_factory=dict)  # what ran: package, model, data, cluster file, ...
+    class_names: tuple[str, ...] = ()  # the dataset's class names, by label (empty: none known)
 
 
 class Entry:
@@ -174,7 +178,9 @@ class Entry:
         return RunResult(records, wall_s, await self.links(), self.placement,
                          plan_changes=list(coordinator.changes) if coordinator else [],
                          stage_shipments=list(coordinator.shipments) if coordinator else [],
-                         interrupted_of=interrupted_of)
+                         interrupted_of=interrupted_of,
+                         membership=list(coordinator.membership) if coordinator else [],
+                         started_at=time.time() - wall_s)
 
     async def links(self) -> dict[str, LinkCounters]:
         """Byte counters of every link of the chain (see :meth:`RequestPath.links`)."""

@@ -59,7 +59,7 @@ def placement_from_plan(net: EarlyExitNet, cluster: ClusterSpec, chosen: Plan) -
     codecs = tuple(link.codec for link in chosen.links) + (None,)
     disabled = frozenset(range(len(net.exit_cuts))) - set(chosen.active_exits)
     return versioned(net, tuple(stages), codecs=codecs, disabled_exits=disabled,
-                     label=f"planned for {chosen.objective}")
+                     label=f"planned for {chosen.objective}", predicted_ms=chosen.latency_ms)
 
 
 def file_codecs(cluster: ClusterSpec) -> tuple[str, ...] | None:

@@ -12,7 +12,8 @@ from splitexit.model.calibrate import CalibrationReport
 from splitexit.model.evaluate import EvalReport
 from splitexit.model.graph import CutPoint
 from splitexit.report.formats import format_bytes, format_flops
-from splitexit.report.run_report import RunReport, interrupted_text
+from splitexit.report.run_report import interrupted_text
+from splitexit.report.run_summary import RunReport
 
 __all__ = ["calibration_table", "cuts_table", "eval_table", "run_table", "train_json", "train_text"]
 

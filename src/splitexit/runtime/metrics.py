@@ -10,7 +10,6 @@ plan changes) is read from the member on its own event loop when the page is scr
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -19,6 +18,8 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from splitexit.about import installed_version
 
 __all__ = ["ChainMetrics", "LinkTotals", "LiveState"]
 
@@ -39,14 +40,6 @@ MAX_CODES = 32
 _CODE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
-def _installed_version() -> str:
-    try:
-        return importlib.metadata.version("splitexit")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
-
-
-_VERSION = _installed_version()
 #: No ``<counter>_created`` gauge beside every counter: in the text format it is one more series per counter
 #: that dashboards never read (process-wide, as prometheus_client offers it).
 disable_created_metrics()
@@ -178,7 +171,7 @@ class _Live(Collector):
         role, tier = self.metrics._info
         info = GaugeMetricFamily("splitexit_node_info", "This member: its role, tier and splitexit version",
                                  labels=["node", "role", "tier", "version"])
-        info.add_metric([node, role, tier, _VERSION], 1)
+        info.add_metric([node, role, tier, installed_version()], 1)
         yield info
         state = self._snapshot()
         if state is None:

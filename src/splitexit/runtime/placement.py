@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from splitexit.config import ClusterSpec
 from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT, Cut, cut_order
@@ -65,6 +65,8 @@ class Placement:
     codecs: tuple[str | None, ...] = ()  # per stage, its outgoing link's codec (empty: the cluster file's)
     disabled_exits: frozenset[int] = frozenset()  # early exits not evaluated (their heads do not run)
     label: str = ""  # where the placement came from, for logs and the report
+    #: the planner's expected latency for it (None: not planned); not part of what the placement is
+    predicted_ms: float | None = field(default=None, compare=False)
 
     def codec_after(self, stage: PlacedStage) -> str | None:
         return self.codecs[self.stages.index(stage)] if self.codecs else None
@@ -115,11 +117,13 @@ def default_placement(net: EarlyExitNet, cluster: ClusterSpec, live: Collection[
 
 
 def versioned(net: EarlyExitNet, stages: tuple[PlacedStage, ...], *, codecs: tuple[str | None, ...] = (),
-              disabled_exits: frozenset[int] = frozenset(), label: str = "") -> Placement:
+              disabled_exits: frozenset[int] = frozenset(), label: str = "",
+              predicted_ms: float | None = None) -> Placement:
     """A placement whose version hashes what its stages compute (weights, ranges, codecs, exits)."""
     layout = ([(s.tier, s.start, s.end) for s in stages], codecs, sorted(disabled_exits))
     digest = hashlib.sha256(repr((net.weights_sha256, layout)).encode())
-    return Placement(stages, int.from_bytes(digest.digest()[:8], "big") >> 1, codecs, disabled_exits, label)
+    return Placement(stages, int.from_bytes(digest.digest()[:8], "big") >> 1, codecs, disabled_exits, label,
+                     predicted_ms)
 
 
 def _ends(net: EarlyExitNet, explicit: list[int | str | None], stages: int) -> Sequence[Cut]:

@@ -28,17 +28,20 @@ class RequestRecord:
     error: str | None = None
     attempts: int = 1
     finished: float = 0.0  # wall-clock time the answer arrived
+    plan: str = ""  # id of the plan the last attempt was sent under (a string: ids exceed 2^53)
 
 
 def request_record(outcome: RowResult | RowError, *, index: int, label: int | None, started: float,
-                   finished: float, attempts: int) -> RequestRecord:
+                   finished: float, attempts: int, plan: int = 0) -> RequestRecord:
     latency_ms = (finished - started) * 1e3
+    plan_id = str(plan) if plan else ""
     if isinstance(outcome, RowError):
         return RequestRecord(index, outcome.request_id, None, None, outcome.node, None, label, latency_ms,
-                             error=f"{outcome.code}: {outcome.message}", attempts=attempts, finished=finished)
+                             error=f"{outcome.code}: {outcome.message}", attempts=attempts, finished=finished,
+                             plan=plan_id)
     return RequestRecord(index, outcome.request_id, outcome.prediction, outcome.exit, outcome.node,
                          outcome.confidence, label, latency_ms, _breakdown(outcome.trace, latency_ms),
-                         attempts=attempts, finished=finished)
+                         attempts=attempts, finished=finished, plan=plan_id)
 
 
 def _breakdown(trace: list[Stamp], latency_ms: float) -> dict[str, float]:

@@ -127,7 +127,7 @@ class RequestPath:
         if isinstance(outcome, RowResult) and version == self._version:  # spans of an old plan's stages say nothing
             self.compute.record(outcome.trace)
         return request_record(outcome, index=index, label=label, started=started, finished=finished,
-                              attempts=attempts)
+                              attempts=attempts, plan=version)
 
     async def _answer(self, request_id: int, sample: torch.Tensor) -> tuple[RowResult | RowError, int, int]:
         """Send until the request is answered, or fails for a reason a retry cannot fix, or ``retry.timeout``

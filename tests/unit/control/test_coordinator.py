@@ -162,6 +162,12 @@ def test_a_lapsed_registration_is_seen_at_the_next_re_read_not_before(net: Early
         await h.clock.advance(0.1 + SETTLE)  # the re-read: the registry expires the lease, the coordinator sees it
         await eventually(lambda: h.peers() == ["cloud1"], "a plan without cloud1b")
         assert h.installed[-1].at == pytest.approx(RESYNC_INTERVAL + SETTLE)
+        assert [(m.node, m.event) for m in h.coordinator.membership] == [("cloud1b", "left")]
+        assert [c.cause for c in h.coordinator.changes] == ["start", "membership"]
+        await h.register("cloud1b")
+        await h.clock.advance(SETTLE)
+        await eventually(lambda: h.peers() == ["cloud1", "cloud1b"], "cloud1b back")
+        assert [(m.node, m.event) for m in h.coordinator.membership] == [("cloud1b", "left"), ("cloud1b", "joined")]
 
     asyncio.run(with_coordinator(net, tmp_path, ("cloud1", "cloud1b"), scenario))
 
@@ -173,6 +179,7 @@ def test_a_broken_node_is_left_out_until_a_re_read_after_its_ban(net: EarlyExitN
         await h.coordinator.start()
         h.coordinator.node_broke("cloud1b")
         assert h.coordinator.bans.banned("cloud1b")
+        assert [(m.node, m.event) for m in h.coordinator.membership] == [("cloud1b", "broke")]
         await h.clock.advance(SETTLE)
         await eventually(lambda: h.peers() == ["cloud1"], "a plan without the broken node")
         await h.clock.advance(RESYNC_INTERVAL - SETTLE - 0.1)  # the ban (1 s) is over, no re-read yet

@@ -33,13 +33,14 @@ class FakePlan:
 
     def __init__(self, stages, links, active_exits, edge_computes=True):  # noqa: ANN001
         self.stages, self.links, self.active_exits = stages, links, active_exits
-        self.edge_computes, self.objective = edge_computes, "latency"
+        self.edge_computes, self.objective, self.latency_ms = edge_computes, "latency", 12.5
 
 
 def test_a_cloud_only_plan_has_the_edge_forward_the_input(net: EarlyExitNet) -> None:
     chosen = FakePlan((PlannedStage(2, ("cloud2",), MODEL_INPUT, MODEL_OUTPUT),),
                       (PlannedLink(0, 2, "edge", "cloud2", MODEL_INPUT, "int8+zstd", 64.0),), (0,), edge_computes=False)
     placement = placement_from_plan(net, cluster(), chosen)
+    assert placement.predicted_ms == 12.5, "the placement carries the planner's prediction to the run report"
     assert [(s.nodes, s.start, s.end) for s in placement.stages] == [(("edge",), MODEL_INPUT, MODEL_INPUT),
                                                                      (("cloud2",), MODEL_INPUT, MODEL_OUTPUT)]
     assert placement.codecs == ("int8+zstd", None)

@@ -14,7 +14,8 @@ from rich.console import Console
 from splitexit.control.edge import RunResult
 from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
 from splitexit.report.console import run_table
-from splitexit.report.run_report import RunReport, summarize, write_report
+from splitexit.report.run_report import write_report
+from splitexit.report.run_summary import RunReport, summarize
 from splitexit.runtime.placement import PlacedStage, Placement
 from splitexit.runtime.records import BREAKDOWN, RequestRecord
 from splitexit.runtime.remote import LinkCounters
@@ -125,7 +126,7 @@ def test_write_report_files_round_trip_and_escape(tmp_path: Path) -> None:
     records = labelled_records(edge="<b>", cloud="cloud$1")
     report = summarize(result(records, edge="<b>", cloud="cloud$1"))
     paths = write_report(report, records, tmp_path / "out")
-    assert set(paths) == {"json", "latency", "breakdown", "exits", "links", "html"}
+    assert set(paths) == {"json", "timeline", "latency", "breakdown", "exits", "links", "confusion", "html"}
     assert all(p.is_file() and p.parent == tmp_path / "out" for p in paths.values())
 
     loaded = json.loads(paths["json"].read_text(encoding="utf-8"))
@@ -138,7 +139,7 @@ def test_write_report_files_round_trip_and_escape(tmp_path: Path) -> None:
     page = paths["html"].read_text(encoding="utf-8")
     assert "<title>splitexit run report</title>" in page
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 4
+    assert len(images) == 6
     assert all(base64.b64decode(i).startswith(b"\x89PNG\r\n\x1a\n") for i in images)
     assert "&lt;b&gt;" in page and "<b>" not in page
     assert not re.search(r"<script|(src|href)=\"(http|//)", page)  # self-contained

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -61,11 +62,21 @@ def run_through_cluster(tmp_path: Path, package: Path, codec: str) -> list[dict]
     try:
         assert "cluster up" in (up.stdout.readline() if up.stdout else ""), up.stderr.read() if up.stderr else ""
         assert len(node_pids(cluster_file)) == 2
-        results = tmp_path / f"results-{tag}.jsonl"
+        results, table = tmp_path / f"results-{tag}.jsonl", tmp_path / f"results-{tag}.csv"
         splitexit("run", str(package), "--cluster", str(cluster_file), "--out", str(results), "--no-plan",
-                  "--report", str(tmp_path / f"report-{tag}"))  # the file's layout and codec, not the planner's
-        assert (tmp_path / f"report-{tag}" / "report.html").is_file()
-        return [json.loads(line) for line in results.read_text().splitlines()]
+                  "--csv", str(table), "--report", str(tmp_path / f"report-{tag}"))  # the file's layout and codec
+        report = json.loads((tmp_path / f"report-{tag}" / "report.json").read_text())
+        assert report["metadata"]["cluster file"] == str(cluster_file) and report["metadata"]["model"] == "digits_cnn"
+        assert report["metadata"]["placement by"] == "cluster file" and report["metadata"]["splitexit"]
+        records = [json.loads(line) for line in results.read_text().splitlines()]
+        with table.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [(int(r["index"]), int(r["prediction"]), r["node"], r["plan"]) for r in rows] == \
+            [(r["index"], r["prediction"], r["node"], r["plan"]) for r in records], "the CSV says what the JSON does"
+        (plan,) = report["plans"]
+        assert isinstance(plan["plan"], str) and {r["plan"] for r in records} == {plan["plan"]}
+        assert plan["requests"] == len(records) and plan["predicted_ms"] is None  # not planned: nothing predicted
+        return records
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=60)

@@ -32,9 +32,10 @@ def test_ctrl_c_during_run_writes_what_was_answered(tmp_path: Path) -> None:
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert "cluster up" in (up.stdout.readline() if up.stdout else ""), up.stderr.read() if up.stderr else ""
-        results, report = tmp_path / "results.jsonl", tmp_path / "report"
+        results, table, report = tmp_path / "results.jsonl", tmp_path / "results.csv", tmp_path / "report"
         run = subprocess.Popen([sys.executable, "-m", "splitexit", "run", "--cluster", str(cluster_file), "--no-plan",
-                                "--data", "digits", "--out", str(results), "--report", str(report)],
+                                "--data", "digits", "--out", str(results), "--csv", str(table),
+                                "--report", str(report)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(INTERRUPT_AFTER)
         run.send_signal(signal.SIGINT)
@@ -50,3 +51,4 @@ def test_ctrl_c_during_run_writes_what_was_answered(tmp_path: Path) -> None:
     assert all(r["error"] is None for r in answered)
     assert f"interrupted after {len(answered)}/360 inputs" in (report / "report.html").read_text()
     assert json.loads((report / "report.json").read_text())["interrupted_of"] == 360
+    assert len(table.read_text().splitlines()) == 1 + len(answered), "the CSV holds the same partial run"

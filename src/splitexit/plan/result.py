@@ -187,8 +187,11 @@ class RouteStage(Protocol):
 def describe_route(stages: Iterable[RouteStage], *, compact: bool = False) -> str:
     """``edge[input..cut 3] → cloud1[cut 3..output]``; ``compact``: ``edge[in..3] cloud1[3..out]`` (tables).
 
-    An empty stage (one that forwards the input) shows as ``edge[input..input]``.
+    An empty stage (one that forwards the input) shows as ``edge[forwards the input]`` (``edge[fwd]``).
     """
-    return (" " if compact else " → ").join(
-        f"{'|'.join(s.nodes)}[{cut_label(s.start, compact=compact)}..{cut_label(s.end, compact=compact)}]"
-        for s in stages)
+    def bounds(s: RouteStage) -> str:
+        if s.start == s.end:
+            return "fwd" if compact else "forwards the input"
+        return f"{cut_label(s.start, compact=compact)}..{cut_label(s.end, compact=compact)}"
+
+    return (" " if compact else " → ").join(f"{'|'.join(s.nodes)}[{bounds(s)}]" for s in stages)

@@ -13,12 +13,13 @@ SKIPPED_EDGE = (PlacedStage(0, ("edge",), MODEL_INPUT, MODEL_INPUT),
 
 def test_full_form_names_every_bound() -> None:
     assert describe_route(CHAIN) == "edge[input..cut 3] → cloud1|cloud1b[cut 3..output]"
-    assert describe_route(SKIPPED_EDGE) == "edge[input..input] → cloud1[input..output]"
+    assert describe_route(SKIPPED_EDGE) == "edge[forwards the input] → cloud1[input..output]"
 
 
 def test_compact_form_for_tables() -> None:
     assert describe_route(CHAIN, compact=True) == "edge[in..3] cloud1|cloud1b[3..out]"
     assert describe_route(SKIPPED_EDGE[1:], compact=True) == "cloud1[in..out]"
+    assert describe_route(SKIPPED_EDGE, compact=True) == "edge[fwd] cloud1[in..out]"
 
 
 def test_placement_adds_codecs_and_disabled_exits() -> None:

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-unit lint lock bench proto clean
+.PHONY: demo test test-gpu test-unit lint lock bench proto clean
 
 # On the machine kind requirements.lock was written for (CI's), install exactly it, hashes checked; elsewhere
 # from pyproject.toml's ranges.
@@ -31,6 +31,9 @@ test: lint
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench tools
 	$(BIN)/mypy
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu tests
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

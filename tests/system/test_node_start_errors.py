@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from splitexit.app.run import ensure_cluster_token
@@ -90,3 +91,9 @@ def test_up_creates_a_missing_log_directory(tmp_path: Path) -> None:
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=60)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the device is there")
+def test_a_device_this_machine_lacks_is_one_line_naming_it(tmp_path: Path) -> None:
+    message = refused(node(write_cluster(tmp_path, device="cuda:1", dtype="bf16")))
+    assert "node cloud1 asks for device cuda:1, which this machine does not have (it has cpu)" in message

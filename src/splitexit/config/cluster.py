@@ -27,6 +27,7 @@ from splitexit.links import in_series
 from splitexit.units import parse_bandwidth, parse_duration, parse_size
 
 DEFAULT_CODEC = "raw"
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]{1,2})?)$")
 
 
 def _check_codec(name: str) -> str:
@@ -58,6 +59,10 @@ class NodeSpec(SpecModel):
     ends_at: Cut | str | None = Field(None, description="cut (id or module) where this node's stage ends; "
                                                        "`input` on the edge: send the input unprocessed")
     metrics: MetricsSpec | None = Field(None, description="serve Prometheus /metrics: {address: HOST:PORT}")
+    device: str = Field("auto", description="where the stage computes: auto (the first accelerator, else cpu), "
+                                            "cpu, cuda, cuda:N, mps; tensors on the wire stay on the CPU")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="compute dtype (autocast); the wire keeps "
+                                                                       "each tensor's declared dtype")
     data_port: int | None = Field(None, ge=0, le=65535, description="port of the data plane (batches and results), "
                                                                   "on the address's host; default: any free one, "
                                                                   "announced to upstream nodes through Health")
@@ -69,6 +74,13 @@ class NodeSpec(SpecModel):
             raise ValueError(f"`metrics_port: {data['metrics_port']}` is now `metrics: {{address: "
                              f"127.0.0.1:{data['metrics_port']}}}` (any host with security.tls)")
         return data
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"device {value!r} is none of auto, cpu, cuda, cuda:N (N a GPU index), mps")
+        return value
 
     @field_validator("ends_at")
     @classmethod

@@ -95,7 +95,7 @@ class Stage:
         policy = self.policy or net.policy
         score = confidence or confidence_function(policy.confidence)
         batch = inputs[0].shape[0]
-        rows = torch.arange(batch)
+        rows = torch.arange(batch, device=inputs[0].device)  # on the compute device, as the masks it meets
         answered: list[tuple[torch.Tensor, ...]] = []
         values: tuple[torch.Tensor, ...] = inputs
         final = net.num_exits - 1
@@ -126,7 +126,8 @@ class Stage:
 
 def _answers(rows: torch.Tensor, exit_index: int, logits: torch.Tensor, scores: torch.Tensor
              ) -> tuple[torch.Tensor, ...]:
-    return (rows, torch.full((rows.numel(),), exit_index, dtype=torch.int64), logits.argmax(dim=1),
+    exits = torch.full((rows.numel(),), exit_index, dtype=torch.int64, device=rows.device)
+    return (rows, exits, logits.argmax(dim=1),
             scores.float(), logits.float())
 
 
@@ -137,7 +138,9 @@ def _output(answered: list[tuple[torch.Tensor, ...]], rows: torch.Tensor, values
     elif answered:
         parts = [torch.cat(column) for column in zip(*answered)]
     else:
-        parts = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64),
-                 torch.empty(0, dtype=torch.int64), torch.empty(0), torch.empty(0, classes)]
+        at = rows.device
+        parts = [torch.empty(0, dtype=torch.int64, device=at), torch.empty(0, dtype=torch.int64, device=at),
+                 torch.empty(0, dtype=torch.int64, device=at), torch.empty(0, device=at),
+                 torch.empty(0, classes, device=at)]
     answered_rows, exits, predictions, confidences, logits = parts
     return StageOutput(answered_rows, exits, predictions, confidences, logits, forward_rows=rows, forward=values)

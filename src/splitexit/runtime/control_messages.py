@@ -47,6 +47,9 @@ __all__ = [
     "encode_stage_chunks",
 ]
 
+#: Characters of a node's device name kept from its Health reply.
+MAX_DEVICE_NAME = 64
+
 #: Characters of a peer's name or address quoted back in an error (the rest is the peer's to know).
 _QUOTE = 64
 
@@ -91,6 +94,7 @@ class NodeHealth:
     machine: str  # host, CPU, cores and torch build: a stored profile of another machine is stale
     links: tuple[LinkHealth, ...] = ()
     data_port: int = 0  # where the node's data plane listens (0: not listening)
+    device: str = ""  # where its stage computes, and in what dtype: cpu, cuda:0/bf16, ...
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,7 @@ def encode_health(health: NodeHealth) -> wire_pb2.HealthReply:
     return wire_pb2.HealthReply(
         node=health.node, ready=health.ready, plan_version=health.plan_version, tier=health.tier,
         queued=health.queued, in_flight=health.in_flight, stages=list(health.stages),
-        incarnation=health.incarnation, machine=health.machine, data_port=health.data_port,
+        incarnation=health.incarnation, machine=health.machine, data_port=health.data_port, device=health.device,
         links=[wire_pb2.LinkBytes(source=link.source, target=link.target, raw_bytes=link.raw_bytes,
                                   wire_bytes=link.wire_bytes, messages=link.messages, rows=link.rows,
                                   bandwidth_bps=link.bandwidth_bps) for link in health.links])
@@ -204,7 +208,7 @@ def decode_health(reply: wire_pb2.HealthReply) -> NodeHealth:
     return NodeHealth(
         node=reply.node, ready=reply.ready, plan_version=reply.plan_version, tier=reply.tier, queued=reply.queued,
         in_flight=reply.in_flight, stages=tuple(reply.stages), incarnation=reply.incarnation,
-        machine=reply.machine, data_port=reply.data_port,
+        machine=reply.machine, data_port=reply.data_port, device=reply.device[:MAX_DEVICE_NAME],
         links=tuple(LinkHealth(source=link.source, target=link.target, raw_bytes=link.raw_bytes,
                                wire_bytes=link.wire_bytes, messages=link.messages, rows=link.rows,
                                bandwidth_bps=link.bandwidth_bps) for link in reply.links))

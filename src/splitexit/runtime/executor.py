@@ -12,8 +12,9 @@ job of the batch shares (so requests gathered into one batch at the edge cross e
 message). Jobs in the executor are bounded: when ``max_pending`` are, ``run`` waits, the caller stops
 reading its connection, and its credit does not come back.
 
-A node's ``slowdown`` stretches each batch's compute time by sleeping in the worker thread, so one
-machine can stand in for a slow edge device.
+The stage computes on the member's device, in its dtype (``runtime/devices.py``); what it forwards is
+back on the CPU, in the cut's declared dtypes, before it is encoded. A node's ``slowdown`` stretches each
+batch's compute time by sleeping in the worker thread, so one machine can stand in for a slow edge device.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from splitexit.config import BatchingSpec
 from splitexit.model.stages import Stage
 from splitexit.model.trace_guard import TRACE_GUARD
+from splitexit.runtime.devices import CPU, ComputeDevice, to_device, to_wire
 from splitexit.runtime.metrics import ChainMetrics
 
 __all__ = ["Answer", "Onward", "StageExecutor", "StageReply"]
@@ -109,9 +111,12 @@ class StageExecutor(Generic[Encoded]):
 
     def __init__(self, stage: Stage, *, batching: BatchingSpec = BatchingSpec(), slowdown: float = 1.0,
                  encode: Callable[[tuple[torch.Tensor, ...]], Encoded] | None = None,
-                 max_pending: int = DEFAULT_MAX_PENDING, name: str = "stage", metrics: ChainMetrics | None = None):
-        """``metrics``: where batches, exits and rows are counted (default: a registry nobody serves)."""
+                 max_pending: int = DEFAULT_MAX_PENDING, name: str = "stage", metrics: ChainMetrics | None = None,
+                 compute: ComputeDevice = CPU):
+        """``metrics``: where batches, exits and rows are counted (default: a registry nobody serves);
+        ``compute``: the device and dtype the stage runs in (its net must be on that device already)."""
         self.stage = stage
+        self.compute = compute
         self.metrics = metrics or ChainMetrics(name)
         self.batching = batching
         self.slowdown = slowdown
@@ -210,8 +215,9 @@ class StageExecutor(Generic[Encoded]):
             started_at, started = time.time(), time.perf_counter()
             inputs = jobs[0].tensors if len(jobs) == 1 else \
                 tuple(torch.cat(parts) for parts in zip(*(j.tensors for j in jobs)))
-            with torch.inference_mode():
-                out = self.stage.run(inputs)
+            with torch.inference_mode(), self.compute.autocast():
+                out = self.stage.run(to_device(inputs, self.compute))
+            self.compute.synchronize()
             compute = time.perf_counter() - started
         if self.slowdown > 1:
             time.sleep(compute * (self.slowdown - 1))
@@ -235,7 +241,8 @@ class StageExecutor(Generic[Encoded]):
         if len(out.forward_rows):
             rows = [place(row) for row in out.forward_rows.tolist()]
             # without an encoder the tensors themselves go on (Encoded is then the tensors' tuple)
-            forward = self.encode(out.forward) if self.encode is not None else cast(Encoded, out.forward)
+            wire = to_wire(out.forward, self.stage.output_tensors or ())  # CPU, contiguous, the declared dtypes
+            forward = self.encode(wire) if self.encode is not None else cast(Encoded, wire)
             onward = Onward(forward, rows, [j.tag for j in jobs])
         encode = time.perf_counter() - encode_started
         return [StageReply(mine, onward, compute_s=compute, encode_s=encode, started_at=started_at)

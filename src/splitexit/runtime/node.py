@@ -35,6 +35,7 @@ from splitexit.model.stage_file import LoadedStage, load_stage_file
 from splitexit.model.stages import Stage
 from splitexit.runtime.control_messages import Assignment, LinkHealth, NodeHealth, NodeProfile, ProfileJob
 from splitexit.runtime.data_service import DataService
+from splitexit.runtime.devices import choose_device
 from splitexit.runtime.frame_connection import server_tls
 from splitexit.runtime.hop import Hop
 from splitexit.runtime.metrics import ChainMetrics, LinkTotals, LiveState
@@ -100,6 +101,7 @@ class Node:
         if self.spec.role == "edge":
             raise ClusterError(f"{name} is the edge; the edge runs inside `splitexit run`, not as a node")
         self.tier = cluster.tier_by_name().get(name, self.spec.tier or 1)
+        self.compute = choose_device(self.spec.device, self.spec.dtype, member=f"node {name}")  # fails fast
         self.incarnation = uuid.uuid4().hex
         self.machine = machine_identity()
         self.cache = StageCache(cache_dir, pinned=lambda: {served.sha256 for served in self.plans.values()})
@@ -198,7 +200,7 @@ class Node:
                 loaded = await self._load(sha256)
                 codec = None if loaded.stage.end is MODEL_OUTPUT else assignment.codec
                 hop = stage_hop(loaded.stage, node=self.spec, cluster=self.cluster, plan_version=version, codec=codec,
-                                metrics=self.metrics)
+                                metrics=self.metrics, compute=self.compute)
                 served = Served(version, sha256, loaded.stage, hop, frozenset(assignment.upstream))
                 self.plans[version] = served
                 self.metrics.plan_assigned()
@@ -223,8 +225,10 @@ class Node:
     async def _load(self, sha256: str) -> LoadedStage:
         if sha256 not in self._loaded:
             def load() -> LoadedStage:
-                return load_stage_file(self.cache.read(sha256), sha256=sha256,
-                                       trusted_models=self.cluster.trusted_models)
+                loaded = load_stage_file(self.cache.read(sha256), sha256=sha256,
+                                         trusted_models=self.cluster.trusted_models)
+                self.compute.move(loaded.net)  # the stage computes where this node's `device` says
+                return loaded
 
             loop = asyncio.get_running_loop()
             loaded = await loop.run_in_executor(self.executor, load)
@@ -268,7 +272,7 @@ class Node:
             node=self.name, ready=self._accepting, plan_version=self.newest, tier=self.tier,
             queued=sum(s.hop.executor.queued for s in self.plans.values()), in_flight=self.in_flight,
             stages=tuple(self.cache.shas()), incarnation=self.incarnation, machine=self.machine,
-            data_port=self.data.port or 0,
+            data_port=self.data.port or 0, device=self.compute.name,
             links=tuple(LinkHealth(source, target, link.counters.raw_bytes, link.counters.wire_bytes,
                                    link.counters.messages, link.counters.rows, link.bandwidth or 0.0)
                         for (source, target), link in links.items()))

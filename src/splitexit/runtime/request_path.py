@@ -29,6 +29,7 @@ from splitexit.errors import ConfigError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stage_file import without_exits
 from splitexit.model.stages import Stage
+from splitexit.runtime.devices import choose_device
 from splitexit.runtime.failover import Backoff
 from splitexit.runtime.hop import Hop, RowError, RowResult
 from splitexit.runtime.meter import ComputeMeter
@@ -64,6 +65,8 @@ class RequestPath:
         self.name = cluster.edge.name
         self.retry = Backoff(cluster.retry.first_wait, cluster.retry.max_wait)
         self.compute = ComputeMeter()  # how long each node's stage computed per request, under this plan
+        self.device = choose_device(cluster.edge.device, cluster.edge.dtype, member=f"the edge {self.name}")
+        self.device.move(net)  # the edge's stages compute there (net is the caller's model: it moves too)
         self.metrics = metrics or ChainMetrics(self.name, role="edge")
         self.in_flight = 0  # requests submitted and not yet answered
         self._on_broken, self._open_next, self._clock = on_broken, open_next, clock
@@ -96,7 +99,7 @@ class RequestPath:
             if placement.disabled_exits else self.net.stage(first.start, first.end)
         hop = stage_hop(stage, node=self.cluster.edge, cluster=self.cluster, plan_version=placement.version,
                         codec=codec, on_broken=self._on_broken, counters=self._sent,
-                        open_next=self._open_next, metrics=self.metrics)
+                        open_next=self._open_next, metrics=self.metrics, compute=self.device)
         if (replicas := _replicas(hop)) is not None:
             await replicas.update(peers)
         old, self._hop, self._version = self._hop, hop, placement.version

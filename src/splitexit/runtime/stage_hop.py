@@ -16,6 +16,7 @@ from splitexit.config import ClusterSpec, NodeSpec
 from splitexit.config.codec_names import CodecSpec
 from splitexit.cuts import MODEL_OUTPUT
 from splitexit.model.stages import Stage
+from splitexit.runtime.devices import CPU, ComputeDevice
 from splitexit.runtime.executor import StageExecutor
 from splitexit.runtime.hop import Downstream, Hop
 from splitexit.runtime.metrics import ChainMetrics
@@ -47,9 +48,11 @@ class OpenNextStage(Protocol):
 
 def stage_hop(stage: Stage, *, node: NodeSpec, cluster: ClusterSpec, plan_version: int, codec: CodecSpec | None,
               on_broken: Callable[[str], None] | None = None, counters: dict[str, LinkCounters] | None = None,
-              open_next: OpenNextStage = ReplicaSet, metrics: ChainMetrics | None = None) -> Hop:
-    """``node``'s hop for one plan: the stage executor, and the next stage's replicas (unconnected) unless
-    the stage ends at the model output; its batches, exits and rows are counted in ``metrics``."""
+              open_next: OpenNextStage = ReplicaSet, metrics: ChainMetrics | None = None,
+              compute: ComputeDevice = CPU) -> Hop:
+    """``node``'s hop for one plan: the stage executor (computing on ``compute``, where the stage's net
+    already is), and the next stage's replicas (unconnected) unless the stage ends at the model output; its
+    batches, exits and rows are counted in ``metrics``."""
     replicas = None
     encode = None
     if stage.end is not MODEL_OUTPUT:
@@ -60,5 +63,5 @@ def stage_hop(stage: Stage, *, node: NodeSpec, cluster: ClusterSpec, plan_versio
                              credentials=node_credentials(cluster, node.name), on_broken=on_broken,
                              counters=counters)
     executor = StageExecutor(stage, batching=cluster.batching, slowdown=node.slowdown, encode=encode, name=node.name,
-                             metrics=metrics)
+                             metrics=metrics, compute=compute)
     return Hop(node.name, executor, replicas)

@@ -193,7 +193,7 @@ class LinkBytes(_message.Message):
     def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ..., raw_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., messages: _Optional[int] = ..., rows: _Optional[int] = ..., bandwidth_bps: _Optional[float] = ...) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("node", "ready", "plan_version", "queued", "in_flight", "links", "tier", "stages", "incarnation", "machine", "data_port")
+    __slots__ = ("node", "ready", "plan_version", "queued", "in_flight", "links", "tier", "stages", "incarnation", "machine", "data_port", "device")
     NODE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +205,7 @@ class HealthReply(_message.Message):
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     MACHINE_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     node: str
     ready: bool
     plan_version: int
@@ -216,7 +217,8 @@ class HealthReply(_message.Message):
     incarnation: str
     machine: str
     data_port: int
-    def __init__(self, node: _Optional[str] = ..., ready: _Optional[bool] = ..., plan_version: _Optional[int] = ..., queued: _Optional[int] = ..., in_flight: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkBytes, _Mapping]]] = ..., tier: _Optional[int] = ..., stages: _Optional[_Iterable[str]] = ..., incarnation: _Optional[str] = ..., machine: _Optional[str] = ..., data_port: _Optional[int] = ...) -> None: ...
+    device: str
+    def __init__(self, node: _Optional[str] = ..., ready: _Optional[bool] = ..., plan_version: _Optional[int] = ..., queued: _Optional[int] = ..., in_flight: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkBytes, _Mapping]]] = ..., tier: _Optional[int] = ..., stages: _Optional[_Iterable[str]] = ..., incarnation: _Optional[str] = ..., machine: _Optional[str] = ..., data_port: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class Peer(_message.Message):
     __slots__ = ("name", "address")

@@ -1,0 +1,111 @@
+"""Where a member's stage computes, and the one place tensors move between the wire (CPU) and that device.
+
+A node's ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``) and ``dtype`` (``fp32``, ``bf16``,
+``fp16``) are checked when it starts, as Petals does: an explicit device that is not there fails at once,
+naming it and what is available (no silent fall back to the CPU); fp16 on a CPU is refused (CPU kernels for
+it are slow or missing: bf16 is the CPU's half precision). ``auto`` takes the first accelerator, else the CPU.
+
+Compute runs under autocast in the chosen dtype; what goes on the wire is always on the CPU, contiguous and
+of the dtype the cut declares (:func:`to_wire`), whatever the device and compute dtype. No other module
+names a device: ``tests/unit/runtime/test_devices.py`` fails on ``.cuda()`` or a ``"cuda"`` literal
+elsewhere in ``src/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from splitexit.errors import ClusterError
+from splitexit.tensors import TensorInfo
+
+__all__ = ["CPU", "ComputeDevice", "available", "choose_device", "to_device", "to_wire"]
+
+_CUDA = "cuda"
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ComputeDevice:
+    """A member's compute device and dtype, checked against this machine."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        """``cpu``, ``cuda:0``, ``mps`` (with ``/bf16`` or ``/fp16`` when not fp32): what Health reports."""
+        precision = {torch.bfloat16: "/bf16", torch.float16: "/fp16"}.get(self.dtype, "")
+        return f"{self.device}{precision}"
+
+    def move(self, module: torch.nn.Module) -> None:
+        """Put ``module``'s weights on the device (on the CPU, where they are loaded, nothing moves)."""
+        if self.device.type != "cpu":
+            module.to(self.device)
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (GPU kernels run asynchronously): compute is timed to here."""
+        if self.device.type == _CUDA:
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Compute in ``dtype`` where autocast applies (matmuls, convolutions); fp32: nothing changes."""
+        if self.dtype == torch.float32:
+            yield
+            return
+        with torch.autocast(self.device.type, dtype=self.dtype):
+            yield
+
+
+#: Where a member computes unless told otherwise (and every in-process chain of the tests).
+CPU = ComputeDevice(torch.device("cpu"), torch.float32)
+
+
+def available() -> list[str]:
+    """The devices this machine has, as a cluster file names them."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"{_CUDA}:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+def choose_device(device: str, dtype: str, *, member: str) -> ComputeDevice:
+    """The checked device and dtype of ``member`` (ClusterError, naming the member, the device and what is
+    here)."""
+    here = available()
+    if device == "auto":
+        chosen = next((d for d in here if d != "cpu"), "cpu")
+    else:
+        chosen = f"{_CUDA}:0" if device == _CUDA else device
+        if chosen not in here:
+            raise ClusterError(f"{member} asks for device {device}, which this machine does not have (it has "
+                               f"{', '.join(here)}): change `device` of {member} in the cluster file, or use auto")
+    torch_dtype = _DTYPES[dtype]
+    if torch_dtype == torch.float16 and chosen == "cpu":
+        raise ClusterError(f"{member} asks for dtype fp16 on the CPU, which computes it slowly or not at all: "
+                           "use bf16 (or fp32) there, or a GPU device")
+    return ComputeDevice(torch.device(chosen), torch_dtype)
+
+
+def to_device(tensors: Sequence[torch.Tensor], compute: ComputeDevice) -> tuple[torch.Tensor, ...]:
+    """Received (CPU) tensors onto the compute device; on the CPU they stay as they are."""
+    if compute.device.type == "cpu":
+        return tuple(tensors)
+    return tuple(t.to(compute.device, non_blocking=True) for t in tensors)
+
+
+def to_wire(tensors: Sequence[torch.Tensor], infos: Sequence[TensorInfo]) -> tuple[torch.Tensor, ...]:
+    """Tensors to send on: on the CPU, contiguous, each in the dtype its cut declares (autocast may have
+    produced bf16 or fp16, or left them on a GPU)."""
+    out = []
+    for tensor, info in zip(tensors, infos, strict=True):
+        if tensor.device.type != "cpu" or tensor.dtype != info.dtype:
+            tensor = tensor.to("cpu", dtype=info.dtype)
+        out.append(tensor.contiguous())
+    return tuple(out)

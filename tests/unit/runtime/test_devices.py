@@ -1,0 +1,130 @@
+"""Devices without a GPU: the checks a node makes at start (with torch's CUDA answers patched), bf16 autocast on
+the CPU keeping digits' top-1, what goes on the wire (CPU, contiguous, declared dtype), and no device named
+outside runtime/devices.py."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitexit import EarlyExitNet, ModelSource, build_model, load_dataset
+from splitexit.config import ClusterSpec, TrainConfig
+from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT, Cut
+from splitexit.errors import ClusterError
+from splitexit.model.train import train
+from splitexit.runtime.devices import CPU, ComputeDevice, available, choose_device, to_wire
+from splitexit.runtime.executor import StageExecutor, StageReply
+from splitexit.runtime.node import Node
+from splitexit.tensors import TensorInfo
+
+SRC = Path(__file__).resolve().parents[3] / "src" / "splitexit"
+
+
+@pytest.fixture()
+def two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch says this machine has two CUDA devices (nothing is put on them in these tests)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def test_auto_and_cpu_are_the_cpu_here() -> None:
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("this machine has an accelerator: auto picks it")
+    assert available() == ["cpu"]
+    assert choose_device("auto", "fp32", member="node a") == CPU
+    assert choose_device("cpu", "bf16", member="node a").name == "cpu/bf16"
+
+
+def test_an_absent_device_fails_at_once_naming_it_and_what_there_is() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ClusterError, match=r"node cloud1 asks for device cuda, which this machine does not have "
+                                           r"\(it has cpu\)"):
+        choose_device("cuda", "fp32", member="node cloud1")
+
+
+def test_with_two_gpus_auto_takes_the_first_and_an_index_past_them_fails(two_gpus: None) -> None:
+    assert available()[:3] == ["cpu", "cuda:0", "cuda:1"]
+    assert choose_device("auto", "fp16", member="node a").name == "cuda:0/fp16"
+    assert choose_device("cuda", "bf16", member="node a").device == torch.device("cuda", 0)
+    assert choose_device("cuda:1", "fp32", member="node a").device == torch.device("cuda", 1)
+    with pytest.raises(ClusterError, match=r"device cuda:2, which this machine does not have \(it has cpu, "
+                                           r"cuda:0, cuda:1"):
+        choose_device("cuda:2", "fp32", member="node a")
+
+
+def test_fp16_on_the_cpu_is_refused() -> None:
+    with pytest.raises(ClusterError, match="fp16 on the CPU.*use bf16"):
+        choose_device("cpu", "fp16", member="the edge edge")
+
+
+def test_the_cluster_file_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="device 'gpu' is none of auto, cpu, cuda, cuda:N"):
+        ClusterSpec.model_validate({"nodes": [{"name": "edge", "role": "edge", "device": "gpu"}]})
+    with pytest.raises(ValueError, match="dtype"):
+        ClusterSpec.model_validate({"nodes": [{"name": "edge", "role": "edge", "dtype": "int4"}]})
+
+
+def test_a_node_checks_its_device_when_it_is_made_and_health_names_it(tmp_path: Path) -> None:
+    def cluster(**cloud1: str) -> ClusterSpec:
+        return ClusterSpec.model_validate({"nodes": [{"name": "edge", "role": "edge"},
+                                                     {"name": "cloud1", "address": "127.0.0.1:1", **cloud1}]})
+    with pytest.raises(ClusterError, match="node cloud1 asks for dtype fp16 on the CPU"):
+        Node(cluster(device="cpu", dtype="fp16"), "cloud1", cache_dir=tmp_path)
+    node = Node(cluster(device="cpu", dtype="bf16"), "cloud1", cache_dir=tmp_path)
+    assert asyncio.run(node.health()).device == "cpu/bf16"
+
+
+def test_what_goes_on_the_wire_is_cpu_contiguous_and_of_the_declared_dtype() -> None:
+    computed = torch.randn(4, 6, 3, dtype=torch.bfloat16).transpose(1, 2)  # bf16 and not contiguous
+    (wire,) = to_wire((computed,), (TensorInfo("x", (3, 6), torch.float32),))
+    assert wire.device.type == "cpu" and wire.dtype == torch.float32 and wire.is_contiguous()
+    assert torch.equal(wire, computed.float())
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[EarlyExitNet, torch.Tensor]:
+    """digits_cnn trained for a few epochs (about 95% top-1), and 200 digits to run it on."""
+    loaded = load_dataset("digits")
+    x = torch.stack([loaded.dataset[i][0] for i in range(len(loaded.dataset))])  # type: ignore[arg-type]
+    net = EarlyExitNet.from_model(build_model("digits_cnn"), x[:1], source=ModelSource(name="digits_cnn"))
+    train(net, loaded.dataset, TrainConfig(epochs=4))
+    return net.eval(), x[-200:]
+
+
+def test_bf16_autocast_on_the_cpu_keeps_the_top_1(digits: tuple[EarlyExitNet, torch.Tensor]) -> None:
+    """The whole model as one stage, in fp32 and in bf16: the same digit for at least 99 in 100; a first stage
+    in bf16 forwards float32, as its cut declares."""
+    net, x = digits
+    bf16 = choose_device("cpu", "bf16", member="node a")
+
+    async def run(start: Cut, end: Cut, compute: ComputeDevice) -> StageReply:
+        executor: StageExecutor = StageExecutor(net.stage(start, end), compute=compute)
+        try:
+            return await executor.run((x,))
+        finally:
+            await executor.close()
+
+    whole = [a.prediction for a in asyncio.run(run(MODEL_INPUT, MODEL_OUTPUT, CPU)).answers]
+    halved = [a.prediction for a in asyncio.run(run(MODEL_INPUT, MODEL_OUTPUT, bf16)).answers]
+    assert len(whole) == len(halved) == len(x)
+    assert sum(a == b for a, b in zip(whole, halved)) >= 0.99 * len(x), "bf16 changed more than 1 digit in 100"
+    labels = load_dataset("digits").dataset
+    assert sum(p == int(labels[len(labels) - len(x) + i][1]) for i, p in enumerate(halved)) > 0.8 * len(x)  # type: ignore[arg-type]
+    first = asyncio.run(run(MODEL_INPUT, net.exit_cuts[0].id, bf16)).onward
+    assert first is not None
+    (forward,) = first.forward
+    assert forward.dtype == torch.float32 and forward.is_contiguous(), "the wire keeps the cut's float32"
+
+
+def test_no_module_but_devices_names_a_device() -> None:
+    """One module owns placement: `.cuda()` or a "cuda" literal anywhere else in src/ fails this test."""
+    named = re.compile(r"\.cuda\(|[\"']cuda(:\d+)?[\"']")
+    offenders = [f"{path.relative_to(SRC)}:{number}: {line.strip()}"
+                 for path in sorted(SRC.rglob("*.py")) if path.name != "devices.py"
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if named.search(line)]
+    assert not offenders, offenders

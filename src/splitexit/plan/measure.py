@@ -8,12 +8,15 @@ running real calibration inputs through the net, so codecs see the values they w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -73,6 +76,37 @@ IDLE_BUDGET_S = 4.0
 WARM_RUN = 3
 
 Progress = Callable[[str, int, int], None]  # (what, steps done, steps in all)
+
+
+class Device(Protocol):
+    """Where timed calls run (``runtime/devices.py`` ``ComputeDevice``): each call runs under ``autocast()``
+    and is timed up to ``synchronize()`` (a GPU runs its kernels after the call returns)."""
+
+    def autocast(self) -> AbstractContextManager[None]: ...
+
+    def synchronize(self) -> None: ...
+
+
+class _Here:
+    """The CPU in fp32: nothing to wait for."""
+
+    def autocast(self) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        return None
+
+
+HERE: Device = _Here()
+
+
+def _on(device: Device, call: Callable[..., object]) -> Callable[..., None]:
+    """``call`` run on ``device``, returning once the device is done with it."""
+    def run(*args: object) -> None:
+        with device.autocast():
+            call(*args)
+        device.synchronize()
+    return run
 
 
 def _clock_calls(call: Callable[..., object], *args: object, warmup: int, repeats: int) -> Timing:
@@ -145,12 +179,13 @@ def _empty_segment(tensors: int) -> torch.fx.GraphModule:
 def measure_timing(net: EarlyExitNet, inputs: torch.Tensor, cuts: Sequence[int], *,
                    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, codecs: Sequence[str] = DEFAULT_CODECS,
                    repeats: int = DEFAULT_REPEATS, warmup: int = WARMUP,
-                   progress: Progress | None = None) -> MachineProfile:
+                   progress: Progress | None = None, device: Device = HERE) -> MachineProfile:
     """Time every segment between consecutive ``cuts``, every head and every codec per cut, on this machine.
 
     ``inputs`` are real samples (calibration inputs): activations at every cut come from running them
     through the net, so codecs see the values they will see in service. Threads are whatever torch is set
-    to (the workflow applies the package's ``cpu.threads`` first).
+    to (the workflow applies the package's ``cpu.threads`` first). On another ``device`` the net and
+    ``inputs`` must be there already; every call is timed there, in its dtype.
     """
     if repeats < 1:
         raise ConfigError(f"repeats must be at least 1, got {repeats}")
@@ -179,11 +214,12 @@ def measure_timing(net: EarlyExitNet, inputs: torch.Tensor, cuts: Sequence[int],
             progress(what, done, steps)
 
     def clock(call: Callable[..., object], *args: object) -> Timing:
-        return _clock_calls(call, *args, warmup=warmup, repeats=repeats)
+        return _clock_calls(_on(device, call), *args, warmup=warmup, repeats=repeats)
 
     with torch.inference_mode():
         empty = _empty_segment(1)
-        overhead = _clock_calls(empty, x[:1], warmup=warmup, repeats=max(repeats, MIN_OVERHEAD_REPEATS))
+        overhead = _clock_calls(_on(device, empty), x[:1], warmup=warmup,
+                                repeats=max(repeats, MIN_OVERHEAD_REPEATS))
         segments, activations, output = _time_segments(net, bounds, x, sizes, clock, tick)
         heads = _time_heads(net, activations, output, sizes, clock, tick)
         # What Stage.run adds to its parts: the last stage (one part, the final exit) minus its segment and head.
@@ -195,7 +231,7 @@ def measure_timing(net: EarlyExitNet, inputs: torch.Tensor, cuts: Sequence[int],
             stage_call[size] = Timing(*(max(0.0, t - parts) for t in (whole.median, whole.q1, whole.q3)))
         # One request at a time, a worker idles between calls, and a call after a pause runs slower than back to
         # back: the whole model, segment by segment, timed after each pause length and compared.
-        idle_factors = measure_idle_factors(_whole_model(net, bounds, x[:1]), warmup=warmup)
+        idle_factors = measure_idle_factors(_on(device, _whole_model(net, bounds, x[:1])), warmup=warmup)
     transfers = []
     for crossing in bounds[:-1]:
         transfers.append(_cut_transfer(crossing, activations[crossing], specs))

@@ -291,7 +291,7 @@ class Node:
             logger.info("node %s times %d segments at batch sizes %s", self.name, len(cuts) + 1, sizes)
             async with self._assigning:  # not while a stage is being loaded for a plan
                 machine = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, time_model, loaded.net, cuts, sizes, repeats)
+                    self.executor, time_model, loaded.net, cuts, sizes, repeats, self.compute)
                 if all(served.sha256 != job.stage_sha256 for served in self.plans.values()):
                     self._loaded.pop(job.stage_sha256, None)  # the whole model: not kept in memory
             timing = node_timing(machine)

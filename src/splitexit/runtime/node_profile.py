@@ -25,6 +25,7 @@ from splitexit.plan.measure import measure_timing
 from splitexit.plan.profile import MachineProfile, Timing
 from splitexit.plan.profile_keys import machine_name
 from splitexit.runtime.control_messages import BatchTimes, NodeTiming, PeerLink, ProfileJob
+from splitexit.runtime.devices import CPU, ComputeDevice, to_device
 from splitexit.runtime.probe import measure_link
 
 __all__ = ["check_profile_job", "machine_identity", "measure_peer_links", "node_timing", "time_model"]
@@ -69,11 +70,13 @@ def _synthetic_inputs(net: EarlyExitNet, rows: int) -> torch.Tensor:
     return torch.zeros(shape, dtype=net.input_dtype)
 
 
-def time_model(net: EarlyExitNet, cuts: Sequence[int], sizes: Sequence[int], repeats: int) -> MachineProfile:
-    """Time every segment and head of ``net`` here (blocking: run it in a worker thread)."""
+def time_model(net: EarlyExitNet, cuts: Sequence[int], sizes: Sequence[int], repeats: int,
+               compute: ComputeDevice = CPU) -> MachineProfile:
+    """Time every segment and head of ``net`` here, on the node's device and in its dtype (``net`` is there
+    already); blocking: run it in a worker thread."""
+    (inputs,) = to_device((_synthetic_inputs(net, max(sizes)),), compute)
     with TRACE_GUARD.shared():  # not while this process traces a model (trace_guard.py)
-        return measure_timing(net, _synthetic_inputs(net, max(sizes)), cuts, batch_sizes=sizes, codecs=(),
-                              repeats=repeats)
+        return measure_timing(net, inputs, cuts, batch_sizes=sizes, codecs=(), repeats=repeats, device=compute)
 
 
 def _batches(seconds: dict[int, Timing]) -> BatchTimes:

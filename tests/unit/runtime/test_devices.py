@@ -19,6 +19,7 @@ from splitexit.model.train import train
 from splitexit.runtime.devices import CPU, ComputeDevice, available, choose_device, to_wire
 from splitexit.runtime.executor import StageExecutor, StageReply
 from splitexit.runtime.node import Node
+from splitexit.runtime.node_profile import time_model
 from splitexit.tensors import TensorInfo
 
 SRC = Path(__file__).resolve().parents[3] / "src" / "splitexit"
@@ -128,3 +129,11 @@ def test_no_module_but_devices_names_a_device() -> None:
                  for path in sorted(SRC.rglob("*.py")) if path.name != "devices.py"
                  for number, line in enumerate(path.read_text().splitlines(), 1) if named.search(line)]
     assert not offenders, offenders
+
+
+def test_a_node_times_its_model_in_its_own_dtype(digits: tuple[EarlyExitNet, torch.Tensor]) -> None:
+    net, _ = digits
+    cuts = [c.id for c in net.exit_cuts]
+    timed = time_model(net, cuts, (1, 2), 2, choose_device("cpu", "bf16", member="node a"))
+    assert len(timed.segments) == len(cuts) + 1 and len(timed.heads) == net.num_exits
+    assert all(t.seconds[2].median > 0 for t in timed.segments)

@@ -5,6 +5,7 @@ outside runtime/devices.py."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import re
 from pathlib import Path
 
@@ -137,3 +138,23 @@ def test_a_node_times_its_model_in_its_own_dtype(digits: tuple[EarlyExitNet, tor
     timed = time_model(net, cuts, (1, 2), 2, choose_device("cpu", "bf16", member="node a"))
     assert len(timed.segments) == len(cuts) + 1 and len(timed.heads) == net.num_exits
     assert all(t.seconds[2].median > 0 for t in timed.segments)
+
+
+@pytest.mark.parametrize("model, shape", [("digits_cnn", (1, 8, 8)), ("resnet18", (3, 64, 64)),
+                                          ("mobilenet_v3_small", (3, 64, 64))])
+def test_every_segment_has_the_declared_shapes_on_the_meta_device(model: str, shape: tuple[int, ...]) -> None:
+    """What a GPU node would compute, shape by shape, without any memory: each segment between two cut
+    points takes the tensors its start declares and gives those its end declares (no device assumed)."""
+    torch.manual_seed(0)
+    net = EarlyExitNet.from_model(build_model(model, 10), torch.zeros(1, *shape),
+                                  source=ModelSource(name=model, num_classes=10)).eval()
+    cuts = [c.id for c in net.graph.cut_points]
+    bounds: list[Cut] = [MODEL_INPUT, *cuts[:: max(1, len(cuts) // 6)], MODEL_OUTPUT]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        segment = copy.deepcopy(net.segment_between(start, end)).to("meta")
+        infos = (net.input_info,) if start is MODEL_INPUT else net.graph.crossing_info(start)
+        with torch.inference_mode():
+            out = segment(*(torch.empty(2, *i.shape, dtype=i.dtype, device="meta") for i in infos))
+        got = [tuple(t.shape) for t in (out if isinstance(out, tuple) else (out,))]
+        want = [(2, 10)] if end is MODEL_OUTPUT else [(2, *i.shape) for i in net.graph.crossing_info(end)]
+        assert got == want, (model, start, end)

@@ -24,7 +24,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -87,6 +87,14 @@ class PlanChange:
     #: start, membership (a node joined, left or broke), measured (the re-planner's), refused (a node
     #: refused its stage, so the chain was placed again without it)
     cause: PlanCause = "start"
+
+
+def shipped_bytes(shipments: Iterable[tuple[str, str, int]]) -> dict[str, int]:
+    """Stage-file bytes uploaded to each node, from the coordinator's ``(node, sha256, bytes)`` shipments."""
+    totals: dict[str, int] = {}
+    for node, _, size in shipments:
+        totals[node] = totals.get(node, 0) + size
+    return totals
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset
 
 from splitexit.aio import stop
 from splitexit.config import ClusterSpec
-from splitexit.control.coordinator import Coordinator, MembershipChange, Placer, PlanChange
+from splitexit.control.coordinator import Coordinator, MembershipChange, Placer, PlanChange, shipped_bytes
 from splitexit.control.embedded_registry import EmbeddedRegistry
 from splitexit.control.members import HealthProber
 from splitexit.control.registry import Registry
@@ -139,13 +140,8 @@ class Entry:
         """What a scrape of the edge reports: its stage's queue, requests in flight, the plan, its own links,
         the coordinator's plan changes and stage uploads."""
         hop, coordinator = self.requests.hop, self.coordinator
-        changes: dict[str, int] = {}
-        shipped: dict[str, int] = {}
-        if coordinator is not None:
-            for change in coordinator.changes:
-                changes[change.cause] = changes.get(change.cause, 0) + 1
-            for node, _, size in coordinator.shipments:
-                shipped[node] = shipped.get(node, 0) + size
+        changes: Counter[str] = Counter(change.cause for change in coordinator.changes) if coordinator else Counter()
+        shipped = shipped_bytes(coordinator.shipments) if coordinator else {}
         return LiveState(
             queued=hop.executor.queued if hop else 0, in_flight=self.requests.in_flight,
             plan=coordinator.placement.version if coordinator and coordinator.placement else 0,

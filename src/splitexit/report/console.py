@@ -109,6 +109,8 @@ def run_table(report: RunReport) -> Group:
         for change in report.plan_changes[1:]:
             summary.add_row("re-planned", Text(f"+{change['time'] - start:.2f} s: {change['reason']} → "
                                                f"{change['placement']}"))
+    for event in report.membership:
+        summary.add_row("membership", Text(f"+{event['at_s']:.2f} s: {event['node']} {event['event']}"))
     if report.stage_bytes:
         summary.add_row("stages shipped", ", ".join(f"{n} {format_bytes(b)}" for n, b in report.stage_bytes.items()))
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from splitexit.control.coordinator import shipped_bytes
 from splitexit.control.edge import RunResult
 from splitexit.report.formats import jsonable
 from splitexit.runtime.records import BREAKDOWN, RequestRecord
@@ -120,7 +121,7 @@ def summarize(result: RunResult) -> RunReport:
         plan_changes=tuple({"at_s": change.time - start if start else 0.0, "time": change.time,
                             "plan": str(change.placement.version), "placement": change.placement.describe(),
                             "cause": change.cause, "reason": change.reason} for change in result.plan_changes),
-        stage_bytes=_stage_bytes(result.stage_shipments),
+        stage_bytes=shipped_bytes(result.stage_shipments),
         metadata=dict(result.metadata),
         plans=_plans(result),
         membership=tuple({"at_s": change.time - start if start else 0.0, "node": change.node, "event": change.event}
@@ -168,13 +169,6 @@ def _mean_breakdown(records: list[RequestRecord]) -> dict[str, float | None]:
     if not records:
         return dict.fromkeys(BREAKDOWN)
     return {part: float(np.mean([r.breakdown_ms.get(part, 0.0) for r in records])) for part in BREAKDOWN}
-
-
-def _stage_bytes(shipments: list[tuple[str, str, int]]) -> dict[str, int]:
-    totals: dict[str, int] = {}
-    for node, _, size in shipments:
-        totals[node] = totals.get(node, 0) + size
-    return totals
 
 
 def _plans(result: RunResult) -> tuple[dict[str, Any], ...]:

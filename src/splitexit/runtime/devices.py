@@ -14,8 +14,10 @@ elsewhere in ``src/``.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -25,6 +27,7 @@ from splitexit.tensors import TensorInfo
 __all__ = ["CPU", "ComputeDevice", "available", "choose_device", "to_device", "to_wire"]
 
 _CUDA = "cuda"
+Module = TypeVar("Module", bound=torch.nn.Module)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -45,6 +48,13 @@ class ComputeDevice:
         """Put ``module``'s weights on the device (on the CPU, where they are loaded, nothing moves)."""
         if self.device.type != "cpu":
             module.to(self.device)
+
+    def copy_for(self, module: Module) -> Module:
+        """``module`` itself on the CPU; elsewhere a copy of it on the device, so that a caller's model (the
+        edge's, which the coordinator also cuts into stage files) stays where it is."""
+        if self.device.type == "cpu":
+            return module
+        return copy.deepcopy(module).to(self.device)
 
     def synchronize(self) -> None:
         """Wait for the device's queued work (GPU kernels run asynchronously): compute is timed to here."""

@@ -66,7 +66,7 @@ class RequestPath:
         self.retry = Backoff(cluster.retry.first_wait, cluster.retry.max_wait)
         self.compute = ComputeMeter()  # how long each node's stage computed per request, under this plan
         self.device = choose_device(cluster.edge.device, cluster.edge.dtype, member=f"the edge {self.name}")
-        self.device.move(net)  # the edge's stages compute there (net is the caller's model: it moves too)
+        self._computing = self.device.copy_for(net)  # what the edge's stages run: net itself on the CPU
         self.metrics = metrics or ChainMetrics(self.name, role="edge")
         self.in_flight = 0  # requests submitted and not yet answered
         self._on_broken, self._open_next, self._clock = on_broken, open_next, clock
@@ -94,9 +94,9 @@ class RequestPath:
                 await replicas.update(peers, wait=False)
             return
         first = placement.stages[0]
-        stage = Stage(self.net, first.start, first.end,
-                      policy=without_exits(self.net.policy, placement.disabled_exits)) \
-            if placement.disabled_exits else self.net.stage(first.start, first.end)
+        net = self._computing
+        stage = Stage(net, first.start, first.end, policy=without_exits(net.policy, placement.disabled_exits)) \
+            if placement.disabled_exits else net.stage(first.start, first.end)
         hop = stage_hop(stage, node=self.cluster.edge, cluster=self.cluster, plan_version=placement.version,
                         codec=codec, on_broken=self._on_broken, counters=self._sent,
                         open_next=self._open_next, metrics=self.metrics, compute=self.device)

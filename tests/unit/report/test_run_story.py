@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from splitexit.control.coordinator import MembershipChange, PlanChange
 from splitexit.control.edge import RunResult
 from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT
+from splitexit.report.console import run_table
 from splitexit.report.run_plots import figures
 from splitexit.report.run_report import write_report
 from splitexit.report.run_summary import RunReport, summarize
@@ -117,3 +119,9 @@ def test_the_page_has_every_section(run: RunResult, tmp_path: Path) -> None:
         assert f"<h2>{section}</h2>" in page, section
     for text in ("digits_cnn", "cluster.yaml", str(BIG), "measured", "cloud2", "left", "zero", "two"):
         assert text in page, text
+
+
+def test_the_console_names_the_membership_change(run: RunResult) -> None:
+    console = Console(record=True, width=160)
+    console.print(run_table(summarize(run)))
+    assert "+3.00 s: cloud2 left" in console.export_text()

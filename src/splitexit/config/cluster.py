@@ -63,6 +63,9 @@ class NodeSpec(SpecModel):
                                             "cpu, cuda, cuda:N, mps; tensors on the wire stay on the CPU")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="compute dtype (autocast); the wire keeps "
                                                                        "each tensor's declared dtype")
+    compile: Literal["off", "default", "reduce-overhead"] = Field(
+        "off", description="torch.compile the stage (batches padded to a few sizes, compiled when the stage "
+                           "loads); reduce-overhead (CUDA graphs) needs a GPU device")
     data_port: int | None = Field(None, ge=0, le=65535, description="port of the data plane (batches and results), "
                                                                   "on the address's host; default: any free one, "
                                                                   "announced to upstream nodes through Health")

@@ -7,15 +7,20 @@ and only the others run on, compacted. Whatever is left at ``end`` is handed bac
 next stage. ``EarlyExitNet.infer`` is the stage from input to output; a chain of stages over the
 same cuts therefore gives exactly the answers of one process.
 
+:meth:`Stage.compiled` gives the same stage with every segment and head wrapped (``torch.compile``) and
+each call padded with zero rows to the next of a few batch sizes, so a compiled graph (a CUDA graph under
+``reduce-overhead``) sees only those shapes; padded rows are dropped before any exit looks at them.
+
 This module is pure compute: no threads, no I/O.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,7 +33,7 @@ from splitexit.tensors import TensorInfo
 if TYPE_CHECKING:
     from splitexit.model.exits import EarlyExitNet
 
-__all__ = ["Stage", "StageOutput"]
+__all__ = ["Stage", "StageOutput", "batch_buckets"]
 
 Confidence = Callable[[torch.Tensor], torch.Tensor]
 
@@ -46,9 +51,34 @@ class StageOutput:
     forward: tuple[torch.Tensor, ...]  # tensors crossing the end cut, F rows each
 
 
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a compiled stage is padded to: powers of two below ``max_batch``, and ``max_batch``."""
+    sizes = [1 << i for i in range(max(1, max_batch).bit_length()) if 1 << i < max_batch]
+    return (*sizes, max(1, max_batch))
+
+
+class _Padded(torch.nn.Module):
+    """``call`` on batches padded with zero rows to the next bucket; its outputs cut back to the real rows.
+    A batch larger than every bucket goes through unpadded."""
+
+    def __init__(self, call: Callable[..., Any], buckets: Sequence[int]):
+        super().__init__()
+        self.call, self.buckets = call, tuple(sorted(buckets))
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        rows = tensors[0].shape[0]
+        at = bisect.bisect_left(self.buckets, rows)
+        if at == len(self.buckets) or self.buckets[at] == rows:
+            return self.call(*tensors)
+        pad = self.buckets[at] - rows
+        out = self.call(*(torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]) for t in tensors))
+        return tuple(o[:rows] for o in out) if isinstance(out, tuple) else out[:rows]
+
+
 @dataclass(frozen=True)
 class _Part:
-    #: An fx segment: returns the tuple of tensors crossing its end cut, or the logits at the model output.
+    #: An fx segment (or its compiled, padded twin): returns the tuple of tensors crossing its end cut, or the
+    #: logits at the model output.
     segment: torch.nn.Module
     exit: int | None  # exit index evaluated after this segment; None: pass the values on
 
@@ -67,6 +97,8 @@ class Stage:
     def __init__(self, net: EarlyExitNet, start: Cut, end: Cut, *, policy: ExitPolicy | None = None):
         self.policy = policy  # None: the net's own (read at every batch, so calibration shows at once)
         self.net, self.start, self.end = net, start, end
+        self._heads: dict[int, torch.nn.Module] = {}  # compiled exit heads (see `compiled`); else the net's
+        self._edges: list[Cut] = []  # where each part starts
         if start is MODEL_OUTPUT:
             raise CutError("a stage cannot start at the model output")
         self.input_tensors = (net.input_info,) if start is MODEL_INPUT else net.graph.crossing_info(start)
@@ -84,10 +116,29 @@ class Stage:
         exit_at: dict[Cut, int] = {cut: i for i, cut in inside}
         bounds: list[Cut] = sorted({*(cut for _, cut in inside)} - {end})
         edges = [start, *bounds, end]
+        self._edges = edges[:-1]
         self.parts = [_Part(net.segment_between(a, b), net.num_exits - 1 if b is MODEL_OUTPUT else exit_at.get(b))
                       for a, b in zip(edges[:-1], edges[1:])]
         self.exits = [i for i, _ in inside] + ([net.num_exits - 1] if end is MODEL_OUTPUT else [])
         self.output_tensors = None if end is MODEL_OUTPUT else net.graph.crossing_info(end)
+
+    def compiled(self, wrap: Callable[[torch.nn.Module], Callable[..., Any]], buckets: Sequence[int]) -> Stage:
+        """This stage with each segment and exit head wrapped by ``wrap`` (e.g. ``torch.compile``), every call
+        padded to the next of ``buckets`` rows; the net and its own stages are left as they are."""
+        twin = Stage(self.net, self.start, self.end, policy=self.policy)
+        twin.parts = [replace(part, segment=_Padded(wrap(part.segment), buckets)) for part in self.parts]
+        twin._heads = {i: _Padded(wrap(self.net.heads[i]), buckets) for i in self.exits if i < self.net.num_exits - 1}
+        return twin
+
+    def warm_up(self, buckets: Sequence[int], device: torch.device) -> None:
+        """Run every segment and head once at each bucket size (zeros on ``device``), so that a compiled stage
+        compiles now rather than on its first requests; call under inference mode."""
+        for start, part in zip(self._edges, self.parts):
+            infos = (self.net.input_info,) if not isinstance(start, int) else self.net.graph.crossing_info(start)
+            for rows in buckets:
+                out = part.segment(*(torch.zeros((rows, *i.shape), dtype=i.dtype, device=device) for i in infos))
+                if part.exit in self._heads:
+                    self._heads[part.exit](out[0])
 
     def run(self, inputs: tuple[torch.Tensor, ...], confidence: Confidence | None = None) -> StageOutput:
         """Route a batch through the stage. ``inputs`` are the tensors crossing ``start``, batch first."""
@@ -105,7 +156,7 @@ class Stage:
                 values = result  # no exit here, or one that can never fire
                 continue
             is_final = part.exit == final
-            logits = result if is_final else net.heads[part.exit](result[0])
+            logits = result if is_final else self._heads.get(part.exit, net.heads[part.exit])(result[0])
             scores = checked_scores(score, logits / policy.temperatures[part.exit])
             leave = None if is_final else scores >= policy.thresholds[part.exit]
             leaving = rows.numel() if leave is None else int(leave.sum())

@@ -22,6 +22,7 @@ from typing import TypeVar
 import torch
 
 from splitexit.errors import ClusterError
+from splitexit.model.stages import Stage, batch_buckets
 from splitexit.tensors import TensorInfo
 
 __all__ = ["CPU", "ComputeDevice", "available", "choose_device", "to_device", "to_wire"]
@@ -37,6 +38,7 @@ class ComputeDevice:
 
     device: torch.device
     dtype: torch.dtype
+    compile: str = "off"  # torch.compile mode: off, default, reduce-overhead
 
     @property
     def name(self) -> str:
@@ -55,6 +57,20 @@ class ComputeDevice:
         if self.device.type == "cpu":
             return module
         return copy.deepcopy(module).to(self.device)
+
+    def prepared(self, stage: Stage, max_batch: int) -> Stage:
+        """The stage as it runs here: itself, or (with ``compile``) its compiled twin, padded to
+        :func:`~splitexit.model.stages.batch_buckets` of ``max_batch`` and compiled at every size now.
+        Minutes of CPU for a large model: call it in a worker thread."""
+        if self.compile == "off":
+            return stage
+        buckets = batch_buckets(max_batch)
+        mode = None if self.compile == "default" else self.compile
+        twin = stage.compiled(lambda module: torch.compile(module, mode=mode, dynamic=False), buckets)
+        with torch.inference_mode(), self.autocast():
+            twin.warm_up(buckets, self.device)
+        self.synchronize()
+        return twin
 
     def synchronize(self) -> None:
         """Wait for the device's queued work (GPU kernels run asynchronously): compute is timed to here."""
@@ -85,7 +101,7 @@ def available() -> list[str]:
     return found
 
 
-def choose_device(device: str, dtype: str, *, member: str) -> ComputeDevice:
+def choose_device(device: str, dtype: str, *, member: str, compile: str = "off") -> ComputeDevice:
     """The checked device and dtype of ``member`` (ClusterError, naming the member, the device and what is
     here)."""
     here = available()
@@ -100,7 +116,10 @@ def choose_device(device: str, dtype: str, *, member: str) -> ComputeDevice:
     if torch_dtype == torch.float16 and chosen == "cpu":
         raise ClusterError(f"{member} asks for dtype fp16 on the CPU, which computes it slowly or not at all: "
                            "use bf16 (or fp32) there, or a GPU device")
-    return ComputeDevice(torch.device(chosen), torch_dtype)
+    if compile == "reduce-overhead" and not chosen.startswith(_CUDA):
+        raise ClusterError(f"{member} asks for compile: reduce-overhead (CUDA graphs) on {chosen}: use compile: "
+                           "default there, or a CUDA device")
+    return ComputeDevice(torch.device(chosen), torch_dtype, compile)
 
 
 def to_device(tensors: Sequence[torch.Tensor], compute: ComputeDevice) -> tuple[torch.Tensor, ...]:

@@ -101,7 +101,8 @@ class Node:
         if self.spec.role == "edge":
             raise ClusterError(f"{name} is the edge; the edge runs inside `splitexit run`, not as a node")
         self.tier = cluster.tier_by_name().get(name, self.spec.tier or 1)
-        self.compute = choose_device(self.spec.device, self.spec.dtype, member=f"node {name}")  # fails fast
+        self.compute = choose_device(self.spec.device, self.spec.dtype, member=f"node {name}",
+                                     compile=self.spec.compile)  # an absent device fails here, at once
         self.incarnation = uuid.uuid4().hex
         self.machine = machine_identity()
         self.cache = StageCache(cache_dir, pinned=lambda: {served.sha256 for served in self.plans.values()})
@@ -114,6 +115,7 @@ class Node:
         self.metrics_server: MetricsServer | None = None
         self._sent_before: dict[str, LinkTotals] = {}  # what links of retired plans carried
         self._loaded: dict[str, LoadedStage] = {}  # the stages of the kept plans (retired ones are freed)
+        self._prepared: dict[str, Stage] = {}  # those stages as they run here (compiled, with `compile`)
         self._retiring: set[asyncio.Task[None]] = set()
         self._assigning = asyncio.Lock()
         self._server: grpc.aio.Server | None = None
@@ -198,8 +200,9 @@ class Node:
             served = self.plans.get(version)
             if served is None or served.sha256 != sha256:
                 loaded = await self._load(sha256)
+                stage = await self._prepare(sha256, loaded.stage)
                 codec = None if loaded.stage.end is MODEL_OUTPUT else assignment.codec
-                hop = stage_hop(loaded.stage, node=self.spec, cluster=self.cluster, plan_version=version, codec=codec,
+                hop = stage_hop(stage, node=self.spec, cluster=self.cluster, plan_version=version, codec=codec,
                                 metrics=self.metrics, compute=self.compute)
                 served = Served(version, sha256, loaded.stage, hop, frozenset(assignment.upstream))
                 self.plans[version] = served
@@ -238,6 +241,14 @@ class Node:
             self._loaded[sha256] = loaded
         return self._loaded[sha256]
 
+    async def _prepare(self, sha256: str, stage: Stage) -> Stage:
+        """``stage`` as this node runs it (compiled and warmed up, with `compile`), made once per stage file in
+        the worker thread."""
+        if sha256 not in self._prepared:
+            self._prepared[sha256] = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.compute.prepared, stage, self.cluster.batching.max_batch)
+        return self._prepared[sha256]
+
     def _live_state(self) -> LiveState:
         """What a scrape reports: queue, rows in flight, the newest plan, and every outgoing link since start."""
         links = dict(self._sent_before)
@@ -260,6 +271,7 @@ class Node:
         await served.hop.close_when_idle(DRAIN_TIMEOUT)
         if all(kept.sha256 != served.sha256 for kept in self.plans.values()):
             self._loaded.pop(served.sha256, None)
+            self._prepared.pop(served.sha256, None)
             release_freed_memory()
 
     async def health(self) -> NodeHealth:

@@ -65,7 +65,8 @@ class RequestPath:
         self.name = cluster.edge.name
         self.retry = Backoff(cluster.retry.first_wait, cluster.retry.max_wait)
         self.compute = ComputeMeter()  # how long each node's stage computed per request, under this plan
-        self.device = choose_device(cluster.edge.device, cluster.edge.dtype, member=f"the edge {self.name}")
+        self.device = choose_device(cluster.edge.device, cluster.edge.dtype, member=f"the edge {self.name}",
+                                    compile=cluster.edge.compile)
         self._computing = self.device.copy_for(net)  # what the edge's stages run: net itself on the CPU
         self.metrics = metrics or ChainMetrics(self.name, role="edge")
         self.in_flight = 0  # requests submitted and not yet answered
@@ -97,6 +98,8 @@ class RequestPath:
         net = self._computing
         stage = Stage(net, first.start, first.end, policy=without_exits(net.policy, placement.disabled_exits)) \
             if placement.disabled_exits else net.stage(first.start, first.end)
+        if self.device.compile != "off":  # compiling takes the CPU for a while: not on the loop
+            stage = await asyncio.to_thread(self.device.prepared, stage, self.cluster.batching.max_batch)
         hop = stage_hop(stage, node=self.cluster.edge, cluster=self.cluster, plan_version=placement.version,
                         codec=codec, on_broken=self._on_broken, counters=self._sent,
                         open_next=self._open_next, metrics=self.metrics, compute=self.device)

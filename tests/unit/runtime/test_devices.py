@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,14 @@ from splitexit import EarlyExitNet, ModelSource, build_model, load_dataset
 from splitexit.config import ClusterSpec, TrainConfig
 from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT, Cut
 from splitexit.errors import ClusterError
+from splitexit.model.stages import batch_buckets
 from splitexit.model.train import train
 from splitexit.runtime.devices import CPU, ComputeDevice, available, choose_device, to_wire
 from splitexit.runtime.executor import StageExecutor, StageReply
 from splitexit.runtime.node import Node
 from splitexit.runtime.node_profile import time_model
 from splitexit.tensors import TensorInfo
+from support import digits_net
 
 SRC = Path(__file__).resolve().parents[3] / "src" / "splitexit"
 
@@ -158,3 +161,53 @@ def test_every_segment_has_the_declared_shapes_on_the_meta_device(model: str, sh
         got = [tuple(t.shape) for t in (out if isinstance(out, tuple) else (out,))]
         want = [(2, 10)] if end is MODEL_OUTPUT else [(2, *i.shape) for i in net.graph.crossing_info(end)]
         assert got == want, (model, start, end)
+
+
+# --------------------------------------------------------------------------- compiled stages, padded batches
+def test_batch_buckets_are_powers_of_two_up_to_max_batch() -> None:
+    assert batch_buckets(8) == (1, 2, 4, 8) and batch_buckets(6) == (1, 2, 4, 6) and batch_buckets(1) == (1,)
+
+
+def test_a_padded_stage_answers_exactly_as_the_plain_one() -> None:
+    """Every segment and head call sees a bucket's rows (or more than the largest), and the padded zero rows
+    never reach an exit: answers and forwarded tensors equal the plain stage's."""
+    net = digits_net()
+    seen: list[int] = []
+
+    def counting(module: torch.nn.Module) -> Callable[..., object]:
+        def call(*tensors: torch.Tensor) -> object:
+            seen.append(int(tensors[0].shape[0]))
+            return module(*tensors)
+        return call
+
+    for start, end in ((MODEL_INPUT, MODEL_OUTPUT), (MODEL_INPUT, net.exit_cuts[1].id)):
+        plain = net.stage(start, end)
+        padded = plain.compiled(counting, (1, 4, 8))
+        for rows in (3, 8, 13):
+            x = torch.randn(rows, 1, 8, 8, generator=torch.Generator().manual_seed(rows))
+            with torch.inference_mode():
+                want, got = plain.run((x,)), padded.run((x,))
+            for field in ("rows", "exit", "prediction", "confidence", "logits", "forward_rows"):
+                assert torch.equal(getattr(want, field), getattr(got, field)), (rows, field)
+            assert all(torch.equal(a, b) for a, b in zip(want.forward, got.forward))
+    assert seen and all(size in (1, 4, 8) or size > 8 for size in seen), seen
+
+
+def test_cuda_graphs_need_a_cuda_device() -> None:
+    with pytest.raises(ClusterError, match="reduce-overhead .*CUDA graphs.* on cpu"):
+        choose_device("cpu", "fp32", member="node a", compile="reduce-overhead")
+
+
+@pytest.mark.slow
+def test_compile_runs_on_the_cpu_and_answers_as_eager() -> None:
+    """torch.compile (inductor on the CPU) of the last stage, warmed up at both bucket sizes of max_batch 2."""
+    net = digits_net()
+    plain = net.stage(net.exit_cuts[-1].id, MODEL_OUTPUT)
+    compiled = choose_device("cpu", "fp32", member="node a", compile="default").prepared(plain, max_batch=2)
+    assert compiled is not plain and choose_device("cpu", "fp32", member="node a").prepared(plain, 2) is plain
+    (info,) = plain.input_tensors
+    x = torch.randn(2, *info.shape, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want, got = plain.run((x,)), compiled.run((x,))
+    assert torch.equal(want.prediction, got.prediction)
+    assert torch.allclose(want.logits, got.logits, atol=1e-4)

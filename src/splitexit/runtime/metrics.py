@@ -100,7 +100,7 @@ class ChainMetrics:
         self._resubmissions = Counter("splitexit_resubmissions", "Times the edge sent a request again (a node "
                                       "was lost, or an attempt timed out)", ["node"], registry=edge).labels(node=node)
         self._codes: set[str] = set()
-        self._info = (role, str(tier))
+        self.role, self.tier = role, tier
         self._live: _Live | None = None
 
     # ------------------------------------------------------------------ events (any thread)
@@ -168,7 +168,7 @@ class _Live(Collector):
 
     def collect(self) -> Iterable[Metric]:
         node = self.metrics.node
-        role, tier = self.metrics._info
+        role, tier = self.metrics.role, str(self.metrics.tier)
         info = GaugeMetricFamily("splitexit_node_info", "This member: its role, tier and splitexit version",
                                  labels=["node", "role", "tier", "version"])
         info.add_metric([node, role, tier, installed_version()], 1)

@@ -214,11 +214,11 @@ class Coordinator:
                 continue
             members[believed.name] = believed
         changed = members != self.members
-        if changed and self.placement is not None:
-            now, before, after = time.time(), set(self.members), set(members)
-            self.membership += [MembershipChange(now, name, "joined") for name in sorted(after - before)]
-            self.membership += [MembershipChange(now, name, "left") for name in sorted(before - after)]
         if changed:
+            if self.placement is not None:  # the members the first plan starts with are not news
+                now, before, after = time.time(), set(self.members), set(members)
+                self.membership += [MembershipChange(now, name, "joined") for name in sorted(after - before)]
+                self.membership += [MembershipChange(now, name, "left") for name in sorted(before - after)]
             for name, info in members.items():  # a node that (re)registered gets a fresh chance
                 if self.members.get(name) != info:
                     self.bans.succeed(name)

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import torch
@@ -30,7 +30,7 @@ from splitexit.control.registry_backends import open_registry
 from splitexit.control.replan import PlanningPlacer, Replanner
 from splitexit.model.exits import EarlyExitNet
 from splitexit.runtime.hop import Hop
-from splitexit.runtime.metrics import ChainMetrics, LinkTotals, LiveState
+from splitexit.runtime.metrics import ChainMetrics, LiveState
 from splitexit.runtime.metrics_server import MetricsServer, serve_metrics
 from splitexit.runtime.placement import Placement
 from splitexit.runtime.records import RequestRecord
@@ -145,7 +145,7 @@ class Entry:
         return LiveState(
             queued=hop.executor.queued if hop else 0, in_flight=self.requests.in_flight,
             plan=coordinator.placement.version if coordinator and coordinator.placement else 0,
-            links={peer: LinkTotals(c.raw_bytes, c.wire_bytes, c.messages) for peer, c in self.requests.sent.items()},
+            links={peer: replace(counters) for peer, counters in self.requests.sent.items()},  # copies: a snapshot
             plan_changes=changes, stage_shipped=shipped)
 
     def _broken(self, name: str) -> None:

@@ -104,6 +104,9 @@ def summarize(result: RunResult) -> RunReport:
                     "messages": c.messages, "rows": c.rows}
              for name, c in sorted(result.links.items(), key=lambda kv: (chain(kv[0].split("->")[0]), kv[0]))}
     start = result.started_at
+    latency = _latency(answered)
+    throughput = len(answered) / wall if wall > 0 else None
+    edge = result.placement.stages[0].nodes[0] if result.placement.stages else "edge"
     return RunReport(
         samples=len(result.records),
         interrupted_of=result.interrupted_of,
@@ -111,9 +114,9 @@ def summarize(result: RunResult) -> RunReport:
         accuracy=_accuracy(answered),
         exits=exits,
         nodes={node: nodes[node] for node in sorted(nodes, key=chain)},
-        latency_ms=_latency(answered),
+        latency_ms=latency,
         breakdown_ms=_mean_breakdown(answered),
-        throughput=len(answered) / wall if wall > 0 else None,
+        throughput=throughput,
         wall_s=wall,
         links=links,
         placement=result.placement.describe(),
@@ -127,7 +130,9 @@ def summarize(result: RunResult) -> RunReport:
         membership=tuple({"at_s": change.time - start if start else 0.0, "node": change.node, "event": change.event}
                          for change in result.membership),
         members=_members(result, nodes, links, sorted(set(order) | set(nodes), key=chain)),
-        edges=_edges(result),
+        edges=({"edge": edge, "requests": len(result.records), "answered": len(answered),  # one edge per cluster
+                "errors": len(result.records) - len(answered), "p50_ms": latency["p50"], "p95_ms": latency["p95"],
+                "throughput": throughput},),
         confusion=_confusion(answered, result.class_names),
         class_names=tuple(result.class_names),
         started_at=start,
@@ -198,16 +203,6 @@ def _members(result: RunResult, answered: Counter[str], links: dict[str, dict[st
                      "sent_raw_bytes": sum(v["raw_bytes"] for v in sent),
                      "sent_wire_bytes": sum(v["wire_bytes"] for v in sent)})
     return tuple(rows)
-
-
-def _edges(result: RunResult) -> tuple[dict[str, Any], ...]:
-    """One row per edge that submitted requests (one edge per cluster today)."""
-    edge = result.placement.stages[0].nodes[0] if result.placement.stages else "edge"
-    answered = [r for r in result.records if r.error is None]
-    latency = _latency(answered)
-    return ({"edge": edge, "requests": len(result.records), "answered": len(answered),
-             "errors": len(result.records) - len(answered), "p50_ms": latency["p50"], "p95_ms": latency["p95"],
-             "throughput": len(answered) / result.wall_s if result.wall_s > 0 else None},)
 
 
 def _confusion(answered: list[RequestRecord], names: tuple[str, ...]) -> dict[str, Any] | None:

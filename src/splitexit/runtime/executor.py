@@ -222,8 +222,8 @@ class StageExecutor(Generic[Encoded]):
         if self.slowdown > 1:
             time.sleep(compute * (self.slowdown - 1))
             compute *= self.slowdown
-        self.metrics.batch(sum(j.rows for j in jobs), compute)
         ends = list(itertools.accumulate(j.rows for j in jobs))  # plain Python: a tensor op costs more here
+        self.metrics.batch(ends[-1], compute)
 
         def place(row: int) -> tuple[int, int]:
             """(job, row index within that job) of a row of the concatenated batch."""

@@ -14,6 +14,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -21,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from splitexit.about import installed_version
 
-__all__ = ["ChainMetrics", "LinkTotals", "LiveState"]
+__all__ = ["ChainMetrics", "LinkBytes", "LiveState"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +46,13 @@ _CODE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 disable_created_metrics()
 
 
-@dataclass(frozen=True)
-class LinkTotals:
-    """What one outgoing link carried since the member started: bytes before encoding, on the wire, messages."""
+class LinkBytes(Protocol):
+    """What one outgoing link carried since the member started (``runtime/remote.py`` ``LinkCounters``, which
+    this module cannot import: the executor below it imports this one)."""
 
-    raw_bytes: int = 0
-    wire_bytes: int = 0
-    messages: int = 0
+    raw_bytes: int
+    wire_bytes: int
+    messages: int
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class LiveState:
     queued: int  # jobs waiting for a stage's thread
     in_flight: int  # rows accepted and not yet answered (at the edge: requests)
     plan: int  # version of the newest plan served (0: none yet)
-    links: Mapping[str, LinkTotals] = field(default_factory=dict)  # by target
+    links: Mapping[str, LinkBytes] = field(default_factory=dict)  # by target
     plan_changes: Mapping[str, int] = field(default_factory=dict)  # the edge: plans installed, by cause
     stage_shipped: Mapping[str, int] = field(default_factory=dict)  # the edge: stage-file bytes sent, by target
 
@@ -78,6 +79,7 @@ class ChainMetrics:
                        "one of its exits, forwarded to the next tier, refused as malformed, failed",
                        ["node", "outcome"], registry=r)
         self._rows = {outcome: rows.labels(node=node, outcome=outcome) for outcome in ROW_OUTCOMES}
+        self._exits_by_index: dict[int, Counter] = {}  # the labelled child per exit index, made once
         self._exits = Counter("splitexit_exits", "Rows answered by each of this member's exits (the exit's index "
                               "in the model)", ["node", "exit"], registry=r)
         self._latency = Histogram("splitexit_latency_seconds", "Seconds from a row's arrival here to its answer "
@@ -113,7 +115,10 @@ class ChainMetrics:
         """Rows answered here, one per exit index given."""
         count = 0
         for exit_ in exits:
-            self._exits.labels(node=self.node, exit=str(exit_)).inc()
+            child = self._exits_by_index.get(exit_)
+            if child is None:
+                child = self._exits_by_index[exit_] = self._exits.labels(node=self.node, exit=str(exit_))
+            child.inc()
             count += 1
         self.rows("answered", count)
 

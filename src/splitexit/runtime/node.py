@@ -38,7 +38,7 @@ from splitexit.runtime.data_service import DataService
 from splitexit.runtime.devices import choose_device
 from splitexit.runtime.frame_connection import server_tls
 from splitexit.runtime.hop import Hop
-from splitexit.runtime.metrics import ChainMetrics, LinkTotals, LiveState
+from splitexit.runtime.metrics import ChainMetrics, LiveState
 from splitexit.runtime.metrics_server import MetricsServer, serve_metrics
 from splitexit.runtime.node_profile import (
     check_profile_job,
@@ -48,7 +48,7 @@ from splitexit.runtime.node_profile import (
     time_model,
 )
 from splitexit.runtime.node_service import add_node_service
-from splitexit.runtime.remote import LinkReport
+from splitexit.runtime.remote import LinkCounters, LinkReport
 from splitexit.runtime.replicas import ReplicaSet
 from splitexit.runtime.security import node_credentials
 from splitexit.runtime.stage_cache import StageCache
@@ -113,7 +113,7 @@ class Node:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"splitexit-{name}-decode")
         self.port: int | None = None
         self.metrics_server: MetricsServer | None = None
-        self._sent_before: dict[str, LinkTotals] = {}  # what links of retired plans carried
+        self._sent_before: dict[str, LinkCounters] = {}  # what links of retired plans carried
         self._loaded: dict[str, LoadedStage] = {}  # the stages of the kept plans (retired ones are freed)
         self._prepared: dict[str, Stage] = {}  # those stages as they run here (compiled, with `compile`)
         self._retiring: set[asyncio.Task[None]] = set()
@@ -332,13 +332,13 @@ class Node:
             await self._server.wait_for_termination()
 
 
-def _add_links(totals: dict[str, LinkTotals], served: Served) -> None:
-    """Add what ``served``'s outgoing links carried to ``totals`` (by target)."""
+def _add_links(totals: dict[str, LinkCounters], served: Served) -> None:
+    """Add what ``served``'s outgoing links carried to ``totals`` (by target; new counters, the plan's stay)."""
     if isinstance(served.hop.downstream, ReplicaSet):
         for target, c in served.hop.downstream.counters.items():
-            was = totals.get(target, LinkTotals())
-            totals[target] = LinkTotals(was.raw_bytes + c.raw_bytes, was.wire_bytes + c.wire_bytes,
-                                        was.messages + c.messages)
+            was = totals.get(target, LinkCounters())
+            totals[target] = LinkCounters(was.raw_bytes + c.raw_bytes, was.wire_bytes + c.wire_bytes,
+                                          was.messages + c.messages, was.rows + c.rows)
 
 
 def release_freed_memory() -> None:

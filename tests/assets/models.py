@@ -1,6 +1,7 @@
 """Models for tests, loaded the way users load theirs: `path/to/models.py:factory`."""
 
 import torch
+import torch.fx
 from torch import nn
 
 
@@ -60,3 +61,28 @@ class ShapeBranchNet(nn.Module):
         x = torch.relu(x)
         x = self.conv(x)
         return self.fc(x.mean(dim=(2, 3)))
+
+
+def halve(x: torch.Tensor) -> torch.Tensor:
+    """A function of the model's own code: fx keeps the call (it is wrapped), so the graph cannot ship."""
+    return x * 0.5
+
+
+torch.fx.wrap("halve")
+
+
+class OwnOpNet(nn.Module):
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        x = halve(torch.relu(self.mid(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def own_op(num_classes: int = 10) -> nn.Module:
+    return OwnOpNet(num_classes)

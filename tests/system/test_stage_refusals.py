@@ -1,8 +1,9 @@
 """A node that cannot take its stage is left out: its replicas carry the tier, and the plan change says which
 node refused and why. Only a tier whose every node refused fails the start, naming each node's reason.
 
-The refusal is a real one: the stage names user code (``tests/assets/models.py:build``) that one replica's
-cluster file does not list under ``trusted_models``, so that node will not build it.
+The refusal is a real one: the stage is of a user model whose graph cannot ship (``tests/assets/models.py:own_op``
+calls a function of its own code), and one replica's cluster file does not list it under ``trusted_models``,
+so that node will not build it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from support import free_port
 
 pytestmark = pytest.mark.slow
 
-USER_MODEL = f"{Path(__file__).parents[1] / 'assets' / 'models.py'}:build"
+USER_MODEL = f"{Path(__file__).parents[1] / 'assets' / 'models.py'}:own_op"
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
+import torch.fx
 import yaml
 from pydantic import ValidationError
 from safetensors import SafetensorError
@@ -29,12 +30,12 @@ from splitexit.config import (
 )
 from splitexit.errors import IntegrityError, PackageError, SplitExitError
 from splitexit.model.exits import EarlyExitNet, output_classes
-from splitexit.model.graph import trace_model
+from splitexit.model.graph import ModelGraph, trace_model
 from splitexit.model.manifest import MANIFEST_FILE, check_code, file_sha256, manifest_text, read_manifest
 from splitexit.model.zoo import build_model
 
-__all__ = ["MANIFEST_FILE", "SPEC_FILE", "WEIGHTS_FILE", "apply_spec_settings", "load", "load_backbone_weights",
-           "package_spec", "read_spec", "rebuild", "save"]
+__all__ = ["MANIFEST_FILE", "SPEC_FILE", "WEIGHTS_FILE", "apply_spec_settings", "input_example", "load",
+           "load_backbone_weights", "package_spec", "read_spec", "rebuild", "save"]
 
 SPEC_FILE = "model.yaml"
 WEIGHTS_FILE = "weights.safetensors"
@@ -129,12 +130,18 @@ def load(path: str | os.PathLike[str], *, trust_models: Collection[str] = ()) ->
     return apply_spec_settings(net, spec)
 
 
-def rebuild(spec: PackageSpec, *, where: str) -> EarlyExitNet:
-    """The net ``spec`` describes, with freshly initialised weights (``where`` names the source in errors)."""
+def rebuild(spec: PackageSpec, *, where: str, graph_module: torch.fx.GraphModule | None = None) -> EarlyExitNet:
+    """The net ``spec`` describes, with freshly initialised weights (``where`` names the source in errors).
+
+    With ``graph_module`` (a backbone graph a stage file shipped) nothing is built from code: the graph is
+    the backbone.
+    """
+    example = input_example(spec)
     try:
-        model = build_model(spec.model.name, spec.model.num_classes)
-        example = torch.zeros(1, *spec.input.shape, dtype=_DTYPES[spec.input.dtype])
-        graph = trace_model(model, example)
+        if graph_module is None:
+            graph = trace_model(build_model(spec.model.name, spec.model.num_classes), example)
+        else:
+            graph = ModelGraph(graph_module, example, tracer="shipped")
         cuts = [graph.cut(e.cut) for e in spec.exits]
     except SplitExitError as exc:
         raise PackageError(f"cannot rebuild the model of {where}: {exc}") from exc
@@ -146,6 +153,11 @@ def rebuild(spec: PackageSpec, *, where: str) -> EarlyExitNet:
     return EarlyExitNet(graph, cuts, num_classes=output_classes(graph, example), input_shape=spec.input.shape,
                         input_dtype=example.dtype, heads=[e.head for e in spec.exits], policy=spec.policy,
                         source=spec.model)
+
+
+def input_example(spec: PackageSpec) -> torch.Tensor:
+    """One zero input of the shape and dtype ``spec`` declares (a batch of one)."""
+    return torch.zeros(1, *spec.input.shape, dtype=_DTYPES[spec.input.dtype])
 
 
 def apply_spec_settings(net: EarlyExitNet, spec: PackageSpec) -> EarlyExitNet:

@@ -2,9 +2,11 @@
 
 A stage file is safetensors bytes: the weights of the segments and exit heads between two cuts, with
 the package's model.yaml and the two cuts in its metadata. A node rebuilds the model from that spec out of
-code it already has (a built-in, a torchvision name, or a ``module:factory`` it was told to trust), loads
-these weights into the stage's part and runs only that part; the rest keeps its initial weights and is
-never called. Nothing is unpickled and no code travels.
+code it already has (a built-in or a torchvision name) or, for a user's model, from the backbone graph the
+metadata carries (``graph_file.py``: PyTorch's own layers and operators only); a user model whose graph
+could not be written needs its ``module:factory`` on the node, trusted. The node loads these weights into
+the stage's part and runs only that part; the rest stays zero or initial and is never called. Nothing is
+unpickled and no code travels.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from splitexit.config import NEVER, ExitPolicy, PackageSpec, describe_validation
 from splitexit.cuts import Boundary, Cut, cut_from_json
 from splitexit.errors import IntegrityError, PackageError
 from splitexit.model.exits import EarlyExitNet
+from splitexit.model.graph_file import GraphNotShippable, graph_from_json, graph_json
 from splitexit.model.importing import is_import_spec, is_trusted
-from splitexit.model.package import apply_spec_settings, package_spec, rebuild
+from splitexit.model.package import apply_spec_settings, input_example, package_spec, rebuild
 from splitexit.model.stages import Stage
 
 __all__ = ["LoadedStage", "load_stage_file", "sha256_hex", "stage_file", "without_exits"]
 
-STAGE_FORMAT = "splitexit.stage/2"  # 2: cuts are ids, "input" or "output"
+STAGE_FORMAT = "splitexit.stage/3"  # 2: cuts are ids, "input" or "output"; 3: user models carry "graph"
 _METADATA = "splitexit"
 _BACKBONE = "backbone."
 _HEADS = "heads."
@@ -71,14 +74,20 @@ def stage_file(net: EarlyExitNet, start: Cut, end: Cut, *,
     # and the same stage would get a different sha256 each time.
     about = {"format": STAGE_FORMAT, "spec": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=True),
              "start": str(start), "end": str(end)}
+    if is_import_spec(net.source.name):
+        try:
+            about["graph"] = graph_json(net.graph.graph_module)
+        except GraphNotShippable as exc:
+            about["graph_missing"] = str(exc)
     return save_tensors(tensors, metadata={_METADATA: json.dumps(about, sort_keys=True)})
 
 
 def load_stage_file(data: bytes, *, sha256: str, trusted_models: Collection[str] = ()) -> LoadedStage:
     """Verify ``data`` against ``sha256``, rebuild the model and load the stage's weights.
 
-    A ``module:factory`` model is built only if it is in ``trusted_models``: the bytes come from the network,
-    and must not choose which of the node's code gets imported.
+    A user model comes from the graph the file carries; only where it carries none is a ``module:factory``
+    built, and only if it is in ``trusted_models``: the bytes come from the network, and must not choose
+    which of the node's code gets imported.
     """
     if sha256_hex(data) != sha256:
         raise IntegrityError(f"stage file does not match its sha256 {sha256[:12]}…: it was corrupted or replaced "
@@ -96,11 +105,17 @@ def load_stage_file(data: bytes, *, sha256: str, trusted_models: Collection[str]
     except (ValidationError, yaml.YAMLError, ValueError) as exc:
         detail = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
         raise PackageError(f"stage file {sha256[:12]}… carries an invalid spec: {detail}") from exc
-    name = spec.model.name
-    if is_import_spec(name) and not is_trusted(name, trusted_models):
-        raise PackageError(f"stage file {sha256[:12]}… asks for the user model {name!r}, which this node does not "
-                           f"trust; list it under `trusted_models:` in the cluster file if the nodes should build it")
-    net = rebuild(spec, where=f"stage file {sha256[:12]}…")
+    where = f"stage file {sha256[:12]}…"
+    graph_module = None
+    if "graph" in metadata:
+        graph_module = graph_from_json(metadata["graph"], where=where, input_shape=spec.input.shape,
+                                       input_dtype=input_example(spec).dtype)
+    elif is_import_spec(spec.model.name) and not is_trusted(spec.model.name, trusted_models):
+        reason = metadata.get("graph_missing", "it carries no graph")[:300]
+        raise PackageError(f"{where} is for the user model {spec.model.name!r} and carries no graph the node can "
+                           f"rebuild ({reason}); its code is needed, so list it under `trusted_models:` in the "
+                           "cluster file and install the file on the node if the nodes should build it")
+    net = rebuild(spec, where=where, graph_module=graph_module)
     stage = net.stage(start, end)
     _load_stage_weights(net, stage, tensors, sha256)
     apply_spec_settings(net, spec)

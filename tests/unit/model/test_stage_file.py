@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -50,10 +52,34 @@ def test_altered_bytes_are_refused(net: EarlyExitNet) -> None:
         load_stage_file(bytes(data), sha256=sha)
 
 
-def test_an_untrusted_user_model_is_not_built(net: EarlyExitNet) -> None:
+USER_MODELS = Path(__file__).parents[2] / "assets" / "models.py"
+
+
+def user_net(factory: str) -> EarlyExitNet:
     torch.manual_seed(0)
-    user = EarlyExitNet.from_model(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8),
-                                   source=ModelSource(name="some_module:factory")).eval()
+    name = f"{USER_MODELS}:{factory}"
+    return EarlyExitNet.from_model(build_model(name, 10), torch.zeros(1, 1, 8, 8),
+                                   source=ModelSource(name=name, num_classes=10)).eval()
+
+
+def test_a_user_model_travels_as_its_graph_and_needs_no_trust() -> None:
+    user = user_net("build")
+    start, end = user.exit_cuts[0].id, MODEL_OUTPUT
+    data = stage_file(user, start, end)
+    loaded = load_stage_file(data, sha256=sha256_hex(data))  # trusts nothing
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        (activation,) = user.segment_between(MODEL_INPUT, start)(x)
+        want, got = user.stage(start, end).run((activation,)), loaded.stage.run((activation,))
+    assert torch.equal(got.logits, want.logits)
+    assert [c.after for c in loaded.net.exit_cuts] == [c.after for c in user.exit_cuts]
+
+
+def test_a_user_model_whose_graph_cannot_travel_needs_trust_and_says_why() -> None:
+    user = user_net("own_op")
     data = stage_file(user, MODEL_INPUT, user.exit_cuts[0].id)
-    with pytest.raises(PackageError, match="trusted_models"):
+    with pytest.raises(PackageError, match="trusted_models") as refused:
         load_stage_file(data, sha256=sha256_hex(data))
+    assert "halve" in str(refused.value), "the node says what in the graph needs code"
+    loaded = load_stage_file(data, sha256=sha256_hex(data), trusted_models=[f"{USER_MODELS}:own_op"])
+    assert loaded.net.source == user.source

@@ -383,8 +383,9 @@ class ClusterSpec(SpecModel):
     registry: Literal["embedded"] | EtcdSpec = Field("embedded", description="where nodes register: `embedded` "
                                                      "(in the entry's process, one machine) or an etcd")
     retry: RetryPolicy = RetryPolicy()
-    trusted_models: tuple[str, ...] = Field((), description="`module:factory` models nodes may build from the stage "
-                                                            "files they are sent (built-ins and torchvision always)")
+    trusted_models: tuple[str, ...] = Field((), description="`module:factory` models nodes may build from their "
+                                                            "own code for stage files that carry no graph "
+                                                            "(built-ins and torchvision always)")
 
     @field_validator("codec")
     @classmethod

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-gpu test-unit lint lock bench proto clean
+.PHONY: demo test test-gpu gpu-check test-unit lint lock bench proto clean
 
 # On the machine kind requirements.lock was written for (CI's), install exactly it, hashes checked; elsewhere
 # from pyproject.toml's ranges.
@@ -35,6 +35,10 @@ lint: $(STAMP)
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu tests
 
+# The one prepared run for a GPU machine: the gpu tests, then the device bench (figures to devices.json).
+gpu-check: test-gpu
+	$(BIN)/python bench/devices.py --json devices.json
+
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
@@ -45,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/lone_request.py
 	$(BIN)/python bench/failover.py
 	$(BIN)/python bench/planner.py
+	$(BIN)/python bench/devices.py
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Isrc --python_out=src --grpc_python_out=src --pyi_out=src \

@@ -66,6 +66,9 @@ class NodeSpec(SpecModel):
     compile: Literal["off", "default", "reduce-overhead"] = Field(
         "off", description="torch.compile the stage (batches padded to a few sizes, compiled when the stage "
                            "loads); reduce-overhead (CUDA graphs) needs a GPU device")
+    pin_memory: bool = Field(False, description="read received batches into page-locked memory and copy them to "
+                                                "the GPU on a side stream (CUDA devices; with auto, only where "
+                                                "it finds one)")
     data_port: int | None = Field(None, ge=0, le=65535, description="port of the data plane (batches and results), "
                                                                   "on the address's host; default: any free one, "
                                                                   "announced to upstream nodes through Health")

@@ -104,7 +104,8 @@ class DataService:
         self._per_host: Counter[str] = Counter()
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
-        self._server = await serve(host, port, self._handle, tls=tls, limits=self.limits)
+        self._server = await serve(host, port, self._handle, tls=tls, limits=self.limits,
+                                   payload_buffer=self.node.compute.payload_buffer)
         self.port = self._server.port
         return self.port
 

@@ -6,7 +6,10 @@ naming it and what is available (no silent fall back to the CPU); fp16 on a CPU 
 it are slow or missing: bf16 is the CPU's half precision). ``auto`` takes the first accelerator, else the CPU.
 
 Compute runs under autocast in the chosen dtype; what goes on the wire is always on the CPU, contiguous and
-of the dtype the cut declares (:func:`to_wire`), whatever the device and compute dtype. No other module
+of the dtype the cut declares (:func:`to_wire`), whatever the device and compute dtype. With ``pin_memory``
+(CUDA only) a node reads each large payload from the socket straight into page-locked memory
+(:meth:`ComputeDevice.payload_buffer`; torch's caching host allocator reuses the blocks) and copies batches to
+the GPU on a side stream, which the compute stream waits for (:func:`to_device`). No other module
 names a device: ``tests/unit/runtime/test_devices.py`` fails on ``.cuda()`` or a ``"cuda"`` literal
 elsewhere in ``src/``.
 """
@@ -15,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -39,6 +43,7 @@ class ComputeDevice:
     device: torch.device
     dtype: torch.dtype
     compile: str = "off"  # torch.compile mode: off, default, reduce-overhead
+    pin_memory: bool = False  # page-locked receive buffers and side-stream copies (CUDA only)
 
     @property
     def name(self) -> str:
@@ -72,6 +77,12 @@ class ComputeDevice:
         self.synchronize()
         return twin
 
+    @property
+    def payload_buffer(self) -> Callable[[int], memoryview] | None:
+        """What a node reads large payloads into: page-locked memory with ``pin_memory`` (so the batch decoded
+        from it goes to the GPU without another copy), else None: the frame reader's own buffers."""
+        return _pinned_buffer if self.pin_memory else None
+
     def synchronize(self) -> None:
         """Wait for the device's queued work (GPU kernels run asynchronously): compute is timed to here."""
         if self.device.type == _CUDA:
@@ -101,9 +112,11 @@ def available() -> list[str]:
     return found
 
 
-def choose_device(device: str, dtype: str, *, member: str, compile: str = "off") -> ComputeDevice:
+def choose_device(device: str, dtype: str, *, member: str, compile: str = "off",
+                  pin_memory: bool = False) -> ComputeDevice:
     """The checked device and dtype of ``member`` (ClusterError, naming the member, the device and what is
-    here)."""
+    here). ``pin_memory`` with ``auto`` applies only where auto finds a GPU; asked of another device, it
+    is an error."""
     here = available()
     if device == "auto":
         chosen = next((d for d in here if d != "cpu"), "cpu")
@@ -119,14 +132,42 @@ def choose_device(device: str, dtype: str, *, member: str, compile: str = "off")
     if compile == "reduce-overhead" and not chosen.startswith(_CUDA):
         raise ClusterError(f"{member} asks for compile: reduce-overhead (CUDA graphs) on {chosen}: use compile: "
                            "default there, or a CUDA device")
-    return ComputeDevice(torch.device(chosen), torch_dtype, compile)
+    on_gpu = chosen.startswith(_CUDA)
+    if pin_memory and not on_gpu and device != "auto":
+        raise ClusterError(f"{member} asks for pin_memory on {chosen}: page-locked memory speeds up copies to a "
+                           "CUDA device only; remove `pin_memory`, or use a CUDA device")
+    return ComputeDevice(torch.device(chosen), torch_dtype, compile, pin_memory and on_gpu)
 
 
 def to_device(tensors: Sequence[torch.Tensor], compute: ComputeDevice) -> tuple[torch.Tensor, ...]:
-    """Received (CPU) tensors onto the compute device; on the CPU they stay as they are."""
+    """Received (CPU) tensors onto the compute device; on the CPU they stay as they are.
+
+    With ``pin_memory`` the copies run on a side stream the compute stream then waits for; a tensor not
+    already in page-locked memory (a small payload, the edge's caller's input) is staged through a pinned
+    block first. The CPU tensors must live until the batch's compute is synchronised, as the executor's do.
+    """
     if compute.device.type == "cpu":
         return tuple(tensors)
-    return tuple(t.to(compute.device, non_blocking=True) for t in tensors)
+    if not compute.pin_memory:
+        return tuple(t.to(compute.device, non_blocking=True) for t in tensors)
+    side, computing = _copy_stream(compute.device), torch.cuda.current_stream(compute.device)
+    side.wait_stream(computing)  # memory the caching allocator hands the copies may have just been freed there
+    with torch.cuda.stream(side):
+        moved = tuple((t if t.is_pinned() else t.pin_memory()).to(compute.device, non_blocking=True)
+                      for t in tensors)
+    computing.wait_stream(side)
+    for tensor in moved:
+        tensor.record_stream(computing)  # allocated on the side stream, used on the compute stream
+    return moved
+
+
+def _pinned_buffer(size: int) -> memoryview:
+    return torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy().data  # the view keeps the tensor alive
+
+
+@functools.cache
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 def to_wire(tensors: Sequence[torch.Tensor], infos: Sequence[TensorInfo]) -> tuple[torch.Tensor, ...]:

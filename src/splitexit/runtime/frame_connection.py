@@ -49,8 +49,9 @@ class FrameConnection(asyncio.BufferedProtocol):
     """Frames in (``receive``) and out (``send``) over one transport; the first error closes it for good."""
 
     def __init__(self, limits: FrameLimits | None = None,
-                 on_made: Callable[[FrameConnection], None] | None = None):
-        self.reader = FrameReader(limits or FrameLimits())
+                 on_made: Callable[[FrameConnection], None] | None = None,
+                 payload_buffer: Callable[[int], memoryview] | None = None):
+        self.reader = FrameReader(limits or FrameLimits(), payload_buffer=payload_buffer)
         self._on_made = on_made
         self.transport: asyncio.Transport | None = None
         self.peer_name: str | None = None
@@ -263,9 +264,10 @@ class FrameServer:
 
 
 async def serve(host: str, port: int, handle: Callable[[FrameConnection], Awaitable[None]], *,
-                tls: ssl.SSLContext | None = None, limits: FrameLimits | None = None) -> FrameServer:
+                tls: ssl.SSLContext | None = None, limits: FrameLimits | None = None,
+                payload_buffer: Callable[[int], memoryview] | None = None) -> FrameServer:
     """Accept connections on ``host:port`` (0: a free port); ``handle`` runs once per connection (with TLS,
-    once its handshake is done)."""
+    once its handshake is done). ``payload_buffer`` allocates what large payloads are read into."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
 
@@ -286,14 +288,15 @@ async def serve(host: str, port: int, handle: Callable[[FrameConnection], Awaita
         spawn(run(connection))
 
     if tls is None:
-        server = await loop.create_server(lambda: FrameConnection(limits, made), host, port, reuse_port=False)
+        server = await loop.create_server(lambda: FrameConnection(limits, made, payload_buffer), host, port,
+                                          reuse_port=False)
         return FrameServer(int(server.sockets[0].getsockname()[1]), server.close)
     listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     listener.setblocking(False)
 
     async def handshake(raw: socket.socket) -> None:
         try:
-            await accept_tls(raw, tls, FrameConnection(limits, made))
+            await accept_tls(raw, tls, FrameConnection(limits, made, payload_buffer))
         except (OSError, ssl.SSLError, TimeoutError):
             raw.close()  # not one of ours, or too slow to prove it: the handshake failed, nothing else to do
 

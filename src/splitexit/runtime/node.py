@@ -102,7 +102,8 @@ class Node:
             raise ClusterError(f"{name} is the edge; the edge runs inside `splitexit run`, not as a node")
         self.tier = cluster.tier_by_name().get(name, self.spec.tier or 1)
         self.compute = choose_device(self.spec.device, self.spec.dtype, member=f"node {name}",
-                                     compile=self.spec.compile)  # an absent device fails here, at once
+                                     compile=self.spec.compile,
+                                     pin_memory=self.spec.pin_memory)  # an absent device fails here, at once
         self.incarnation = uuid.uuid4().hex
         self.machine = machine_identity()
         self.cache = StageCache(cache_dir, pinned=lambda: {served.sha256 for served in self.plans.values()})

@@ -66,7 +66,7 @@ class RequestPath:
         self.retry = Backoff(cluster.retry.first_wait, cluster.retry.max_wait)
         self.compute = ComputeMeter()  # how long each node's stage computed per request, under this plan
         self.device = choose_device(cluster.edge.device, cluster.edge.dtype, member=f"the edge {self.name}",
-                                    compile=cluster.edge.compile)
+                                    compile=cluster.edge.compile, pin_memory=cluster.edge.pin_memory)
         self._computing = self.device.copy_for(net)  # what the edge's stages run: net itself on the CPU
         self.metrics = metrics or ChainMetrics(self.name, role="edge")
         self.in_flight = 0  # requests submitted and not yet answered

@@ -8,7 +8,8 @@ is ours to keep stable: ``docs/wire.md``.
 :class:`FrameReader` is the receiving side's state machine, shaped for :class:`asyncio.BufferedProtocol`:
 the transport reads straight into the buffer ``buffer()`` hands out, and a payload larger than the
 staging buffer is read into a buffer of its own, allocated once its size is checked against the limits
-(no reading into growing ``bytes``, no copy of large payloads). Sizes are checked before anything is
+(no reading into growing ``bytes``, no copy of large payloads; the owner may supply that allocation, e.g.
+page-locked memory for a GPU). Sizes are checked before anything is
 allocated; a frame that breaks a rule is a :class:`~splitexit.errors.WireError` and the connection is
 closed by its owner (a stream of frames has no resynchronisation point).
 """
@@ -16,6 +17,7 @@ closed by its owner (a stream of frames has no resynchronisation point).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -31,6 +33,11 @@ VERSION = 1
 HEADER = struct.Struct("!4sBBHQdIQ")
 #: Bytes of the staging buffer: headers, metadata and payloads up to this size are read through it.
 STAGING = 256 * 1024
+
+
+def _unfilled(size: int) -> memoryview:
+    """``size`` bytes, not zero-filled (a bytearray would be): every byte is read into it before use."""
+    return np.empty(size, np.uint8).data
 
 
 class FrameType(IntEnum):
@@ -84,10 +91,13 @@ def frame_header(kind: FrameType, *, batch_id: int = 0, deadline: float = 0.0, m
 
 class FrameReader:
     """Turns bytes read from a connection into :class:`Frame` s: ``buffer()`` to read into, then
-    ``filled(n)`` with the count read, which returns the frames completed by those bytes."""
+    ``filled(n)`` with the count read, which returns the frames completed by those bytes. ``payload_buffer``
+    allocates the buffer a payload larger than the staging buffer is read into (its size already checked)."""
 
-    def __init__(self, limits: FrameLimits | None = None, staging: int = STAGING):
+    def __init__(self, limits: FrameLimits | None = None, staging: int = STAGING,
+                 payload_buffer: Callable[[int], memoryview] | None = None):
         self.limits = limits = limits or FrameLimits()
+        self._payload_buffer = payload_buffer or _unfilled
         if staging < HEADER.size + limits.metadata:
             raise ValueError("the staging buffer must hold a header and the largest metadata block")
         self._staging_size = staging
@@ -142,8 +152,7 @@ class FrameReader:
                 at = self._start + HEADER.size
                 metadata = bytes(self._staging[at:at + metadata_size])
                 here = available - needed
-                # not zero-filled (a bytearray would be): every byte is read into it before the frame is out
-                self._big = np.empty(payload_size, np.uint8).data
+                self._big = self._payload_buffer(payload_size)
                 self._big[:here] = self._staging[at + metadata_size:self._end]
                 self._big_filled = here
                 self._pending = (kind, flags, batch_id, deadline, metadata)

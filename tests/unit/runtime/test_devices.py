@@ -62,6 +62,23 @@ def test_with_two_gpus_auto_takes_the_first_and_an_index_past_them_fails(two_gpu
         choose_device("cuda:2", "fp32", member="node a")
 
 
+def test_pin_memory_is_for_cuda_devices_and_auto_pins_only_where_it_finds_one() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ClusterError, match=r"node a asks for pin_memory on cpu: page-locked memory speeds up "
+                                           r"copies to a CUDA device only"):
+        choose_device("cpu", "fp32", member="node a", pin_memory=True)
+    unpinned = choose_device("auto", "fp32", member="node a", pin_memory=True)
+    assert unpinned == CPU and unpinned.payload_buffer is None  # the frame reader's own buffers
+
+
+def test_pin_memory_on_a_gpu_reads_payloads_into_pinned_buffers(two_gpus: None) -> None:
+    pinned = choose_device("cuda:1", "fp32", member="node a", pin_memory=True)
+    assert pinned.pin_memory and pinned.payload_buffer is not None
+    assert choose_device("auto", "fp32", member="node a", pin_memory=True).pin_memory
+    assert choose_device("cuda", "fp32", member="node a").payload_buffer is None
+
+
 def test_fp16_on_the_cpu_is_refused() -> None:
     with pytest.raises(ClusterError, match="fp16 on the CPU.*use bf16"):
         choose_device("cpu", "fp16", member="the edge edge")
@@ -75,11 +92,13 @@ def test_the_cluster_file_names_the_choices() -> None:
 
 
 def test_a_node_checks_its_device_when_it_is_made_and_health_names_it(tmp_path: Path) -> None:
-    def cluster(**cloud1: str) -> ClusterSpec:
+    def cluster(**cloud1: str | bool) -> ClusterSpec:
         return ClusterSpec.model_validate({"nodes": [{"name": "edge", "role": "edge"},
                                                      {"name": "cloud1", "address": "127.0.0.1:1", **cloud1}]})
     with pytest.raises(ClusterError, match="node cloud1 asks for dtype fp16 on the CPU"):
         Node(cluster(device="cpu", dtype="fp16"), "cloud1", cache_dir=tmp_path)
+    with pytest.raises(ClusterError, match="node cloud1 asks for pin_memory on cpu"):
+        Node(cluster(device="cpu", pin_memory=True), "cloud1", cache_dir=tmp_path)
     node = Node(cluster(device="cpu", dtype="bf16"), "cloud1", cache_dir=tmp_path)
     assert asyncio.run(node.health()).device == "cpu/bf16"
 

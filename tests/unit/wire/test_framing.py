@@ -63,6 +63,23 @@ def test_a_large_payload_lands_in_a_buffer_of_its_own_that_later_frames_do_not_t
     assert frames[0].payload.obj is not frames[1].payload.obj
 
 
+def test_the_owner_allocates_the_buffers_large_payloads_are_read_into() -> None:
+    """What a GPU node hands in to read payloads into page-locked memory: asked only for large payloads, with
+    their exact size, and the frame's payload is that buffer."""
+    made: list[memoryview] = []
+
+    def payload_buffer(size: int) -> memoryview:
+        made.append(memoryview(bytearray(size)))
+        return made[-1]
+
+    reader = FrameReader(LIMITS, staging=STAGING, payload_buffer=payload_buffer)
+    small, large = b"\x03" * 100, b"\x04" * 100_000
+    frames = feed(reader, encode(FrameType.BATCH, b"m", small) + encode(FrameType.BATCH, b"m", large), [])
+    assert [bytes(f.payload) for f in frames] == [small, large]
+    assert [len(m) for m in made] == [len(large)]
+    assert frames[1].payload is made[0]
+
+
 @pytest.mark.parametrize("header, says", [
     (b"HTTP" + frame_header(FrameType.BATCH)[4:], "not a splitexit frame"),
     (frame_header(FrameType.BATCH)[:4] + b"\x09" + frame_header(FrameType.BATCH)[5:], "version 9"),

@@ -63,7 +63,7 @@ from splitexit.report.console import (
 from splitexit.report.demo_console import DemoConsole
 from splitexit.report.formats import json_line
 from splitexit.report.planning import plan_json, plan_table, plot_sweep, profile_json, profile_tables
-from splitexit.report.progress import progress_bar
+from splitexit.report.progress import epoch_description, progress_bar
 from splitexit.report.run_report import write_report
 from splitexit.report.run_summary import summarize
 from splitexit.runtime.security import init_ca, issue_certificate
@@ -127,19 +127,23 @@ def train(
     batch_size: int = typer.Option(TRAIN_DEFAULTS.batch_size, help="Samples per optimiser step"),
     lr: float = typer.Option(TRAIN_DEFAULTS.lr, help="Peak learning rate (AdamW, one-cycle schedule)"),
     distill: float = typer.Option(TRAIN_DEFAULTS.distill, help="Weight of distillation from the final exit (0: off)"),
-    seed: int = typer.Option(TRAIN_DEFAULTS.seed, help="Seed of the initial weights and the batch order"),
+    seed: int = typer.Option(TRAIN_DEFAULTS.seed, help="Seed of the initial weights and the batch order (the same "
+                                                       "seed on the same machine gives the same weights)"),
+    patience: Optional[int] = typer.Option(None, help="Stop once the exits' mean accuracy on the calibration split "
+                                                      "has not improved for this many epochs; keeps the best epoch"),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Attach exit heads to a model and train them; writes a package directory."""
     with _user_errors():
         config = TrainConfig.model_validate({"mode": mode or default_mode(weights), "epochs": epochs,
-                                             "batch_size": batch_size, "lr": lr, "distill": distill, "seed": seed})
+                                             "batch_size": batch_size, "lr": lr, "distill": distill, "seed": seed,
+                                             "patience": patience})
         with progress_bar(err, quiet=as_json) as progress:
             task = progress.add_task("training", total=epochs)
             summary = train_package(model, data, out_dir, exits=_split_exits(exits), num_exits=num_exits, head=head,
                                     confidence=confidence, weights=weights, config=config,
-                                    on_epoch=lambda e, n, loss: progress.update(
-                                        task, completed=e, description=f"training (loss {loss:.4f})"))
+                                    on_epoch=lambda result: progress.update(
+                                        task, completed=result.epoch, description=epoch_description(result)))
     if as_json:
         _json(train_json(summary))
         return

@@ -72,6 +72,19 @@ def test_user_model_cuts_across_skips_carry_every_tensor_and_last_exit_is_the_mo
             assert torch.allclose(tail(*head(x)), model(x), atol=1e-6), cut.describe()
 
 
+def test_the_same_seed_trains_the_same_weights_in_separate_processes(tmp_path: Path) -> None:
+    """Each `train` is a fresh process, whose torch RNG starts from a random seed: only --seed may decide."""
+    runs = []
+    for name in ("A", "B"):
+        out = ok(splitexit("train", "--model", "digits_cnn", "--data", "digits", "--epochs", "2", "--seed", "7",
+                           "--out", str(tmp_path / name), "--json"))
+        runs.append(json.loads(out.stdout))
+    sha = [(tmp_path / n / "model.yaml").read_text().split("weights_sha256: ")[1].split()[0] for n in "AB"]
+    assert sha[0] == sha[1], "the same seed gave different weights"
+    assert runs[0]["validation_accuracy"] == runs[1]["validation_accuracy"]
+    assert len(runs[0]["validation_accuracy"]) == 2 and runs[0]["kept_epoch"] == 2
+
+
 def test_help_works_as_module_and_lists_commands() -> None:
     text = ok(splitexit("--help")).stdout
     for command in ("train", "calibrate", "eval", "cuts", "demo"):

@@ -25,6 +25,7 @@ from splitexit.model.calibrate import CalibrationReport
 from splitexit.model.evaluate import EvalReport
 from splitexit.model.manifest import read_manifest
 from splitexit.model.package import SPEC_FILE, read_spec
+from splitexit.model.train import EpochResult
 
 __all__ = ["DEMO_DIR", "DEMO_DROPPED", "DEMO_DROP_AFTER", "DEMO_EPOCHS", "DEMO_MAX_DROP", "DEMO_MODEL",
            "DEMO_SLOWDOWN", "DEMO_UPLINK", "DemoObserver", "DemoPaths", "DemoStep", "run_demo",
@@ -87,7 +88,7 @@ class DemoObserver(Protocol):
 
     def begin(self, step: DemoStep) -> None: ...
 
-    def epoch(self, done: int, total: int, loss: float) -> None: ...
+    def epoch(self, result: EpochResult) -> None: ...
 
     def calibrated(self, report: CalibrationReport) -> None: ...
 

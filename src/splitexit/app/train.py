@@ -16,7 +16,7 @@ import torch
 from splitexit.app.package_data import DEFAULT_SPLIT, package_dataset
 from splitexit.config import DataSplit, ModelSource, TrainConfig
 from splitexit.errors import ConfigError
-from splitexit.model.calibrate import CalibrationReport, calibrate, collect_outputs
+from splitexit.model.calibrate import CalibrationReport, calibrate
 from splitexit.model.cpu import apply_threads, tune_cpu
 from splitexit.model.data import load_dataset, split_dataset
 from splitexit.model.evaluate import EvalReport, evaluate
@@ -80,25 +80,27 @@ def train_package(model: str, data: str, out: Path, *, exits: str | Sequence[str
     """
     dataset = load_dataset(data)
     splits = split_dataset(dataset)
+    config = config or TrainConfig(mode=default_mode(weights))
+    torch.manual_seed(config.seed)  # before the backbone is built: its initial weights come from this seed too
     backbone = build_model(model, dataset.num_classes)
     if weights is not None:
         load_backbone_weights(backbone, weights)
-    config = config or TrainConfig(mode=default_mode(weights))
-    torch.manual_seed(config.seed)
     example = torch.zeros(1, *dataset.sample_shape)
     net = EarlyExitNet.from_model(backbone, example, exits, num_exits=num_exits, head=head, confidence=confidence,
                                   source=ModelSource(name=model, num_classes=dataset.num_classes))
-    report = train(net, splits.train, config, on_epoch=on_epoch)
-    held_out = collect_outputs(net, splits.calib)
-    accuracy = tuple(float((logits.argmax(1) == held_out.labels).float().mean()) for logits in held_out.logits)
+    report = train(net, splits.train, config, validation=splits.calib, on_epoch=on_epoch)
+    threads = torch.get_num_threads()  # what training ran with (tune_cpu below picks the serving count)
+    accuracy = report.accuracy[report.kept_epoch - 1]  # of the weights the net keeps, on the calibration split
     tune_cpu(net)
     package = save(net, out, data=DataSplit(dataset=data),
                    training={"mode": config.mode, "epochs": config.epochs, "seed": config.seed,
-                             "lr": config.lr, "final_loss": round(report.losses[-1], 6),
+                             "epochs_run": len(report.losses), "kept_epoch": report.kept_epoch,
+                             "threads": threads,
+                             "lr": config.lr, "final_loss": round(report.losses[report.kept_epoch - 1], 6),
                              "calib_accuracy": round(accuracy[-1], 6),
                              "weights": str(weights) if weights else None},
                    classes=dataset.class_names, images=dataset.images)
-    return TrainSummary(package, net, report, len(splits.train), accuracy, len(held_out.labels))
+    return TrainSummary(package, net, report, len(splits.train), accuracy, len(splits.calib))
 
 
 def calibrate_package(package: Path, *, data: str | None = None, max_drop: float | None = None,

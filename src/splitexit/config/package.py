@@ -107,7 +107,10 @@ class TrainConfig(SpecModel):
     exit_weights: tuple[float, ...] | None = Field(None, description="loss weight per exit; None: all 1.0")
     distill: float = Field(0.0, ge=0, description="weight of distillation from the final exit (0: off)")
     distill_temperature: float = Field(3.0, gt=0)
-    seed: int = 0
+    seed: int = Field(0, description="seeds the initial weights and the batch order")
+    patience: int | None = Field(None, ge=1, description="stop once the exits' mean validation accuracy has not "
+                                                         "improved for this many epochs, keeping the best epoch's "
+                                                         "weights; None: run every epoch")
 
 
 class ImageInput(SpecModel):

@@ -21,9 +21,13 @@ __all__ = ["calibration_table", "cuts_table", "eval_table", "run_table", "train_
 def train_text(summary: TrainSummary) -> Group:
     """What `train` did: the loss, then accuracy on held-out data (the final exit's, then each early exit's)."""
     report, net = summary.report, summary.net
-    lines = [f"trained {report.mode} for {report.epochs} epochs on {summary.train_samples} samples; final loss "
-             f"{report.losses[-1]:.4f}; final-exit accuracy {summary.final_accuracy:.2%} on the "
+    ran = len(report.losses)
+    lines = [f"trained {report.mode} for {ran} epochs on {summary.train_samples} samples; loss "
+             f"{report.losses[report.kept_epoch - 1]:.4f}; final-exit accuracy {summary.final_accuracy:.2%} on the "
              f"{summary.calib_samples} held-out calibration samples"]
+    if report.kept_epoch != ran:
+        how = f"stopped after epoch {ran} of {report.epochs}" if report.stopped_early else f"ran all {ran} epochs"
+        lines.append(f"  {how}; epoch {report.kept_epoch} had the best validation accuracy, and its weights are kept")
     lines += [f"  exit at {cut.describe()}: accuracy {accuracy:.2%}"
               for cut, accuracy in zip(net.exit_cuts, summary.calib_accuracy)]
     lines.append(f"  cpu: {net.cpu.memory_format}, {net.cpu.threads} threads (measured fastest)")
@@ -33,7 +37,8 @@ def train_text(summary: TrainSummary) -> Group:
 def train_json(summary: TrainSummary) -> dict[str, object]:
     net = summary.net
     return {"package": str(summary.package), "exits": [c.describe() for c in net.exit_cuts],
-            "losses": summary.report.losses, "calib_accuracy": summary.final_accuracy,
+            "losses": summary.report.losses, "validation_accuracy": [list(a) for a in summary.report.accuracy],
+            "kept_epoch": summary.report.kept_epoch, "calib_accuracy": summary.final_accuracy,
             "exit_accuracy": list(summary.calib_accuracy), "calib_samples": summary.calib_samples,
             "cpu": net.cpu.model_dump()}
 

@@ -22,9 +22,10 @@ from splitexit.app.demo import (
 from splitexit.app.plan import PlanSummary
 from splitexit.model.calibrate import CalibrationReport
 from splitexit.model.evaluate import EvalReport
+from splitexit.model.train import EpochResult
 from splitexit.report.console import calibration_table, eval_table
 from splitexit.report.planning import plan_table
-from splitexit.report.progress import progress_bar
+from splitexit.report.progress import epoch_description, progress_bar
 from splitexit.units import parse_duration
 
 __all__ = ["DemoConsole"]
@@ -55,10 +56,10 @@ class DemoConsole:
             bar.start()
             self._bar = (bar, bar.add_task("training", total=DEMO_EPOCHS))
 
-    def epoch(self, done: int, total: int, loss: float) -> None:
+    def epoch(self, result: EpochResult) -> None:
         if self._bar is not None:
             bar, task = self._bar
-            bar.update(task, completed=done)
+            bar.update(task, completed=result.epoch, description=epoch_description(result))
 
     def calibrated(self, report: CalibrationReport) -> None:
         self.out.print(calibration_table(report))

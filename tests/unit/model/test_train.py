@@ -1,11 +1,15 @@
-"""Training modes: heads-only leaves the backbone (and BatchNorm statistics) alone; joint moves it."""
+"""Training modes: heads-only leaves the backbone (and BatchNorm statistics) alone; joint moves it. Per-epoch
+validation accuracy per exit, and early stopping that keeps the best epoch's weights."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from splitexit import EarlyExitNet, TrainConfig, build_model, train
+from splitexit.errors import ConfigError
+from splitexit.model.train import EpochResult
 
 
 def _net() -> EarlyExitNet:
@@ -60,3 +64,35 @@ def test_joint_training_learns_a_separable_problem() -> None:
         outputs = net.eval()(inputs)
     accuracies = [float((o.argmax(1) == labels).float().mean()) for o in outputs]
     assert all(a > 0.8 for a in accuracies), accuracies  # chance is 0.1
+
+
+def _accuracies(net: EarlyExitNet, data: TensorDataset) -> tuple[float, ...]:
+    inputs, labels = data.tensors
+    with torch.no_grad():
+        return tuple(float((o.argmax(1) == labels).float().mean()) for o in net.eval()(inputs))
+
+
+def test_every_epoch_reports_each_exits_validation_accuracy() -> None:
+    net, validation, seen = _net(), _data(), []
+    report = train(net, _data(), TrainConfig(epochs=3, batch_size=32), validation=validation, on_epoch=seen.append)
+    assert [r.epoch for r in seen] == [1, 2, 3] and all(isinstance(r, EpochResult) for r in seen)
+    assert [r.accuracy for r in seen] == report.accuracy and len(report.accuracy[0]) == net.num_exits
+    assert report.kept_epoch == 3 and not report.stopped_early
+    assert report.accuracy[-1] == _accuracies(net, validation), "the last epoch's figures are the net's"
+
+
+def test_patience_stops_early_and_keeps_the_best_epochs_weights() -> None:
+    generator = torch.Generator().manual_seed(5)  # labels that have nothing to do with the inputs: no progress
+    noise = TensorDataset(torch.randn(64, 1, 8, 8, generator=generator), torch.randint(0, 10, (64,),
+                                                                                         generator=generator))
+    net = _net()
+    report = train(net, _data(), TrainConfig(epochs=40, batch_size=32, patience=2), validation=noise)
+    assert report.stopped_early and len(report.losses) == len(report.accuracy) < 40
+    means = [sum(a) / len(a) for a in report.accuracy]
+    assert report.kept_epoch == 1 + means.index(max(means)) == len(report.losses) - 2
+    assert _accuracies(net, noise) == report.accuracy[report.kept_epoch - 1], "the best epoch's weights are back"
+
+
+def test_patience_needs_a_validation_set() -> None:
+    with pytest.raises(ConfigError, match="needs a validation set"):
+        train(_net(), _data(), TrainConfig(epochs=2, patience=1))

@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from splitexit.app.demo import DemoPaths, DemoStep
+from splitexit.model.train import EpochResult
 from splitexit.report.demo_console import DemoConsole
 
 
@@ -18,7 +19,7 @@ def test_every_step_has_a_title_and_the_bar_closes() -> None:
         for step in DemoStep:
             view.begin(step)
             if step is DemoStep.TRAIN:
-                view.epoch(1, 2, 0.5)
+                view.epoch(EpochResult(1, 2, 0.5, (0.9, 0.95)))
                 assert view._bar is not None
         assert view._bar is None
     text = out.file.getvalue()  # type: ignore[attr-defined]

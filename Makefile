@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/failover.py
 	$(BIN)/python bench/planner.py
 	$(BIN)/python bench/devices.py
+	$(BIN)/python bench/guarantee.py
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Isrc --python_out=src --grpc_python_out=src --pyi_out=src \

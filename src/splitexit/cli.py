@@ -43,11 +43,13 @@ from splitexit.app.train import (
     model_cuts,
     train_package,
 )
-from splitexit.cli_options import Command, Group, comma_ints, comma_names, shape_flag
+from splitexit.cli_options import Command, Group, comma_ints, comma_names, guarantee_flag, shape_flag
 from splitexit.config import TrainConfig, describe_validation_error
 from splitexit.control.edge import RunResult
 from splitexit.errors import SplitExitError
+from splitexit.model.calibrate import DEFAULT_GUARANTEE
 from splitexit.model.exits import DEFAULT_AUTO_EXITS
+from splitexit.model.package import read_spec
 from splitexit.model.zoo import list_models
 from splitexit.plan.measure import DEFAULT_BATCH_SIZES, DEFAULT_REPEATS
 from splitexit.plan.search import DEFAULT_TOP
@@ -56,6 +58,7 @@ from splitexit.report.console import (
     cuts_table,
     eval_table,
     infer_table,
+    promise_text,
     run_table,
     train_json,
     train_text,
@@ -159,12 +162,16 @@ def calibrate(
                                                         f"(default {DEFAULT_MAX_DROP:g} without --budget)"),
     budget: Optional[float] = typer.Option(None, help="Mean compute as a fraction of the full model, e.g. 0.5"),
     confidence: Optional[str] = typer.Option(None, help="Override the package's confidence function"),
+    guarantee: Optional[str] = typer.Option(None, help="Probability the --max-drop promise holds on new data "
+                                                       f"(default {DEFAULT_GUARANTEE:g}), or `none` for the "
+                                                       "calibration split's point estimate"),
     trust: list[str] = _trust_option(),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Fit per-exit temperatures and thresholds on the held-out calibration split."""
     with _user_errors():
         report = calibrate_package(package, data=data, max_drop=max_drop, budget=budget, confidence=confidence,
+                                   guarantee=guarantee_flag(guarantee, default=DEFAULT_GUARANTEE, budget=budget),
                                    trust_models=trust)
     if as_json:
         _json({"policy": report.policy.model_dump(), **report.as_metadata()})
@@ -184,10 +191,12 @@ def evaluate(
     """Per-exit accuracy, exit rates, cumulative accuracy and compute saved."""
     with _user_errors():
         report = evaluate_package(package, data=data, split=split, trust_models=trust)
+        calibration = read_spec(package).calibration
     if as_json:
-        _json(report.to_dict())
+        _json({**report.to_dict(), "calibration": calibration})
     else:
-        out.print(eval_table(report, title=f"Evaluation of {package} ({split} split)"))
+        out.print(eval_table(report, title=f"Evaluation of {package} ({split} split)",
+                             promise=promise_text(calibration)))
 
 
 @app.command(cls=Command)

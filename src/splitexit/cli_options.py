@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 from datetime import UTC, datetime
@@ -152,3 +153,20 @@ def shape_flag(text: str, flag: str) -> tuple[int, ...]:
         return parse_shape(text)
     except ValueError as exc:
         raise ConfigError(f"{flag}: {exc}") from None
+
+
+def guarantee_flag(text: str | None, *, default: float, budget: float | None) -> float | None:
+    """``--guarantee``: a probability in (0, 1), ``none``, or unset (``default``; nothing with --budget)."""
+    if text is None:
+        return None if budget is not None else default
+    if budget is not None:
+        raise ConfigError("--guarantee is about accuracy: it goes with --max-drop, not --budget")
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise ConfigError(f"--guarantee is a probability between 0 and 1 (e.g. 0.95) or `none`, not {text!r}")
+    return value

@@ -38,13 +38,13 @@ def test_digits_train_calibrate_eval_meets_the_targets(tmp_path: Path) -> None:
 
 
 def assert_within_max_drop(package: Path, test_report: dict, max_drop: float, *trust: str) -> None:
-    """Calibration keeps the cascade within ``max_drop`` of the final exit on the calibration split: exactly
-    there, and on the test split up to sampling error (thresholds chosen at the edge on 360 samples can cost
-    a few more of the 360 test samples; a package once dropped 4, 1.11 points)."""
+    """Calibration (with its default 95% guarantee) keeps the cascade within ``max_drop`` of the final exit on
+    the calibration split and on the test split it never saw. (A point estimate once lost 1.11 points on the
+    test split where 1.0 was asked; the guarantee is what makes the literal check hold.)"""
     calib = json.loads(ok(splitexit("eval", str(package), "--split", "calib", "--json", *trust)).stdout)
     assert calib["accuracy"] >= calib["final_exit_accuracy"] - max_drop - 1e-9
-    slack = 2 / test_report["samples"]
-    assert test_report["accuracy"] >= test_report["final_exit_accuracy"] - max_drop - slack
+    assert test_report["calibration"]["guarantee"] == 0.95
+    assert test_report["accuracy"] >= test_report["final_exit_accuracy"] - max_drop - 1e-9
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import torch
 from splitexit.app.package_data import DEFAULT_SPLIT, package_dataset
 from splitexit.config import DataSplit, ModelSource, TrainConfig
 from splitexit.errors import ConfigError
-from splitexit.model.calibrate import CalibrationReport, calibrate
+from splitexit.model.calibrate import DEFAULT_GUARANTEE, CalibrationReport, calibrate
 from splitexit.model.cpu import apply_threads, tune_cpu
 from splitexit.model.data import load_dataset, split_dataset
 from splitexit.model.evaluate import EvalReport, evaluate
@@ -105,6 +105,7 @@ def train_package(model: str, data: str, out: Path, *, exits: str | Sequence[str
 
 def calibrate_package(package: Path, *, data: str | None = None, max_drop: float | None = None,
                       budget: float | None = None, confidence: str | None = None,
+                      guarantee: float | None = DEFAULT_GUARANTEE,
                       trust_models: Sequence[str] = ()) -> CalibrationReport:
     """Fit temperatures and thresholds on the package's calibration split and write them back.
 
@@ -116,7 +117,7 @@ def calibrate_package(package: Path, *, data: str | None = None, max_drop: float
     net = load(package, trust_models=trust_models)
     dataset, split = package_dataset(package, net, spec.data, data, trust_models)
     report = calibrate(net, split_dataset(dataset, split).calib, max_drop=max_drop, budget=budget,
-                       confidence=confidence)
+                       confidence=confidence, guarantee=guarantee)
     save(net, package, data=split, training=spec.training, calibration=report.as_metadata(),
          classes=spec.classes, images=spec.images)
     return report

@@ -4,8 +4,10 @@ Temperatures minimise the negative log-likelihood of each exit's logits (tempera
 al. 2017). Thresholds are then searched on the calibrated confidences by coordinate descent, starting
 from the best single shared threshold:
 
-* ``max_drop``: the cheapest thresholds whose cascade accuracy stays within ``max_drop`` of the final
-  exit's accuracy;
+* ``max_drop``: by default with a guarantee (``guarantee.py``): the lowest shared threshold certified, at
+  ``guarantee`` (0.95), to keep the drop within ``max_drop`` on new data; with ``guarantee=None`` the
+  cheapest thresholds whose accuracy on the calibration split itself stays within ``max_drop`` (a point
+  estimate, which new data can miss);
 * ``budget``: the most accurate thresholds whose mean compute (heads included) stays within ``budget``
   times the full model's FLOPs.
 
@@ -25,9 +27,14 @@ from torch.utils.data import DataLoader, Dataset
 from splitexit.config import NEVER, ExitPolicy
 from splitexit.errors import CalibrationError, ConfigError
 from splitexit.model.exits import EarlyExitNet
+from splitexit.model.guarantee import Certified, cascade_exits, certify
 from splitexit.model.heads import confidence_function
 
-__all__ = ["CalibrationReport", "ExitOutputs", "calibrate", "collect_outputs", "fit_temperature"]
+__all__ = ["DEFAULT_GUARANTEE", "CalibrationReport", "ExitOutputs", "calibrate", "collect_outputs",
+           "fit_temperature"]
+
+#: The probability a --max-drop promise holds with, unless the caller asks for none.
+DEFAULT_GUARANTEE = 0.95
 
 #: Temperatures are searched on this log-spaced grid (wide enough for badly over-confident heads).
 TEMPERATURE_GRID = np.geomspace(0.05, 20.0, 400)
@@ -58,12 +65,16 @@ class CalibrationReport:
     compute_fraction: float
     samples: int
     warning: str | None = None  # something the user should know before trusting these thresholds
+    guarantee: float | None = None  # the level the max_drop promise holds with (None: a point estimate)
+    bound: float | None = None  # with a guarantee: the certified bound on the introduced-error rate
 
     def as_metadata(self) -> dict[str, float | int | str]:
         return {"mode": self.mode, "target": self.target, "samples": self.samples,
                 "calib_accuracy": round(self.accuracy, 6),
                 "calib_final_exit_accuracy": round(self.final_exit_accuracy, 6),
                 "calib_compute_fraction": round(self.compute_fraction, 6),
+                **({"guarantee": self.guarantee} if self.guarantee is not None else {}),
+                **({"bound": round(self.bound, 6)} if self.bound is not None else {}),
                 **({"warning": self.warning} if self.warning else {})}
 
 
@@ -89,8 +100,12 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def calibrate(net: EarlyExitNet, dataset: Dataset, *, max_drop: float | None = None,
-              budget: float | None = None, confidence: str | None = None) -> CalibrationReport:
-    """Fit temperatures and thresholds on ``dataset`` and install the resulting policy in ``net``."""
+              budget: float | None = None, confidence: str | None = None,
+              guarantee: float | None = DEFAULT_GUARANTEE) -> CalibrationReport:
+    """Fit temperatures and thresholds on ``dataset`` and install the resulting policy in ``net``.
+
+    ``guarantee`` is the level of the ``max_drop`` promise (None: the point estimate); it has no effect with
+    ``budget``, which promises compute, not accuracy."""
     if (max_drop is None) == (budget is None):
         raise ConfigError("give exactly one of --max-drop (accuracy you may lose, e.g. 0.01) or --budget "
                           "(fraction of the full model's compute, e.g. 0.5)")
@@ -102,6 +117,8 @@ def calibrate(net: EarlyExitNet, dataset: Dataset, *, max_drop: float | None = N
     name = confidence or net.policy.confidence
     score = confidence_function(name)
     temperatures = [fit_temperature(logits, outputs.labels) for logits in outputs.logits]
+    if max_drop is not None and guarantee is not None:  # a certified family is fixed before the data: raw scores
+        temperatures[:-1] = [1.0] * (len(temperatures) - 1)
     with torch.no_grad():
         scores = np.stack([score(logits / t).numpy() for logits, t in zip(outputs.logits[:-1], temperatures)]) \
             if net.exit_cuts else np.zeros((0, len(outputs.labels)))
@@ -109,7 +126,14 @@ def calibrate(net: EarlyExitNet, dataset: Dataset, *, max_drop: float | None = N
     costs = np.array(net.exit_costs(), dtype=np.float64) / net.total_flops
     search = _ThresholdSearch(scores, correct, costs)
     final_accuracy = float(correct[-1].mean())
-    if max_drop is not None:
+    warning = chance_warning(final_accuracy, net.num_classes)
+    promise: Certified | None = None
+    if max_drop is not None and guarantee is not None:
+        promise = certify(scores, correct, max_drop=max_drop, level=guarantee)
+        thresholds = [NEVER if promise.threshold is None else promise.threshold] * search.early
+        mode, target = "max_drop", max_drop
+        warning = warning or _uncertified_warning(promise, max_drop, guarantee)
+    elif max_drop is not None:
         thresholds = search.cheapest(min_accuracy=final_accuracy - max_drop)
         mode, target = "max_drop", max_drop
     else:
@@ -120,7 +144,17 @@ def calibrate(net: EarlyExitNet, dataset: Dataset, *, max_drop: float | None = N
     policy = ExitPolicy(confidence=name, temperatures=tuple(temperatures), thresholds=tuple(thresholds))
     net.set_policy(policy)
     return CalibrationReport(policy, net.exit_names(), mode, float(target), final_accuracy, accuracy, compute,
-                             len(outputs.labels), warning=chance_warning(final_accuracy, net.num_classes))
+                             len(outputs.labels), warning=warning, guarantee=guarantee if promise else None,
+                             bound=promise.bound if promise and promise.threshold is not None else None)
+
+
+def _uncertified_warning(promise: Certified, max_drop: float, level: float) -> str | None:
+    if promise.threshold is not None or not promise.samples:
+        return None
+    return (f"no early exit could be certified to lose at most {max_drop:.2%} with {level:.0%} confidence on "
+            f"{promise.samples} calibration samples (the least they can certify is {promise.smallest_promise:.2%}), "
+            "so every sample runs to the final exit. Calibrate on more samples, allow a larger --max-drop, or use "
+            "--guarantee none for the point estimate (no promise).")
 
 
 def chance_warning(final_accuracy: float, classes: int) -> str | None:
@@ -143,9 +177,7 @@ class _ThresholdSearch:
     def evaluate(self, thresholds: list[float]) -> tuple[float, float]:
         """(accuracy, mean compute fraction) of the cascade with these thresholds."""
         n = self.correct.shape[1]
-        exit_at = np.full(n, self.early)
-        for i in reversed(range(self.early)):
-            exit_at = np.where(self.scores[i] >= thresholds[i], i, exit_at)
+        exit_at = cascade_exits(self.scores, thresholds)
         rows = np.arange(n)
         return float(self.correct[exit_at, rows].mean()), float(self.costs[exit_at].mean())
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -43,7 +45,23 @@ def train_json(summary: TrainSummary) -> dict[str, object]:
             "cpu": net.cpu.model_dump()}
 
 
-def eval_table(report: EvalReport, title: str = "Evaluation") -> Table:
+def promise_text(calibration: Mapping[str, object]) -> str | None:
+    """What a package's calibration promises about accuracy, from its recorded metadata (None: nothing)."""
+    if calibration.get("mode") != "max_drop":
+        return None
+    target, samples = float(str(calibration["target"])), calibration.get("samples")
+    level = calibration.get("guarantee")
+    if level is None:
+        return (f"promise: none beyond the calibration split ({samples} samples), where the drop is within "
+                f"{target:.2%} (a point estimate: new data can lose more)")
+    bound = calibration.get("bound")
+    if bound is None:
+        return f"promise: no early exit was certified at {float(str(level)):.0%} on {samples} samples; none is taken"
+    return (f"promise: with {float(str(level)):.0%} confidence the drop on new data is at most {target:.2%} "
+            f"(certified bound {float(str(bound)):.2%} on errors the exits add, from {samples} calibration samples)")
+
+
+def eval_table(report: EvalReport, title: str = "Evaluation", *, promise: str | None = None) -> Table:
     table = Table(title=f"{title}: {report.samples} samples", title_justify="left")
     for column in ("exit", "after", "accuracy", "exit rate", "cumulative acc.", "FLOPs to exit"):
         table.add_column(column, justify="left" if column == "after" else "right")
@@ -53,6 +71,8 @@ def eval_table(report: EvalReport, title: str = "Evaluation") -> Table:
     table.caption = (f"cascade accuracy {report.accuracy:.2%} (final exit alone {report.final_exit_accuracy:.2%}) · "
                      f"compute {report.compute_fraction:.1%} of the full model "
                      f"({format_flops(report.model_flops)} FLOPs)")
+    if promise:
+        table.caption += f"\n{promise}"
     return table
 
 
@@ -67,6 +87,8 @@ def calibration_table(report: CalibrationReport) -> Table:
         table.add_row(str(i), name, f"{report.policy.temperatures[i]:.3f}", shown)
     table.caption = (f"calibration split: cascade accuracy {report.accuracy:.2%} vs final exit "
                      f"{report.final_exit_accuracy:.2%}, compute {report.compute_fraction:.1%}")
+    if promise := promise_text(report.as_metadata()):
+        table.caption += f"\n{promise}"
     if report.warning:
         table.caption += f"\nwarning: {report.warning}"
     return table

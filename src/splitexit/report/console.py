@@ -131,6 +131,8 @@ def run_table(report: RunReport) -> Group:
     summary.add_row("placement", Text(report.placement))
     if report.resubmitted:
         summary.add_row("resubmitted", f"{report.resubmitted} requests (a node failed while holding them)")
+    if report.fallbacks:
+        summary.add_row("fallback", f"{report.fallbacks} answered at the edge (the chain could not in time)")
     if len(report.plan_changes) > 1:
         start = report.plan_changes[0]["time"]
         for change in report.plan_changes[1:]:

@@ -135,7 +135,7 @@ def _summary(report: RunReport) -> str:
         ("samples", report.samples), ("answered", report.answered), ("errors", report.errors),
         ("accuracy", _fmt(report.accuracy, ".2%", "no labels")),
         ("throughput", f"{_fmt(report.throughput, '.1f')} samples/s"), ("wall time", f"{report.wall_s:.3f} s"),
-        ("resubmitted", report.resubmitted),
+        ("resubmitted", report.resubmitted), ("answered at the edge (fallback)", report.fallbacks),
     ])
 
 

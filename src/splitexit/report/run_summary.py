@@ -61,6 +61,7 @@ class RunReport:
     links: dict[str, dict[str, Any]]
     placement: str
     resubmitted: int = 0
+    fallbacks: int = 0  # answered at the edge because the chain could not (included in the answered)
     plan_changes: tuple[dict[str, Any], ...] = ()
     stage_bytes: dict[str, int] | None = None
     interrupted_of: int | None = None  # the run was stopped after `samples` of this many inputs
@@ -121,6 +122,7 @@ def summarize(result: RunResult) -> RunReport:
         links=links,
         placement=result.placement.describe(),
         resubmitted=sum(1 for r in result.records if r.attempts > 1),
+        fallbacks=sum(1 for r in answered if r.fallback),
         plan_changes=tuple({"at_s": change.time - start if start else 0.0, "time": change.time,
                             "plan": str(change.placement.version), "placement": change.placement.describe(),
                             "cause": change.cause, "reason": change.reason} for change in result.plan_changes),

@@ -29,10 +29,12 @@ class RequestRecord:
     attempts: int = 1
     finished: float = 0.0  # wall-clock time the answer arrived
     plan: str = ""  # id of the plan the last attempt was sent under (a string: ids exceed 2^53)
+    fallback: bool = False  # answered at the edge because the chain could not (cluster file's `fallback`)
+    fallback_reason: str | None = None  # why: the chain's failure
 
 
 def request_record(outcome: RowResult | RowError, *, index: int, label: int | None, started: float,
-                   finished: float, attempts: int, plan: int = 0) -> RequestRecord:
+                   finished: float, attempts: int, plan: int = 0, fallback: str | None = None) -> RequestRecord:
     latency_ms = (finished - started) * 1e3
     plan_id = str(plan) if plan else ""
     if isinstance(outcome, RowError):
@@ -41,7 +43,8 @@ def request_record(outcome: RowResult | RowError, *, index: int, label: int | No
                              plan=plan_id)
     return RequestRecord(index, outcome.request_id, outcome.prediction, outcome.exit, outcome.node,
                          outcome.confidence, label, latency_ms, _breakdown(outcome.trace, latency_ms),
-                         attempts=attempts, finished=finished, plan=plan_id)
+                         attempts=attempts, finished=finished, plan=plan_id, fallback=fallback is not None,
+                         fallback_reason=fallback)
 
 
 def _breakdown(trace: list[Stamp], latency_ms: float) -> dict[str, float]:

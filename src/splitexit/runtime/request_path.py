@@ -4,7 +4,9 @@ The path owns every request until its answer arrives: it keeps the input, and wh
 were lost with a node (``node_unavailable``), found no route (``no_route``) or reached a node that has not
 got the current plan yet (``unknown_plan``), it sends the input again, under the same id, along whatever
 route has been installed by then. A request is answered exactly once; a late duplicate of an answer is
-dropped by id where it arrives.
+dropped by id where it arrives. With the cluster file's ``fallback``, a request whose route still fails when
+90% of ``retry.timeout`` has passed is answered at the edge instead (``fallback.py``), and its record says
+why.
 
 Which plan runs is decided above this module (``control/edge.py`` wires the coordinator to
 :meth:`RequestPath.install`); nothing here knows of registries or coordinators, so the path can be driven
@@ -31,6 +33,7 @@ from splitexit.model.stage_file import without_exits
 from splitexit.model.stages import Stage
 from splitexit.runtime.devices import choose_device
 from splitexit.runtime.failover import Backoff
+from splitexit.runtime.fallback import Fallback, fallback_stage
 from splitexit.runtime.hop import Hop, RowError, RowResult
 from splitexit.runtime.meter import ComputeMeter
 from splitexit.runtime.metrics import ChainMetrics
@@ -40,7 +43,7 @@ from splitexit.runtime.remote import LinkCounters
 from splitexit.runtime.replicas import ReplicaSet
 from splitexit.runtime.stage_hop import NextStage, OpenNextStage, stage_hop
 
-__all__ = ["EXPIRED", "RETIRE_TIMEOUT", "RETRYABLE", "RequestPath"]
+__all__ = ["EXPIRED", "FALLS_BACK", "REMOTE_SHARE", "RETIRE_TIMEOUT", "RETRYABLE", "RequestPath"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,10 @@ RETRYABLE = frozenset({"node_unavailable", "no_route", "unknown_plan"})
 EXPIRED = "attempt_expired"
 #: Seconds a hop of an earlier plan may keep finishing its requests before it is closed anyway.
 RETIRE_TIMEOUT = 30.0
+#: Outcomes the edge answers itself when the cluster file has a ``fallback``: the route, not the input, failed.
+FALLS_BACK = frozenset({*RETRYABLE, EXPIRED, "deadline_exceeded"})
+#: With a fallback, the share of ``retry.timeout`` the chain gets; the rest is left for the edge to answer.
+REMOTE_SHARE = 0.9
 
 
 class RequestPath:
@@ -72,6 +79,7 @@ class RequestPath:
         self.in_flight = 0  # requests submitted and not yet answered
         self._on_broken, self._open_next, self._clock = on_broken, open_next, clock
         self._hop: Hop | None = None
+        self._fallback: Fallback | None = None  # what answers a request the chain could not, under this plan
         self._version = 0
         self._retired: dict[Hop, asyncio.Task] = {}  # hops of earlier plans, closing once their requests finish
         self._sent: dict[str, LinkCounters] = {}  # bytes the edge sent to each peer, over every plan
@@ -105,6 +113,8 @@ class RequestPath:
                         open_next=self._open_next, metrics=self.metrics, compute=self.device)
         if (replicas := _replicas(hop)) is not None:
             await replicas.update(peers)
+        fallback = fallback_stage(net, first.end, self.cluster.fallback)
+        self._fallback = Fallback(fallback, self.device, node=self.name) if fallback is not None else None
         old, self._hop, self._version = self._hop, hop, placement.version
         self.compute.clear()  # stages change with the plan: their old spans say nothing about the new ones
         if old is not None:
@@ -123,17 +133,23 @@ class RequestPath:
             started, since = time.time(), time.perf_counter()
             self.in_flight += 1
             try:
-                outcome, attempts, version = await self._answer(request_id, self.net._prepare(sample))
+                prepared = self.net._prepare(sample)
+                outcome, attempts, version = await self._answer(request_id, prepared)
+                fallback_reason = None
+                if isinstance(outcome, RowError) and outcome.code in FALLS_BACK and self._fallback is not None:
+                    fallback_reason = f"{outcome.code}: {outcome.message}"
+                    outcome = await self._fallback.answer(request_id, prepared)
             finally:
                 self.in_flight -= 1
             finished = time.time()
-        self.metrics.request("answered" if isinstance(outcome, RowResult) else outcome.code, attempts)
+        self.metrics.request(("fallback" if fallback_reason else "answered") if isinstance(outcome, RowResult)
+                             else outcome.code, attempts)
         if isinstance(outcome, RowResult):
             self.metrics.latency(time.perf_counter() - since)
         if isinstance(outcome, RowResult) and version == self._version:  # spans of an old plan's stages say nothing
             self.compute.record(outcome.trace)
         return request_record(outcome, index=index, label=label, started=started, finished=finished,
-                              attempts=attempts, plan=version)
+                              attempts=attempts, plan=version, fallback=fallback_reason)
 
     async def _answer(self, request_id: int, sample: torch.Tensor) -> tuple[RowResult | RowError, int, int]:
         """Send until the request is answered, or fails for a reason a retry cannot fix, or ``retry.timeout``
@@ -142,7 +158,7 @@ class RequestPath:
         the wall clock changes nothing. Returns the outcome, the attempts, and the plan version the last
         attempt was sent under."""
         retry = self.cluster.retry
-        deadline = self._clock() + retry.timeout
+        deadline = self._clock() + retry.timeout * (REMOTE_SHARE if self._fallback is not None else 1.0)
         failure: RowError | None = None  # the last attempt that failed with a reason (not just no answer in time)
         for attempt in itertools.count(1):
             version, hop = self._version, self._hop  # each attempt takes the route installed by then
@@ -193,7 +209,10 @@ class RequestPath:
             """`window` of these share the index iterator, so no more than `window` inputs are ever pending."""
             for index in indices:
                 item = dataset[index]
-                x, label = (item[0], int(item[1])) if isinstance(item, (tuple, list)) else (item, None)
+                if isinstance(item, (tuple, list)):  # (input, label), or (input,) from a TensorDataset of inputs
+                    x, label = item[0], int(item[1]) if len(item) > 1 else None
+                else:
+                    x, label = item, None
                 record = await self.infer(x, index=index, label=label)
                 records.append(record)
                 if on_record is not None:

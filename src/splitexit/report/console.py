@@ -52,13 +52,11 @@ def promise_text(calibration: Mapping[str, object]) -> str | None:
     target, samples = float(str(calibration["target"])), calibration.get("samples")
     level = calibration.get("guarantee")
     if level is None:
-        return (f"promise: none beyond the calibration split ({samples} samples), where the drop is within "
-                f"{target:.2%} (a point estimate: new data can lose more)")
-    bound = calibration.get("bound")
-    if bound is None:
-        return f"promise: no early exit was certified at {float(str(level)):.0%} on {samples} samples; none is taken"
-    return (f"promise: with {float(str(level)):.0%} confidence the drop on new data is at most {target:.2%} "
-            f"(certified bound {float(str(bound)):.2%} on errors the exits add, from {samples} calibration samples)")
+        return f"no promise: drop <= {target:.2%} on the {samples} calibration samples only (a point estimate)"
+    if calibration.get("bound") is None:
+        return f"promise ({float(str(level)):.0%}): nothing certified on {samples} samples, so no early exits"
+    return (f"promise ({float(str(level)):.0%}): drop <= {target:.2%} on new data; certified bound "
+            f"{float(str(calibration['bound'])):.2%} from {samples} samples")
 
 
 def eval_table(report: EvalReport, title: str = "Evaluation", *, promise: str | None = None) -> Table:

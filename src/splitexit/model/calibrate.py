@@ -53,6 +53,10 @@ class ExitOutputs:
     logits: list[torch.Tensor]
     labels: torch.Tensor
 
+    def accuracy(self) -> tuple[float, ...]:
+        """Each exit's accuracy on its own (every sample scored there), the final exit last."""
+        return tuple(float((logits.argmax(1) == self.labels).float().mean()) for logits in self.logits)
+
 
 @dataclass
 class CalibrationReport:
@@ -116,9 +120,9 @@ def calibrate(net: EarlyExitNet, dataset: Dataset, *, max_drop: float | None = N
     outputs = collect_outputs(net, dataset)
     name = confidence or net.policy.confidence
     score = confidence_function(name)
-    temperatures = [fit_temperature(logits, outputs.labels) for logits in outputs.logits]
-    if max_drop is not None and guarantee is not None:  # a certified family is fixed before the data: raw scores
-        temperatures[:-1] = [1.0] * (len(temperatures) - 1)
+    raw_early = max_drop is not None and guarantee is not None  # a certified family is fixed before the data
+    temperatures = [1.0 if raw_early and i < len(outputs.logits) - 1 else fit_temperature(logits, outputs.labels)
+                    for i, logits in enumerate(outputs.logits)]
     with torch.no_grad():
         scores = np.stack([score(logits / t).numpy() for logits, t in zip(outputs.logits[:-1], temperatures)]) \
             if net.exit_cuts else np.zeros((0, len(outputs.labels)))

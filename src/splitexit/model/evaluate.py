@@ -57,6 +57,7 @@ def evaluate(net: EarlyExitNet, dataset: Dataset, batch_size: int = EVAL_BATCH) 
     correct = prediction == labels
     costs = net.exit_costs()
     names = net.exit_names()
+    alone = outputs.accuracy()
     stats = []
     for i in range(net.num_exits):
         here = exit_at == i
@@ -64,7 +65,7 @@ def evaluate(net: EarlyExitNet, dataset: Dataset, batch_size: int = EVAL_BATCH) 
         stats.append(ExitStats(
             exit=i,
             location=names[i],
-            accuracy=float((outputs.logits[i].argmax(1) == labels).float().mean()),
+            accuracy=alone[i],
             exit_rate=float(here.float().mean()),
             cumulative_accuracy=float(correct[so_far].float().mean()) if so_far.any() else float("nan"),
             flops=costs[i],

@@ -83,7 +83,7 @@ def train(net: EarlyExitNet, dataset: Dataset, config: TrainConfig = TrainConfig
             for epoch in range(1, config.epochs + 1):
                 report.losses.append(_epoch(net, loader, optimizer, schedule, weights, config))
                 report.kept_epoch = epoch
-                accuracy = _accuracy(net, validation) if validation is not None else None
+                accuracy = collect_outputs(net, validation).accuracy() if validation is not None else None
                 if accuracy is not None:
                     report.accuracy.append(accuracy)
                 if on_epoch:
@@ -121,11 +121,6 @@ def _epoch(net: EarlyExitNet, loader: DataLoader, optimizer: torch.optim.Optimiz
         total += loss.item() * len(labels)
         count += len(labels)
     return total / max(count, 1)
-
-
-def _accuracy(net: EarlyExitNet, dataset: Dataset) -> tuple[float, ...]:
-    outputs = collect_outputs(net, dataset)
-    return tuple(float((logits.argmax(1) == outputs.labels).float().mean()) for logits in outputs.logits)
 
 
 @contextlib.contextmanager

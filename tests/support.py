@@ -53,7 +53,7 @@ async def assign_plans(control, files, after=None) -> None:  # noqa: ANN001 - Co
 
     for version, data in enumerate(files, start=1):
         sha = sha256_hex(data)
-        assignment = Assignment(plan_version=version, stage_sha256=sha, upstream=("edge",))
+        assignment = Assignment(plan_version=version, stage_sha256=sha, edge="edge", upstream=("edge",))
         if not await control.assign(assignment):
             await control.put_stage(sha, data)
             assert await control.assign(assignment)
@@ -65,7 +65,7 @@ async def start_nodes(cluster, cache_root):  # noqa: ANN001, ANN201 - ClusterSpe
     """Start every worker of ``cluster`` in this process (empty: the entry's coordinator assigns stages)."""
     from splitexit.runtime.node import Node
 
-    nodes = [Node(cluster, n.name, cache_dir=cache_root / n.name) for n in cluster.nodes[1:]]
+    nodes = [Node(cluster, n.name, cache_dir=cache_root / n.name) for n in cluster.workers]
     for node in nodes:
         await node.start()
     return nodes

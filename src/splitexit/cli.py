@@ -43,7 +43,16 @@ from splitexit.app.train import (
     model_cuts,
     train_package,
 )
-from splitexit.cli_options import Command, Group, comma_ints, comma_names, guarantee_flag, shape_flag
+from splitexit.cli_options import (
+    Command,
+    Group,
+    comma_ints,
+    comma_names,
+    edge_option,
+    guarantee_flag,
+    shape_flag,
+    trust_option,
+)
 from splitexit.config import TrainConfig, describe_validation_error
 from splitexit.control.edge import RunResult
 from splitexit.errors import SplitExitError
@@ -87,15 +96,6 @@ SHOWN_FAILURES = 5
 MODEL_HELP = "digits_cnn, a torchvision name (`splitexit models`), module:factory or file.py:factory"
 DATA_HELP = "digits, folder:PATH[?size=N&channels=1|3&normalize=imagenet|none], synthetic:CxHxW[:N], module:factory"
 JSON_HELP = "Print one JSON object instead of tables"
-TRUST_HELP = ("User code (module:factory or file.py:factory) the package names, as its model or its dataset, that "
-              "this command may import; repeat for several")
-
-
-def _trust_option() -> list[str]:
-    """``--trust-model``, the same on every command that loads a package."""
-    return typer.Option([], "--trust-model", metavar="SPEC", help=TRUST_HELP)
-
-
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Turn our errors (and invalid settings) into one readable line and exit code 1."""
@@ -165,7 +165,7 @@ def calibrate(
     guarantee: Optional[str] = typer.Option(None, help="Probability the --max-drop promise holds on new data "
                                                        f"(default {DEFAULT_GUARANTEE:g}), or `none` for the "
                                                        "calibration split's point estimate"),
-    trust: list[str] = _trust_option(),
+    trust: list[str] = trust_option(),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Fit per-exit temperatures and thresholds on the held-out calibration split."""
@@ -185,7 +185,7 @@ def evaluate(
     package: Path = typer.Argument(..., help="Package directory"),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset (default: the one used for training)"),
     split: str = typer.Option(DEFAULT_SPLIT, help="test, calib, train or all"),
-    trust: list[str] = _trust_option(),
+    trust: list[str] = trust_option(),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Per-exit accuracy, exit rates, cumulative accuracy and compute saved."""
@@ -205,12 +205,13 @@ def infer(
     images: list[Path] = typer.Argument(..., metavar="IMAGE...", help="Image files (PNG, JPEG, ...)"),
     cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help="Answer through this cluster's running "
                                                                          "workers (its file's layout); default: here"),
-    trust: list[str] = _trust_option(),
+    trust: list[str] = trust_option(),
+    edge: Optional[str] = edge_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per image"),
 ) -> None:
     """Classify image files: class, confidence, the exit and node that answered, latency."""
     with _user_errors():
-        answers = infer_images(package, images, cluster_file=cluster, trust_models=trust)
+        answers = infer_images(package, images, cluster_file=cluster, trust_models=trust, edge=edge)
     if as_json:
         for answer in answers:
             _json(asdict(answer))
@@ -254,7 +255,8 @@ def profile(
                                                     "(default: raw, fp16, int8, each plain, +lz4, +zstd)"),
     repeats: int = typer.Option(DEFAULT_REPEATS, help="Timed runs per measurement (after warm-up)"),
     force: bool = typer.Option(False, "--force", help="Measure again even if profile.json is up to date"),
-    trust: list[str] = _trust_option(),
+    trust: list[str] = trust_option(),
+    edge: Optional[str] = edge_option(),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Time every segment and head, and the bytes and codec time per cut; saved as PACKAGE/profile.json."""
@@ -264,7 +266,7 @@ def profile(
             task = progress.add_task("profiling", total=None)
             summary = profile_package(package, cluster_file=cluster, data=data, batch_sizes=sizes,
                                       codecs=comma_names(codecs) if codecs else None, repeats=repeats, force=force,
-                                      trust_models=trust, progress=lambda what, done, total: progress.update(
+                                      trust_models=trust, edge=edge, progress=lambda what, done, total: progress.update(
                                           task, completed=done, total=total, description=f"profiling {what}"))
     if as_json:
         _json(profile_json(summary))
@@ -299,7 +301,8 @@ def plan(
     sweep_out: Path = typer.Option(SWEEP_FILE, help="Where --sweep-bandwidth writes its PNG"),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset (default: the one used for training)"),
     reprofile: bool = typer.Option(False, "--reprofile", help="Measure the profile again first"),
-    trust: list[str] = _trust_option(),
+    trust: list[str] = trust_option(),
+    edge: Optional[str] = edge_option(),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Choose cuts, active exits and codecs for a cluster: the best plans, and edge-only and cloud-only."""
@@ -310,7 +313,7 @@ def plan(
             summary = plan_package(package, cluster, objective=goal, top=top,
                                    codecs=comma_names(codecs) if codecs else None, keep_exits=keep_exits,
                                    edge_may_skip=not edge_must_compute, data=data, force_profile=reprofile,
-                                   write_to=write, sweep=sweep, trust_models=trust,
+                                   write_to=write, sweep=sweep, trust_models=trust, edge=edge,
                                    progress=lambda what, done, total: progress.update(
                                        task, completed=done, total=total, description=f"profiling {what}"))
     swept = plot_sweep(summary.sweep, goal, summary.topology, sweep_out) if sweep else None
@@ -381,7 +384,8 @@ def run(
     results: Optional[Path] = typer.Option(None, "--out", help="Write one JSON line per input here"),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write one CSV row per input here (with class names)"),
     report_dir: Optional[Path] = typer.Option(None, "--report", help="Write report.json, report.html and plots here"),
-    trust: list[str] = _trust_option(),
+    trust: list[str] = trust_option(),
+    edge: Optional[str] = edge_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object"),
     objective: Optional[str] = typer.Option(None, help="What the planner optimises: latency, throughput or "
                                                        "deadline (with --deadline); default latency"),
@@ -395,7 +399,7 @@ def run(
     with _user_errors():
         goal = objective_from(objective, deadline) if planned else None
         result = run_cluster(package, cluster, data=data, split=split, window=window, limit=limit, objective=goal,
-                             replan=replan, trust_models=trust)
+                             replan=replan, trust_models=trust, edge=edge)
     _show_run(result, results=results, report_dir=report_dir, as_json=as_json, csv_path=csv_path)
     if result.interrupted_of is not None:  # Ctrl-C: what was answered is written above; say so, exit as SIGINT does
         err.print(f"interrupted after {len(result.records)}/{result.interrupted_of} inputs; the results and report "

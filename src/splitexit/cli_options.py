@@ -170,3 +170,17 @@ def guarantee_flag(text: str | None, *, default: float, budget: float | None) ->
     if not 0 < value < 1:
         raise ConfigError(f"--guarantee is a probability between 0 and 1 (e.g. 0.95) or `none`, not {text!r}")
     return value
+
+
+TRUST_HELP = ("User code (module:factory or file.py:factory) the package names, as its model or its dataset, that "
+              "this command may import; repeat for several")
+
+
+def trust_option() -> list[str]:
+    """``--trust-model``, the same on every command that loads a package."""
+    return typer.Option([], "--trust-model", metavar="SPEC", help=TRUST_HELP)
+
+
+def edge_option() -> str | None:
+    """``--edge``, the same on every command that acts as one edge of a cluster file."""
+    return typer.Option(None, "--edge", help="Which edge of the cluster file this is (when it declares several)")

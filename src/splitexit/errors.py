@@ -99,5 +99,9 @@ class NodeUnavailableError(ClusterError):
     """A node cannot be reached, or stopped answering."""
 
 
+class NodeBusyError(NodeUnavailableError):
+    """A node turned a call away for now (e.g. it is storing another edge's stage upload): ask again soon."""
+
+
 class RegistryUnavailableError(ClusterError):
     """The registry cannot be reached, refused our credentials, or a lease we used no longer exists."""

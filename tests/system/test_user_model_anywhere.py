@@ -155,7 +155,7 @@ def test_a_hostile_graph_is_refused_by_a_live_node_which_serves_on(project: Path
                 await control.put_stage(sha256_hex(data), data)
                 try:
                     await control.assign(Assignment(plan_version=version, stage_sha256=sha256_hex(data),
-                                                    upstream=("edge",)))
+                                                    edge="edge", upstream=("edge",)))
                     refusals.append("accepted")
                 except Exception as exc:  # noqa: BLE001 - the refusal is what is looked at
                     refusals.append(str(exc))

@@ -41,11 +41,11 @@ class ImageAnswer:
 
 
 def infer_images(package: Path, images: Sequence[Path], *, cluster_file: Path | None = None,
-                 trust_models: Sequence[str] = ()) -> list[ImageAnswer]:
+                 trust_models: Sequence[str] = (), edge: str | None = None) -> list[ImageAnswer]:
     """Answer each image, in order: here, or with ``cluster_file`` through its running workers (the file's
     layout: ``ends_at``, or exits spread over the tiers). Every image is read before any is sent, so a bad
-    file stops the command before it has done anything."""
-    cluster = load_cluster(cluster_file) if cluster_file is not None else None
+    file stops the command before it has done anything. ``edge``: which of the file's edges this is."""
+    cluster = load_cluster(cluster_file).for_edge(edge) if cluster_file is not None else None
     trusted = (*trust_models, *(cluster.trusted_models if cluster else ()))
     spec = read_spec(package)
     net = load(package, trust_models=trusted)

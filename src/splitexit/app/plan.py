@@ -89,15 +89,16 @@ class PlanSummary:
 def profile_package(package: Path, *, cluster_file: Path | None = None, data: str | None = None,
                     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, codecs: Sequence[str] | None = None,
                     repeats: int = DEFAULT_REPEATS, force: bool = False,
-                    progress: Progress | None = None, trust_models: Sequence[str] = ()) -> ProfileSummary:
+                    progress: Progress | None = None, trust_models: Sequence[str] = (),
+                    edge: str | None = None) -> ProfileSummary:
     """Measure (or reuse) ``profile.json`` in the package directory; see :mod:`splitexit.plan.profile`.
 
     Each part is measured again only when its key changed (or with ``force``); the package's thread count
     is applied first, as serving does. ``codecs`` defaults to ``DEFAULT_CODECS``. With a cluster file, the
     cluster's running workers are profiled too, and its links probed (see
-    :mod:`splitexit.control.cluster_profile`).
+    :mod:`splitexit.control.cluster_profile`), from ``edge`` (which of the file's edges this is, with several).
     """
-    cluster = load_cluster(cluster_file) if cluster_file is not None else None
+    cluster = load_cluster(cluster_file).for_edge(edge) if cluster_file is not None else None
     trusted = (*trust_models, *(cluster.trusted_models if cluster else ()))
     summary, net = _profile(package, data=data, batch_sizes=batch_sizes, codecs=codecs or DEFAULT_CODECS,
                             repeats=repeats, force=force, progress=progress, trust_models=trusted)
@@ -160,7 +161,8 @@ def plan_package(package: Path, cluster_file: Path, *, objective: Objective = DE
                  edge_may_skip: bool = True, data: str | None = None, force_profile: bool = False,
                  measured_links: Mapping[tuple[str, str], LinkEstimate] | None = None,
                  write_to: Path | None = None, sweep: bool = False,
-                 progress: Progress | None = None, trust_models: Sequence[str] = ()) -> PlanSummary:
+                 progress: Progress | None = None, trust_models: Sequence[str] = (),
+                 edge: str | None = None) -> PlanSummary:
     """Profile (or reuse the profile), then plan ``package`` on the cluster file's chain.
 
     ``keep_exits`` keeps every calibrated exit active (what ``run --no-plan`` serves) instead of choosing.
@@ -168,9 +170,14 @@ def plan_package(package: Path, cluster_file: Path, *, objective: Objective = DE
     :func:`~splitexit.plan.topology.topology_from_cluster`); without it, the links ``splitexit profile
     --cluster`` measured (while they still match the file), else the file's figures. ``write_to`` writes
     the cluster file that serves the best plan (:func:`write_plan`); ``sweep`` plans again across uplink
-    bandwidths (:func:`sweep_bandwidth`).
+    bandwidths (:func:`sweep_bandwidth`). ``edge`` is the edge planned for, in a file with several.
     """
-    cluster = load_cluster(cluster_file)
+    whole = load_cluster(cluster_file)
+    if write_to is not None and len(whole.edges) > 1:
+        raise ConfigError(f"--write: {cluster_file} declares {len(whole.edges)} edges, and a written plan's "
+                          "`ends_at` would fix one edge's cuts for all of them; let each `splitexit run --edge NAME` "
+                          "plan its own")
+    cluster = whole.for_edge(edge)
     summary, net = _profile(package, data=data, force=force_profile, progress=progress,
                             trust_models=(*trust_models, *cluster.trusted_models))
     if measured_links is None:

@@ -202,7 +202,7 @@ def run_cluster(package: Path | None, cluster_file: Path, *, data: str | None = 
                 window: int | None = None, limit: int | None = None,
                 objective: Objective | None = DEFAULT_OBJECTIVE,
                 replan: bool = True, on_record: Callable[[RequestRecord], None] | None = None,
-                trust_models: Sequence[str] = ()) -> RunResult:
+                trust_models: Sequence[str] = (), edge: str | None = None) -> RunResult:
     """Be the edge: stream a dataset split through the running cluster and collect every outcome.
 
     With an ``objective`` the planner places the model (profiling the package first if it has no
@@ -210,9 +210,9 @@ def run_cluster(package: Path | None, cluster_file: Path, *, data: str | None = 
     with ``objective=None`` the cluster file's layout (``ends_at``, or exits spread over the tiers) is used.
     User code the package names is imported only if ``trust_models`` or the file's `trusted_models` list it.
     Ctrl-C (SIGINT, in the main thread) stops the run: the result then holds what was answered so far and
-    ``interrupted_of`` says of how many inputs.
+    ``interrupted_of`` says of how many inputs. ``edge`` names which of the file's edges this is (with several).
     """
-    cluster = load_cluster(cluster_file)
+    cluster = load_cluster(cluster_file).for_edge(edge)
     trusted = (*trust_models, *cluster.trusted_models)
     package = resolve_package(cluster_file, cluster, package)
     spec = read_spec(package)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import (
     ConfigDict,
-    Discriminator,
     Field,
-    Tag,
+    PrivateAttr,
     ValidationInfo,
     field_serializer,
     field_validator,
@@ -20,11 +18,12 @@ from pydantic import (
 from splitexit.config.base import SpecModel, did_you_mean, seconds_from, written_duration
 from splitexit.config.codec_names import AUTO, parse_codec
 from splitexit.config.data_plane import DataPlaneSpec
+from splitexit.config.etcd import ClusterTLS, EtcdSpec
 from splitexit.config.metrics import MetricsSpec
 from splitexit.cuts import MODEL_INPUT, MODEL_OUTPUT, Cut
 from splitexit.errors import ConfigError
 from splitexit.links import in_series
-from splitexit.units import parse_bandwidth, parse_duration, parse_size
+from splitexit.units import parse_bandwidth, parse_size
 
 DEFAULT_CODEC = "raw"
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]{1,2})?)$")
@@ -237,139 +236,6 @@ class SecuritySpec(SpecModel):
         return self
 
 
-#: Key prefix under which a cluster keeps its entries in etcd.
-DEFAULT_ETCD_PREFIX = "/splitexit/"
-#: Lease TTL of node registrations: a node that dies is noticed within about this long (etcd's minimum is 2 s).
-DEFAULT_REGISTRATION_TTL = 3.0
-_HOST_PORT = re.compile(r"^([A-Za-z0-9_.-]+):([0-9]{1,5})$")
-
-
-class EtcdTLS(SpecModel):
-    """Files for talking TLS to etcd (relative to the cluster file)."""
-
-    ca: str = Field(description="CA certificate that signed etcd's server certificate")
-    cert: str | None = Field(None, description="client certificate, for an etcd started with --client-cert-auth")
-    key: str | None = Field(None, description="the client certificate's private key")
-
-    @model_validator(mode="after")
-    def _cert_with_key(self) -> EtcdTLS:
-        if (self.cert is None) != (self.key is None):
-            raise ValueError("give both `cert` and `key` (a client certificate needs its key), or neither")
-        return self
-
-
-#: ``registry.tls: cluster``: every process talks to etcd with its own node certificate from ``security.tls``.
-CLUSTER_TLS = "cluster"
-#: The CA certificate's file in ``security.tls`` (as ``runtime/security.py`` writes it).
-_CA_FILE = "ca.pem"
-
-
-class ClusterTLS(SpecModel):
-    """``tls: cluster``: the CA is ``<security.tls>/ca.pem``; the client certificate is the process's own node
-    certificate, ``<security.tls>/<node>.pem`` and ``.key`` (the node name is etcd's user, when etcd runs as
-    ``splitexit etcd --cluster`` does). Resolved by :meth:`EtcdSpec.for_node` where the registry is opened.
-
-    A model without fields rather than a bare string, so that code that handles ``tls`` as a model (the loader,
-    making its paths absolute) passes it through unchanged; YAML and ``model_dump`` spell it ``cluster``.
-    """
-
-    @model_validator(mode="before")
-    @classmethod
-    def _only_the_word(cls, value: object) -> object:
-        if isinstance(value, ClusterTLS):
-            return value
-        if value == CLUSTER_TLS:
-            return {}
-        raise ValueError(f"`tls` is either {CLUSTER_TLS!r} or {{ca, cert, key}}, got {value!r}")
-
-
-def _tls_kind(value: object) -> str:
-    """Which kind of ``tls`` a value is, so that a wrong ``{ca, cert, key}`` reports only its own errors."""
-    return CLUSTER_TLS if value == CLUSTER_TLS or isinstance(value, ClusterTLS) else "files"
-
-
-#: ``tls:`` of an etcd registry: the files, or ``cluster``.
-EtcdTLSChoice = Annotated[Annotated[EtcdTLS, Tag("files")] | Annotated[ClusterTLS, Tag(CLUSTER_TLS)],
-                          Discriminator(_tls_kind)]
-
-
-class EtcdSpec(SpecModel):
-    """A real etcd as the registry: ``registry: {etcd: [10.0.0.5:2379, 10.0.0.6:2379]}``."""
-
-    etcd: tuple[str, ...] = Field(min_length=1, description="endpoints as host:port; calls are spread over all of them")
-    prefix: str = Field(DEFAULT_ETCD_PREFIX, min_length=1, description="key prefix of this cluster's entries")
-    ttl: float = Field(DEFAULT_REGISTRATION_TTL, ge=2, description="lease TTL of node registrations, seconds")
-    tls: EtcdTLSChoice | None = Field(None, description="{ca, cert, key} files, or `cluster`: each node's own "
-                                                               "certificate from `security.tls`")
-    user: str | None = Field(None, min_length=1, description="etcd user, when etcd has auth enabled")
-    password: str | None = None
-    password_file: str | None = Field(None, description="file holding the password (kept out of the cluster file)")
-
-    @field_validator("etcd", mode="before")
-    @classmethod
-    def _one_or_more(cls, value: object) -> object:
-        return (value,) if isinstance(value, str) else value
-
-    @field_validator("etcd")
-    @classmethod
-    def _host_port(cls, endpoints: tuple[str, ...]) -> tuple[str, ...]:
-        for endpoint in endpoints:
-            match = _HOST_PORT.match(endpoint)
-            if not match or not 0 < int(match.group(2)) < 65536:
-                raise ValueError(f"etcd endpoint {endpoint!r} must be host:port, like 127.0.0.1:2379 "
-                                 "(no http://; set `tls` for https)")
-        return endpoints
-
-    @field_validator("ttl", mode="before")
-    @classmethod
-    def _ttl(cls, value: str | float) -> float:
-        """etcd counts lease TTLs in whole seconds, so here a bare number is seconds even in a file (``3s`` too)."""
-        return parse_duration(value)
-
-    @field_validator("prefix")
-    @classmethod
-    def _ends_with_slash(cls, prefix: str) -> str:
-        return prefix if prefix.endswith("/") else prefix + "/"
-
-    @field_validator("tls", mode="before")
-    @classmethod
-    def _tls_word(cls, value: object) -> object:
-        """A string must be ``cluster`` (said once here, rather than once per kind of ``tls``)."""
-        if isinstance(value, str) and value != CLUSTER_TLS:
-            raise ValueError(f"`tls` is either {CLUSTER_TLS!r} (each node's certificate from `security.tls`) or "
-                             f"{{ca: FILE, cert: FILE, key: FILE}}, got {value!r}")
-        return value
-
-    @field_serializer("tls")
-    def _tls_out(self, tls: EtcdTLS | ClusterTLS | None) -> object:
-        return CLUSTER_TLS if isinstance(tls, ClusterTLS) else tls
-
-    def for_node(self, node: str | None, certificates: str | None) -> EtcdSpec:
-        """This spec as node ``node`` uses it: ``tls: cluster`` becomes the CA and ``node``'s certificate and key
-        in ``certificates`` (the cluster's ``security.tls``); any other spec is returned as it is."""
-        if not isinstance(self.tls, ClusterTLS):
-            return self
-        if certificates is None:
-            raise ConfigError("`registry.tls: cluster` takes etcd's client certificates from `security.tls`, which "
-                              "the cluster file does not set: add `security: {tls: DIR}` (`splitexit certs init DIR`)")
-        if node is None:
-            raise ConfigError("`registry.tls: cluster` needs the name of the node that opens the registry")
-        directory = Path(certificates)
-        files = EtcdTLS(ca=str(directory / _CA_FILE), cert=str(directory / f"{node}.pem"),
-                        key=str(directory / f"{node}.key"))
-        return self.model_copy(update={"tls": files})
-
-    @model_validator(mode="after")
-    def _credentials(self) -> EtcdSpec:
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("give `password` or `password_file`, not both")
-        if self.user is None and (self.password is not None or self.password_file is not None):
-            raise ValueError("a password needs a `user`")
-        if self.user is not None and self.password is None and self.password_file is None:
-            raise ValueError(f"user {self.user!r} needs a `password` or `password_file`")
-        return self
-
-
 class ClusterSpec(SpecModel):
     """A cluster file: the chain of nodes, the links between them, and how requests flow."""
 
@@ -394,6 +260,9 @@ class ClusterSpec(SpecModel):
                                                             "own code for stage files that carry no graph "
                                                             "(built-ins and torchvision always)")
 
+    #: every edge of the file, kept in a view of one edge (:meth:`for_edge`): those names are never workers
+    _all_edges: tuple[str, ...] = PrivateAttr(())
+
     @field_validator("codec")
     @classmethod
     def _known_codec(cls, value: str) -> str:
@@ -407,8 +276,9 @@ class ClusterSpec(SpecModel):
     @model_validator(mode="after")
     def _chain_is_consistent(self) -> ClusterSpec:
         names = [n.name for n in self.nodes]
-        if len(names) < 1 or self.nodes[0].role != "edge" or any(n.role == "edge" for n in self.nodes[1:]):
-            raise ValueError("the first node must be the only one with role: edge")
+        workers_from = next((i for i, n in enumerate(self.nodes) if n.role == "worker"), len(self.nodes))
+        if workers_from == 0 or any(n.role == "edge" for n in self.nodes[workers_from:]):
+            raise ValueError("the edges (role: edge) come first in `nodes`, then the workers")
         if len(set(names)) != len(names):
             raise ValueError(f"node names must be unique, got {names}")
         tiers = self.tiers()
@@ -469,8 +339,47 @@ class ClusterSpec(SpecModel):
         return dict(sorted(grouped.items()))
 
     @property
+    def edges(self) -> tuple[NodeSpec, ...]:
+        """Every edge of the file (``role: edge``), in file order."""
+        return tuple(n for n in self.nodes if n.role == "edge")
+
+    @property
+    def workers(self) -> tuple[NodeSpec, ...]:
+        """Every worker of the file (the nodes after the edges), in file order."""
+        return tuple(n for n in self.nodes if n.role == "worker")
+
+    @property
+    def edge_names(self) -> frozenset[str]:
+        """The names of every edge of the file, also in a view of one edge (nodes must never take them)."""
+        return frozenset(self._all_edges or (e.name for e in self.edges))
+
+    @property
     def edge(self) -> NodeSpec:
-        return self.nodes[0]
+        """The edge, in a file with one (or a view of one edge, :meth:`for_edge`); with several, ConfigError."""
+        edges = self.edges
+        if len(edges) > 1:
+            raise ConfigError(f"the cluster file declares {len(edges)} edges ({', '.join(e.name for e in edges)}): "
+                              "say which one this is with `--edge NAME`")
+        return edges[0]
+
+    def for_edge(self, name: str | None) -> ClusterSpec:
+        """The cluster as edge ``name`` sees it: that edge, every worker, and the links that do not start at
+        another edge. ``None`` picks the only edge; ConfigError names the choices otherwise."""
+        edges = [e.name for e in self.edges]
+        if name is None:
+            if len(edges) == 1:
+                return self
+            raise ConfigError(f"the cluster file declares {len(edges)} edges ({', '.join(edges)}): say which one "
+                              "runs here with `--edge NAME`")
+        if name not in edges:
+            raise ConfigError(f"--edge {name}: the cluster file has no edge of that name{did_you_mean(name, edges)} "
+                              f"(edges: {', '.join(edges)})")
+        others = set(edges) - {name}
+        view = self.model_copy(update={
+            "nodes": tuple(n for n in self.nodes if n.name not in others),
+            "links": tuple(link for link in self.links if link.source not in others)})
+        view._all_edges = tuple(edges)
+        return view
 
     def link(self, source: str, target: str) -> LinkSpec:
         """The link from ``source`` to ``target``: the file's, else (when tiers between them are skipped) the

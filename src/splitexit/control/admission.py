@@ -42,8 +42,8 @@ def judge(cluster: ClusterSpec, info: NodeInfo) -> Verdict:
     """The cluster file's rules for one registration (see the module docstring)."""
     tls = cluster.security.tls is not None
     tiers = cluster.tier_by_name()
-    if info.name == cluster.edge.name:
-        return Verdict(None, refused="it names the edge, which never registers")
+    if info.name in cluster.edge_names:
+        return Verdict(None, refused="it names an edge, and edges never register")
     if info.name in tiers:
         filed = info.model_copy(update={"tier": tiers[info.name], "address": cluster.node(info.name).address})
         if info.address == filed.address or not tls:

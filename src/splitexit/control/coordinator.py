@@ -36,13 +36,13 @@ from splitexit.control.admission import Proofs, judge
 from splitexit.control.members import NODES, NodeInfo, parse_node_info
 from splitexit.control.registry import Registry
 from splitexit.cuts import MODEL_OUTPUT, Cut
-from splitexit.errors import ClusterError, NodeUnavailableError
+from splitexit.errors import ClusterError, NodeBusyError, NodeUnavailableError
 from splitexit.model.exits import EarlyExitNet
 from splitexit.model.stage_file import sha256_hex, stage_file
 from splitexit.plan.codec_choice import link_codec
 from splitexit.runtime.control_client import ControlPort, NodeControl
 from splitexit.runtime.control_messages import Assignment
-from splitexit.runtime.failover import NodeBans
+from splitexit.runtime.failover import Backoff, NodeBans
 from splitexit.runtime.placement import PlacedStage, Placement, default_placement
 from splitexit.runtime.security import node_credentials
 
@@ -71,6 +71,9 @@ START_HINT_AFTER = 3.0
 PROOF_TIMEOUT = 2.0
 #: Registry key the current plan is published under (for people and tools).
 PLAN_KEY = "plan"
+#: Waits before uploading a stage again to a node that was storing another upload (another edge's, often
+#: of the same file), and how many tries before it counts as unreachable (about 16 s in all).
+BUSY_RETRY, BUSY_TRIES = Backoff(first=0.05, cap=1.0), 20
 
 
 #: Why the chain was placed anew (see :class:`PlanChange`).
@@ -291,7 +294,7 @@ class Coordinator:
         """The cluster file plus nodes that joined without being in it, with registered addresses."""
         members = self.members
         nodes = [self.edge]
-        for node in self.cluster.nodes[1:]:
+        for node in self.cluster.workers:
             info = members.get(node.name)
             nodes.append(node.model_copy(update={"address": info.address}) if info else node)
         known = {n.name for n in nodes}
@@ -349,7 +352,8 @@ class Coordinator:
             before = placement.before(stage)
             peers = [cluster.node(n) for n in after.nodes] if after else []
             sha, data = await self._stage_file(stage, placement.disabled_exits)
-            assignment = Assignment(plan_version=placement.version, stage_sha256=sha, downstream=tuple(peers),
+            assignment = Assignment(plan_version=placement.version, stage_sha256=sha, edge=self.edge.name,
+                                    downstream=tuple(peers),
                                     upstream=tuple(before.nodes) if before else ())
             codecs = [await self._codec(placement, stage, peers, cluster, sender=name) for name in stage.nodes]
             results = await asyncio.gather(*(self._assign(cluster.node(name), replace(assignment, codec=codec), data)
@@ -361,14 +365,9 @@ class Coordinator:
         """Assign ``node`` its stage (uploading the file first if it lacks it); None when it took it, else why
         not: unreachable (it may come back), or refused (its reason is kept in ``stage_refusals``)."""
         control = await self._control(node)
-        sha = assignment.stage_sha256
         try:
-            if not await control.assign(assignment):
-                await control.put_stage(sha, data)
-                self.shipments.append((node.name, sha, len(data)))
-                logger.info("shipped stage %s… (%d bytes) to %s", sha[:12], len(data), node.name)
-                if not await control.assign(assignment):
-                    return "refused its stage: it asked for the file again right after the upload"
+            if not await control.assign(assignment) and not await self._ship(node, control, assignment, data):
+                return "refused its stage: it asked for the file again right after the upload"
             return None
         except NodeUnavailableError as exc:
             logger.warning("coordinator: %s", exc)
@@ -378,6 +377,25 @@ class Coordinator:
             logger.warning("coordinator: %s; planning without it", exc)
             self.stage_refusals[node.name] = str(exc)
             return f"refused its stage ({exc})"
+
+    async def _ship(self, node: NodeSpec, control: ControlPort, assignment: Assignment, data: bytes) -> bool:
+        """Upload the stage file, then assign again; whether the node serves it now. A node storing another
+        upload is asked again after a short wait, and may meanwhile have the file from that upload."""
+        sha = assignment.stage_sha256
+        for attempt in range(1, BUSY_TRIES + 1):
+            try:
+                await control.put_stage(sha, data)
+            except NodeBusyError:
+                if attempt == BUSY_TRIES:
+                    raise
+                await self._sleep(BUSY_RETRY.delay(attempt))
+                if await control.assign(assignment):
+                    return True
+                continue
+            self.shipments.append((node.name, sha, len(data)))
+            logger.info("shipped stage %s… (%d bytes) to %s", sha[:12], len(data), node.name)
+            break
+        return await control.assign(assignment)
 
     async def _stage_file(self, stage: PlacedStage, disabled: frozenset[int]) -> tuple[str, bytes]:
         """The stage's file and its sha256, built once per range and exits (in the executor: torch work)."""

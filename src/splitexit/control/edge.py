@@ -66,10 +66,11 @@ class RunResult:
 class Entry:
     """Runs the edge's stage of the current plan here and sends what stays unconfident down the chain."""
 
-    def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, *, window: int | None = None,
+    def __init__(self, net: EarlyExitNet, cluster: ClusterSpec, *, edge: str | None = None, window: int | None = None,
                  registry: Registry | None = None, placer: Placer | None = None, replan: bool = True,
                  start_timeout: float = DEFAULT_START_TIMEOUT):
-        self.net, self.cluster = net, cluster
+        """``edge`` names which of the cluster file's edges this is (needed only when it declares several)."""
+        self.net, self.cluster = net, cluster.for_edge(edge)
         self.window = window or cluster.window
         self.name = cluster.edge.name
         self.start_timeout = start_timeout
@@ -78,7 +79,7 @@ class Entry:
         self.replan = replan  # with a PlanningPlacer: re-plan when measured links make another plan better
         self.metrics = ChainMetrics(self.name, role="edge")
         self.metrics_server: MetricsServer | None = None
-        self.requests = RequestPath(net, cluster, window=self.window, on_broken=self._broken, metrics=self.metrics)
+        self.requests = RequestPath(net, self.cluster, window=self.window, on_broken=self._broken, metrics=self.metrics)
         self._replanning: asyncio.Task | None = None
         self._measured: dict[tuple[str, str], float] = {}  # every link's recent bandwidth, as last polled
         self._own_registry = registry is None

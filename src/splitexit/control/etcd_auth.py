@@ -74,14 +74,14 @@ class Access:
 
 
 def access_for(cluster: ClusterSpec) -> list[Access]:
-    """The users a cluster needs: the edge reads and writes its whole prefix, each worker writes its own key."""
+    """The users a cluster needs: each edge reads and writes its whole prefix, each worker writes its own key."""
     prefix = _prefix(cluster)
     if ROOT in (node.name for node in cluster.nodes):
         raise ClusterError(f"a node named {ROOT!r} would be etcd's administrator (etcd takes a certificate's name as "
                            "its user): rename it in the cluster file and issue its certificate again")
     whole = (prefix.encode(), prefix_range_end(prefix.encode()))
-    accesses = [Access(cluster.edge.name, EDGE_ROLE, readwrite=(whole,))]
-    for node in cluster.nodes[1:]:
+    accesses = [Access(edge.name, EDGE_ROLE, readwrite=(whole,)) for edge in cluster.edges]
+    for node in cluster.workers:
         own = ((prefix + NODES + node.name).encode(), b"")
         accesses.append(Access(node.name, NODE_ROLE.format(name=node.name), readwrite=(own,), read=(whole,)))
     return accesses

@@ -25,7 +25,7 @@ from etcd3aio.lease import LeaseService
 from etcd3aio.watch import WatchResponse, WatchService
 
 from splitexit.config import EtcdSpec
-from splitexit.config.cluster import ClusterTLS
+from splitexit.config.etcd import ClusterTLS
 from splitexit.control.etcd_errors import (
     FIX_ENDPOINT,
     error_detail,

@@ -68,9 +68,9 @@ class LocalCluster:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
-            for node in self.cluster.nodes[1:]:
+            for node in self.cluster.workers:
                 self.launch(node.name)
-            for node in self.cluster.nodes[1:]:
+            for node in self.cluster.workers:
                 self.wait_ready(node.name, timeout)
         except BaseException:
             self.stop()

@@ -110,7 +110,7 @@ class HealthProber:
 
     async def start(self) -> None:
         tiers = self.cluster.tier_by_name()
-        for node in self.cluster.nodes[1:]:
+        for node in self.cluster.workers:
             self._wake[node.name] = asyncio.Event()
             self._tasks.append(asyncio.get_running_loop().create_task(self._probe(node, tiers[node.name])))
 

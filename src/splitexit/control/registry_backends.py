@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from splitexit.config import EtcdSpec, EtcdTLS
-from splitexit.config.cluster import ClusterTLS
+from splitexit.config.etcd import ClusterTLS
 from splitexit.control.embedded_registry import EmbeddedRegistry
 from splitexit.control.etcd_registry import EtcdRegistry
 from splitexit.control.registry import Registry

@@ -14,7 +14,7 @@ from typing import Protocol, TypeVar
 import grpc
 
 from splitexit.config import NodeSpec
-from splitexit.errors import ClusterError, NodeUnavailableError
+from splitexit.errors import ClusterError, NodeBusyError, NodeUnavailableError
 from splitexit.runtime.control_messages import (
     Assignment,
     NodeHealth,
@@ -139,6 +139,8 @@ class NodeControl:
             return await call
         except grpc.aio.AioRpcError as exc:
             detail = f"{exc.code().name}: {exc.details()}"
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise NodeBusyError(f"{what} to {self.node.name} turned away for now ({detail})") from exc
             cause = refusal_cause(exc.code(), exc.details() or "", self.node.name)
             if cause is not None:
                 raise ClusterError(f"node {self.node.name} refused the {what}: {cause} ({detail}; the node is at "

@@ -61,6 +61,7 @@ class Assignment:
 
     plan_version: int
     stage_sha256: str
+    edge: str  # whose plan this is: a node keeps the recent plans of every edge
     downstream: tuple[NodeSpec, ...] = ()  # replicas of the next stage; empty for the last stage
     upstream: tuple[str, ...] = ()  # nodes allowed to open streams to this stage
     codec: CodecSpec | None = None  # of the link to the downstream replicas; None for the last stage
@@ -160,13 +161,13 @@ def _decode_peer(peer: wire_pb2.Peer) -> NodeSpec:
 def encode_assignment(assignment: Assignment) -> wire_pb2.AssignRequest:
     codec = assignment.codec
     return wire_pb2.AssignRequest(plan_version=assignment.plan_version, stage_sha256=assignment.stage_sha256,
-                                  downstream=[_encode_peer(p) for p in assignment.downstream],
+                                  edge=assignment.edge, downstream=[_encode_peer(p) for p in assignment.downstream],
                                   upstream=list(assignment.upstream), codec=codec.name if codec else "")
 
 
 def decode_assignment(request: wire_pb2.AssignRequest) -> Assignment:
     """The assignment, with every peer and the codec name checked (WireError, ConfigError)."""
-    return Assignment(plan_version=request.plan_version, stage_sha256=request.stage_sha256,
+    return Assignment(plan_version=request.plan_version, stage_sha256=request.stage_sha256, edge=request.edge,
                       downstream=tuple(_decode_peer(p) for p in request.downstream),
                       upstream=tuple(request.upstream),
                       codec=parse_codec(request.codec) if request.codec else None)

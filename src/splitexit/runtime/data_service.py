@@ -10,6 +10,10 @@ so a node that cannot keep up holds its upstream back. Every answer, from this s
 further down, goes up in RESULTS frames (through the emulated link of that direction, where the cluster file
 emulates one); a batch's CREDIT and the answers ready with it leave in one write.
 
+Request ids are the sender's, scoped to its connection. A node hands rows on under ids of its own (one
+counter per node) and gives each answer its sender's id back, so rows from two edges that share a plan here
+can be batched together although both edges number their requests from 1.
+
 Node-wide limits hold off hostile or broken peers: connections in all and per address, payload bytes in
 the node at once, and the size of a batch payload, set from the stages served.
 """
@@ -19,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import logging
 import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from splitexit.errors import WireError
@@ -102,6 +107,7 @@ class DataService:
         self._server: FrameServer | None = None
         self._connections: set[FrameConnection] = set()
         self._per_host: Counter[str] = Counter()
+        self._row_ids = itertools.count(1)  # the ids rows travel on under from here (see the module docstring)
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
         self._server = await serve(host, port, self._handle, tls=tls, limits=self.limits,
@@ -174,11 +180,10 @@ class DataService:
             return None
         if node.cluster.security.tls:
             name = connection.peer_name
-            edge = node.cluster.edge.name
-            if name != hello.sender or not (name == edge or node.upstream_allowed(name)):
-                self._refuse("wrong_peer", host, f"certificate names {name}, HELLO {hello.sender!r}; expected the "
+            if name != hello.sender or not (name in node.cluster.edge_names or node.upstream_allowed(name)):
+                self._refuse("wrong_peer", host, f"certificate names {name}, HELLO {hello.sender!r}; expected an "
                                                  "edge or a node of the previous tier")
-                await _goodbye(connection, "wrong_peer", f"only the edge or a node of the previous tier may send to "
+                await _goodbye(connection, "wrong_peer", f"only an edge or a node of the previous tier may send to "
                                                          f"{node.name}")
                 return None
         if not node.accepting:
@@ -234,7 +239,7 @@ class DataService:
         already there, then send every other answer up as it comes."""
         node, size = self.node, frame.payload.nbytes
         arrived = time.perf_counter()
-        futures: list[asyncio.Future] = []
+        senders_ids: dict[asyncio.Future, int] = {}  # each row's future -> its id on this connection
         try:
             try:
                 batch = read_batch(frame.metadata, frame.payload, max_rows=node.cluster.batching.max_batch,
@@ -242,20 +247,23 @@ class DataService:
             except WireError as exc:
                 await self._reject(up, frame, _ids_of(frame.metadata, node.cluster.batching.max_batch), exc)
                 return
-            futures = await self._run(batch, frame, up)
+            senders_ids = dict(zip(await self._run(batch, frame, up), batch.request_ids))
         finally:
             await self.budget.release(size)
             credit.granted += 1  # counted before it is sent: a sender cannot have seen more than this
-            ready = [future for future in futures if future.done()]
-            await up.send((FrameType.CREDIT, 0, ONE_CREDIT), *self._answers(frame.batch_id, ready, arrived))
-        pending = set(futures).difference(ready)
+            ready = [future for future in senders_ids if future.done()]
+            await up.send((FrameType.CREDIT, 0, ONE_CREDIT),
+                          *self._answers(frame.batch_id, ready, senders_ids, arrived))
+        pending = set(senders_ids).difference(ready)
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            await up.send(*self._answers(frame.batch_id, done, arrived))
+            await up.send(*self._answers(frame.batch_id, done, senders_ids, arrived))
 
-    def _answers(self, batch_id: int, done: Iterable[asyncio.Future], arrived: float) -> list[_Up]:
-        """RESULTS frames for the rows of ``done``; each answered row's time here (since ``arrived``) observed."""
-        outcomes: list[Outcome] = [future.result() for future in done]
+    def _answers(self, batch_id: int, done: Iterable[asyncio.Future], senders_ids: dict[asyncio.Future, int],
+                 arrived: float) -> list[_Up]:
+        """RESULTS frames for the rows of ``done``, under their sender's ids; each answered row's time here
+        (since ``arrived``) observed."""
+        outcomes: list[Outcome] = [replace(future.result(), request_id=senders_ids[future]) for future in done]
         seconds = time.perf_counter() - arrived
         for outcome in outcomes:
             if isinstance(outcome, RowResult):
@@ -280,7 +288,7 @@ class DataService:
             await self._reject(up, frame, ids, exc)
             return []
         trace.append(stamp(node.name, "decoded"))
-        return await served.hop.send(ids, tensors, trace)
+        return await served.hop.send(list(itertools.islice(self._row_ids, len(ids))), tensors, trace)
 
     async def _reject(self, up: _Upward, frame: Frame, ids: list[int], error: WireError) -> None:
         node = self.node

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING
 
 from splitexit.config import NodeSpec
-from splitexit.errors import NodeUnavailableError
+from splitexit.errors import NodeBusyError, NodeUnavailableError, WireError
 from splitexit.runtime.control_client import UPLOAD_CHUNK
 from splitexit.runtime.control_messages import (
     Assignment,
@@ -67,7 +67,12 @@ class LocalNodeControl:
                 yield decode_stage_chunk(chunk)
                 await asyncio.sleep(0)  # a chunk at a time, as from the network: the loop serves in between
 
-        await node.store_stage(chunks())
+        try:
+            await node.store_stage(chunks())
+        except WireError as exc:
+            if exc.code == "busy":  # as a node's gRPC face answers it (RESOURCE_EXHAUSTED)
+                raise NodeBusyError(f"stage upload to {self.spec.name} turned away for now ({exc})") from exc
+            raise
 
     async def profile(self, job: ProfileJob) -> NodeProfile:
         node = self._node("profile request")

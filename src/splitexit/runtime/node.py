@@ -20,7 +20,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -68,19 +68,49 @@ DRAIN_POLL = 0.02
 SERVER_GRACE = 1.0
 #: Where a node without an address in the cluster file listens (a free port on loopback).
 DEFAULT_LISTEN = "127.0.0.1:0"
-#: Plans whose stages a node keeps, so requests sent under the previous plans still finish.
+#: Plans per edge whose stages a node keeps, so requests sent under an edge's previous plans still finish.
 KEEP_PLANS = 3
 
 
 @dataclass
 class Served:
-    """One plan's stage on this node."""
+    """One plan's stage on this node, and what each edge that keeps the plan here named as its neighbours
+    (edges whose plans coincide share it, so their rows are batched together)."""
 
     version: int
     sha256: str
     stage: Stage
     hop: Hop
-    upstream: frozenset[str]
+    upstreams: dict[str, frozenset[str]] = field(default_factory=dict)  # edge -> who may send, latest edge last
+    downstreams: dict[str, tuple[NodeSpec, ...]] = field(default_factory=dict)  # edge -> next tier's replicas
+
+    @property
+    def upstream(self) -> frozenset[str]:
+        return frozenset().union(*self.upstreams.values())
+
+    def hold(self, assignment: Assignment) -> None:
+        """Take what ``assignment``'s edge says about the neighbours (replacing its earlier word)."""
+        edge = assignment.edge
+        self.release(edge)
+        self.upstreams[edge] = frozenset(assignment.upstream)
+        self.downstreams[edge] = tuple(assignment.downstream)
+
+    def release(self, edge: str) -> None:
+        self.upstreams.pop(edge, None)
+        self.downstreams.pop(edge, None)
+
+    def downstream(self) -> list[NodeSpec]:
+        """Every replica of the next tier some edge named, at the address the latest assignment gives."""
+        peers: dict[str, NodeSpec] = {}
+        for named in reversed(self.downstreams.values()):
+            for peer in named:
+                peers.setdefault(peer.name, peer)
+        return list(peers.values())
+
+    async def route(self) -> None:
+        """Send on to the replicas :meth:`downstream` names."""
+        if isinstance(self.hop.downstream, ReplicaSet):
+            await self.hop.downstream.update(self.downstream(), wait=False)
 
 
 class Node:
@@ -108,6 +138,7 @@ class Node:
         self.machine = machine_identity()
         self.cache = StageCache(cache_dir, pinned=lambda: {served.sha256 for served in self.plans.values()})
         self.plans: dict[int, Served] = {}
+        self.holdings: dict[str, list[int]] = {}  # edge -> the plan versions it keeps here, oldest first
         self.newest = 0
         self.metrics = ChainMetrics(name, tier=self.tier)
         #: The node's one worker thread: decoding batches, loading stage files, timing the model.
@@ -193,29 +224,38 @@ class Node:
         return any(name in served.upstream for served in self.plans.values())
 
     async def assign(self, assignment: Assignment) -> bool:
-        """Serve the assigned stage under its plan version; False if the stage file is missing (upload it)."""
-        sha256, version = assignment.stage_sha256, assignment.plan_version
+        """Serve the assigned stage under its plan version for its edge; False if the stage file is missing
+        (upload it). Each edge's last :data:`KEEP_PLANS` plans are kept; a plan no edge keeps is retired."""
+        sha256, version, edge = assignment.stage_sha256, assignment.plan_version, assignment.edge
+        if edge not in self.cluster.edge_names:
+            raise WireError(f"an assignment for edge {edge!r}, which the cluster file does not declare (edges: "
+                            f"{', '.join(sorted(self.cluster.edge_names))})", code="bad_message")
         if not self.cache.has(sha256):
             return False
         async with self._assigning:
             served = self.plans.get(version)
-            if served is None or served.sha256 != sha256:
+            if served is not None and served.sha256 != sha256:
+                raise WireError(f"plan {version} runs stage {served.sha256[:12]}… here, not {sha256[:12]}…: a plan "
+                                "version names one stage per node", code="bad_message")
+            if served is None:
                 loaded = await self._load(sha256)
                 stage = await self._prepare(sha256, loaded.stage)
                 codec = None if loaded.stage.end is MODEL_OUTPUT else assignment.codec
                 hop = stage_hop(stage, node=self.spec, cluster=self.cluster, plan_version=version, codec=codec,
                                 metrics=self.metrics, compute=self.compute)
-                served = Served(version, sha256, loaded.stage, hop, frozenset(assignment.upstream))
+                served = Served(version, sha256, loaded.stage, hop)
                 self.plans[version] = served
                 self.metrics.plan_assigned()
-                logger.info("node %s serves plan %d: cuts %s..%s", self.name, version, loaded.stage.start,
-                            loaded.stage.end)
-            else:
-                served.upstream = frozenset(assignment.upstream)
-            if isinstance(served.hop.downstream, ReplicaSet):
-                await served.hop.downstream.update(list(assignment.downstream), wait=False)
+                logger.info("node %s serves plan %d of %s: cuts %s..%s", self.name, version, edge,
+                            loaded.stage.start, loaded.stage.end)
+            served.hold(assignment)
+            await served.route()
+            held = self.holdings.setdefault(edge, [])
+            if version in held:
+                held.remove(version)
+            held.append(version)
             self.newest = version
-            self._retire_old_plans()
+            await self._release_old_plans(edge)
             self.data.stages_changed()
         return True
 
@@ -258,14 +298,22 @@ class Node:
         return LiveState(queued=sum(s.hop.executor.queued for s in self.plans.values()), in_flight=self.in_flight,
                          plan=self.newest, links=links)
 
-    def _retire_old_plans(self) -> None:
-        """Keep the newest plans; close older ones once their requests are done (in the background)."""
-        for version in sorted(self.plans, key=lambda v: v == self.newest)[:max(0, len(self.plans) - KEEP_PLANS)]:
+    async def _release_old_plans(self, edge: str) -> None:
+        """Let ``edge`` keep its newest plans; a plan no edge keeps any more is closed once its requests are
+        done (in the background), one other edges keep routes where they say."""
+        held = self.holdings[edge]
+        for version in held[:-KEEP_PLANS]:
+            served = self.plans[version]
+            served.release(edge)
+            if any(version in versions for versions in self.holdings.values() if versions is not held):
+                await served.route()
+                continue
             # its links' counts stay in the totals (a counter never goes down); its last bytes may be missed
-            _add_links(self._sent_before, self.plans[version])
+            _add_links(self._sent_before, served)
             retiring = asyncio.get_running_loop().create_task(self._retire(self.plans.pop(version)))
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
+        del held[:-KEEP_PLANS]
 
     async def _retire(self, served: Served) -> None:
         """Close a retired plan's hop once idle, then free its stage unless a kept plan runs the same file."""

@@ -37,9 +37,9 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "splitexit.wire.StageService"
 
-#: Who may make a call: the edge (control), any node of the cluster (probes), or an upstream neighbour.
+#: Who may make a call: an edge (control), any node of the cluster (probes), or an upstream neighbour.
 CONTROL, MEMBER, UPSTREAM = "control", "member", "upstream"
-_EXPECTED = {CONTROL: "the edge", MEMBER: "a node of this cluster", UPSTREAM: "the edge or a node of the previous tier"}
+_EXPECTED = {CONTROL: "an edge", MEMBER: "a node of this cluster", UPSTREAM: "an edge or a node of the previous tier"}
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
@@ -67,13 +67,13 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
         if not node.cluster.security.tls:
             return set()
         names = {n.decode() for n in (context.auth_context().get("x509_common_name") or [])}
-        edge = node.cluster.edge.name
+        edges = node.cluster.edge_names
         if caller == CONTROL:
-            allowed = edge in names
+            allowed = bool(names & edges)
         elif caller == MEMBER:
             allowed = bool(names & {n.name for n in node.cluster.nodes})
         else:
-            allowed = any(n == edge or node.upstream_allowed(n) for n in names)
+            allowed = any(n in edges or node.upstream_allowed(n) for n in names)
         if not allowed:
             node.metrics.refused("wrong_peer")
             expected = _EXPECTED[caller]
@@ -97,7 +97,11 @@ class _Servicer(wire_pb2_grpc.StageServiceServicer):
 
     async def Assign(self, request: wire_pb2.AssignRequest, context: grpc.aio.ServicerContext
                      ) -> wire_pb2.AssignReply:
-        await self._admit(context, "stage assignment", CONTROL)
+        names = await self._admit(context, "stage assignment", CONTROL)
+        if names and request.edge not in names:  # with TLS an edge assigns only its own plans
+            self.node.metrics.refused("wrong_peer")
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                         f"a certificate for {', '.join(sorted(names))} may not assign edge {request.edge!r}'s plan")
         try:
             return encode_assign_reply(await self.node.assign(decode_assignment(request)))
         except (SplitExitError, ValueError) as exc:

@@ -229,18 +229,20 @@ class Peer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
-    __slots__ = ("plan_version", "stage_sha256", "downstream", "codec", "upstream")
+    __slots__ = ("plan_version", "stage_sha256", "downstream", "codec", "upstream", "edge")
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     STAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    EDGE_FIELD_NUMBER: _ClassVar[int]
     plan_version: int
     stage_sha256: str
     downstream: _containers.RepeatedCompositeFieldContainer[Peer]
     codec: str
     upstream: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, plan_version: _Optional[int] = ..., stage_sha256: _Optional[str] = ..., downstream: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., codec: _Optional[str] = ..., upstream: _Optional[_Iterable[str]] = ...) -> None: ...
+    edge: str
+    def __init__(self, plan_version: _Optional[int] = ..., stage_sha256: _Optional[str] = ..., downstream: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., codec: _Optional[str] = ..., upstream: _Optional[_Iterable[str]] = ..., edge: _Optional[str] = ...) -> None: ...
 
 class AssignReply(_message.Message):
     __slots__ = ("missing_stage",)

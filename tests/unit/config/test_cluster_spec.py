@@ -9,6 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from splitexit.config import DEFAULT_CODEC, DEFAULT_REGISTRATION_TTL, ClusterSpec, EtcdSpec, LinkSpec
+from splitexit.errors import ConfigError
 
 
 def cluster(text: str) -> ClusterSpec:
@@ -34,6 +35,47 @@ links:
   - {from: a1, to: b, bandwidth: 100Mbit, latency: 5ms, loss: 0.2}
   - {from: b, to: c, latency: 2ms}
 """
+
+
+MANY_EDGES = """
+nodes:
+  - {name: camera, role: edge}
+  - {name: phone, role: edge}
+  - {name: a1, address: "127.0.0.1:50061"}
+  - {name: a2, address: "127.0.0.1:50062", tier: 1}
+  - {name: b, address: "127.0.0.1:50063"}
+links:
+  - {from: camera, to: a1, bandwidth: 5Mbit}
+  - {from: phone, to: a1, bandwidth: 50Mbit}
+  - {from: phone, to: a2, bandwidth: 40Mbit}
+"""
+
+
+def test_a_file_may_declare_several_edges_and_each_sees_only_itself() -> None:
+    spec = cluster(MANY_EDGES)
+    assert [e.name for e in spec.edges] == ["camera", "phone"]
+    assert spec.tier_by_name() == {"camera": 0, "phone": 0, "a1": 1, "a2": 1, "b": 2}
+    phone = spec.for_edge("phone")
+    assert phone.edge.name == "phone"
+    assert [n.name for n in phone.nodes] == ["phone", "a1", "a2", "b"]
+    assert [(link.source, link.target) for link in phone.links] == [("phone", "a1"), ("phone", "a2")]
+    assert phone.link("phone", "a1").bandwidth == 50e6
+    assert spec.for_edge("camera").link("camera", "a1").bandwidth == 5e6
+    assert phone.edge_names == spec.edge_names == {"camera", "phone"}  # the view still knows the others
+    single = cluster(EDGE_AND_TWO)
+    assert single.for_edge(None) is single and single.for_edge("edge").edge.name == "edge"
+
+
+def test_with_several_edges_the_edge_must_be_named() -> None:
+    spec = cluster(MANY_EDGES)
+    with pytest.raises(ConfigError, match=r"2 edges \(camera, phone\).*--edge NAME"):
+        spec.for_edge(None)
+    with pytest.raises(ConfigError, match=r"2 edges \(camera, phone\).*--edge NAME"):
+        _ = spec.edge
+    with pytest.raises(ConfigError, match=r"--edge phon: .*no edge of that name.*did you mean 'phone'"):
+        spec.for_edge("phon")
+    with pytest.raises(ConfigError, match="no edge of that name"):
+        spec.for_edge("a1")  # a worker is no edge
 
 
 def test_workers_without_a_tier_follow_the_node_before_them() -> None:
@@ -131,8 +173,8 @@ def test_unknown_keys_are_refused(text: str, where: str) -> None:
 
 
 @pytest.mark.parametrize("text, message", [
-    ("nodes:\n  - {name: a, address: '127.0.0.1:1'}\n", "only one with role: edge"),
-    (EDGE_AND_TWO + "  - {name: e2, role: edge}\n", "only one with role: edge"),
+    ("nodes:\n  - {name: a, address: '127.0.0.1:1'}\n", "edges .role: edge. come first"),
+    (EDGE_AND_TWO + "  - {name: e2, role: edge}\n", "edges .role: edge. come first"),
     (EDGE_AND_TWO + "  - {name: a, address: '127.0.0.1:50070'}\n", "unique"),
     ("nodes:\n  - {name: edge, role: edge}\n  - {name: a, address: localhost}\n", "address like"),
     ("nodes:\n  - {name: edge, role: edge}\n  - {name: a, address: '127.0.0.1:70000'}\n", "address like"),

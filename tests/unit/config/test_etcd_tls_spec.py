@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from splitexit.config import EtcdSpec, EtcdTLS
-from splitexit.config.cluster import ClusterTLS
+from splitexit.config.etcd import ClusterTLS
 from splitexit.config.load import load_cluster
 from splitexit.errors import ClusterError, ConfigError
 

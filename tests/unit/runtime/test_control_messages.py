@@ -40,17 +40,17 @@ PEERS = (NodeSpec(name="cloud2", address="127.0.0.1:50062"), NodeSpec(name="clou
 
 
 def test_an_assignment_survives_the_wire() -> None:
-    assignment = Assignment(plan_version=7, stage_sha256="ab" * 32, downstream=PEERS, upstream=("edge", "cloud0"),
-                            codec=parse_codec("int8c+zstd"))
+    assignment = Assignment(plan_version=7, stage_sha256="ab" * 32, edge="edge", downstream=PEERS,
+                            upstream=("edge", "cloud0"), codec=parse_codec("int8c+zstd"))
     assert decode_assignment(wire_pb2.AssignRequest.FromString(
         encode_assignment(assignment).SerializeToString())) == assignment
-    last = Assignment(plan_version=7, stage_sha256="ab" * 32)
+    last = Assignment(plan_version=7, stage_sha256="ab" * 32, edge="camera")
     assert decode_assignment(encode_assignment(last)) == last, "the last stage: no codec, no downstream"
     assert [decode_assign_reply(encode_assign_reply(served)) for served in (True, False)] == [True, False]
 
 
 def test_a_bad_peer_or_codec_is_refused_when_decoded() -> None:
-    request = encode_assignment(Assignment(plan_version=1, stage_sha256="ab" * 32, downstream=PEERS))
+    request = encode_assignment(Assignment(plan_version=1, stage_sha256="ab" * 32, edge="edge", downstream=PEERS))
     request.downstream[0].name = "no spaces allowed"
     with pytest.raises(WireError, match="is not a valid node") as caught:
         decode_assignment(request)

@@ -48,7 +48,7 @@ def net() -> EarlyExitNet:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cluster_dir, intruder_dir = tmp_path_factory.mktemp("pki"), tmp_path_factory.mktemp("intruder")
     init_ca(cluster_dir)
-    for name in ("edge", "cloud1", "cloud2"):
+    for name in ("edge", "phone", "cloud1", "cloud2"):
         issue_certificate(cluster_dir, name)
     init_ca(intruder_dir)
     issue_certificate(intruder_dir, "edge")  # right name, wrong CA
@@ -60,6 +60,7 @@ def secure_cluster(tmp_path: Path, tls_dir: Path) -> Path:
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump({
         "nodes": [{"name": "edge", "role": "edge"},
+                  {"name": "phone", "role": "edge"},  # a second edge: it may assign only its own plans
                   {"name": "cloud1", "address": f"127.0.0.1:{free_port()}"},
                   {"name": "cloud2", "address": f"127.0.0.1:{free_port()}"}],
         "security": {"tls": str(tls_dir), "token_file": "token"}}))
@@ -81,14 +82,15 @@ async def health(address: str, credentials: grpc.ChannelCredentials | None, toke
             return exc.code().name
 
 
-async def assign(address: str, credentials: grpc.ChannelCredentials, token: str, target: str) -> str:
-    """'ok' or the gRPC status name the node answered a stage assignment with."""
+async def assign(address: str, credentials: grpc.ChannelCredentials, token: str, target: str,
+                 edge: str = "edge") -> str:
+    """'ok' or the gRPC status name the node answered a stage assignment (of ``edge``'s plan) with."""
     options = [("grpc.ssl_target_name_override", target)]
     async with grpc.aio.secure_channel(address, credentials, options=options) as channel:
         try:
             await wire_pb2_grpc.StageServiceStub(channel).Assign(
-                wire_pb2.AssignRequest(plan_version=1, stage_sha256="0" * 64), metadata=((TOKEN_HEADER, token),),
-                timeout=5)
+                wire_pb2.AssignRequest(plan_version=1, stage_sha256="0" * 64, edge=edge),
+                metadata=((TOKEN_HEADER, token),), timeout=5)
             return "ok"
         except grpc.aio.AioRpcError as exc:
             return exc.code().name
@@ -142,9 +144,13 @@ async def scenario(net: EarlyExitNet, cluster_file: Path, pki: tuple[Path, Path]
                                                  NodeCredentials.load(cluster_dir, "cloud1").channel(), TOKEN,
                                                  "cloud2"),
         "assignment from the edge": await assign(address, edge, TOKEN, "cloud1"),
+        "assignment from the other edge, of its own plan": await assign(
+            address, NodeCredentials.load(cluster_dir, "phone").channel(), TOKEN, "cloud1", edge="phone"),
+        "assignment of another edge's plan": await assign(
+            address, NodeCredentials.load(cluster_dir, "phone").channel(), TOKEN, "cloud1", edge="edge"),
         **await data_plane_outcomes(pki, nodes[0].data.port),
     }
-    entry = Entry(net, cluster)
+    entry = Entry(net, cluster, edge="edge")
     try:
         await entry.start()
         x = torch.randn(24, 1, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -168,6 +174,8 @@ def test_only_the_upstream_node_with_the_token_gets_in(net: EarlyExitNet, pki: t
     assert outcome["wrong token"] == outcome["no token"] == "UNAUTHENTICATED"
     assert outcome["assignment from a worker"] == "PERMISSION_DENIED"  # only the edge's coordinator assigns
     assert outcome["assignment from the edge"] == "ok"  # (an unknown stage: the reply asks for the file)
+    assert outcome["assignment from the other edge, of its own plan"] == "ok"
+    assert outcome["assignment of another edge's plan"] == "PERMISSION_DENIED"  # it cannot retire the edge's plans
     assert outcome["data: edge with token"] == "welcome"
     assert outcome["data: no certificate"] == outcome["data: foreign CA"] == "handshake failed"
     assert outcome["data: wrong neighbour"] == outcome["data: a name its certificate does not carry"] == "wrong_peer"

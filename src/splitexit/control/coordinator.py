@@ -8,7 +8,7 @@ registry that restarted — and whenever the set of live nodes changes it:
 2. makes sure every node has its stage file (``PutStage`` only when ``Assign`` says it is missing; the
    node caches it on disk by sha256, so weights cross the network once per node, not per request);
 3. assigns the stages from the last tier to the first, so a stage's replicas of the next tier are ready
-   before rows arrive, then hands the entry the new plan and publishes it under ``plan``.
+   before rows arrive, then hands the entry the new plan and publishes it under ``plans/<edge>``.
 
 A node that cannot be reached, or whose stream broke, is left out with a growing back-off
 (``runtime/failover.py``) until it registers anew or its back-off runs out.
@@ -69,8 +69,8 @@ START_WAIT = 30.0
 START_HINT_AFTER = 3.0
 #: Seconds a registration's address has to answer the Health call that proves its name.
 PROOF_TIMEOUT = 2.0
-#: Registry key the current plan is published under (for people and tools).
-PLAN_KEY = "plan"
+#: Registry prefix each edge's current plan is published under, as ``plans/<edge>`` (for people and tools).
+PLANS = "plans/"
 #: Waits before uploading a stage again to a node that was storing another upload (another edge's, often
 #: of the same file), and how many tries before it counts as unreachable (about 16 s in all).
 BUSY_RETRY, BUSY_TRIES = Backoff(first=0.05, cap=1.0), 20
@@ -330,7 +330,7 @@ class Coordinator:
     async def _publish(self, document: bytes) -> None:
         """Put the plan in the registry for people and tools to read; serving never waits for it."""
         try:
-            await self.registry.put(PLAN_KEY, document)
+            await self.registry.put(PLANS + self.edge.name, document)
         except Exception as exc:  # noqa: BLE001 - informational; the registry may be restarting
             logger.warning("coordinator: cannot publish the plan (%s)", exc)
 

@@ -71,8 +71,8 @@ class Entry:
                  start_timeout: float = DEFAULT_START_TIMEOUT):
         """``edge`` names which of the cluster file's edges this is (needed only when it declares several)."""
         self.net, self.cluster = net, cluster.for_edge(edge)
-        self.window = window or cluster.window
-        self.name = cluster.edge.name
+        self.window = window or self.cluster.window
+        self.name = self.cluster.edge.name
         self.start_timeout = start_timeout
         self.registry = registry
         self.placer = placer  # None: the cluster file's placement (see runtime/placement.py)

@@ -86,3 +86,34 @@ def test_without_a_fallback_the_requests_fail_at_the_timeout(tmp_path: Path) -> 
     failed = [r for r in records if r.error is not None]
     assert failed and not any(r.fallback for r in records)
     assert all("deadline_exceeded" in str(r.error) or "attempt_expired" in str(r.error) for r in failed)
+
+
+def busy_cluster(fallback: str) -> ClusterSpec:
+    """The edge forwards its inputs to one slow worker that takes one batch of one row at a time."""
+    return ClusterSpec.model_validate({
+        "nodes": [{"name": "edge", "role": "edge", "ends_at": "input"},
+                  {"name": "cloud1", "address": f"127.0.0.1:{free_port()}", "slowdown": 200}],
+        "batching": {"max_batch": 1}, "data_plane": {"credits": 1}, "fallback": fallback,
+        "retry": {"timeout": "60s", "attempt_timeout": "30s"}})  # the worker's first batch takes a while
+
+
+@pytest.mark.parametrize("mode", ["exit", "none"])
+def test_a_full_worker_is_not_sent_more_the_edge_answers_at_once_instead(mode: str, tmp_path: Path) -> None:
+    """Admission control: with a fallback, rows for which the worker has granted no credit are answered
+    ``overloaded`` at the edge (never sent, not queued), at once; without one they wait for credit."""
+    net = digits_net()
+    x = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(8))
+    records = serve(net, busy_cluster(mode), x, tmp_path)
+    assert len(records) == len(x) and all(r.error is None for r in records)
+    shed = [r for r in records if r.fallback]
+    by_chain = [r for r in records if not r.fallback]
+    expected = net.infer(x)
+    assert all((r.exit, r.prediction) == (int(expected.exit[r.index]), int(expected.prediction[r.index]))
+               for r in by_chain)
+    if mode == "none":
+        assert not shed and all(r.node == "cloud1" for r in records), "every row waited for its turn"
+        return
+    assert shed and by_chain, "the worker answered what it had room for, the edge the rest"
+    assert all(str(r.fallback_reason).startswith("overloaded: cloud1 has every batch") for r in shed)
+    assert all(r.node == "edge" and r.exit == 0 for r in shed), "from the first exit: the edge's stage holds none"
+    assert max(r.finished for r in shed) < min(r.finished for r in by_chain), "shed at once, not after waiting"

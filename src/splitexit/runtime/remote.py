@@ -80,9 +80,13 @@ class RemoteStage:
 
     def __init__(self, *, sender: str, target: NodeSpec, link: LinkSpec, plan_version: int, message_limit: int,
                  credentials: NodeCredentials | None = None, tls_dir: Path | None = None, token: str | None = None,
-                 ping_every: float = 60.0, seed: int = 0, counters: LinkCounters | None = None):
+                 ping_every: float = 60.0, seed: int = 0, counters: LinkCounters | None = None,
+                 shed: bool = False):
         """``credentials`` (gRPC) and ``tls_dir`` (the data plane) come from the same certificates; without
-        them both speak plain text, on loopback only. ``ping_every`` is how often an idle connection says so."""
+        them both speak plain text, on loopback only. ``ping_every`` is how often an idle connection says so.
+        With ``shed``, rows for which the node has granted no credit are answered ``overloaded`` at once,
+        their bytes unsent (the edge then answers them itself); without, they wait for credit."""
+        self.shed = shed
         self.sender, self.target, self.plan_version = sender, target, plan_version
         self.credentials, self.tls_dir, self.token = credentials, tls_dir, token
         self.metadata = token_metadata(token)
@@ -106,6 +110,11 @@ class RemoteStage:
     def broken(self) -> str | None:
         """Why the connection is unusable (None while it works)."""
         return self._broken
+
+    @property
+    def credits(self) -> int:
+        """Batches the node has granted and this sender not yet sent."""
+        return self._credits
 
     @property
     def outstanding(self) -> int:
@@ -164,6 +173,11 @@ class RemoteStage:
                    ) -> list[asyncio.Future]:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in ids]
+        if self.shed and self._credits == 0 and self._broken is None:
+            for request_id, future in zip(ids, futures):
+                future.set_result(RowError(request_id, "overloaded", f"{self.target.name} has every batch this "
+                                           "sender may queue there (its credits) still to run", self.sender))
+            return futures
         while self._credits == 0 and self._broken is None:
             self._credit.clear()
             await self._credit.wait()

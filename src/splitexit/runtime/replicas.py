@@ -1,7 +1,7 @@
 """The replicas of the next stage as one :class:`~splitexit.runtime.hop.Downstream`.
 
 Each batch goes to the live replica holding the fewest unanswered rows (its queue depth as this sender
-sees it); ties, the rule under light load, go round in turn, so every replica gets its share and a
+sees it) among those with credit left (any live one when none has); ties, the rule under light load, go round in turn, so every replica gets its share and a
 replica that (re)joined is used at once. A replica whose connection breaks has already failed its unanswered
 rows with ``node_unavailable`` (the entry resubmits them); the set stops sending to it and reconnects in
 the background with exponential backoff, so a node that keeps failing is tried less and less often. With
@@ -51,6 +51,10 @@ class Replica(Protocol):
     @property
     def outstanding(self) -> int:
         """Rows sent and not yet answered."""
+
+    @property
+    def credits(self) -> int:
+        """Batches the replica would take now (0: a send waits, or is shed)."""
 
     async def connect(self, timeout: float) -> None:
         """Open the connection; NodeUnavailableError if the replica does not answer within ``timeout``."""
@@ -126,6 +130,7 @@ class ReplicaSet:
                 future.set_result(RowError(request_id, "no_route", f"no replica of the next stage is reachable "
                                                                     f"({names})", self.sender))
             return futures
+        live = [r for r in live if r.credits > 0] or live  # one that would take the batch now, where any would
         fewest = min(r.outstanding for r in live)
         candidates = [r for r in live if r.outstanding == fewest]
         self._turn += 1
@@ -138,7 +143,8 @@ class ReplicaSet:
                            plan_version=self.plan_version, message_limit=self.cluster.message_limit,
                            credentials=self.credentials, tls_dir=Path(tls) if tls else None,
                            token=self.cluster.security.token, ping_every=self.cluster.data_plane.idle_timeout / 3,
-                           counters=counters)
+                           counters=counters, shed=self.sender in self.cluster.edge_names
+                           and self.cluster.fallback != "none")
 
     async def _keep(self, peer: NodeSpec, first_attempt: asyncio.Future[bool]) -> None:
         """Hold a connection to ``peer`` for as long as it is a peer, reconnecting with backoff."""

@@ -54,7 +54,7 @@ EXPIRED = "attempt_expired"
 #: Seconds a hop of an earlier plan may keep finishing its requests before it is closed anyway.
 RETIRE_TIMEOUT = 30.0
 #: Outcomes the edge answers itself when the cluster file has a ``fallback``: the route, not the input, failed.
-FALLS_BACK = frozenset({*RETRYABLE, EXPIRED, "deadline_exceeded"})
+FALLS_BACK = frozenset({*RETRYABLE, EXPIRED, "deadline_exceeded", "overloaded"})
 #: With a fallback, the share of ``retry.timeout`` the chain gets; the rest is left for the edge to answer.
 REMOTE_SHARE = 0.9
 

@@ -48,6 +48,10 @@ class FakeReplica:
     def outstanding(self) -> int:
         return self.waiting
 
+    @property
+    def credits(self) -> int:
+        return self.network.credits.get(self.name, 1)
+
     async def connect(self, timeout: float) -> None:
         if self.name in self.network.down:
             raise NodeUnavailableError(f"node {self.name} is down (test)")
@@ -82,6 +86,7 @@ class FakeNetwork:
         self.opened: dict[str, list[FakeReplica]] = {}
         self.targets: list[str] = []
         self.reports: dict[str, list[LinkHealth]] = {}  # the links each replica's Health reports
+        self.credits: dict[str, int] = {}  # batches each replica would take now (default 1)
 
     def open(self, peer: NodeSpec, counters: LinkCounters) -> FakeReplica:
         replica = FakeReplica(self, peer)
@@ -107,6 +112,24 @@ def test_each_batch_goes_to_the_replica_with_the_fewest_outstanding_rows() -> No
         for _ in range(3):
             await replicas.send([1], None, [])
         assert network.targets == ["b", "b", "b"], "the least loaded one, as long as it stays least loaded"
+        await replicas.close()
+
+    asyncio.run(main())
+
+
+def test_a_replica_without_credit_is_passed_over_while_another_has_some() -> None:
+    async def main() -> None:
+        network, clock = FakeNetwork(), FakeClock()
+        replicas = replica_set(network, clock)
+        await replicas.update(list(PEERS.values()))
+        network.latest("a").waiting, network.latest("b").waiting, network.latest("c").waiting = 0, 2, 1
+        network.credits["a"] = 0  # the least loaded, but its node has granted nothing more
+        for _ in range(2):
+            await replicas.send([1], None, [])
+        assert network.targets == ["c", "c"], "the least loaded of those that would take the batch now"
+        network.credits = {"a": 0, "b": 0, "c": 0}
+        await replicas.send([1], None, [])
+        assert network.targets[-1] == "a", "none has credit: the least loaded, as before"
         await replicas.close()
 
     asyncio.run(main())

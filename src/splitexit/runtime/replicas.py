@@ -2,10 +2,11 @@
 
 Each batch goes to the live replica holding the fewest unanswered rows (its queue depth as this sender
 sees it) among those with credit left (any live one when none has); ties, the rule under light load, go
-round in turn, so every replica gets its share and a replica that (re)joined is used at once. A replica whose connection breaks has already failed its unanswered
-rows with ``node_unavailable`` (the entry resubmits them); the set stops sending to it and reconnects in
-the background with exponential backoff, so a node that keeps failing is tried less and less often. With
-no live replica a batch fails at once with ``no_route``, which the entry also retries.
+round in turn, so every replica gets its share and a replica that (re)joined is used at once. A replica
+whose connection breaks has already failed its unanswered rows with ``node_unavailable`` (the entry
+resubmits them); the set stops sending to it and reconnects in the background with exponential backoff,
+so a node that keeps failing is tried less and less often. With no live replica a batch fails at once
+with ``no_route``, which the entry also retries.
 
 The replicas (data-plane :class:`~splitexit.runtime.remote.RemoteStage` connections by default) and the
 sleep the back-off waits with are injected, so the choice and the reconnects can be tested on a fake clock.

@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/planner.py
 	$(BIN)/python bench/devices.py
 	$(BIN)/python bench/guarantee.py
+	$(BIN)/python bench/edges.py
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Isrc --python_out=src --grpc_python_out=src --pyi_out=src \

@@ -4,11 +4,12 @@
 The camera and the laptop serve the cluster file's layout (`--no-plan`), so their plans are one plan version
 on the workers: rows of both edges, numbered from 1 by each, are batched together there. The phone, on the
 fastest uplink, lets the planner choose, which gives it a plan of its own. Raw codecs on every link, so the
-answers are exact.
+answers are exact. Then four edges share two replicas, and one of them is SIGKILLed mid-run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -21,7 +22,11 @@ import torch
 import yaml
 
 from splitexit import load, load_dataset, read_spec, split_dataset
-from support import free_port
+from splitexit.config.load import load_cluster
+from splitexit.control.edge import Entry
+from splitexit.control.local_cluster import LocalCluster
+from splitexit.runtime.records import RequestRecord
+from support import digits_net, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -96,3 +101,59 @@ def test_three_edges_with_different_uplinks_share_replicated_workers_and_each_ge
     assert plans["phone"].isdisjoint(plans["camera"]), "the planned edge got a plan of its own"
     workers = {"cloud1a", "cloud1b", "cloud2"}
     assert all(nodes[edge] & workers for edge in UPLINKS), f"every edge's rows reached the workers: {nodes}"
+
+
+SHARING_EDGES = 4
+#: Inputs each edge sends, at RATE per second; the shared replica is killed after KILL_AFTER of them.
+PER_EDGE, RATE, KILL_AFTER = 120, 40.0, 40
+
+
+def test_a_shared_worker_killed_mid_run_loses_and_repeats_nothing_for_any_edge(tmp_path: Path) -> None:
+    """Four edges (in this process) on two tier-1 replicas and a tier-2 worker (processes); one replica is
+    SIGKILLed while every edge is sending: each edge gets each of its answers exactly once, equal to the model."""
+    net = digits_net()
+    (tmp_path / "cluster.token").write_text("t" * 32 + "\n")
+    names = [f"edge{i}" for i in range(SHARING_EDGES)]
+    workers = [{"name": "cloud1a", "address": f"127.0.0.1:{free_port()}"},
+               {"name": "cloud1b", "address": f"127.0.0.1:{free_port()}", "tier": 1},
+               {"name": "cloud2", "address": f"127.0.0.1:{free_port()}"}]
+    cluster_file = tmp_path / "cluster.yaml"
+    cluster_file.write_text(yaml.safe_dump({
+        "nodes": [*({"name": name, "role": "edge"} for name in names), *workers],
+        "links": [{"from": name, "to": worker, "latency": "2ms"}
+                  for name in names for worker in ("cloud1a", "cloud1b")],
+        "batching": {"max_batch": 8, "max_wait": "2ms"}, "security": {"token_file": "cluster.token"}}))
+    cluster = load_cluster(cluster_file)
+    x = torch.randn(PER_EDGE, 1, 8, 8, generator=torch.Generator().manual_seed(11))
+
+    async def run(local: LocalCluster) -> dict[str, list[RequestRecord]]:
+        entries = [Entry(net, cluster, edge=name) for name in names]
+        try:
+            await asyncio.gather(*(entry.start() for entry in entries))
+
+            async def send(entry: Entry) -> list[RequestRecord]:
+                tasks = []
+                for index in range(PER_EDGE):
+                    if index == KILL_AFTER and entry is entries[0]:
+                        os.kill(local.processes["cloud1b"].pid, signal.SIGKILL)
+                    tasks.append(asyncio.get_running_loop().create_task(entry.infer(x[index], index=index)))
+                    await asyncio.sleep(1 / RATE)
+                return list(await asyncio.gather(*tasks))
+
+            return dict(zip(names, await asyncio.gather(*(send(entry) for entry in entries))))
+        finally:
+            for entry in entries:
+                await entry.close()
+
+    with LocalCluster(cluster_file, cluster, log_dir=tmp_path, cache_root=tmp_path / "stages") as local:
+        records = asyncio.run(run(local))
+    expected = net.infer(x)
+    for edge, answers in records.items():
+        assert [r.index for r in answers] == list(range(PER_EDGE)), edge
+        assert all(r.error is None for r in answers), (edge, [r.error for r in answers if r.error])
+        assert len({r.request_id for r in answers}) == PER_EDGE, f"{edge}: an answer given twice"
+        assert [r.prediction for r in answers] == expected.prediction.tolist(), edge
+    resubmitted = {edge: sum(r.attempts > 1 for r in answers) for edge, answers in records.items()}
+    answered_by = {r.node for answers in records.values() for r in answers}
+    print(f"resubmitted per edge after the kill: {resubmitted}; answered by {sorted(answered_by)}")
+    assert "cloud1b" in answered_by and "cloud1a" in answered_by, "both replicas served before the kill"

@@ -255,7 +255,8 @@ class ClusterSpec(SpecModel):
     fallback: Literal["none", "exit", "local"] = Field(
         "none", description="what answers a request the chain has not answered when 90% of retry.timeout has "
                             "passed: none (it fails at the timeout), exit (the edge's deepest exit), local (the "
-                            "edge runs the whole model); such records say fallback and why")
+                            "edge runs the whole model); with exit or local also, at once, rows a full worker has "
+                            "no room for (overloaded); such records say fallback and why")
     trusted_models: tuple[str, ...] = Field((), description="`module:factory` models nodes may build from their "
                                                             "own code for stage files that carry no graph "
                                                             "(built-ins and torchvision always)")

@@ -142,3 +142,16 @@ def _line_with(process: subprocess.Popen[str], phrase: str, *, timeout: float) -
             if not line:
                 break
     raise AssertionError(f"no line with {phrase!r}; stderr:\n{process.stderr.read() if process.stderr else ''}")
+
+
+def test_a_file_with_several_edges_asks_which_edge_runs_and_suggests_a_misspelt_name(tmp_path: Path) -> None:
+    path = tmp_path / "edges.yaml"
+    path.write_text(yaml.safe_dump({"nodes": [{"name": "camera", "role": "edge"}, {"name": "phone", "role": "edge"},
+                                              *NODES[1:]]}))
+    package = str(tmp_path / "pkg")  # never read: the edge is chosen first
+    user_error(splitexit("run", package, "--cluster", str(path)),
+               "declares 2 edges (camera, phone): say which one runs here with `--edge NAME`")
+    user_error(splitexit("run", package, "--cluster", str(path), "--edge", "phon"),
+               "--edge phon: the cluster file has no edge of that name; did you mean 'phone'?")
+    user_error(splitexit("plan", package, "--cluster", str(path), "--edge", "phone", "--write", str(tmp_path / "o")),
+               "--write:", "declares 2 edges", "let each `splitexit run --edge NAME` plan its own")

@@ -21,6 +21,9 @@ class DataPlaneSpec(SpecModel):
 
     credits: int = Field(16, ge=1, le=256, description="batches one connection may have in the node at once; the "
                                                      "sender waits for credit past it")
+    node_credits: int = Field(64, ge=1, le=65536, description="batches all connections together may have in the "
+                                                             "node: every connection's credits come from this pool, "
+                                                             "shared fairly, at least one each")
     in_flight_bytes: int = Field(1024 * 1024 * 1024, ge=1024, description="payload bytes all connections may have "
                                                                           "in the node at once (size: 1GiB)")
     max_payload: int = Field(256 * 1024 * 1024, ge=1024, description="largest batch payload (size)")

@@ -1,12 +1,14 @@
 """A node's data plane: the framed connections its upstream neighbours send batches on (``docs/wire.md``).
 
 Per connection: the first frame must be a HELLO within ``hello_timeout``, carrying the cluster token and,
-with TLS, the name in the sender's certificate; WELCOME grants ``credits`` batches. Each BATCH is checked
+with TLS, the name in the sender's certificate; WELCOME grants up to ``credits`` batches, from the node's
+pool of ``node_credits`` that every connection shares (:mod:`~splitexit.runtime.credit_pool`). Each BATCH is checked
 (:func:`~splitexit.wire.data_messages.read_batch`) and handed to the hop of its plan; a bad one is
 answered with a RequestError for exactly its rows and the connection goes on, while a frame that breaks
 the protocol (more batches than granted, a batch id already in flight, an unknown type) closes it with a
-GOODBYE. The credit of a batch comes back once its stage has run and its forwarded rows were handed on,
-so a node that cannot keep up holds its upstream back. Every answer, from this stage or relayed from
+GOODBYE. The credit of a batch comes back once its stage has run and its forwarded rows were handed on
+(to the connection holding the least, when several share the node), so a node that cannot keep up holds
+its upstreams back. Every answer, from this stage or relayed from
 further down, goes up in RESULTS frames (through the emulated link of that direction, where the cluster file
 emulates one); a batch's CREDIT and the answers ready with it leave in one write.
 
@@ -29,10 +31,11 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from splitexit.errors import WireError
+from splitexit.runtime.credit_pool import CreditPool, Holding
 from splitexit.runtime.frame_connection import FrameConnection, FrameServer, serve
 from splitexit.runtime.hop import Outcome, RowResult, stamp
 from splitexit.runtime.link import EmulatedLink
@@ -65,14 +68,6 @@ COMPRESSION_SLACK = 1.01
 ONE_CREDIT = wire_pb2.Credit(batches=1).SerializeToString()
 #: (frame type, batch id, metadata) on its way up.
 _Up = tuple[FrameType, int, bytes]
-
-
-@dataclass
-class _Credit:
-    """One connection's batches: how many it was granted (WELCOME, then one per CREDIT) and has sent."""
-
-    granted: int
-    received: int = 0
 
 
 class ByteBudget:
@@ -108,6 +103,8 @@ class DataService:
         self._connections: set[FrameConnection] = set()
         self._per_host: Counter[str] = Counter()
         self._row_ids = itertools.count(1)  # the ids rows travel on under from here (see the module docstring)
+        self.pool = CreditPool(self.spec.node_credits, self.spec.credits)  # every connection's credits
+        self._upwards: dict[Holding, _Upward] = {}  # where each connection's CREDIT frames go
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
         self._server = await serve(host, port, self._handle, tls=tls, limits=self.limits,
@@ -189,20 +186,18 @@ class DataService:
         if not node.accepting:
             await _goodbye(connection, "stopping", f"node {node.name} is shutting down")
             return None
-        try:
-            welcome = wire_pb2.Welcome(node=node.name, credits=self.spec.credits,
-                                       max_rows=node.cluster.batching.max_batch)
-            await connection.send(FrameType.WELCOME, welcome.SerializeToString())
-        except ConnectionError:  # the peer hung up right after its HELLO
-            return None
         return hello.sender
 
     async def _serve(self, connection: FrameConnection, sender: str, host: str) -> None:
         up = _Upward(connection, EmulatedLink(self.node.cluster.link(sender, self.node.name), seed=UP_LINK_SEED),
                      name=f"up-to-{sender}")
         batches: dict[int, asyncio.Task[None]] = {}  # every batch not yet fully answered
-        credit = _Credit(granted=self.spec.credits)
+        credit = self.pool.join()
+        self._upwards[credit] = up
         try:
+            welcome = wire_pb2.Welcome(node=self.node.name, credits=credit.granted,
+                                       max_rows=self.node.cluster.batching.max_batch)
+            await connection.send(FrameType.WELCOME, welcome.SerializeToString())
             while True:
                 try:
                     async with asyncio.timeout(self.spec.idle_timeout):  # no task per frame, as wait_for has
@@ -217,7 +212,7 @@ class DataService:
                 credit.received += 1
                 if credit.received > credit.granted:
                     raise WireError(f"batch {credit.received} arrived with {credit.granted} granted so far "
-                                    f"({self.spec.credits} at WELCOME, one more as each batch has run)")
+                                    "(at WELCOME, then one per CREDIT)")
                 if frame.batch_id in batches:
                     raise WireError(f"batch id {frame.batch_id} is already in flight on this connection")
                 await self.budget.acquire(frame.payload.nbytes)
@@ -231,10 +226,19 @@ class DataService:
             pass
         finally:
             self._forget(connection, host)
+            await self._hand_out(self.pool.leave(credit))
             await asyncio.gather(*batches.values(), return_exceptions=True)
+            del self._upwards[credit]
             await up.close()
 
-    async def _batch(self, frame: Frame, up: _Upward, credit: _Credit) -> None:
+    async def _hand_out(self, grants: list[Holding], *, own: Holding | None = None) -> int:
+        """Send each connection in ``grants`` (but ``own``) its CREDIT; how many are ``own``'s."""
+        for holding in grants:
+            if holding is not own:
+                await self._upwards[holding].send((FrameType.CREDIT, 0, ONE_CREDIT))
+        return grants.count(own) if own is not None else 0
+
+    async def _batch(self, frame: Frame, up: _Upward, credit: Holding) -> None:
         """One batch: check, decode, run (which forwards what goes on), hand the credit back with the answers
         already there, then send every other answer up as it comes."""
         node, size = self.node, frame.payload.nbytes
@@ -250,9 +254,10 @@ class DataService:
             senders_ids = dict(zip(await self._run(batch, frame, up), batch.request_ids))
         finally:
             await self.budget.release(size)
-            credit.granted += 1  # counted before it is sent: a sender cannot have seen more than this
+            # counted before it is sent: a sender cannot have seen more than the pool granted
+            own = await self._hand_out(self.pool.ran(credit), own=credit)
             ready = [future for future in senders_ids if future.done()]
-            await up.send((FrameType.CREDIT, 0, ONE_CREDIT),
+            await up.send(*[(FrameType.CREDIT, 0, ONE_CREDIT)] * own,
                           *self._answers(frame.batch_id, ready, senders_ids, arrived))
         pending = set(senders_ids).difference(ready)
         while pending:

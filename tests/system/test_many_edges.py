@@ -4,7 +4,7 @@
 The camera and the laptop serve the cluster file's layout (`--no-plan`), so their plans are one plan version
 on the workers: rows of both edges, numbered from 1 by each, are batched together there. The phone, on the
 fastest uplink, lets the planner choose, which gives it a plan of its own. Raw codecs on every link, so the
-answers are exact. Then four edges share two replicas, and one of them is SIGKILLed mid-run.
+answers are exact. Then eight edges share two replicas, and one of them is SIGKILLed mid-run.
 """
 
 from __future__ import annotations
@@ -103,13 +103,13 @@ def test_three_edges_with_different_uplinks_share_replicated_workers_and_each_ge
     assert all(nodes[edge] & workers for edge in UPLINKS), f"every edge's rows reached the workers: {nodes}"
 
 
-SHARING_EDGES = 4
+SHARING_EDGES = 8
 #: Inputs each edge sends, at RATE per second; the shared replica is killed after KILL_AFTER of them.
-PER_EDGE, RATE, KILL_AFTER = 120, 40.0, 40
+PER_EDGE, RATE, KILL_AFTER = 80, 20.0, 25
 
 
 def test_a_shared_worker_killed_mid_run_loses_and_repeats_nothing_for_any_edge(tmp_path: Path) -> None:
-    """Four edges (in this process) on two tier-1 replicas and a tier-2 worker (processes); one replica is
+    """Eight edges (in this process) on two tier-1 replicas and a tier-2 worker (processes); one replica is
     SIGKILLed while every edge is sending: each edge gets each of its answers exactly once, equal to the model."""
     net = digits_net()
     (tmp_path / "cluster.token").write_text("t" * 32 + "\n")

@@ -21,7 +21,8 @@ __all__ = ["CreditPool", "Holding"]
 
 @dataclass(eq=False)
 class Holding:
-    """One connection's batches: granted (at WELCOME, then one per CREDIT), received, and run."""
+    """One connection's batches: granted (at WELCOME, then one per CREDIT), received (accepted to run: a
+    frame refused before that is not counted, or its credit would never come back), and run."""
 
     granted: int = 0
     received: int = 0

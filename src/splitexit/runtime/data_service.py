@@ -209,13 +209,13 @@ class DataService:
                     continue
                 if frame.kind is not FrameType.BATCH:
                     raise WireError(f"a {frame.kind.name} frame from upstream")
-                credit.received += 1
-                if credit.received > credit.granted:
-                    raise WireError(f"batch {credit.received} arrived with {credit.granted} granted so far "
+                if credit.received + 1 > credit.granted:
+                    raise WireError(f"batch {credit.received + 1} arrived with {credit.granted} granted so far "
                                     "(at WELCOME, then one per CREDIT)")
                 if frame.batch_id in batches:
                     raise WireError(f"batch id {frame.batch_id} is already in flight on this connection")
                 await self.budget.acquire(frame.payload.nbytes)
+                credit.received += 1  # counted once it is a batch that will run and give its credit back
                 task = asyncio.get_running_loop().create_task(self._batch(frame, up, credit))
                 batches[frame.batch_id] = task
                 task.add_done_callback(_forget(batches, frame.batch_id))

@@ -357,11 +357,7 @@ class ClusterSpec(SpecModel):
     @property
     def edge(self) -> NodeSpec:
         """The edge, in a file with one (or a view of one edge, :meth:`for_edge`); with several, ConfigError."""
-        edges = self.edges
-        if len(edges) > 1:
-            raise ConfigError(f"the cluster file declares {len(edges)} edges ({', '.join(e.name for e in edges)}): "
-                              "say which one this is with `--edge NAME`")
-        return edges[0]
+        return self.for_edge(None).edges[0]
 
     def for_edge(self, name: str | None) -> ClusterSpec:
         """The cluster as edge ``name`` sees it: that edge, every worker, and the links that do not start at

@@ -27,7 +27,6 @@ class Holding:
     granted: int = 0
     received: int = 0
     ran: int = 0
-    closed: bool = False
     last_grant: int = field(default=0, repr=False)  # the pool's grant count when it last got one (for ties)
 
     @property
@@ -62,7 +61,6 @@ class CreditPool:
     def leave(self, holding: Holding) -> list[Holding]:
         """``holding``'s connection closed: its unused credits go back (its batches still in the node give
         theirs back as they run); the connections they go to."""
-        holding.closed = True
         self._holdings.remove(holding)
         self.taken -= holding.granted - holding.received
         return self._refill()

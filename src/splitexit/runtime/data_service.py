@@ -2,15 +2,15 @@
 
 Per connection: the first frame must be a HELLO within ``hello_timeout``, carrying the cluster token and,
 with TLS, the name in the sender's certificate; WELCOME grants up to ``credits`` batches, from the node's
-pool of ``node_credits`` that every connection shares (:mod:`~splitexit.runtime.credit_pool`). Each BATCH is checked
-(:func:`~splitexit.wire.data_messages.read_batch`) and handed to the hop of its plan; a bad one is
-answered with a RequestError for exactly its rows and the connection goes on, while a frame that breaks
-the protocol (more batches than granted, a batch id already in flight, an unknown type) closes it with a
-GOODBYE. The credit of a batch comes back once its stage has run and its forwarded rows were handed on
-(to the connection holding the least, when several share the node), so a node that cannot keep up holds
-its upstreams back. Every answer, from this stage or relayed from
-further down, goes up in RESULTS frames (through the emulated link of that direction, where the cluster file
-emulates one); a batch's CREDIT and the answers ready with it leave in one write.
+pool of ``node_credits`` that every connection shares (:mod:`~splitexit.runtime.credit_pool`). Each
+BATCH is checked (:func:`~splitexit.wire.data_messages.read_batch`) and handed to the hop of its plan; a
+bad one is answered with a RequestError for exactly its rows and the connection goes on, while a frame
+that breaks the protocol (more batches than granted, a batch id already in flight, an unknown type)
+closes it with a GOODBYE. The credit of a batch comes back once its stage has run and its forwarded rows
+were handed on (to the connection holding the least, when several share the node), so a node that
+cannot keep up holds its upstreams back. Every answer, from this stage or relayed from further down,
+goes up in RESULTS frames (through the emulated link of that direction, where the cluster file emulates
+one); a batch's CREDIT and the answers ready with it leave in one write.
 
 Request ids are the sender's, scoped to its connection. A node hands rows on under ids of its own (one
 counter per node) and gives each answer its sender's id back, so rows from two edges that share a plan here
